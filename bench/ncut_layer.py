@@ -1,0 +1,173 @@
+"""Benchmark the NCut layer against a plain ``torch.linalg.eigh`` + autograd baseline.
+
+For each (B, n) it times, on the same inputs (features ``(B, n, 384)`` float32):
+
+* ``baseline``: L built the same way, ``torch.linalg.eigh(L)`` with PyTorch's generic eigh
+  backward (O(n^3) per graph), z2 = eigvecs[..., 1];
+* each dncut solver (``eigh``: full eigh forward, Eq. 7-8 backward; ``lobpcg`` when present).
+
+Reported per case: forward ms, forward+backward ms, backward-alone ms, peak memory (CUDA:
+``max_memory_allocated``; CPU: growth of the process's max RSS), and accuracy against the
+exact z2 (min |cos|, max |lambda2 error|) with the solver's fallback count.
+
+Run::
+
+    python bench/ncut_layer.py                        # CPU: (64, 196), (16, 784)
+    python bench/ncut_layer.py --device cuda          # GPU: (512, 196), (128, 784)
+    python bench/ncut_layer.py --sizes 8x196 --repeats 2 --out /tmp/x.json
+
+JSON goes to stdout and to ``--out`` (default ``bench/results/ncut_layer_<device>.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dncut.ncut import SOLVERS, affinity_matrix, fix_sign, laplacian_matrix, normalized_cut
+
+DEFAULT_SIZES = {"cpu": ["64x196", "16x784"], "cuda": ["512x196", "128x784"]}
+
+
+def make_features(b: int, n: int, c: int, device: str, seed: int = 0) -> torch.Tensor:
+    """Clustered features ``(b, n, c)``: a foreground blob and background, like patch keys."""
+    g = torch.Generator().manual_seed(seed)
+    side = int(round(n ** 0.5))
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    centre = torch.rand(b, 2, generator=g) * side * 0.5 + side * 0.25
+    r = (torch.rand(b, generator=g) * 0.25 + 0.15) * side
+    d2 = (yy[None] - centre[:, 0, None, None]) ** 2 + (xx[None] - centre[:, 1, None, None]) ** 2
+    fg = (d2 < r[:, None, None] ** 2).flatten(1)[:, :n].float()  # (b, n)
+    proto = torch.randn(b, 2, c, generator=g)
+    f = proto[:, :1] * (1 - fg[..., None]) + proto[:, 1:] * fg[..., None]
+    f = f + 0.8 * torch.randn(b, n, c, generator=g)
+    return f.to(device)
+
+
+def baseline_forward(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain eigh + autograd on the same graph (float64 like the layer)."""
+    f = F.normalize(features.double(), dim=-1)
+    lap, _ = laplacian_matrix(affinity_matrix(f))
+    evals, evecs = torch.linalg.eigh(lap)
+    return fix_sign(evecs[..., 1]).to(features.dtype), evals[:, 1].to(features.dtype)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int) -> tuple[float, object]:
+    out = fn()  # warm-up
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return min(times), out
+
+
+def loss_of(z: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """A sign-invariant loss touching z2 and lambda2."""
+    return (z ** 4).sum() + lam.sum()
+
+
+def bench_one(name: str, forward, features: torch.Tensor, device: str, repeats: int) -> dict:
+    def fwd():
+        with torch.no_grad():
+            return forward(features)
+
+    def fwd_bwd():
+        x = features.detach().requires_grad_(True)
+        z, lam = forward(x)[:2]
+        loss_of(z, lam).backward()
+        return x.grad
+
+    def bwd_only():
+        x = features.detach().requires_grad_(True)
+        z, lam = forward(x)[:2]
+        loss = loss_of(z, lam)
+        sync(device)
+        t0 = time.perf_counter()
+        loss.backward()
+        sync(device)
+        return (time.perf_counter() - t0) * 1e3
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fwd_ms, out = timed(fwd, device, repeats)
+    fb_ms, _ = timed(fwd_bwd, device, repeats)
+    bwd_only()
+    bwd_ms = min(bwd_only() for _ in range(repeats))
+    row = {"method": name, "forward_ms": round(fwd_ms, 3), "forward_backward_ms": round(fb_ms, 3),
+           "backward_ms": round(bwd_ms, 3)}
+    if device == "cuda":
+        row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    else:
+        row["peak_rss_growth_mb"] = round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024, 1)
+    row["_z"], row["_lam"] = out[0].double(), out[1].double()
+    if len(out) > 2:
+        row["fallbacks"] = int(out[2])
+    return row
+
+
+def layer(solver: str):
+    def forward(x):
+        r = normalized_cut(x, solver=solver)
+        return r.eigvec, r.eigval, r.n_fallback
+    return forward
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--sizes", nargs="*", help="BxN cases, e.g. 64x196 16x784")
+    ap.add_argument("--channels", type=int, default=384)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--solvers", nargs="*", default=sorted(SOLVERS), help=f"dncut solvers (have: {sorted(SOLVERS)})")
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    sizes = args.sizes or DEFAULT_SIZES[args.device]
+    report = {"bench": "ncut_layer", "device": args.device, "torch": torch.__version__,
+              "machine": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
+              "threads": torch.get_num_threads(), "channels": args.channels, "dtype": "float32", "cases": []}
+    for size in sizes:
+        b, n = map(int, size.lower().split("x"))
+        feats = make_features(b, n, args.channels, args.device)
+        rows = []
+        if not args.no_baseline:
+            rows.append(bench_one("baseline_eigh_autograd", baseline_forward, feats, args.device, args.repeats))
+        for s in args.solvers:
+            rows.append(bench_one(f"dncut_{s}", layer(s), feats, args.device, args.repeats))
+        ref_z, ref_lam = rows[0]["_z"], rows[0]["_lam"]
+        for r in rows:
+            r["min_abs_cos_vs_exact"] = round(float((r["_z"] * ref_z).sum(-1).abs().min()), 7)
+            r["max_abs_lambda2_err"] = float((r["_lam"] - ref_lam).abs().max())
+            del r["_z"], r["_lam"]
+        case = {"B": b, "n": n, "results": rows}
+        base = next((r for r in rows if r["method"] == "baseline_eigh_autograd"), None)
+        if base:
+            case["speedup_vs_baseline"] = {
+                r["method"]: {k: round(base[k] / max(r[k], 1e-9), 2) for k in ("forward_ms", "forward_backward_ms", "backward_ms")}
+                for r in rows if r is not base}
+        report["cases"].append(case)
+        print(json.dumps(case), flush=True)
+    out = Path(args.out or f"bench/results/ncut_layer_{args.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

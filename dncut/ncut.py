@@ -1,0 +1,271 @@
+"""Differentiable Normalized Cuts (Liu & Gould, Sec. 3.2; Shi & Malik).
+
+The layer turns patch features into the Fiedler vector of their affinity graph::
+
+    features (B, n, C) --affinity--> W (B, n, n) --laplacian--> L (B, n, n)
+                       --solver--> eigvec z2 (B, n), eigval lambda2 (B,)
+
+* Affinity (Eq. 1): ``"relu"`` is W = max(f f^T, 0), entries <= tau set to ``eps``
+  (1e-6, as the authors' code); ``"binary"`` is TokenCut's W = 1[f f^T > tau] with ``eps``
+  (1e-5) elsewhere. Self-loops are kept. The ``eps`` floor keeps every graph connected, so
+  lambda1 = 0 is simple and z1 is known in closed form.
+* Laplacian: ``"normalized"`` is L = I - D^-1/2 W D^-1/2 (Eq. 6, the default);
+  ``"unnormalized"`` is L = D - W (the authors' training code).
+* Output: z2 with unit L2 norm and a deterministic sign: the sum of its entries is > 0
+  (the authors' rule); where that sum is numerically zero (|sum| <= 1e-6, always so for
+  D - W since its z2 is orthogonal to 1) the entry of largest magnitude is made positive. For the normalized Laplacian the
+  generalized eigenvector y2 = D^-1/2 z2 of (D - W) y = lambda D y (what TokenCut
+  thresholds; y2^T D y2 = 1, the same scaling as ``scipy.linalg.eigh(D - W, D)``) comes
+  from the same call.
+* Backward (Eq. 7-8): for the loss gradients g = dl/dz2 and h = dl/dlambda2,
+  dl/dL = sym(v z2^T) + h z2 z2^T with v = Z diag(c) Z^T g, c_i = 1 / (lambda2 - lambda_i)
+  for i != 2. It reuses the eigendecomposition of the forward (O(n^2) per graph, no
+  pseudo-inverse, no second decomposition). Degenerate gaps rule: a coefficient whose gap
+  |lambda2 - lambda_i| <= ``GAP_EPS`` (1e-9 relative to the spectrum's scale) is set to 0, i.e.
+  the pseudo-inverse of Eq. 8 drops near-zero pivots exactly as it drops the pivot of
+  lambda2 itself. Gradients stay finite for repeated eigenvalues (e.g. constant features).
+* Precision: the graph, the Laplacian and the eigensolver run in float64 whatever the input
+  dtype; outputs are cast back to the input dtype.
+
+Solvers are registered in ``SOLVERS``: ``"eigh"`` (exact, ``torch.linalg.eigh``; the reference)
+and the fast batched block solver ``"lobpcg"`` (see :mod:`dncut.ncut_lobpcg`) when available.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Affinity = Literal["relu", "binary"]
+Laplacian = Literal["normalized", "unnormalized"]
+
+AFFINITIES = ("relu", "binary")
+LAPLACIANS = ("normalized", "unnormalized")
+DEFAULT_EPS = {"relu": 1e-6, "binary": 1e-5}
+GAP_EPS = 1e-9
+SIGN_TOL = 1e-6
+
+
+@dataclass
+class NCutResult:
+    """What :func:`normalized_cut` returns.
+
+    Attributes:
+        eigvec: ``(B, n)`` z2, unit L2 norm, sign fixed (sum of entries >= 0).
+        eigval: ``(B,)`` lambda2 of the chosen Laplacian.
+        gen_eigvec: ``(B, n)`` y2 = D^-1/2 z2 for the normalized Laplacian (same sign as z2),
+            ``None`` for the unnormalized one.
+        degree: ``(B, n)`` node degrees D of the graph.
+        n_fallback: batch items that the fast solver handed to the exact solver (0 for eigh).
+    """
+
+    eigvec: Tensor
+    eigval: Tensor
+    gen_eigvec: Tensor | None
+    degree: Tensor
+    n_fallback: int = 0
+
+
+# ----------------------------------------------------------------------------- graph
+
+
+def affinity_matrix(features: Tensor, *, affinity: Affinity = "relu", tau: float = 0.0,
+                    eps: float | None = None) -> Tensor:
+    """Affinity W of patch features.
+
+    Args:
+        features: ``(B, n, C)``, already L2-normalised if cosine affinities are wanted.
+        affinity: ``"relu"`` (W = f f^T where f f^T > tau, else eps) or ``"binary"``
+            (W = 1 where f f^T > tau, else eps).
+        tau: threshold on f f^T.
+        eps: floor for weak edges; default 1e-6 (relu) / 1e-5 (binary).
+
+    Returns:
+        ``(B, n, n)`` symmetric, strictly positive weights.
+    """
+    if affinity not in AFFINITIES:
+        raise ValueError(f"affinity={affinity!r} is not one of {AFFINITIES}")
+    eps = DEFAULT_EPS[affinity] if eps is None else eps
+    a = features @ features.transpose(1, 2)  # (B, n, n)
+    strong = a > tau
+    if affinity == "relu":
+        return torch.where(strong, a, torch.full_like(a, eps))
+    return torch.where(strong, torch.ones_like(a), torch.full_like(a, eps))
+
+
+def laplacian_matrix(w: Tensor, *, laplacian: Laplacian = "normalized") -> tuple[Tensor, Tensor]:
+    """Graph Laplacian of ``w``.
+
+    Args:
+        w: ``(B, n, n)`` symmetric affinities with positive degrees.
+        laplacian: ``"normalized"`` (I - D^-1/2 W D^-1/2) or ``"unnormalized"`` (D - W).
+
+    Returns:
+        ``(L (B, n, n), degree (B, n))``.
+    """
+    if laplacian not in LAPLACIANS:
+        raise ValueError(f"laplacian={laplacian!r} is not one of {LAPLACIANS}")
+    d = w.sum(-1)  # (B, n)
+    if laplacian == "unnormalized":
+        return torch.diag_embed(d) - w, d
+    s = d.rsqrt()  # (B, n)
+    eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
+    return eye - s.unsqueeze(-1) * w * s.unsqueeze(-2), d
+
+
+def fix_sign(z: Tensor) -> Tensor:
+    """Deterministic sign for unit eigenvectors ``z (B, n)``.
+
+    The sum of entries is made positive; where it is numerically zero (|sum| <= SIGN_TOL,
+    always the case for D - W, whose z2 is orthogonal to 1) the entry of largest magnitude
+    (the first one on exact ties) is made positive instead.
+    """
+    total = z.sum(-1)  # (B,)
+    idx = z.abs().argmax(-1, keepdim=True)  # (B, 1)
+    tie_sign = torch.sign(z.gather(-1, idx).squeeze(-1))
+    sign = torch.where(total.abs() > SIGN_TOL, torch.sign(total), tie_sign)
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return z * sign.unsqueeze(-1)
+
+
+# ----------------------------------------------------------------------------- exact solver
+
+
+def pinv_coefficients(evals: Tensor, lam: Tensor) -> Tensor:
+    """Diagonal of (lambda2 I - Lambda)^+ with the degenerate-gap rule.
+
+    Args:
+        evals: ``(B, n)`` all eigenvalues. lam: ``(B,)`` lambda2.
+
+    Returns:
+        ``(B, n)`` 1 / (lam - evals_i), 0 where |lam - evals_i| <= GAP_EPS * max(1, |spectrum|).
+    """
+    gap = lam.unsqueeze(-1) - evals  # (B, n)
+    scale = evals.abs().amax(-1, keepdim=True).clamp_min(1.0)  # (B, 1)
+    small = gap.abs() <= GAP_EPS * scale
+    return torch.where(small, torch.zeros_like(gap), 1.0 / torch.where(small, torch.ones_like(gap), gap))
+
+
+class _EighFiedler(torch.autograd.Function):
+    """z2, lambda2 of symmetric ``L (B, n, n)`` by a full eigh; backward by Eq. 7-8."""
+
+    @staticmethod
+    def forward(ctx, lap: Tensor) -> tuple[Tensor, Tensor]:
+        evals, evecs = torch.linalg.eigh(lap)  # (B, n), (B, n, n)
+        lam = evals[:, 1]  # (B,)
+        z = evecs[:, :, 1]  # (B, n)
+        signed = fix_sign(z)
+        evecs = evecs.clone()
+        evecs[:, :, 1] = signed
+        ctx.save_for_backward(evals, evecs)
+        return signed, lam
+
+    @staticmethod
+    def backward(ctx, g_z: Tensor | None, g_lam: Tensor | None) -> Tensor:
+        evals, evecs = ctx.saved_tensors
+        z = evecs[:, :, 1]  # (B, n)
+        grad = torch.zeros_like(evecs)
+        if g_z is not None:
+            coef = pinv_coefficients(evals, evals[:, 1])  # (B, n); coef[:, 1] == 0
+            proj = (evecs.transpose(1, 2) @ g_z.unsqueeze(-1)).squeeze(-1)  # (B, n) Z^T g
+            v = (evecs @ (coef * proj).unsqueeze(-1)).squeeze(-1)  # (B, n)
+            outer = v.unsqueeze(-1) * z.unsqueeze(-2)  # (B, n, n) v z^T
+            grad = grad + 0.5 * (outer + outer.transpose(1, 2))
+        if g_lam is not None:
+            grad = grad + g_lam[:, None, None] * z.unsqueeze(-1) * z.unsqueeze(-2)
+        return grad
+
+
+def eigh_solver(lap: Tensor, degree: Tensor, *, laplacian: Laplacian, init: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, int]:
+    """Exact solver: ``(z2 (B, n), lambda2 (B,), n_fallback=0)``; ``init`` is ignored."""
+    z, lam = _EighFiedler.apply(lap)
+    return z, lam, 0
+
+
+SolverFn = Callable[..., tuple[Tensor, Tensor, int]]
+SOLVERS: dict[str, SolverFn] = {"eigh": eigh_solver}
+
+
+def register_solver(name: str, fn: SolverFn) -> None:
+    """Make ``fn(lap, degree, *, laplacian, init) -> (z2, lambda2, n_fallback)`` a solver."""
+    SOLVERS[name] = fn
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _validate(features: Tensor, init: Tensor | None) -> None:
+    if not isinstance(features, Tensor):
+        raise ValueError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if features.dim() != 3:
+        raise ValueError(f"features must have shape (B, n, C), got {tuple(features.shape)}")
+    b, n, c = features.shape
+    if n < 2:
+        raise ValueError(f"a graph needs n >= 2 nodes, got n={n} (features {tuple(features.shape)})")
+    if c < 1 or b < 1:
+        raise ValueError(f"features must have B >= 1 and C >= 1, got {tuple(features.shape)}")
+    if features.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"features must be float32 or float64, got {features.dtype}")
+    finite = torch.isfinite(features).flatten(1).all(-1)  # (B,)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten().tolist()
+        raise ValueError(f"features contain NaN/Inf in batch items {bad}")
+    if init is not None:
+        if init.device != features.device:
+            raise ValueError(f"init device ({init.device}) does not match the features device ({features.device})")
+        if init.shape[:2] != (b, n):
+            raise ValueError(f"init must have shape (B, n[, k]) = ({b}, {n}, ...), got {tuple(init.shape)}")
+
+
+def normalized_cut(features: Tensor, *, normalize: bool = True, tau: float = 0.0,
+                   affinity: Affinity = "relu", laplacian: Laplacian = "normalized",
+                   solver: str = "eigh", eps: float | None = None,
+                   init: Tensor | None = None) -> NCutResult:
+    """Differentiable NCut: Fiedler vector of the patch graph of ``features``.
+
+    Args:
+        features: ``(B, n, C)`` float32/float64 on any device; may require grad.
+        normalize: L2-normalise each feature along C first (cosine affinities).
+        tau: affinity threshold (0 for the paper, 0.2 for TokenCut's binary graph).
+        affinity: ``"relu"`` or ``"binary"`` (see module docstring).
+        laplacian: ``"normalized"`` (paper Eq. 6) or ``"unnormalized"`` (D - W).
+        solver: a key of ``SOLVERS``: ``"eigh"`` (exact reference) or ``"lobpcg"`` (fast).
+        eps: weak-edge weight; default 1e-6 (relu) or 1e-5 (binary).
+        init: optional warm start ``(B, n)`` or ``(B, n, k)`` for iterative solvers.
+
+    Returns:
+        :class:`NCutResult` with ``eigvec (B, n)``, ``eigval (B,)``, ``gen_eigvec (B, n)``
+        (normalized Laplacian only) and ``degree (B, n)``, in the input dtype.
+
+    Raises:
+        ValueError: wrong rank or dtype, n < 2, NaN/Inf features (naming the batch items),
+            unknown option, ``init`` on another device.
+    """
+    _validate(features, init)
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is not one of {sorted(SOLVERS)}")
+    if affinity not in AFFINITIES:
+        raise ValueError(f"affinity={affinity!r} is not one of {AFFINITIES}")
+    if laplacian not in LAPLACIANS:
+        raise ValueError(f"laplacian={laplacian!r} is not one of {LAPLACIANS}")
+    dtype = features.dtype
+    f = features.double()
+    if normalize:
+        f = F.normalize(f, dim=-1)
+    w = affinity_matrix(f, affinity=affinity, tau=tau, eps=eps)  # (B, n, n)
+    lap, degree = laplacian_matrix(w, laplacian=laplacian)  # (B, n, n), (B, n)
+    z, lam, n_fallback = SOLVERS[solver](lap, degree, laplacian=laplacian,
+                                         init=None if init is None else init.double())
+    y = z * degree.rsqrt() if laplacian == "normalized" else None  # (B, n)
+    return NCutResult(
+        eigvec=z.to(dtype),
+        eigval=lam.to(dtype),
+        gen_eigvec=None if y is None else y.to(dtype),
+        degree=degree.to(dtype),
+        n_fallback=n_fallback,
+    )
