@@ -34,20 +34,18 @@ and the fast batched block solver ``"lobpcg"`` (see :mod:`dncut.ncut_lobpcg`) wh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Affinity = Literal["relu", "binary"]
-Laplacian = Literal["normalized", "unnormalized"]
+from dncut.ncut.exact import GAP_EPS, eigh_solver, pinv_coefficients
+from dncut.ncut.graph import (AFFINITIES, LAPLACIANS, Affinity, Laplacian, affinity_matrix,
+                              fix_sign, laplacian_matrix)
 
-AFFINITIES = ("relu", "binary")
-LAPLACIANS = ("normalized", "unnormalized")
-DEFAULT_EPS = {"relu": 1e-6, "binary": 1e-5}
-GAP_EPS = 1e-9
-SIGN_TOL = 1e-6
+__all__ = ["NCutResult", "normalized_cut", "SOLVERS", "register_solver", "affinity_matrix",
+           "laplacian_matrix", "fix_sign", "pinv_coefficients", "GAP_EPS"]
 
 
 @dataclass
@@ -70,123 +68,6 @@ class NCutResult:
     n_fallback: int = 0
 
 
-# ----------------------------------------------------------------------------- graph
-
-
-def affinity_matrix(features: Tensor, *, affinity: Affinity = "relu", tau: float = 0.0,
-                    eps: float | None = None) -> Tensor:
-    """Affinity W of patch features.
-
-    Args:
-        features: ``(B, n, C)``, already L2-normalised if cosine affinities are wanted.
-        affinity: ``"relu"`` (W = f f^T where f f^T > tau, else eps) or ``"binary"``
-            (W = 1 where f f^T > tau, else eps).
-        tau: threshold on f f^T.
-        eps: floor for weak edges; default 1e-6 (relu) / 1e-5 (binary).
-
-    Returns:
-        ``(B, n, n)`` symmetric, strictly positive weights.
-    """
-    if affinity not in AFFINITIES:
-        raise ValueError(f"affinity={affinity!r} is not one of {AFFINITIES}")
-    eps = DEFAULT_EPS[affinity] if eps is None else eps
-    a = features @ features.transpose(1, 2)  # (B, n, n)
-    strong = a > tau
-    if affinity == "relu":
-        return torch.where(strong, a, torch.full_like(a, eps))
-    return torch.where(strong, torch.ones_like(a), torch.full_like(a, eps))
-
-
-def laplacian_matrix(w: Tensor, *, laplacian: Laplacian = "normalized") -> tuple[Tensor, Tensor]:
-    """Graph Laplacian of ``w``.
-
-    Args:
-        w: ``(B, n, n)`` symmetric affinities with positive degrees.
-        laplacian: ``"normalized"`` (I - D^-1/2 W D^-1/2) or ``"unnormalized"`` (D - W).
-
-    Returns:
-        ``(L (B, n, n), degree (B, n))``.
-    """
-    if laplacian not in LAPLACIANS:
-        raise ValueError(f"laplacian={laplacian!r} is not one of {LAPLACIANS}")
-    d = w.sum(-1)  # (B, n)
-    if laplacian == "unnormalized":
-        return torch.diag_embed(d) - w, d
-    s = d.rsqrt()  # (B, n)
-    eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
-    return eye - s.unsqueeze(-1) * w * s.unsqueeze(-2), d
-
-
-def fix_sign(z: Tensor) -> Tensor:
-    """Deterministic sign for unit eigenvectors ``z (B, n)``.
-
-    The sum of entries is made positive; where it is numerically zero (|sum| <= SIGN_TOL,
-    always the case for D - W, whose z2 is orthogonal to 1) the entry of largest magnitude
-    (the first one on exact ties) is made positive instead.
-    """
-    total = z.sum(-1)  # (B,)
-    idx = z.abs().argmax(-1, keepdim=True)  # (B, 1)
-    tie_sign = torch.sign(z.gather(-1, idx).squeeze(-1))
-    sign = torch.where(total.abs() > SIGN_TOL, torch.sign(total), tie_sign)
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return z * sign.unsqueeze(-1)
-
-
-# ----------------------------------------------------------------------------- exact solver
-
-
-def pinv_coefficients(evals: Tensor, lam: Tensor) -> Tensor:
-    """Diagonal of (lambda2 I - Lambda)^+ with the degenerate-gap rule.
-
-    Args:
-        evals: ``(B, n)`` all eigenvalues. lam: ``(B,)`` lambda2.
-
-    Returns:
-        ``(B, n)`` 1 / (lam - evals_i), 0 where |lam - evals_i| <= GAP_EPS * max(1, |spectrum|).
-    """
-    gap = lam.unsqueeze(-1) - evals  # (B, n)
-    scale = evals.abs().amax(-1, keepdim=True).clamp_min(1.0)  # (B, 1)
-    small = gap.abs() <= GAP_EPS * scale
-    return torch.where(small, torch.zeros_like(gap), 1.0 / torch.where(small, torch.ones_like(gap), gap))
-
-
-class _EighFiedler(torch.autograd.Function):
-    """z2, lambda2 of symmetric ``L (B, n, n)`` by a full eigh; backward by Eq. 7-8."""
-
-    @staticmethod
-    def forward(ctx, lap: Tensor) -> tuple[Tensor, Tensor]:
-        evals, evecs = torch.linalg.eigh(lap)  # (B, n), (B, n, n)
-        lam = evals[:, 1]  # (B,)
-        z = evecs[:, :, 1]  # (B, n)
-        signed = fix_sign(z)
-        evecs = evecs.clone()
-        evecs[:, :, 1] = signed
-        ctx.save_for_backward(evals, evecs)
-        return signed, lam
-
-    @staticmethod
-    def backward(ctx, g_z: Tensor | None, g_lam: Tensor | None) -> Tensor:
-        evals, evecs = ctx.saved_tensors
-        z = evecs[:, :, 1]  # (B, n)
-        grad = torch.zeros_like(evecs)
-        if g_z is not None:
-            coef = pinv_coefficients(evals, evals[:, 1])  # (B, n); coef[:, 1] == 0
-            proj = (evecs.transpose(1, 2) @ g_z.unsqueeze(-1)).squeeze(-1)  # (B, n) Z^T g
-            v = (evecs @ (coef * proj).unsqueeze(-1)).squeeze(-1)  # (B, n)
-            outer = v.unsqueeze(-1) * z.unsqueeze(-2)  # (B, n, n) v z^T
-            grad = grad + 0.5 * (outer + outer.transpose(1, 2))
-        if g_lam is not None:
-            grad = grad + g_lam[:, None, None] * z.unsqueeze(-1) * z.unsqueeze(-2)
-        return grad
-
-
-def eigh_solver(lap: Tensor, degree: Tensor, *, laplacian: Laplacian, init: Tensor | None = None
-                ) -> tuple[Tensor, Tensor, int]:
-    """Exact solver: ``(z2 (B, n), lambda2 (B,), n_fallback=0)``; ``init`` is ignored."""
-    z, lam = _EighFiedler.apply(lap)
-    return z, lam, 0
-
-
 SolverFn = Callable[..., tuple[Tensor, Tensor, int]]
 SOLVERS: dict[str, SolverFn] = {"eigh": eigh_solver}
 
@@ -196,7 +77,6 @@ def register_solver(name: str, fn: SolverFn) -> None:
     SOLVERS[name] = fn
 
 
-# ----------------------------------------------------------------------------- public API
 
 
 def _validate(features: Tensor, init: Tensor | None) -> None:
