@@ -1,0 +1,571 @@
+"""The one typed run configuration: YAML file + dotted overrides -> a validated ``Config``.
+
+The driver builds it once (``load_config``), Ray pickles it to every worker, and the resolved
+copy is written next to every checkpoint and evaluation output (``save_config``). It holds no
+tensors: ``load_config("configs/train/smoke.yaml", ["loss.alpha=0.1"]) -> Config``.
+
+Each field's description gives the recommended value and what goes wrong away from it.
+Every mistake surfaces as a ``ConfigError`` (a ``ValueError``) naming the dotted key::
+
+    model.backbon: unknown key, did you mean 'backbone'? valid keys under 'model': backbone, ...
+    ncut.affinity: invalid value 'reul'; valid choices: 'relu' or 'binary'
+
+Credentials never live here: S3 access comes from the environment / the AWS credential chain.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal, Mapping, Sequence, Union
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import ValidationError, ValidationInfo, field_validator, model_validator
+
+KNOWN_BACKBONES: tuple[str, ...] = (
+    "vit_small_patch16_224.dino", "vit_small_patch8_224.dino", "vit_base_patch16_224.dino",
+    "vit_base_patch16_224.mae", "vit_small_patch16_224.mocov3", "resnet50",
+    "efficientnet_lite0", "efficientnet_lite0_s16", "vit_tiny_test",
+)
+# Accepted by default, plus any timm VisionTransformer name ``vit_*``; ``known_backbones=`` replaces it.
+
+EvalKind = Literal[
+    "folder", "ecssd", "duts_te", "dut_omron", "sod", "voc07", "voc12", "coco20k", "scenes"
+]
+EvalMethod = Literal["simple", "tokencut"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the dotted key(s) at fault."""
+
+
+def check_backbone(name: str, known: Sequence[str] | None = None) -> str:
+    """Return ``name`` if it is a known backbone or a timm ViT name (``vit_*``).
+
+    Args:
+        name: backbone name from the config.
+        known: accepted names; ``None`` means ``KNOWN_BACKBONES``.
+
+    Returns:
+        ``name`` unchanged; otherwise raises ``ValueError`` listing close matches and valid names.
+    """
+    names = KNOWN_BACKBONES if known is None else tuple(known)
+    if name in names or name.startswith("vit_"):
+        return name
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f", did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise ValueError(
+        f"unknown backbone {name!r}{hint} valid: {', '.join(names)}, "
+        "or any timm VisionTransformer name starting with 'vit_'"
+    )
+
+
+def _backbone_from_context(name: str, info: ValidationInfo) -> str:
+    return check_backbone(name, (info.context or {}).get("known_backbones"))
+
+
+Backbone = Annotated[str, AfterValidator(_backbone_from_context)]
+
+
+def _non_empty(values: list) -> list:
+    if not values:
+        raise ValueError("empty list: give at least one value")
+    return values
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- model / ncut / loss
+class ModelConfig(_Section):
+    """Encoder + projector + predictor (paper Sec. 3.3)."""
+
+    backbone: Backbone = Field("efficientnet_lite0", validate_default=True, description="timm-style name from KNOWN_BACKBONES or any 'vit_*'; vit_small_patch16_224.dino for the paper; efficientnet_lite0 is the only one with real weights offline")
+    pretrained: bool = Field(True, description="true: start from pretrained weights (the method finetunes; from scratch NCut masks are noise and training collapses)")
+    checkpoint: str | None = Field(None, description="local path or s3:// URI of weights to start from; overrides pretrained weights; null = none")
+    projector: bool = Field(True, description="true; false is the 'no projector' ablation, which collapses (paper Tab. 5)")
+    proj_dim: int = Field(256, ge=1, description="256 (authors); output channels of projector and predictor")
+    hidden_dim: int | None = Field(None, ge=1, description="null = backbone channels (384 for ViT-S, as the authors)")
+
+
+class NCutConfig(_Section):
+    """Graph and eigensolver of the differentiable NCut layer (paper Eq. 1, 6)."""
+
+    affinity: Literal["relu", "binary"] = Field("relu", description="relu: W = max(f f^T, 0) (paper, differentiable); binary: TokenCut's 1[f f^T > tau], no gradient through W")
+    tau: float = Field(0.0, description="0.0 for relu (authors), 0.2 for binary (TokenCut); too high disconnects the graph")
+    laplacian: Literal["normalized", "unnormalized"] = Field("normalized", description="normalized (paper Eq. 6); unnormalized L = D - W is the authors' training code")
+    solver: Literal["eigh", "lobpcg"] = Field("eigh", description="eigh: exact, ~10-24x the backbone cost at paper scale; lobpcg: batched block solver, ~40-90x faster than eigh on GPU (REFERENCE §4)")
+
+
+class LossConfig(_Section):
+    """Mask-consistency loss + structural regularization (paper Eq. 12)."""
+
+    alpha: float = Field(0.05, ge=0.0, description="0.05 (paper); 0 collapses to a half-split mask, large values pin masks to the templates")
+    temperature: float = Field(0.05, gt=0.0, description="0.05 (authors): mask = sigmoid(z2 / T); larger gives soft, uninformative masks, smaller saturates the BCE")
+    consistency: Literal["mask", "pixel"] = Field("mask", description="mask (paper); pixel is the Tab. 5 ablation (dense cross-entropy, much worse)")
+    regularization: bool = Field(True, description="true; false is the Tab. 5 ablation, which collapses")
+    iou_threshold: float = Field(0.5, ge=0.0, le=1.0, description="0.5 (authors): samples whose two masks agree below this IoU are dropped (lowered by 0.05 until min_pass pass)")
+    min_pass: int = Field(20, ge=0, description="20 (authors), capped at the per-worker batch; 0 lets an entire batch be dropped")
+
+
+# --------------------------------------------------------------------------- data / storage
+class DataConfig(_Section):
+    """Where images come from and how the two views are made (REFERENCE §1-2)."""
+
+    train: str | None = Field(None, description="null = generated scenes; else a local folder or s3://bucket/prefix of images (ImageNet train for the paper)")
+    val: str | None = Field(None, description="null = generated scenes; else a saliency folder with images/ and masks/ (local or s3://)")
+    num_scenes: int = Field(256, ge=1, description="generated training scenes when train is null; too few overfits")
+    val_scenes: int = Field(32, ge=1, description="generated validation scenes when val is null")
+    crop_size: int = Field(224, ge=16, description="224 (paper); must be a multiple of the backbone stride (16, 8 or 32) or maps get cropped")
+    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="(0.2, 1.0) (paper) RandomResizedCrop area range; small minimum crops give views with little shared object")
+    min_overlap: float = Field(0.01, ge=0.0, lt=1.0, description="0.01 (authors): view 2 must overlap view 1 by this fraction of its area; 0 allows empty overlaps")
+    photometric: bool = Field(True, description="true: DINO colour jitter / grayscale / blur / solarize; false makes the task trivially consistent")
+    min_image_size: int = Field(32, ge=1, description="images with a shorter side are skipped (corrupt or thumbnails)")
+    decode_cpus: float = Field(1.0, gt=0.0, description="CPUs per Ray Data decode/augment task; too few starves the GPUs")
+    shuffle_seed_per_epoch: bool = Field(True, description="true: reshuffle with seed + epoch, reproducible yet different per epoch")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _check_crop_scale(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"need 0 < low <= high <= 1, got {list(value)}")
+        return value
+
+
+class StorageConfig(_Section):
+    """S3-compatible endpoint settings; credentials come from the environment / AWS chain only."""
+
+    endpoint_url: str | None = Field(None, description="null = AWS; set for MinIO / moto, e.g. http://127.0.0.1:5000")
+    region: str | None = Field(None, description="null = from the environment; e.g. us-east-1")
+
+
+# --------------------------------------------------------------------------- train / scaling
+class TrainConfig(_Section):
+    """Optimisation. Effective lr = lr * scale(batch_size / base_batch_size), scale from
+    ``lr_scaling``: linear r, sqrt sqrt(r), none 1. With ``epochs`` set, the run length is
+    ``epochs * floor(num_examples / batch_size)`` steps and ``max_steps`` is ignored."""
+
+    max_steps: int = Field(100, ge=1, description="optimizer steps when epochs is null")
+    batch_size: int = Field(32, ge=1, description="GLOBAL batch, split evenly across scaling.num_workers; 256 for ViT-S/16, 64 for ViT-S/8 (paper)")
+    lr: float = Field(5e-4, gt=0.0, description="5e-4 at base_batch_size (paper); the peak after warm-up")
+    base_batch_size: int = Field(256, ge=1, description="batch size at which lr is given (256, paper)")
+    lr_scaling: Literal["linear", "sqrt", "none"] = Field("linear", description="linear (Goyal et al.); sqrt for adaptive optimisers at very large batch; none uses lr as is")
+    optimizer: Literal["adamw", "lars"] = Field("adamw", description="lars (SGD momentum + LARS, trust 0.001) as the authors; adamw for small runs")
+    weight_decay: float = Field(5e-4, ge=0.0, description="5e-4 (authors)")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="0.9 (authors; lars only)")
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up steps (authors: one epoch); 0 risks an early collapse")
+    min_lr: float = Field(1e-6, ge=0.0, description="1e-6: end of the cosine schedule; must not exceed the effective lr")
+    grad_clip: float | None = Field(3.0, gt=0.0, description="3.0 global grad-norm clip; null disables (NCut gradients spike at near-degenerate eigenvalues)")
+    amp: bool = Field(True, description="bf16 autocast for the backbone on GPU only (the NCut layer always runs float64)")
+    log_every: int = Field(10, ge=1, description="steps between metric reports")
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (plus one at the end)")
+    keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept by Ray Train (CheckpointConfig.num_to_keep)")
+    val_every: int | None = Field(None, ge=1, description="steps between validations (val_iou); null = only at the end")
+    max_nan_steps: int = Field(5, ge=0, description="consecutive non-finite losses skipped before the run fails; 0 fails on the first")
+    epochs: int | None = Field(None, ge=1, description="2 (paper); if set, replaces max_steps by epochs * floor(dataset size / batch_size)")
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> TrainConfig:
+        if self.min_lr > self.effective_lr():
+            raise ValueError(
+                f"train.min_lr={self.min_lr} exceeds the effective lr {self.effective_lr():.3g} "
+                "(lr scaled by batch_size / base_batch_size): the cosine would rise"
+            )
+        if self.epochs is None and self.warmup_steps > self.max_steps:
+            raise ValueError(
+                f"train.warmup_steps={self.warmup_steps} exceeds train.max_steps={self.max_steps}"
+            )
+        return self
+
+    def effective_lr(self) -> float:
+        """Peak lr: ``lr * r`` (linear), ``lr * sqrt(r)`` (sqrt) or ``lr`` (none), r = batch_size / base_batch_size."""
+        ratio = self.batch_size / self.base_batch_size
+        scale = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[self.lr_scaling]
+        return self.lr * scale
+
+    def total_steps(self, num_examples: int | None = None) -> int:
+        """Run length in optimizer steps.
+
+        Args:
+            num_examples: training-set size; required when ``epochs`` is set.
+
+        Returns:
+            ``max_steps``, or ``epochs * max(1, num_examples // batch_size)`` when ``epochs`` is set.
+        """
+        if self.epochs is None:
+            return self.max_steps
+        if num_examples is None or num_examples < 1:
+            raise ValueError(f"train.epochs={self.epochs} needs the dataset size, got {num_examples}")
+        return self.epochs * max(1, num_examples // self.batch_size)
+
+
+class ScalingConfig(_Section):
+    """Ray Train workers (ScalingConfig / FailureConfig)."""
+
+    num_workers: int = Field(1, ge=1, description="data-parallel workers; 8 for one 8-GPU node")
+    use_gpu: bool = Field(False, description="true on GPU clusters; false runs on CPU")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per worker; leave the rest to Ray Data decoding")
+    gpus_per_worker: float = Field(1.0, gt=0.0, description="1; used only when use_gpu")
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint; -1 = unlimited")
+
+
+# --------------------------------------------------------------------------- eval
+class EvalDataset(_Section):
+    """One evaluation set; ``kind`` selects the layout reader (REFERENCE §3)."""
+
+    name: str = Field(description="label in tables and output folders, unique per config")
+    kind: EvalKind = Field(description="layout: folder (images/ + masks/), ecssd, duts_te, dut_omron, sod (saliency); voc07, voc12, coco20k (discovery, CorLoc); scenes (generated)")
+    root: str | None = Field(None, description="dataset root, local or s3://; required unless kind is scenes")
+    annotations: str | None = Field(None, description="annotation file/folder when not at its usual place under root (e.g. COCO20k json)")
+    image_list: str | None = Field(None, description="text file of image ids (COCO20k's 19,817, VOC trainval); null = the kind's default")
+    limit: int | None = Field(None, ge=1, description="first N images only (quick checks); for scenes the number generated (null = data.val_scenes)")
+
+    @model_validator(mode="after")
+    def _check_root(self) -> EvalDataset:
+        if self.kind != "scenes" and self.root is None:
+            raise ValueError(f"dataset {self.name!r} of kind {self.kind!r} needs a root")
+        return self
+
+
+class EvalConfig(_Section):
+    """Saliency (IoU, accuracy, maxFβ) and discovery (CorLoc) evaluation (REFERENCE §3)."""
+
+    datasets: list[EvalDataset] = Field(default_factory=lambda: [EvalDataset(name="scenes", kind="scenes")], description="sets to evaluate; default one generated-scenes set")
+    methods: Annotated[list[EvalMethod], AfterValidator(_non_empty)] = Field(default_factory=lambda: ["simple"], description="simple (paper, z2 > 0) and/or tokencut (seed + connected component)")
+    bilateral: bool = Field(False, description="also score the bilateral-solver refinement (slow on CPU)")
+    checkpoints: Annotated[list[str | None], AfterValidator(_non_empty)] = Field(default_factory=lambda: [None], description="checkpoints to compare, local or s3://; null = the backbone's pretrained weights")
+    backbones: Annotated[list[Backbone], AfterValidator(_non_empty)] | None = Field(None, description="null = [model.backbone]")
+    image_size: int | None = Field(320, ge=16, description="saliency: long side resized to this; null = keep size, pad to the patch multiple (discovery protocol)")
+    batch_size: int = Field(8, ge=1, description="images per inference batch")
+    num_actors: int = Field(1, ge=1, description="Ray Data inference actors")
+    gpus_per_actor: float = Field(0.0, ge=0.0, description="0 on CPU; fractional (e.g. 0.25) packs actors on one GPU")
+    examples: int = Field(8, ge=0, description="images in the PNG example grid; 0 = none")
+
+    @field_validator("datasets")
+    @classmethod
+    def _check_names(cls, value: list[EvalDataset]) -> list[EvalDataset]:
+        names = [d.name for d in _non_empty(value)]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"dataset names must be unique, repeated: {dupes}")
+        return value
+
+
+# --------------------------------------------------------------------------- tune
+class LogUniform(_Section):
+    """Log-uniform distribution on [low, high); YAML ``{low: 0.01, high: 0.2}``."""
+
+    low: float = Field(description="lower bound, > 0")
+    high: float = Field(description="upper bound, > low")
+
+    @model_validator(mode="after")
+    def _check_range(self) -> LogUniform:
+        if self.low <= 0:
+            raise ValueError(f"log-uniform low must be > 0, got {self.low}")
+        if self.low >= self.high:
+            raise ValueError(f"log-uniform needs low < high, got low={self.low} high={self.high}")
+        return self
+
+
+def _space_tag(value: Any) -> str:
+    return "loguniform" if isinstance(value, (dict, LogUniform)) else "grid"
+
+
+_Grid = Annotated[list[float], AfterValidator(_non_empty), Tag("grid")]
+SearchSpace = Annotated[Union[Annotated[LogUniform, Tag("loguniform")], _Grid], Discriminator(_space_tag)]
+"""A list of values (grid search) or ``{low, high}`` (log-uniform sampling); a scalar means [x]."""
+_UNION_TAGS: dict[str, Any] = {"loguniform": LogUniform, "grid": list[float]}
+
+
+class ASHA(_Section):
+    """Asynchronous successive halving; times are in units of ``time_attr``."""
+
+    grace_period: int = Field(ge=1, description="a trial runs at least this long before it can be stopped; too short kills slow starters")
+    reduction_factor: int = Field(2, ge=2, description="2-4; keeps 1/reduction_factor of trials per rung")
+    max_t: int | None = Field(None, ge=1, description="null = the trial's full length")
+    time_attr: str = Field("training_iteration", description="result key that measures progress (one training_iteration per report)")
+
+    @model_validator(mode="after")
+    def _check_max_t(self) -> ASHA:
+        if self.max_t is not None and self.max_t <= self.grace_period:
+            raise ValueError(f"asha needs max_t > grace_period, got {self.max_t} <= {self.grace_period}")
+        return self
+
+
+class TuneConfig(_Section):
+    """Ray Tune sweep: one TorchTrainer per trial (REFERENCE §5)."""
+
+    alpha: SearchSpace = Field(default_factory=lambda: [0.05], description="loss.alpha values or {low, high}; 0 collapses")
+    lr: SearchSpace = Field(default_factory=lambda: [5e-4], description="train.lr values (before batch scaling) or {low, high}")
+    backbones: Annotated[list[Backbone], AfterValidator(_non_empty)] | None = Field(None, description="grid over model.backbone; null = [model.backbone]")
+    num_samples: int = Field(1, ge=1, description="repeats of the grid (samples of log-uniform axes)")
+    metric: str = Field("val_iou", description="reported metric to optimise")
+    mode: Literal["max", "min"] = Field("max", description="max for val_iou")
+    asha: ASHA | None = Field(None, description="null = run every trial to the end (FIFO)")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="null = derived from cluster resources; too many starves Ray Data and hangs at 'backpressured'")
+    storage_path: str | None = Field(None, description="null = <output_dir>/tune; local or s3://")
+    name: str = Field("sweep", description="experiment name; rerun with the same storage_path + name to resume")
+
+    @field_validator("alpha", "lr", mode="before")
+    @classmethod
+    def _scalar_to_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    @field_validator("alpha", "lr")
+    @classmethod
+    def _check_signs(cls, value: LogUniform | list[float], info: ValidationInfo) -> Any:
+        bad = [v for v in value if v < 0 or (info.field_name == "lr" and v == 0)] if isinstance(value, list) else []
+        if bad:
+            raise ValueError(f"{info.field_name} values must be {'> 0' if info.field_name == 'lr' else '>= 0'}, got {bad}")
+        return value
+
+
+# --------------------------------------------------------------------------- root
+class Config(_Section):
+    """Everything a run needs; an empty YAML file is a valid (demo) config."""
+
+    run_name: str = Field("dncut", pattern=r"^[A-Za-z0-9._-]+$", description="name of the run folder under output_dir (letters, digits, . _ -)")
+    output_dir: str = Field("outputs", description="local folder or s3://bucket/prefix for checkpoints, configs and reports")
+    seed: int = Field(0, description="seeds torch, numpy and data shuffling (per worker: seed + rank)")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="encoder + projector + predictor")
+    ncut: NCutConfig = Field(default_factory=NCutConfig, description="graph and eigensolver of the NCut layer")
+    loss: LossConfig = Field(default_factory=LossConfig, description="mask consistency + regularization")
+    data: DataConfig = Field(default_factory=DataConfig, description="training / validation images and views")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="S3 endpoint (no credentials)")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation and checkpointing")
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="saliency / discovery evaluation")
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="Ray Tune sweep")
+
+    @model_validator(mode="after")
+    def _check_batch_split(self) -> Config:
+        if self.train.batch_size % self.scaling.num_workers:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} (global) must be divisible by "
+                f"scaling.num_workers={self.scaling.num_workers}"
+            )
+        return self
+
+    def eval_backbones(self) -> list[str]:
+        """Backbones to evaluate: ``eval.backbones`` or ``[model.backbone]``."""
+        return list(self.eval.backbones or [self.model.backbone])
+
+    def tune_backbones(self) -> list[str]:
+        """Backbones to sweep: ``tune.backbones`` or ``[model.backbone]``."""
+        return list(self.tune.backbones or [self.model.backbone])
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML text that ``load_config`` reads back to an equal object."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def with_overrides(
+        self, overrides: Sequence[str] | Mapping[str, Any], known_backbones: Sequence[str] | None = None
+    ) -> Config:
+        """A validated copy with dotted overrides applied; ``self`` is unchanged.
+
+        Args:
+            overrides: ``["loss.alpha=0.1"]`` (values parsed as YAML) or ``{"loss.alpha": 0.1}``
+                (values used as given, e.g. Tune samples).
+            known_backbones: accepted backbone names; ``None`` means ``KNOWN_BACKBONES``.
+        """
+        return parse_config(self.model_dump(mode="json"), overrides, known_backbones, "<config>")
+
+
+# --------------------------------------------------------------------------- loading
+def _unwrap(tp: Any) -> Any:
+    """Strip ``Annotated`` and ``X | None`` until a model, list, tuple or real union remains."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) > 1:
+                return tp
+            tp = args[0]
+        else:
+            return tp
+
+
+def _resolve_loc(loc: tuple[str | int, ...]) -> tuple[str, str, list[str]]:
+    """Map a pydantic error location to (dotted key, parent key, valid keys at the parent)."""
+    tp: Any = Config
+    parts: list[str] = []
+    parent, valid = "", list(Config.model_fields)
+    for item in loc:
+        tp = _unwrap(tp)
+        if isinstance(item, int):
+            parts.append(str(item))
+            args = typing.get_args(tp)
+            tp = args[item] if typing.get_origin(tp) is tuple and item < len(args) else (args[0] if args else Any)
+        elif isinstance(tp, type) and issubclass(tp, BaseModel):
+            parent, valid = ".".join(parts), list(tp.model_fields)
+            parts.append(item)
+            field = tp.model_fields.get(item)
+            tp = field.annotation if field is not None else Any
+        elif item in _UNION_TAGS and typing.get_origin(tp) in (Union, types.UnionType):
+            tp = _UNION_TAGS[item]
+        else:
+            parts.append(str(item))
+    return ".".join(parts), parent, valid
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _format_error(err: Mapping[str, Any]) -> str:
+    key, parent, valid = _resolve_loc(tuple(err["loc"]))
+    kind, msg = err["type"], str(err["msg"]).removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        name = key.rsplit(".", 1)[-1]
+        close = difflib.get_close_matches(name, valid, n=3)
+        hint = f", did you mean {' or '.join(map(repr, close))}?" if close else ""
+        where = f"under {parent!r}" if parent else "at the top level"
+        return f"{key}: unknown key{hint} valid keys {where}: {', '.join(valid)}"
+    if kind == "literal_error":
+        return f"{key}: invalid value {_short(err['input'])}; valid choices: {err['ctx']['expected']}"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    if kind == "value_error":
+        return msg if not key or msg.startswith(key) else f"{key}: {msg}"
+    return f"{key}: {msg} (got {_short(err['input'])})"
+
+
+def _set_dotted(data: dict, dotted: str, value: Any, defaults: Mapping[str, Any]) -> None:
+    """Set ``data[a][b]... = value`` for ``dotted = "a.b..."``; creates missing sections."""
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"override key {dotted!r} has an empty part")
+    node: Any = data
+    default: Any = defaults
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[: depth + 1])
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{where}: {part!r} is not an index of a list of {len(node)}")
+            index: Any = int(part)
+            default = None
+        elif isinstance(node, dict):
+            index = part
+            default = default.get(part) if isinstance(default, dict) else None
+        else:
+            prefix = ".".join(parts[:depth])
+            raise ConfigError(f"cannot set {dotted!r}: {prefix!r} holds {_short(node)}, not a section")
+        if last:
+            node[index] = value
+            return
+        if isinstance(node, dict) and node.get(index) is None:
+            if default is not None and not isinstance(default, (dict, list)):
+                raise ConfigError(f"cannot set {dotted!r}: {where!r} is a value, not a section")
+            node[index] = copy.deepcopy(default) if isinstance(default, list) else {}
+        node = node[index]
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+
+
+def parse_config(
+    data: Mapping[str, Any],
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+    known_backbones: Sequence[str] | None = None,
+    source: str = "<dict>",
+) -> Config:
+    """Validate a plain mapping (e.g. parsed YAML) plus dotted overrides into a ``Config``.
+
+    Args:
+        data: nested sections as in the YAML files; ``{}`` gives the defaults.
+        overrides: ``"key.sub=value"`` strings (value parsed with ``yaml.safe_load``), or a
+            mapping ``{"key.sub": value}``; list items are addressed by index (``eval.datasets.0.limit``).
+        known_backbones: accepted backbone names; ``None`` means ``KNOWN_BACKBONES``.
+        source: where ``data`` came from, for error messages.
+
+    Returns:
+        The validated ``Config``; otherwise raises ``ConfigError`` naming every bad dotted key.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
+    merged = copy.deepcopy(dict(data))
+    pairs = overrides.items() if isinstance(overrides, Mapping) else map(_parse_override, overrides)
+    defaults = Config().model_dump(mode="json")
+    for key, value in pairs:
+        _set_dotted(merged, key, value, defaults)
+    for name, field in Config.model_fields.items():  # so defaults meet known_backbones too
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            merged.setdefault(name, {})
+    context = {"known_backbones": None if known_backbones is None else tuple(known_backbones)}
+    try:
+        return Config.model_validate(merged, context=context)
+    except ValidationError as exc:
+        lines = [_format_error(err) for err in exc.errors(include_url=False)]
+        raise ConfigError(f"invalid config ({source}):\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(
+    path: str | Path | None,
+    overrides: Sequence[str] = (),
+    known_backbones: Sequence[str] | None = None,
+    reader: Callable[[str], bytes] | None = None,
+) -> Config:
+    """Read a YAML config, apply ``key.sub=value`` overrides and validate.
+
+    Args:
+        path: YAML file; ``None`` = all defaults (the demo). Remote URIs (``s3://``) need ``reader``.
+        overrides: dotted ``key.sub=value`` strings applied after the file, in order.
+        known_backbones: accepted backbone names; ``None`` means ``KNOWN_BACKBONES``.
+        reader: hook for non-local paths, e.g. ``dncut.storage.read_bytes``.
+
+    Returns:
+        The validated ``Config``; ``ConfigError`` for an unreadable file, bad YAML, unknown
+        keys, wrong types or values.
+    """
+    if path is None:
+        return parse_config({}, overrides, known_backbones, "<defaults>")
+    path = str(path)
+    try:
+        if reader is not None:
+            text = reader(path).decode("utf-8")
+        elif "://" in path:
+            raise ConfigError(f"{path}: remote configs need reader=..., e.g. dncut.storage.read_bytes")
+        else:
+            text = Path(path).read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    return parse_config({} if data is None else data, overrides, known_backbones, path)
+
+
+def save_config(config: Config, path: str | Path, writer: Callable[[str, bytes], None] | None = None) -> None:
+    """Write ``config.to_yaml()`` to ``path`` (parents created for local paths).
+
+    Args:
+        config: the resolved config.
+        path: destination file, e.g. ``<checkpoint dir>/config.yaml``.
+        writer: hook for non-local paths, e.g. ``dncut.storage.write_bytes``.
+    """
+    text = config.to_yaml()
+    if writer is not None:
+        writer(str(path), text.encode("utf-8"))
+        return
+    if "://" in str(path):
+        raise ConfigError(f"{path}: remote destinations need writer=..., e.g. dncut.storage.write_bytes")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text, encoding="utf-8")
