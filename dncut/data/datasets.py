@@ -1,0 +1,355 @@
+"""Dataset layouts: saliency (image + mask) and object discovery (image + boxes).
+
+Every function takes a root URI (local path or ``s3://bucket/prefix``) and
+returns plain records; no image is decoded here (see ``dncut.data.images``).
+
+Saliency layouts accepted by :func:`saliency_dataset` (image folder, mask folder)::
+
+    folder     ROOT/{images, masks}
+    ecssd      ROOT/{images, ground_truth_mask}                      (ECSSD)
+    duts_te    ROOT/DUTS-TE/{DUTS-TE-Image, DUTS-TE-Mask}            (ROOT = DUTS)
+               ROOT/{DUTS-TE-Image, DUTS-TE-Mask}                    (ROOT = DUTS-TE)
+    dut_omron  ROOT/{DUT-OMRON-image, pixelwiseGT-new-PNG}           (DUT-OMRON)
+    sod        ROOT/{images, masks}  or  ROOT/{Imgs, GT}             (SOD; the benchmark's naming)
+
+Images and masks are paired by their path relative to their folder, without
+suffix ("stem"): ``images/a/0001.jpg`` <-> ``masks/a/0001.png``. Unpaired files
+are counted and logged as a warning; they are never dropped silently.
+
+Discovery: :func:`voc_dataset` (VOC07 / VOC12, boxes shifted by -1 on xmin and
+ymin as the peers do) and :func:`coco20k_dataset` (COCO instances JSON + a
+file list, boxes xywh -> x0 y0 x1 y1). Boxes are in pixels of the original image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import posixpath
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal, get_args
+
+from dncut import storage
+from dncut.storage import IMAGE_SUFFIXES, S3Options
+
+logger = logging.getLogger(__name__)
+
+SaliencyKind = Literal["folder", "ecssd", "duts_te", "dut_omron", "sod"]
+VocYear = Literal["2007", "2012"]
+Box = tuple[float, float, float, float]
+"""(x0, y0, x1, y1) in pixels."""
+
+SALIENCY_LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "folder": (("images", "masks"),),
+    "ecssd": (("images", "ground_truth_mask"),),
+    "duts_te": (
+        ("DUTS-TE/DUTS-TE-Image", "DUTS-TE/DUTS-TE-Mask"),
+        ("DUTS-TE-Image", "DUTS-TE-Mask"),
+    ),
+    "dut_omron": (("DUT-OMRON-image", "pixelwiseGT-new-PNG"),),
+    "sod": (("images", "masks"), ("Imgs", "GT")),
+}
+"""Per kind, the accepted (image folder, mask folder) pairs relative to the root, tried in order."""
+
+_EXAMPLES_IN_WARNING = 5
+_READ_THREADS = 16
+
+
+class DatasetLayoutError(ValueError):
+    """A dataset root does not have the expected layout, or yields no samples."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SaliencySample:
+    """One saliency image and its ground-truth mask.
+
+    Attributes:
+        image_id: path of the image relative to its folder, without suffix.
+        image_uri: full URI of the image.
+        mask_uri: full URI of the mask.
+    """
+
+    image_id: str
+    image_uri: str
+    mask_uri: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscoverySample:
+    """One object-discovery image and its ground-truth boxes.
+
+    Attributes:
+        image_id: VOC id (``"000005"``) or COCO file stem.
+        image_uri: full URI of the image.
+        boxes: ground-truth boxes ``(x0, y0, x1, y1)`` in pixels (possibly empty).
+    """
+
+    image_id: str
+    image_uri: str
+    boxes: list[Box]
+
+
+# ----------------------------------------------------------------------------- saliency
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _stem_map(folder_uri: str, uris: Sequence[str]) -> dict[str, str]:
+    """Relative stem -> URI; two files with one stem are a layout error."""
+    prefix = folder_uri.rstrip("/") + "/"
+    stems: dict[str, str] = {}
+    for uri in uris:
+        relative = uri[len(prefix) :] if uri.startswith(prefix) else os.path.basename(uri)
+        stem = posixpath.splitext(relative.replace(os.sep, "/"))[0]
+        if stem in stems:
+            raise DatasetLayoutError(
+                f"two files share the stem {stem!r} in {folder_uri}: {stems[stem]} and {uri}"
+            )
+        stems[stem] = uri
+    return stems
+
+
+def pair_by_stem(
+    images: dict[str, str], masks: dict[str, str]
+) -> tuple[list[SaliencySample], list[str], list[str]]:
+    """Pair images and masks that share a stem.
+
+    Args:
+        images: stem -> image URI.
+        masks: stem -> mask URI.
+
+    Returns:
+        (samples sorted by stem, stems of images without a mask, stems of masks without an image).
+    """
+    samples = [SaliencySample(s, images[s], masks[s]) for s in sorted(images.keys() & masks.keys())]
+    return samples, sorted(images.keys() - masks.keys()), sorted(masks.keys() - images.keys())
+
+
+def _warn_unmatched(what: str, stems: list[str], root: str) -> None:
+    if stems:
+        examples = ", ".join(stems[:_EXAMPLES_IN_WARNING])
+        more = ", ..." if len(stems) > _EXAMPLES_IN_WARNING else ""
+        logger.warning("%s: %d %s (e.g. %s%s)", root, len(stems), what, examples, more)
+
+
+def _find_layout(kind: str, root: str, s3: S3Options | None) -> tuple[str, str]:
+    """The first (image folder, mask folder) of ``kind`` that exists under ``root``."""
+    missing: list[str] = []
+    for image_dir, mask_dir in SALIENCY_LAYOUTS[kind]:
+        image_uri, mask_uri = storage.join(root, image_dir), storage.join(root, mask_dir)
+        absent = [u for u in (image_uri, mask_uri) if not storage.exists(u, s3)]
+        if not absent:
+            return image_uri, mask_uri
+        missing.extend(absent)
+    expected = " or ".join(f"{root}/{{{i}, {m}}}" for i, m in SALIENCY_LAYOUTS[kind])
+    raise DatasetLayoutError(
+        f"saliency dataset {kind!r}: not found: {', '.join(missing)}; expected layout {expected}"
+    )
+
+
+def saliency_dataset(kind: SaliencyKind, root: str, s3: S3Options | None = None) -> list[SaliencySample]:
+    """Image/mask pairs of a saliency dataset (layouts in the module docstring).
+
+    Args:
+        kind: one of ``"folder", "ecssd", "duts_te", "dut_omron", "sod"``.
+        root: dataset root, local path or ``s3://bucket/prefix``.
+        s3: S3 options (see ``dncut.storage.filesystem``).
+
+    Returns:
+        Samples sorted by image id. Unpaired images / masks are logged (count + names).
+
+    Raises:
+        ValueError: unknown ``kind``.
+        DatasetLayoutError: a folder is missing (message names it and the expected
+            layout), two files share a stem, or no pair is found.
+    """
+    _check_choice("kind", kind, get_args(SaliencyKind))
+    image_dir, mask_dir = _find_layout(kind, root, s3)
+    images = _stem_map(image_dir, storage.list_files(image_dir, IMAGE_SUFFIXES, s3))
+    masks = _stem_map(mask_dir, storage.list_files(mask_dir, IMAGE_SUFFIXES, s3))
+    samples, lonely_images, lonely_masks = pair_by_stem(images, masks)
+    _warn_unmatched("images without a mask", lonely_images, root)
+    _warn_unmatched("masks without an image", lonely_masks, root)
+    if not samples:
+        raise DatasetLayoutError(
+            f"saliency dataset {kind!r} at {root}: no image/mask pairs "
+            f"({len(images)} images in {image_dir}, {len(masks)} masks in {mask_dir})"
+        )
+    return samples
+
+
+# ----------------------------------------------------------------------------- VOC
+
+
+def _voc_folder(root: str, year: str, split: str, s3: S3Options | None) -> str:
+    candidates = [storage.join(root, "VOCdevkit", f"VOC{year}"), storage.join(root, f"VOC{year}"), root]
+    for folder in candidates:
+        if storage.exists(storage.join(folder, "ImageSets", "Main", f"{split}.txt"), s3):
+            return folder
+    raise DatasetLayoutError(
+        f"VOC{year} split {split!r}: no ImageSets/Main/{split}.txt under any of {candidates}; "
+        f"expected ROOT/VOCdevkit/VOC{year}/{{ImageSets/Main, Annotations, JPEGImages}} "
+        f"or the VOC{year} folder itself"
+    )
+
+
+def _read_split(uri: str, s3: S3Options | None) -> list[str]:
+    text = storage.read_bytes(uri, s3).decode("utf-8")
+    return [line.split()[0] for line in text.splitlines() if line.strip()]
+
+
+def parse_voc_boxes(xml_text: str | bytes) -> list[Box]:
+    """Boxes of a VOC annotation, shifted by -1 on xmin and ymin.
+
+    VOC coordinates are 1-based inclusive; the peers' CorLoc protocol uses
+    ``(xmin - 1, ymin - 1, xmax, ymax)``. Every object is kept, including those
+    marked ``difficult`` or ``truncated`` (as the peers do).
+
+    Args:
+        xml_text: content of ``Annotations/<id>.xml``.
+
+    Returns:
+        One ``(x0, y0, x1, y1)`` per ``<object>``, in file order.
+    """
+    tree = ET.fromstring(xml_text)
+    boxes: list[Box] = []
+    for obj in tree.iter("object"):
+        bndbox = obj.find("bndbox")
+        if bndbox is None:
+            raise DatasetLayoutError(f"VOC object without <bndbox>: {ET.tostring(obj)[:200]!r}")
+        coords = [bndbox.findtext(tag) for tag in ("xmin", "ymin", "xmax", "ymax")]
+        if any(c is None for c in coords):
+            raise DatasetLayoutError(f"VOC <bndbox> lacks one of xmin/ymin/xmax/ymax: {coords}")
+        x0, y0, x1, y1 = (float(c) for c in coords)
+        boxes.append((x0 - 1.0, y0 - 1.0, x1, y1))
+    return boxes
+
+
+def _read_many(uris: Sequence[str], s3: S3Options | None) -> list[bytes | None]:
+    """Read files concurrently (S3 latency); ``None`` where a file does not exist."""
+
+    def read(uri: str) -> bytes | None:
+        try:
+            return storage.read_bytes(uri, s3)
+        except FileNotFoundError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
+        return list(pool.map(read, uris))
+
+
+def voc_dataset(
+    root: str, year: VocYear, split: str = "trainval", s3: S3Options | None = None
+) -> list[DiscoverySample]:
+    """Images and ground-truth boxes of PASCAL VOC (see :func:`parse_voc_boxes`).
+
+    Args:
+        root: folder holding ``VOCdevkit/VOC{year}``, or ``VOC{year}``, or that folder itself.
+        year: ``"2007"`` or ``"2012"``.
+        split: name of the ``ImageSets/Main/{split}.txt`` list.
+        s3: S3 options (see ``dncut.storage.filesystem``).
+
+    Returns:
+        One sample per listed id, in list order (images without objects keep ``boxes=[]``
+        and are counted in a warning).
+
+    Raises:
+        ValueError: unknown ``year``.
+        DatasetLayoutError: missing split file, annotations or JPEG images (counted and named).
+    """
+    _check_choice("year", year, get_args(VocYear))
+    folder = _voc_folder(root, year, split, s3)
+    ids = _read_split(storage.join(folder, "ImageSets", "Main", f"{split}.txt"), s3)
+    if not ids:
+        raise DatasetLayoutError(f"VOC{year} split {split!r} at {folder} lists no image")
+    jpeg_dir = storage.join(folder, "JPEGImages")
+    image_uris = {i: storage.join(jpeg_dir, f"{i}.jpg") for i in ids}
+    present = set(storage.list_files(jpeg_dir, (".jpg",), s3)) if storage.exists(jpeg_dir, s3) else set()
+    no_image = [i for i in ids if image_uris[i] not in present]
+    xml_data = _read_many([storage.join(folder, "Annotations", f"{i}.xml") for i in ids], s3)
+    no_xml = [i for i, data in zip(ids, xml_data) if data is None]
+    for what, bad in (("JPEGImages/<id>.jpg", no_image), ("Annotations/<id>.xml", no_xml)):
+        if bad:
+            raise DatasetLayoutError(
+                f"VOC{year} {split} at {folder}: {len(bad)} of {len(ids)} ids have no {what} "
+                f"(e.g. {', '.join(bad[:_EXAMPLES_IN_WARNING])})"
+            )
+    samples = [DiscoverySample(i, image_uris[i], parse_voc_boxes(x)) for i, x in zip(ids, xml_data)]
+    _warn_unmatched("VOC images without objects", [s.image_id for s in samples if not s.boxes], folder)
+    return samples
+
+
+# ----------------------------------------------------------------------------- COCO20k
+
+
+def coco_boxes(annotations: Sequence[dict], include_crowd: bool = True) -> dict[int, list[Box]]:
+    """Group COCO ``bbox`` entries ``[x, y, w, h]`` by image id as ``(x, y, x + w, y + h)``.
+
+    Args:
+        annotations: the ``"annotations"`` list of a COCO instances JSON.
+        include_crowd: keep ``iscrowd=1`` regions as ground truth.
+
+    Returns:
+        image id -> boxes in annotation order.
+    """
+    boxes: dict[int, list[Box]] = {}
+    for ann in annotations:
+        if not include_crowd and ann.get("iscrowd", 0):
+            continue
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        boxes.setdefault(int(ann["image_id"]), []).append((x, y, x + w, y + h))
+    return boxes
+
+
+def coco20k_dataset(
+    root: str,
+    annotations_json: str,
+    image_list: str,
+    s3: S3Options | None = None,
+    include_crowd: bool = True,
+) -> list[DiscoverySample]:
+    """COCO20k: the images named in a list file with their boxes from an instances JSON.
+
+    Each line of ``image_list`` names one image; only its base name is used and
+    matched to the JSON's ``file_name`` (e.g. ``COCO_train2014_000000000009.jpg``).
+    Crowd regions are kept by default, like the peers' ground truth.
+
+    Args:
+        root: folder holding the images (``file_name`` is joined onto it).
+        annotations_json: URI of the COCO instances JSON (e.g. ``instances_train2014.json``).
+        image_list: URI of the text file with one image file name per line.
+        s3: S3 options (see ``dncut.storage.filesystem``).
+        include_crowd: keep ``iscrowd=1`` boxes.
+
+    Returns:
+        One sample per listed image, in list order; ``image_id`` is the file stem.
+
+    Raises:
+        DatasetLayoutError: listed names missing from the JSON, or an empty list.
+    """
+    names = [posixpath.basename(line.strip()) for line in
+             storage.read_bytes(image_list, s3).decode("utf-8").splitlines() if line.strip()]
+    if not names:
+        raise DatasetLayoutError(f"COCO image list {image_list} is empty")
+    coco = json.loads(storage.read_bytes(annotations_json, s3))
+    by_name = {img["file_name"]: int(img["id"]) for img in coco["images"]}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise DatasetLayoutError(
+            f"{len(unknown)} of {len(names)} names in {image_list} are not in {annotations_json} "
+            f"(e.g. {', '.join(unknown[:_EXAMPLES_IN_WARNING])})"
+        )
+    boxes = coco_boxes(coco.get("annotations", []), include_crowd)
+    samples = [
+        DiscoverySample(posixpath.splitext(n)[0], storage.join(root, n), boxes.get(by_name[n], []))
+        for n in names
+    ]
+    _warn_unmatched("COCO images without boxes", [s.image_id for s in samples if not s.boxes], image_list)
+    return samples

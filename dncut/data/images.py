@@ -1,0 +1,170 @@
+"""Robust image and mask decoding from raw bytes.
+
+``decode_image``: bytes -> PIL RGB image (H, W, 3) uint8, whatever the file's mode:
+
+- ``L`` / ``1`` grayscale: replicated to three channels.
+- ``I;16*`` 16-bit grayscale: scaled to 8 bit by ``round(v / 257)`` (65535 -> 255).
+  ``I`` (32-bit int, what some readers give for 16-bit files): treated as 16-bit when
+  its values lie in [0, 65535], otherwise min-max scaled. ``F`` (float): values in
+  [0, 1] scaled by 255, otherwise min-max scaled.
+- ``RGBA`` / ``LA`` / ``PA`` / ``P`` with a transparency entry: composited on a
+  **black** background (``rgb * alpha / 255``), so fully transparent pixels become
+  black rather than whatever colour the file happens to store under them.
+- ``P`` without transparency, ``CMYK``, ``YCbCr``, ...: Pillow's conversion to RGB.
+- EXIF orientation is applied (``ImageOps.exif_transpose``), so the result is
+  the image as a viewer shows it.
+
+Corrupt, truncated or unreadable data, a zero-size image, or one smaller than
+``min_size`` on either side raise :class:`ImageDecodeError` with the reason.
+Truncated files always raise: ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is not
+enabled here (and must not be enabled elsewhere).
+
+``load_mask``: bytes -> (H, W) bool, ground truth binarised as
+``value / max_value > 0.5`` after converting to one channel (luminance for
+colour / palette masks, alpha ignored; 1-bit, 8-bit and 16-bit supported).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from dncut.storage import IMAGE_SUFFIXES
+
+__all__ = ["IMAGE_SUFFIXES", "ImageDecodeError", "decode_image", "load_mask"]
+
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_DECODE_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    Image.DecompressionBombError,
+    TypeError,
+    struct.error,
+)
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are not a usable image; the message says why."""
+
+
+def _open(data: bytes) -> Image.Image:
+    """Open and fully decode ``data``, EXIF orientation applied."""
+    if not data:
+        raise ImageDecodeError("empty data (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        transposed = ImageOps.exif_transpose(image)
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(
+            f"cannot decode {len(data)} bytes: not a valid image in any known format "
+            f"(starts with {data[:8]!r})"
+        ) from exc
+    except _DECODE_ERRORS as exc:
+        raise ImageDecodeError(
+            f"cannot decode {len(data)} bytes as an image: {type(exc).__name__}: {exc}"
+        ) from exc
+    if transposed.width == 0 or transposed.height == 0:
+        raise ImageDecodeError(f"zero-size image ({transposed.width}x{transposed.height})")
+    return transposed
+
+
+def _gray_to_uint8(image: Image.Image) -> np.ndarray:
+    """16-bit / 32-bit / float single-channel image -> (H, W) uint8."""
+    values = np.asarray(image).astype(np.float64)  # (H, W)
+    if image.mode.startswith("I;16"):
+        scaled = values / 257.0
+    elif image.mode == "I" and values.min() >= 0 and values.max() <= 65535:
+        scaled = values / 257.0
+    elif image.mode == "F" and values.min() >= 0 and values.max() <= 1:
+        scaled = values * 255.0
+    else:
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _composite_on_black(image: Image.Image) -> Image.Image:
+    """RGBA (or anything convertible to it) -> RGB with colour * alpha / 255."""
+    rgba = np.asarray(image.convert("RGBA")).astype(np.uint32)  # (H, W, 4)
+    rgb = (rgba[..., :3] * rgba[..., 3:4] + 127) // 255  # (H, W, 3)
+    return Image.fromarray(rgb.astype(np.uint8), mode="RGB")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image  # already a standalone copy (exif_transpose copies)
+    if mode.startswith("I") or mode == "F":
+        return Image.fromarray(_gray_to_uint8(image), mode="L").convert("RGB")
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        return _composite_on_black(image)
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageDecodeError(f"cannot convert image mode {mode!r} to RGB: {exc}") from exc
+
+
+def decode_image(data: bytes, *, min_size: int = 1) -> Image.Image:
+    """Decode encoded image bytes into an RGB image (see the module docstring for modes).
+
+    Args:
+        data: encoded file content (JPEG, PNG, BMP, TIFF, WebP, ...).
+        min_size: smallest accepted width and height, in pixels (after EXIF rotation).
+
+    Returns:
+        A fully loaded ``PIL.Image.Image`` in mode ``"RGB"``: (H, W, 3) uint8.
+
+    Raises:
+        ImageDecodeError: corrupt, truncated, unreadable, zero-size or too small.
+    """
+    if min_size < 1:
+        raise ValueError(f"min_size must be >= 1, got {min_size}")
+    image = _open(data)
+    if image.width < min_size or image.height < min_size:
+        raise ImageDecodeError(
+            f"image is {image.width}x{image.height} (WxH), smaller than min_size={min_size}"
+        )
+    return _to_rgb(image)
+
+
+def _mask_to_unit(image: Image.Image) -> np.ndarray:
+    """Any-mode mask image -> (H, W) float64 in [0, 1]."""
+    mode = image.mode
+    if mode == "1":
+        return np.asarray(image, dtype=np.float64)  # (H, W)
+    if mode.startswith("I;16"):
+        return np.asarray(image).astype(np.float64) / 65535.0
+    if mode == "I":
+        values = np.asarray(image).astype(np.float64)  # (H, W)
+        return values / (65535.0 if values.max() > 255 else 255.0)
+    if mode == "F":
+        return np.asarray(image).astype(np.float64)
+    if mode != "L":
+        image = image.convert("L")  # luminance; alpha and palette resolved by Pillow
+    return np.asarray(image).astype(np.float64) / 255.0
+
+
+def load_mask(data: bytes) -> np.ndarray:
+    """Decode a ground-truth mask and binarise it.
+
+    Values are scaled to [0, 1] (1-bit as is, 8-bit / 255, 16-bit / 65535;
+    32-bit ``I`` masks by 65535 when any value exceeds 255, else by 255; colour
+    and palette masks via luminance) and thresholded at ``> 0.5``.
+
+    Args:
+        data: encoded mask file content (PNG, BMP, JPEG, ...).
+
+    Returns:
+        (H, W) bool array, True = foreground.
+
+    Raises:
+        ImageDecodeError: the bytes are not a decodable image.
+    """
+    return _mask_to_unit(_open(data)) > 0.5
