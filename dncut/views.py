@@ -1,0 +1,441 @@
+"""Two-view geometry: overlapping random crops, DINO augmentations, RoIAlign onto the overlap.
+
+The training views of Sec. 3.3 of the paper: two RandomResizedCrop-style crops of one image
+(the second overlapping the first), each resized to ``S x S``, flipped and photometrically
+augmented per branch. After the encoder, both views' dense feature maps are resampled onto
+the region of the original image that both crops cover, so that position ``(i, j)`` of both
+aligned maps shows the same place of the image.
+
+Coordinates: a box is ``(x0, y0, x1, y1)`` in continuous original-image pixel coordinates,
+where pixel column ``c`` covers ``[c, c + 1)`` (its centre is ``c + 0.5``). The crops drawn
+here have integer corners, so cropping is exact. A crop resized to ``S x S`` and encoded
+with stride ``s`` gives a ``(h, w) = (S / s, S / s)`` map whose cell ``j`` covers
+``[j, j + 1)`` in feature coordinates; feature x = ``(x_orig - x0) * w / (x1 - x0)``.
+That is the pixel model of ``torchvision.ops.roi_align(..., aligned=True)``.
+
+Shapes:
+    sample_crop_boxes(W, H, rng) -> (box1, box2): two (4,) tuples of floats
+    TwoViewTransform()(image PIL RGB, rng) -> {view1, view2: (3, S, S) float32,
+        box1, box2: (4,) float32, flip1, flip2: bool}
+    overlap_boxes(box1 (B, 4), box2 (B, 4)) -> (B, 4)
+    align_to_overlap(features (B, C, h, w), boxes (B, 4), overlap (B, 4), flipped (B,),
+        output_size) -> (B, C, oh, ow)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision.ops import roi_align
+from torchvision.transforms import InterpolationMode
+
+Box = tuple[float, float, float, float]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# --------------------------------------------------------------------------- crop boxes
+
+
+def _check_range(name: str, pair: Sequence[float], low: float, high: float) -> None:
+    """Raise ValueError unless ``low < pair[0] <= pair[1] <= high``."""
+    if len(pair) != 2 or not (low < pair[0] <= pair[1] <= high):
+        raise ValueError(f"{name} must be (a, b) with {low} < a <= b <= {high}, got {tuple(pair)}")
+
+
+def box_area(box: Sequence[float]) -> float:
+    """Area of an (x0, y0, x1, y1) box (0 when empty)."""
+    return max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0)
+
+
+def intersection_area(box1: Sequence[float], box2: Sequence[float]) -> float:
+    """Area of the intersection of two (x0, y0, x1, y1) boxes (0 when disjoint)."""
+    inter = (max(box1[0], box2[0]), max(box1[1], box2[1]), min(box1[2], box2[2]), min(box1[3], box2[3]))
+    return box_area(inter)
+
+
+def sample_resized_crop_box(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    *,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    attempts: int = 10,
+) -> Box:
+    """Draw one RandomResizedCrop box with integer corners.
+
+    Same law as ``torchvision.transforms.RandomResizedCrop``: area fraction uniform in
+    ``scale``, aspect ratio (w / h) log-uniform in ``ratio``, position uniform; after
+    ``attempts`` misses, the central crop with the aspect ratio clamped into ``ratio``.
+
+    Args:
+        width: image width W in pixels.
+        height: image height H in pixels.
+        rng: source of randomness.
+        scale: range of the crop area as a fraction of the image area.
+        ratio: range of the crop aspect ratio width / height.
+        attempts: draws before falling back to the central crop.
+
+    Returns:
+        (x0, y0, x1, y1) floats with integer values, 0 <= x0 < x1 <= W, 0 <= y0 < y1 <= H.
+    """
+    area = float(width * height)
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(attempts):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            x0 = int(rng.integers(0, width - w + 1))
+            y0 = int(rng.integers(0, height - h + 1))
+            return (float(x0), float(y0), float(x0 + w), float(y0 + h))
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    w, h = max(1, min(w, width)), max(1, min(h, height))
+    x0, y0 = (width - w) // 2, (height - h) // 2
+    return (float(x0), float(y0), float(x0 + w), float(y0 + h))
+
+
+def _centred_on(box: Box, ref: Box, width: int, height: int) -> Box:
+    """``box``'s size moved to be centred on ``ref``'s centre, shifted back inside the image.
+
+    The result contains ``ref``'s (rounded) centre, so it intersects ``ref``.
+    """
+    w, h = box[2] - box[0], box[3] - box[1]
+    cx, cy = round((ref[0] + ref[2]) / 2), round((ref[1] + ref[3]) / 2)
+    x0 = min(max(cx - w // 2, 0), width - w)
+    y0 = min(max(cy - h // 2, 0), height - h)
+    return (float(x0), float(y0), float(x0 + w), float(y0 + h))
+
+
+def sample_crop_boxes(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    *,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    min_overlap: float = 0.01,
+    max_tries: int = 100,
+) -> tuple[Box, Box]:
+    """Draw two RandomResizedCrop boxes, the second overlapping the first.
+
+    ``box2`` is redrawn until ``area(box1 ∩ box2) >= min_overlap * area(box1)``. After
+    ``max_tries`` misses the last ``box2``'s size is re-centred on ``box1``'s centre (shifted
+    back inside the image); if even that falls short, ``box2 = box1`` (always satisfies it).
+
+    Args:
+        width: image width W in pixels.
+        height: image height H in pixels.
+        rng: source of randomness (all draws come from it, so a seed fixes the boxes).
+        scale: crop area range as a fraction of the image area.
+        ratio: crop aspect-ratio (w / h) range.
+        min_overlap: required intersection as a fraction of box1's area, in [0, 1].
+        max_tries: draws of box2 before the fallback.
+
+    Returns:
+        (box1, box2), each (x0, y0, x1, y1) in original-image pixel coordinates (floats with
+        integer values).
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got width={width}, height={height}")
+    _check_range("scale", scale, 0.0, 1.0)
+    _check_range("ratio", ratio, 0.0, math.inf)
+    if not 0.0 <= min_overlap <= 1.0:
+        raise ValueError(f"min_overlap must be in [0, 1], got {min_overlap}")
+    if max_tries < 1:
+        raise ValueError(f"max_tries must be >= 1, got {max_tries}")
+    box1 = sample_resized_crop_box(width, height, rng, scale=scale, ratio=ratio)
+    needed = min_overlap * box_area(box1)
+    box2 = box1
+    for _ in range(max_tries):
+        box2 = sample_resized_crop_box(width, height, rng, scale=scale, ratio=ratio)
+        if intersection_area(box1, box2) >= needed:
+            return box1, box2
+    box2 = _centred_on(box2, box1, width, height)
+    if intersection_area(box1, box2) >= needed:
+        return box1, box2
+    return box1, box1
+
+
+# --------------------------------------------------------------------------- one view
+
+
+def resized_crop(
+    image: Image.Image | torch.Tensor, box: Sequence[float], size: int, flip: bool = False
+) -> Image.Image | torch.Tensor:
+    """Crop ``box`` (integer corners) out of ``image``, resize it bicubically to size x size.
+
+    Args:
+        image: PIL image, or a tensor (..., H, W).
+        box: (x0, y0, x1, y1) with integer values.
+        size: output side S.
+        flip: mirror the crop horizontally after resizing.
+
+    Returns:
+        The view, same kind as ``image``: PIL S x S, or a tensor (..., S, S).
+    """
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    out = TF.resized_crop(
+        image, y0, x0, y1 - y0, x1 - x0, [size, size],
+        interpolation=InterpolationMode.BICUBIC, antialias=True,
+    )
+    return TF.hflip(out) if flip else out
+
+
+def color_jitter(
+    image: Image.Image,
+    rng: np.random.Generator,
+    strength: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+) -> Image.Image:
+    """torchvision ColorJitter(brightness, contrast, saturation, hue) with draws from ``rng``.
+
+    Factors: brightness/contrast/saturation uniform in [1 - s, 1 + s], hue uniform in
+    [-s, s]; the four operations are applied in a random order, as torchvision does.
+    """
+    b, c, s, h = strength
+    factors = (
+        rng.uniform(max(0.0, 1 - b), 1 + b),
+        rng.uniform(max(0.0, 1 - c), 1 + c),
+        rng.uniform(max(0.0, 1 - s), 1 + s),
+        rng.uniform(-h, h),
+    )
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for k in rng.permutation(4):
+        image = ops[k](image, float(factors[k]))
+    return image
+
+
+def gaussian_blur(
+    image: Image.Image, rng: np.random.Generator, sigma: tuple[float, float] = (0.1, 2.0)
+) -> Image.Image:
+    """Gaussian blur with sigma uniform in ``sigma`` (DINO's range), kernel 2*ceil(3 sigma)+1."""
+    s = float(rng.uniform(sigma[0], sigma[1]))
+    kernel = 2 * math.ceil(3 * s) + 1
+    largest = 2 * ((min(image.size) - 1) // 2) + 1  # odd and < the image side (reflect pad)
+    kernel = max(1, min(kernel, largest))
+    return TF.gaussian_blur(image, [kernel, kernel], [s, s])
+
+
+class TwoViewTransform:
+    """Make the two augmented views of one image, DINO style; the training loop only calls it.
+
+    Per view: RandomResizedCrop box (the second overlapping the first by ``min_overlap`` of
+    the first's area), bicubic resize to ``size``, horizontal flip with p = ``flip_p``; then,
+    when ``photometric``: colour jitter (0.4, 0.4, 0.2, 0.1) with p = 0.8, grayscale p = 0.2,
+    Gaussian blur (sigma in [0.1, 2]) with p = ``blur_p[view]`` (1.0, 0.1), solarize
+    (threshold 128) with p = ``solarize_p[view]`` (0.0, 0.2); finally ImageNet normalisation.
+
+    Every random draw comes from the ``rng`` passed to ``__call__``, in a fixed order, so a
+    given seed gives identical views.
+
+    Args:
+        size: side S of each square view (224 in the paper).
+        scale: crop-area range as a fraction of the image area ((0.2, 1.0) in the paper).
+        ratio: crop aspect-ratio range.
+        min_overlap: required overlap of view 2 with view 1, as a fraction of box1's area.
+        mean: per-channel normalisation mean.
+        std: per-channel normalisation std.
+        photometric: apply the photometric augmentations (off for geometry tests).
+        flip_p: probability of a horizontal flip, per view.
+        jitter_p: probability of the colour jitter, per view.
+        grayscale_p: probability of the grayscale conversion, per view.
+        blur_p: blur probability for (view 1, view 2).
+        solarize_p: solarize probability for (view 1, view 2).
+        max_tries: box-2 draws before the documented fallback of ``sample_crop_boxes``.
+    """
+
+    def __init__(
+        self,
+        size: int = 224,
+        scale: tuple[float, float] = (0.2, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        min_overlap: float = 0.01,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        photometric: bool = True,
+        flip_p: float = 0.5,
+        jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
+        blur_p: tuple[float, float] = (1.0, 0.1),
+        solarize_p: tuple[float, float] = (0.0, 0.2),
+        max_tries: int = 100,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        _check_range("scale", scale, 0.0, 1.0)
+        _check_range("ratio", ratio, 0.0, math.inf)
+        if not 0.0 <= min_overlap <= 1.0:
+            raise ValueError(f"min_overlap must be in [0, 1], got {min_overlap}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std need 3 values, std > 0; got mean={mean}, std={std}")
+        for name, p in (("flip_p", flip_p), ("jitter_p", jitter_p), ("grayscale_p", grayscale_p),
+                        ("blur_p", blur_p[0]), ("blur_p", blur_p[1]),
+                        ("solarize_p", solarize_p[0]), ("solarize_p", solarize_p[1])):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+        self.size = size
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+        self.min_overlap = min_overlap
+        self.mean = [float(m) for m in mean]
+        self.std = [float(s) for s in std]
+        self.photometric = photometric
+        self.flip_p = flip_p
+        self.jitter_p = jitter_p
+        self.grayscale_p = grayscale_p
+        self.blur_p = tuple(blur_p)
+        self.solarize_p = tuple(solarize_p)
+        self.max_tries = max_tries
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, "
+                f"min_overlap={self.min_overlap}, photometric={self.photometric})")
+
+    def _photometric(self, view: Image.Image, rng: np.random.Generator, branch: int) -> Image.Image:
+        """The DINO colour/blur/solarize chain for branch 0 or 1."""
+        if rng.random() < self.jitter_p:
+            view = color_jitter(view, rng)
+        if rng.random() < self.grayscale_p:
+            view = TF.rgb_to_grayscale(view, num_output_channels=3)
+        if rng.random() < self.blur_p[branch]:
+            view = gaussian_blur(view, rng)
+        if rng.random() < self.solarize_p[branch]:
+            view = TF.solarize(view, 128)
+        return view
+
+    def _to_tensor(self, view: Image.Image) -> torch.Tensor:
+        """PIL RGB -> normalised float32 (3, S, S)."""
+        x = TF.pil_to_tensor(view).float().div_(255.0)  # (3, S, S)
+        return TF.normalize(x, self.mean, self.std)
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> dict:
+        """Make both views of ``image``.
+
+        Args:
+            image: PIL image (converted to RGB if needed), W x H.
+            rng: source of every random draw.
+
+        Returns:
+            dict with ``view1``, ``view2``: float32 (3, S, S) normalised views; ``box1``,
+            ``box2``: float32 (4,) crop boxes in original pixel coordinates; ``flip1``,
+            ``flip2``: whether each view was mirrored.
+        """
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        width, height = image.size
+        boxes = sample_crop_boxes(width, height, rng, scale=self.scale, ratio=self.ratio,
+                                  min_overlap=self.min_overlap, max_tries=self.max_tries)
+        out: dict = {}
+        for branch, box in enumerate(boxes):
+            flip = bool(rng.random() < self.flip_p)
+            view = resized_crop(image, box, self.size, flip)
+            if self.photometric:
+                view = self._photometric(view, rng, branch)
+            out[f"view{branch + 1}"] = self._to_tensor(view)
+            out[f"box{branch + 1}"] = torch.tensor(box, dtype=torch.float32)
+            out[f"flip{branch + 1}"] = flip
+        return out
+
+
+# --------------------------------------------------------------------------- alignment
+
+
+def overlap_boxes(box1: torch.Tensor, box2: torch.Tensor) -> torch.Tensor:
+    """Intersection of two batches of boxes.
+
+    Args:
+        box1: (B, 4) boxes (x0, y0, x1, y1).
+        box2: (B, 4) boxes.
+
+    Returns:
+        (B, 4) intersections; a disjoint pair gives an empty box (x1 = x0 or y1 = y0).
+    """
+    if box1.shape != box2.shape or box1.shape[-1] != 4:
+        raise ValueError(f"boxes must both be (B, 4), got {tuple(box1.shape)} and {tuple(box2.shape)}")
+    lo = torch.maximum(box1[..., :2], box2[..., :2])  # (B, 2)
+    hi = torch.maximum(torch.minimum(box1[..., 2:], box2[..., 2:]), lo)  # (B, 2)
+    return torch.cat([lo, hi], dim=-1)  # (B, 4)
+
+
+def boxes_to_feature_coords(
+    boxes: torch.Tensor, region: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
+    """Express original-image ``region`` boxes in the feature coordinates of crop ``boxes``.
+
+    Feature x = (x_orig - box.x0) * width / (box.x1 - box.x0), same for y with height.
+
+    Args:
+        boxes: (B, 4) crop boxes in original coordinates.
+        region: (B, 4) boxes in original coordinates.
+        height: feature-map height h.
+        width: feature-map width w.
+
+    Returns:
+        (B, 4) ``region`` in the crop's feature-map coordinates.
+    """
+    scale_x = width / (boxes[:, 2] - boxes[:, 0])  # (B,)
+    scale_y = height / (boxes[:, 3] - boxes[:, 1])  # (B,)
+    x0 = (region[:, 0] - boxes[:, 0]) * scale_x
+    x1 = (region[:, 2] - boxes[:, 0]) * scale_x
+    y0 = (region[:, 1] - boxes[:, 1]) * scale_y
+    y1 = (region[:, 3] - boxes[:, 1]) * scale_y
+    return torch.stack([x0, y0, x1, y1], dim=1)  # (B, 4)
+
+
+def align_to_overlap(
+    features: torch.Tensor,
+    boxes: torch.Tensor,
+    overlap: torch.Tensor,
+    flipped: torch.Tensor,
+    output_size: int | tuple[int, int],
+    sampling_ratio: int = -1,
+) -> torch.Tensor:
+    """Resample each crop's feature map onto the overlap box (RoIAlign, aligned=True).
+
+    A flipped view's map is mirrored back first, then the overlap box is mapped into the
+    crop's feature coordinates (crop offset, resize to S x S and stride folded into
+    ``w / box_width``). Output position (i, j) of two views aligned onto the same overlap
+    is the same place of the original image. Differentiable w.r.t. ``features``.
+
+    Args:
+        features: (B, C, h, w) feature maps of the (resized, possibly flipped) crops.
+        boxes: (B, 4) crop boxes in original-image coordinates.
+        overlap: (B, 4) target boxes in original-image coordinates (usually the overlap).
+        flipped: (B,) bool, whether each crop was mirrored horizontally.
+        output_size: side, or (oh, ow), of the aligned maps.
+        sampling_ratio: RoIAlign sampling points per bin side (-1: adaptive).
+
+    Returns:
+        (B, C, oh, ow) aligned features, same dtype as ``features``.
+    """
+    if features.ndim != 4:
+        raise ValueError(f"features must be (B, C, h, w), got {tuple(features.shape)}")
+    batch, _, height, width = features.shape
+    for name, t in (("boxes", boxes), ("overlap", overlap)):
+        if t.shape != (batch, 4):
+            raise ValueError(f"{name} must be ({batch}, 4), got {tuple(t.shape)}")
+    flipped = torch.as_tensor(flipped, dtype=torch.bool, device=features.device).reshape(batch)  # (B,)
+    unflipped = torch.where(flipped[:, None, None, None], features.flip(-1), features)  # (B, C, h, w)
+    boxes = boxes.to(device=features.device, dtype=features.dtype)
+    overlap = overlap.to(device=features.device, dtype=features.dtype)
+    rois = boxes_to_feature_coords(boxes, overlap, height, width)  # (B, 4)
+    index = torch.arange(batch, device=features.device, dtype=features.dtype)[:, None]  # (B, 1)
+    rois = torch.cat([index, rois], dim=1)  # (B, 5): batch index, x0, y0, x1, y1
+    if isinstance(output_size, int):
+        output_size = (output_size, output_size)
+    return roi_align(unflipped, rois, output_size, spatial_scale=1.0,
+                     sampling_ratio=sampling_ratio, aligned=True)  # (B, C, oh, ow)
