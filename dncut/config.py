@@ -128,7 +128,6 @@ class DataConfig(_Section):
     photometric: bool = Field(True, description="true: DINO colour jitter / grayscale / blur / solarize; false makes the task trivially consistent")
     min_image_size: int = Field(32, ge=1, description="images with a shorter side are skipped (corrupt or thumbnails)")
     decode_cpus: float = Field(1.0, gt=0.0, description="CPUs per Ray Data decode/augment task; too few starves the GPUs")
-    shuffle_seed_per_epoch: bool = Field(True, description="true: reshuffle with seed + epoch, reproducible yet different per epoch")
 
     @field_validator("crop_scale")
     @classmethod

@@ -48,3 +48,31 @@ def s3_bucket(s3_server) -> str:
     name = f"dncut-test-scratch-{next(_bucket_counter)}"
     s3_server.client.create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+# =============================================================================
+# Ray: one local cluster for the whole session, started after the S3 server so
+# that every Ray worker inherits the AWS test environment (endpoint, fake keys).
+# =============================================================================
+# ray_session (session) -> the ray module, initialised with 4 logical CPUs (2 real
+#                           cores: 1-2 train workers plus Ray Data decode tasks).
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+# =============================================================================
+# Threads: the suite runs on 2 shared cores; small forwards are 5-10x slower with
+# two torch threads fighting Ray's processes, so tests use one.
+# =============================================================================
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

@@ -1,0 +1,557 @@
+"""Evaluation service: unsupervised saliency and object discovery as Ray Data batch jobs.
+
+One pipeline per (dataset, backbone, checkpoint); all methods share the backbone pass::
+
+    records {image_id, image_uri, mask_uri | gt_boxes}
+      -> map (CPU task)        read bytes (dncut.storage), decode, then
+                               saliency: resize, long side image_size, sides multiples of the stride
+                               discovery (or image_size null): pad bottom / right to a multiple
+                               of the stride with the ImageNet mean colour (0 once normalised)
+                               rows {image (H, W, 3) uint8, input (Hc, Wc, 3) uint8, content (2,), gt_mask (H, W)}
+      -> map_batches (actors)  backbone + NCut; rows grouped by input size so a group is one
+                               (g, 3, Hc, Wc) tensor and one batched NCut call per method
+                               adds {<method>_map (h, w) float32, <method>_mask (h, w) bool, tokencut_box (4,)}
+      -> flat_map (CPU task)   upsample, bilateral solver, per-image metrics;
+                               one row per (image, method) and (image, method+bs)
+      -> driver                streams the rows: per_image.parquet, summary.json, summary.md,
+                               examples.png, config.yaml (dncut.eval.report)
+
+An image that fails (unreadable, corrupt, wrong mask size, too small for the grid) becomes a
+row with ``status="failed"`` and the reason in ``error``: counted in ``n_failed``, never dropped,
+never fatal. Metrics are means over the images that succeeded; maxFβ is the TokenCut definition
+(mean Fβ curve over images, then its maximum; see ``dncut.eval.metrics``).
+
+Entry points: ``run_evaluation(cfg)``, ``evaluate_maps(masks_dir, maps_dirs, out_dir)``,
+``evaluate_saliency(images_dir, masks_dir, backbone, checkpoint, methods, bilateral, out_dir)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import posixpath
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from dncut import storage
+from dncut.config import Config, EvalDataset
+from dncut.data.datasets import (DatasetLayoutError, coco20k_dataset, pair_by_stem, saliency_dataset,
+                                 voc_dataset)
+from dncut.data.images import IMAGE_SUFFIXES, decode_image, load_mask
+from dncut.eval import metrics
+from dncut.eval.bilateral import refine_mask
+from dncut.eval.methods import box_to_pixels, clean_binary, seed_component, upsample_map, upsample_mask
+from dncut.eval.report import Accumulator, example_payload, write_report
+
+log = logging.getLogger(__name__)
+
+DISCOVERY_KINDS = ("voc07", "voc12", "coco20k")
+SCENE_SEED = 1_000_000  # held-out generated scenes (training uses seeds 0..num_scenes-1)
+SCENE_SIZE = 224
+METHODS = ("simple", "tokencut")
+_NAN4 = np.full(4, np.nan)
+PAD_RGB = (124, 116, 104)  # ImageNet mean colour: zeros after normalisation, as the peers pad tensors
+BackboneFactory = Callable[..., Any]
+"""``(name, *, pretrained, checkpoint) -> nn.Module`` with ``.stride``: (B, 3, H, W) -> (B, C, H/s, W/s)."""
+
+
+# --------------------------------------------------------------------------- records
+def _s3(cfg: Config) -> storage.S3Options:
+    return storage.S3Options(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+
+
+def dataset_records(spec: EvalDataset, s3: storage.S3Options | None = None) -> list[dict]:
+    """Plain records of one evaluation set (no image is read here).
+
+    Args:
+        spec: the dataset entry of ``cfg.eval.datasets``.
+        s3: S3 endpoint options.
+
+    Returns:
+        Dicts ``{image_id, image_uri, mask_uri, gt_boxes}`` (``gt_boxes``: JSON list of pixel
+        boxes, ``"[]"`` for saliency), the first ``spec.limit`` only.
+
+    Raises:
+        DatasetLayoutError: missing folders / files, naming the path and the expected layout.
+    """
+    if spec.kind == "scenes":
+        n = spec.limit or 16
+        return [{"image_id": f"scene_{i:05d}", "image_uri": f"scene://{SCENE_SEED + i}", "mask_uri": "",
+                 "gt_boxes": "[]"} for i in range(n)]
+    if spec.kind in DISCOVERY_KINDS:
+        if spec.kind == "coco20k":
+            if not spec.annotations or not spec.image_list:
+                raise DatasetLayoutError(f"dataset {spec.name!r} (coco20k) needs 'annotations' (instances "
+                                         "JSON) and 'image_list' (file of the 19,817 image names)")
+            samples = coco20k_dataset(spec.root, spec.annotations, spec.image_list, s3)
+        else:
+            split = posixpath.splitext(posixpath.basename(spec.image_list))[0] if spec.image_list else "trainval"
+            samples = voc_dataset(spec.root, "2007" if spec.kind == "voc07" else "2012", split, s3)
+        records = [{"image_id": s.image_id, "image_uri": s.image_uri, "mask_uri": "",
+                    "gt_boxes": json.dumps([list(b) for b in s.boxes])} for s in samples]
+    else:
+        records = [{"image_id": s.image_id, "image_uri": s.image_uri, "mask_uri": s.mask_uri,
+                    "gt_boxes": "[]"} for s in saliency_dataset(spec.kind, spec.root, s3)]
+    return records[: spec.limit] if spec.limit else records
+
+
+def _stems(folder: str, what: str, layout: str, s3: storage.S3Options | None) -> dict[str, str]:
+    """``stem -> URI`` of the images in a folder; a clear error when it is missing or empty."""
+    try:
+        files = storage.check_source(folder, s3, IMAGE_SUFFIXES)
+    except storage.StorageError as exc:
+        raise DatasetLayoutError(f"{what} folder {folder}: {exc}; expected layout: {layout}") from None
+    prefix = folder.rstrip("/") + "/"
+    return {posixpath.splitext(f[len(prefix):] if f.startswith(prefix) else posixpath.basename(f))[0]: f
+            for f in files}
+
+
+# --------------------------------------------------------------------------- stage 1: read + resize/pad
+def input_geometry(height: int, width: int, *, stride: int, image_size: int | None) -> tuple[int, int, bool]:
+    """Network input size of an image.
+
+    Args:
+        height: image height H.
+        width: image width W.
+        stride: backbone stride (patch size).
+        image_size: long side to resize to (rounded to stride multiples); ``None`` = pad.
+
+    Returns:
+        ``(Hc, Wc, resize)``: the input size and whether the image is resized (else padded).
+    """
+    if image_size is None:
+        return math.ceil(height / stride) * stride, math.ceil(width / stride) * stride, False
+    scale = image_size / max(height, width)
+    snap = lambda v: max(stride, int(round(v * scale / stride)) * stride)  # noqa: E731
+    return snap(height), snap(width), True
+
+
+def load_record(record: dict, *, stride: int, image_size: int | None,
+                s3: storage.S3Options | None) -> dict:
+    """Stage 1 (CPU task): record -> decoded image, ground truth and network input.
+
+    Returns:
+        The record plus ``status``, ``error``, ``image (H, W, 3) uint8``, ``gt_mask (H, W) bool``
+        (``(1, 1)`` for discovery), ``input (Hc, Wc, 3) uint8`` and ``content (2,)`` = the
+        unpadded part of the input. A failure gives ``status="failed"`` and 1-pixel placeholders.
+    """
+    row = dict(record)
+    try:
+        uri = record["image_uri"]
+        if uri.startswith("scene://"):
+            from dncut.data.scenes import make_scene
+
+            pil, gt = make_scene(int(uri[len("scene://"):]), size=SCENE_SIZE)
+        else:
+            pil = decode_image(storage.read_bytes(uri, s3))
+            gt = load_mask(storage.read_bytes(record["mask_uri"], s3)) if record["mask_uri"] else None
+        if gt is not None and gt.shape != (pil.height, pil.width):
+            raise ValueError(f"mask size {gt.shape[::-1]} (WxH) differs from image size {pil.size}")
+        hc, wc, resize = input_geometry(pil.height, pil.width, stride=stride, image_size=image_size)
+        image = np.asarray(pil, dtype=np.uint8)  # (H, W, 3)
+        if resize:
+            from PIL import Image
+
+            net = np.asarray(pil.resize((wc, hc), Image.BILINEAR), dtype=np.uint8)  # (Hc, Wc, 3)
+            content = (hc, wc)
+        else:
+            net = np.empty((hc, wc, 3), np.uint8)  # (Hc, Wc, 3), padded bottom / right
+            net[...] = PAD_RGB
+            net[: image.shape[0], : image.shape[1]] = image
+            content = image.shape[:2]
+        row.update(status="ok", error="", image=image, input=net, content=np.asarray(content, np.int64),
+                   gt_mask=np.zeros((1, 1), bool) if gt is None else gt)
+    except Exception as exc:  # noqa: BLE001 - any bad input becomes a failed row
+        row.update(status="failed", error=f"{type(exc).__name__}: {exc}", image=np.zeros((1, 1, 3), np.uint8),
+                   input=np.zeros((1, 1, 3), np.uint8), content=np.ones(2, np.int64),
+                   gt_mask=np.zeros((1, 1), bool))
+    return row
+
+
+# --------------------------------------------------------------------------- stage 2: actors
+class NCutPredictor:
+    """Stateful Ray Data step: loads the backbone once, then backbone + NCut per batch.
+
+    Args:
+        backbone: backbone name (``dncut.backbones``).
+        checkpoint: weights URI, or ``None`` for the pretrained / default weights.
+        pretrained: use pretrained weights when ``checkpoint`` is ``None``.
+        methods: subset of ``("simple", "tokencut")``.
+        solver: NCut eigensolver name (falls back to ``"eigh"`` if not registered).
+        use_gpu: run on CUDA when available.
+        factory: ``(name, *, pretrained, checkpoint) -> backbone`` replacing
+            ``dncut.backbones.create_backbone`` (custom feature extractors, tests); pickled to the actors.
+    """
+
+    def __init__(self, backbone: str, checkpoint: str | None, pretrained: bool, methods: Sequence[str],
+                 solver: str = "eigh", use_gpu: bool = False, factory: BackboneFactory | None = None) -> None:
+        import torch
+
+        from dncut.ncut import SOLVERS
+
+        self.torch = torch
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = _factory(factory)(backbone, pretrained=pretrained and checkpoint is None,
+                                       checkpoint=checkpoint).eval().to(self.device)
+        self.methods = tuple(methods)
+        self.solver = solver if solver in SOLVERS else "eigh"
+        self.stride = self.model.stride
+        from dncut.backbones import IMAGENET_MEAN, IMAGENET_STD
+
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
+
+    def _predict(self, inputs: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Same-size uint8 inputs -> per image ``{<method>_map, <method>_mask, tokencut_box}``."""
+        from dncut.eval.methods import simple_ncut, tokencut
+
+        torch = self.torch
+        x = torch.from_numpy(np.stack(inputs)).to(self.device)  # (g, Hc, Wc, 3)
+        x = x.permute(0, 3, 1, 2).float().div(255.0)  # (g, 3, Hc, Wc)
+        with torch.inference_mode():
+            feats = self.model((x - self.mean) / self.std).float()  # (g, C, h, w)
+            out: list[dict[str, np.ndarray]] = [{} for _ in inputs]
+            if "simple" in self.methods:
+                z2, masks = simple_ncut(feats, solver=self.solver)  # (g, h, w) each
+                for i, o in enumerate(out):
+                    o["simple_map"], o["simple_mask"] = z2[i].cpu().numpy(), masks[i].cpu().numpy()
+            if "tokencut" in self.methods:
+                tc = tokencut(feats, solver=self.solver)
+                for i, o in enumerate(out):
+                    o["tokencut_map"], o["tokencut_mask"] = tc.eigvec[i].cpu().numpy(), tc.masks[i].cpu().numpy()
+                    o["tokencut_box"] = tc.boxes[i].numpy()
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        n = len(batch["image_id"])
+        status, error = list(batch["status"]), list(batch["error"])
+        results: list[dict[str, np.ndarray] | None] = [None] * n
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i in range(n):
+            if status[i] == "ok":
+                groups.setdefault(tuple(batch["input"][i].shape), []).append(i)
+        for idx in groups.values():
+            try:
+                for i, r in zip(idx, self._predict([batch["input"][i] for i in idx])):
+                    results[i] = r
+            except Exception:  # noqa: BLE001 - retry one by one so only the bad image fails
+                for i in idx:
+                    try:
+                        results[i] = self._predict([batch["input"][i]])[0]
+                    except Exception as exc:  # noqa: BLE001
+                        status[i], error[i] = "failed", f"{type(exc).__name__}: {exc}"
+        out: dict[str, Any] = {k: v for k, v in batch.items() if k != "input"}
+        out["status"], out["error"] = np.asarray(status), np.asarray(error)
+        out["stride"] = np.full(n, self.stride, np.int64)
+        for m in self.methods:
+            out[f"{m}_map"] = [r[f"{m}_map"] if r else np.zeros((1, 1), np.float32) for r in results]
+            out[f"{m}_mask"] = [r[f"{m}_mask"] if r else np.zeros((1, 1), bool) for r in results]
+        if "tokencut" in self.methods:
+            out["tokencut_box"] = [r["tokencut_box"] if r else np.zeros(4, np.int64) for r in results]
+        return out
+
+
+# --------------------------------------------------------------------------- stage 3: scoring
+def _result_row(image_id: str, method: str, *, status: str = "ok", error: str = "",
+                scores: metrics.ImageScores | None = None, binary: tuple[float, float] | None = None,
+                pred_box: np.ndarray = _NAN4, hit: float = math.nan, example: bytes = b"") -> dict:
+    """One output row; NaN where a metric does not apply."""
+    nan = math.nan
+    return {
+        "image_id": image_id, "method": method, "status": status, "error": error,
+        "acc": scores.acc if scores else nan, "iou": scores.iou if scores else nan,
+        "max_fbeta": scores.max_fbeta if scores else nan, "mae": scores.mae if scores else nan,
+        "acc_binary": binary[0] if binary else nan, "iou_binary": binary[1] if binary else nan,
+        "pred_box": np.asarray(pred_box, np.float64), "corloc_hit": hit,
+        "fbeta_curve": metrics.fbeta_curve([scores]) if scores else np.full(metrics.N_THRESHOLDS, nan),
+        "pysod_curve": metrics.fbeta_curve([scores], definition="pysod") if scores else np.full(metrics.N_LEVELS, nan),
+        "pysod_mae": scores.pysod_mae if scores else nan, "example": example,
+    }
+
+
+def _binary_scores(mask: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+    """(accuracy, IoU) of a bool mask; IoU = 1 when mask and GT are both empty."""
+    union = np.count_nonzero(mask | gt)
+    return float(np.mean(mask == gt)), 1.0 if union == 0 else np.count_nonzero(mask & gt) / union
+
+
+def _largest_component_box(mask: np.ndarray) -> np.ndarray:
+    """Patch-unit box of the largest 4-connected component (the box of ``simple`` masks)."""
+    import scipy.ndimage as ndi
+
+    labels, count = ndi.label(mask)
+    if count == 0:
+        return np.array([0, 0, mask.shape[1], mask.shape[0]], np.int64)
+    sizes = np.bincount(labels.ravel())  # (count + 1,)
+    sizes[0] = 0
+    seed = int(np.flatnonzero(labels.ravel() == sizes.argmax())[0])
+    return seed_component(mask, seed)[1]
+
+
+def score_row(row: dict, *, methods: Sequence[str], bilateral: bool, discovery: bool,
+              example_ids: frozenset[str] = frozenset()) -> list[dict]:
+    """Stage 3 (CPU task): one image's predictions -> one scored row per method (+bs).
+
+    Saliency: the grid mask is bilinearly upsampled to the image (padding removed) and scored
+    as a binary map; with ``bilateral`` a ``<method>+bs`` row is scored on the solver's soft
+    output (acc / IoU at 0.5), and ``acc_binary`` / ``iou_binary`` on its cleaned binary mask
+    (holes filled, largest component). Discovery: the box (tokencut: the seed's component;
+    simple: the largest component) in pixels, and whether it hits a GT box (CorLoc).
+    """
+    image_id = str(row["image_id"])
+    names = [*methods, *([f"{m}+bs" for m in methods] if bilateral and not discovery else [])]
+    if row["status"] != "ok":
+        return [_result_row(image_id, m, status="failed", error=str(row["error"])) for m in names]
+    image, size = row["image"], row["image"].shape[:2]
+    canvas = tuple(int(s) * int(row["stride"]) for s in row[f"{methods[0]}_map"].shape)
+    geometry = {"canvas": canvas, "content": tuple(int(c) for c in row["content"])}
+    out = []
+    for m in methods:
+        try:
+            grid_mask = np.asarray(row[f"{m}_mask"], bool)
+            heat = upsample_map(row[f"{m}_map"], size, **geometry)  # (H, W)
+            mask = upsample_mask(grid_mask, size, **geometry)  # (H, W)
+            keep = image_id in example_ids
+            if discovery:
+                box = row["tokencut_box"] if m == "tokencut" else _largest_component_box(grid_mask)
+                px = box_to_pixels(box, int(row["stride"]), geometry["content"])
+                gt_boxes = np.asarray(json.loads(row["gt_boxes"]), np.float64).reshape(-1, 4)
+                hit = float(metrics.corloc_hit(px, gt_boxes))
+                ex = example_payload(image, heat, mask, None, None, gt_boxes, px) if keep else b""
+                out.append(_result_row(image_id, m, pred_box=px, hit=hit, example=ex))
+                continue
+            gt = np.asarray(row["gt_mask"], bool)
+            scores = metrics.score_saliency(mask.astype(np.float32), gt)
+            soft = None
+            if bilateral:
+                soft, binary = refine_mask(image, mask)
+                cleaned = clean_binary(binary)
+                bs_scores = metrics.score_saliency(soft.astype(np.float32), gt)
+            ex = example_payload(image, heat, mask, soft, gt, None, None) if keep else b""
+            out.append(_result_row(image_id, m, scores=scores, example=ex))
+            if bilateral:
+                out.append(_result_row(image_id, f"{m}+bs", scores=bs_scores,
+                                       binary=_binary_scores(cleaned, gt)))
+        except Exception as exc:  # noqa: BLE001 - a failed post-processing step fails this image only
+            err = f"{type(exc).__name__}: {exc}"
+            out.extend(_result_row(image_id, n, status="failed", error=err) for n in (m, f"{m}+bs")
+                       if n in names)
+    return out
+
+
+# --------------------------------------------------------------------------- driver
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
+
+
+def _cpu_split(num_actors: int) -> tuple[float, float, float]:
+    """CPUs for (read tasks, each actor, scoring tasks); read != actor so Ray does not fuse them."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    actor = 1.0 if total >= num_actors + 1 else max(0.25, total / (num_actors + 1))
+    return actor / 2, actor, actor
+
+
+def _factory(factory: BackboneFactory | None) -> BackboneFactory:
+    if factory is not None:
+        return factory
+    from dncut.backbones import create_backbone
+
+    return create_backbone
+
+
+def _run_pipeline(records: list[dict], *, cfg: Config, dataset: str, discovery: bool, backbone: str,
+                  checkpoint: str | None, acc: Accumulator, factory: BackboneFactory | None = None) -> None:
+    """One (dataset, backbone, checkpoint): streams its scored rows into ``acc``."""
+    import ray
+
+    ev = cfg.eval
+    methods = list(dict.fromkeys(ev.methods))
+    stride = _factory(factory)(backbone, pretrained=False, checkpoint=None).stride  # random init: cheap
+    read_cpus, actor_cpus, score_cpus = _cpu_split(ev.num_actors)
+    example_ids = frozenset(r["image_id"] for r in records[: ev.examples])
+    log.info("eval %s: %d images, backbone %s, checkpoint %s, methods %s%s", dataset, len(records),
+             backbone, checkpoint or "(pretrained)", methods, " + bilateral" if ev.bilateral else "")
+    ds = (
+        ray.data.from_items(records)
+        .map(load_record, fn_kwargs={"stride": stride, "image_size": None if discovery else ev.image_size,
+                                     "s3": _s3(cfg)}, num_cpus=read_cpus)
+        .map_batches(NCutPredictor, batch_size=ev.batch_size, batch_format="numpy",
+                     compute=ray.data.ActorPoolStrategy(size=ev.num_actors), num_cpus=actor_cpus,
+                     num_gpus=ev.gpus_per_actor or None,
+                     fn_constructor_kwargs={"backbone": backbone, "checkpoint": checkpoint,
+                                            "pretrained": cfg.model.pretrained, "methods": methods,
+                                            "solver": cfg.ncut.solver, "use_gpu": ev.gpus_per_actor > 0,
+                                            "factory": factory})
+        .flat_map(score_row, fn_kwargs={"methods": methods, "bilateral": ev.bilateral, "discovery": discovery,
+                                        "example_ids": example_ids}, num_cpus=score_cpus)
+    )
+    for row in ds.iter_rows():
+        acc.add(row, dataset=dataset, backbone=backbone, checkpoint=checkpoint,
+                task="discovery" if discovery else "saliency")
+
+
+def _finish(acc: Accumulator, out_dir: str, cfg: Config | None, s3: storage.S3Options | None) -> dict:
+    summary = acc.summary()
+    write_report(out_dir, summary, acc, config_yaml=cfg.to_yaml() if cfg is not None else None, s3=s3)
+    log.info("eval outputs written to %s", out_dir)
+    return summary
+
+
+def run_evaluation(cfg: Config, *, backbone_factory: BackboneFactory | None = None) -> dict:
+    """The evaluation job of ``cfg.eval``: datasets x backbones x checkpoints x methods.
+
+    Args:
+        cfg: the resolved config; outputs go to ``storage.join(cfg.output_dir, cfg.run_name)``.
+        backbone_factory: replaces ``dncut.backbones.create_backbone`` (see ``NCutPredictor``).
+
+    Returns:
+        The summary dict written to ``summary.json``: ``{"runs": [...]}``.
+
+    Raises:
+        DatasetLayoutError: a dataset root is missing or malformed (before any Ray work).
+    """
+    s3 = _s3(cfg)
+    specs = [(spec, dataset_records(spec, s3)) for spec in cfg.eval.datasets]  # layout errors first
+    _ensure_ray()
+    acc = Accumulator()
+    for spec, records in specs:
+        for backbone in cfg.eval_backbones():
+            for checkpoint in cfg.eval.checkpoints:
+                _run_pipeline(records, cfg=cfg, dataset=spec.name, discovery=spec.kind in DISCOVERY_KINDS,
+                              backbone=backbone, checkpoint=checkpoint, acc=acc, factory=backbone_factory)
+    return _finish(acc, storage.join(cfg.output_dir, cfg.run_name), cfg, s3)
+
+
+def _dataset_name(folder: str) -> str:
+    parts = [p for p in folder.rstrip("/").split("/") if p]
+    generic = {"images", "masks", "gt", "imgs", "image", "mask"}
+    return parts[-2] if len(parts) > 1 and parts[-1].lower() in generic else (parts[-1] if parts else folder)
+
+
+def evaluate_saliency(images_dir: str, masks_dir: str, backbone: str, checkpoint: str | None,
+                      methods: str | Sequence[str], bilateral: bool, out_dir: str,
+                      cfg: Config | None = None) -> dict:
+    """Saliency of one backbone on an images / masks folder pair (``dncut eval-saliency``).
+
+    Args:
+        images_dir: folder of images (local or ``s3://``), ``<stem>.jpg|png|...``.
+        masks_dir: folder of masks with the same stems.
+        backbone: backbone name.
+        checkpoint: weights URI, ``None`` = pretrained.
+        methods: ``"simple"``, ``"tokencut"`` or a list of them.
+        bilateral: also score the bilateral-solver refinement.
+        out_dir: output folder or ``s3://`` prefix.
+        cfg: base config (image size, batch size, actors, S3); ``None`` = defaults.
+
+    Returns:
+        The summary dict (also written to ``out_dir/summary.json``).
+    """
+    from dncut.backbones import list_backbones
+
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"methods {bad or methods} invalid; valid choices: {list(METHODS)}")
+    cfg = (cfg or Config()).with_overrides({"eval.methods": methods, "eval.bilateral": bool(bilateral),
+                                           "eval.backbones": [backbone], "eval.checkpoints": [checkpoint]},
+                                          known_backbones=[*list_backbones(), backbone])
+    s3 = _s3(cfg)
+    layout = "--images DIR of <stem>.jpg|png images and --masks DIR of <stem>.png masks (same stems)"
+    images = _stems(images_dir, "images", layout, s3)
+    masks = _stems(masks_dir, "masks", layout, s3)
+    samples, lonely, _ = pair_by_stem(images, masks)
+    records = [{"image_id": s.image_id, "image_uri": s.image_uri, "mask_uri": s.mask_uri, "gt_boxes": "[]"}
+               for s in samples]
+    records += [{"image_id": s, "image_uri": images[s], "mask_uri": f"{masks_dir}/{s}.png (missing)",
+                 "gt_boxes": "[]"} for s in lonely]  # fail with "no such file", never dropped
+    _ensure_ray()
+    acc = Accumulator()
+    _run_pipeline(records, cfg=cfg, dataset=_dataset_name(images_dir), discovery=False, backbone=backbone,
+                  checkpoint=checkpoint, acc=acc)
+    return _finish(acc, out_dir, cfg, s3)
+
+
+# --------------------------------------------------------------------------- precomputed maps
+def _read_map(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    """Saliency map bytes -> (H, W) uint8 at the mask size (bilinear resize if it differs)."""
+    from PIL import Image
+
+    gray = decode_image(data).convert("L")
+    if gray.size != (size[1], size[0]):
+        gray = gray.resize((size[1], size[0]), Image.BILINEAR)
+    return np.asarray(gray, dtype=np.uint8)  # (H, W)
+
+
+def score_map(record: dict, *, s3: storage.S3Options | None = None) -> dict:
+    """One precomputed map vs its mask -> a scored row (``status="failed"`` on any error)."""
+    try:
+        if not record["map_uri"]:
+            raise FileNotFoundError(f"no map named {record['image_id']}.* in {record['maps_dir']}")
+        gt = load_mask(storage.read_bytes(record["mask_uri"], s3))
+        pred = _read_map(storage.read_bytes(record["map_uri"], s3), gt.shape)
+        row = _result_row(record["image_id"], record["method"], scores=metrics.score_saliency(pred, gt))
+    except Exception as exc:  # noqa: BLE001
+        row = _result_row(record["image_id"], record["method"], status="failed",
+                          error=f"{type(exc).__name__}: {exc}")
+    row["checkpoint"] = record["maps_dir"]
+    return row
+
+
+def _map_folders(maps_dirs: Iterable[str], s3: storage.S3Options | None) -> list[tuple[str, str]]:
+    """``(method name, folder)``: a folder of maps, or a parent whose sub-folders are methods."""
+    found = []
+    for folder in maps_dirs:
+        files = _stems(folder, "maps", "a folder of <stem>.png maps, or a folder of such folders", s3)
+        prefix = folder.rstrip("/") + "/"
+        subdirs = sorted({k.split("/")[0] for k in files if "/" in k})
+        if any("/" not in k for k in files) or not subdirs:
+            found.append((posixpath.basename(folder.rstrip("/")), folder))
+        else:
+            found.extend((d, prefix + d) for d in subdirs)
+    return found
+
+
+def evaluate_maps(masks_dir: str, maps_dirs: str | Sequence[str], out_dir: str,
+                  s3: storage.S3Options | None = None) -> dict:
+    """Score folders of precomputed saliency maps (``dncut eval-maps``).
+
+    Each run's metrics hold the TokenCut-definition ``acc``, ``iou``, ``max_fbeta`` and ``mae``
+    plus ``max_fbeta_pysod`` / ``mae_pysod`` (pysodmetrics' definition: min-max normalised maps,
+    256 ``>=`` thresholds) so published numbers can be compared either way.
+
+    Args:
+        masks_dir: folder of ground-truth masks ``<stem>.png`` (local or ``s3://``).
+        maps_dirs: folder(s) of maps ``<stem>.png``; a folder whose sub-folders are methods
+            (like ``sod-val/maps``) gives one run per sub-folder.
+        out_dir: output folder or ``s3://`` prefix.
+        s3: S3 endpoint options.
+
+    Returns:
+        The summary dict (also written to ``out_dir/summary.json``). A mask without a map is a
+        failed row of that method.
+    """
+    import ray
+
+    maps_dirs = [maps_dirs] if isinstance(maps_dirs, str) else list(maps_dirs)
+    masks = _stems(masks_dir, "masks", "a folder of <stem>.png ground-truth masks", s3)
+    dataset = _dataset_name(masks_dir)
+    records = []
+    for method, folder in _map_folders(maps_dirs, s3):
+        maps = _stems(folder, "maps", "a folder of <stem>.png maps", s3)
+        records += [{"image_id": s, "method": method, "mask_uri": u, "map_uri": maps.get(s, ""),
+                     "maps_dir": folder} for s, u in sorted(masks.items())]
+    _ensure_ray()
+    log.info("eval-maps %s: %d masks x %d map folders", dataset, len(masks), len(records) // max(1, len(masks)))
+    acc = Accumulator()
+    for row in ray.data.from_items(records).map(score_map, fn_kwargs={"s3": s3}).iter_rows():
+        acc.add(row, dataset=dataset, backbone="maps", checkpoint=row["checkpoint"], task="saliency",
+                pysod=True)
+    return _finish(acc, out_dir, None, s3)

@@ -1,0 +1,250 @@
+"""NCut evaluation methods: patch features -> foreground masks (pure torch / numpy, no Ray).
+
+Two methods, both batched: every image of a batch shares one grid size ``(h, w)`` and one
+NCut call solves all their graphs at once.
+
+* ``simple_ncut(features: (B, C, h, w)) -> (z2: (B, h, w), masks: (B, h, w) bool)``: the
+  authors' "Simple" protocol (REFERENCE §2): keys L2-normalised, relu graph with τ = 0,
+  normalized Laplacian, foreground = the minority side (flip z2 if
+  0.5 < fraction(z2 > 0) < 1), mask = z2 > 0, no connected-component step.
+* ``tokencut(features: (B, C, h, w)) -> TokenCutOutput`` (REFERENCE §3): binary graph
+  τ = 0.2, eps 1e-5, generalized eigenvector y2 of (D − A) y = λ D y, bipartition
+  y2 > mean(y2), seed = argmax |y2|, flip when the seed is background, keep the
+  4-connected component holding the seed; box = component extent in patch units,
+  half-open ``(x0, y0, x1, y1)`` (multiply by the patch size for pixels).
+
+Post-processing helpers (numpy, one image at a time):
+
+* ``upsample_map(map: (h, w), size=(H, W), canvas=..., content=...) -> (H, W) float``:
+  bilinear upsampling of a grid map to the image, with the padding removed first.
+* ``upsample_mask(mask: (h, w) bool, ...) -> (H, W) bool``: the same, thresholded at 0.5.
+* ``clean_binary(mask: (H, W) bool) -> (H, W) bool``: TokenCut's clean-up of the bilateral
+  solver's binary output (fill holes, keep the largest component).
+* ``box_to_pixels(box, patch, size) -> (4,)``: patch-unit box -> pixel box, clipped to the
+  image (TokenCut clips to the unpadded image size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.ndimage as ndi
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dncut.ncut import normalized_cut
+
+SIMPLE_TAU = 0.0  # relu graph threshold of the Simple protocol (authors)
+TOKENCUT_TAU = 0.2  # TokenCut's binary graph threshold
+TOKENCUT_EPS = 1e-5  # TokenCut's weight of the removed edges
+
+
+def _check_features(features: Tensor) -> None:
+    if not isinstance(features, Tensor) or features.dim() != 4:
+        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"features must be a (B, C, h, w) tensor, got {shape}")
+    if features.shape[2] * features.shape[3] < 2:
+        raise ValueError(f"the patch grid needs at least 2 cells, got {tuple(features.shape[2:])}")
+
+
+def _tokens(features: Tensor) -> Tensor:
+    """(B, C, h, w) -> (B, n, C) with n = h * w in row-major order."""
+    return features.flatten(2).transpose(1, 2)  # (B, h*w, C)
+
+
+# --------------------------------------------------------------------------- Simple
+def simple_ncut(features: Tensor, *, solver: str = "eigh") -> tuple[Tensor, Tensor]:
+    """The authors' "Simple" NCut evaluation (REFERENCE §2).
+
+    Args:
+        features: ``(B, C, h, w)`` patch features (keys for a ViT).
+        solver: NCut eigensolver (a key of ``dncut.ncut.SOLVERS``).
+
+    Returns:
+        ``(z2 (B, h, w), masks (B, h, w) bool)``: z2 oriented so that its positive side is the
+        minority (foreground) side unless every entry is positive; mask = z2 > 0.
+    """
+    _check_features(features)
+    b, _, h, w = features.shape
+    result = normalized_cut(_tokens(features), normalize=True, tau=SIMPLE_TAU, affinity="relu",
+                            laplacian="normalized", solver=solver)
+    z = result.eigvec  # (B, n)
+    frac = (z > 0).float().mean(-1)  # (B,)
+    flip = (frac > 0.5) & (frac < 1.0)  # (B,)
+    z = torch.where(flip.unsqueeze(-1), -z, z)  # (B, n)
+    z = z.reshape(b, h, w)  # (B, h, w)
+    return z, z > 0
+
+
+# --------------------------------------------------------------------------- TokenCut
+@dataclass
+class TokenCutOutput:
+    """What :func:`tokencut` returns for a batch.
+
+    Attributes:
+        eigvec: ``(B, h, w)`` generalized eigenvector y2, oriented so the seed is positive
+            relative to the mean (the seed lies in the foreground).
+        masks: ``(B, h, w)`` bool, the 4-connected component of the bipartition holding the seed.
+        bipartition: ``(B, h, w)`` bool, y2 > mean(y2) after orientation (before the component step).
+        seeds: ``(B,)`` int64 flat index (row-major) of the seed patch.
+        boxes: ``(B, 4)`` int64 half-open box ``(x0, y0, x1, y1)`` of the component in patch units.
+    """
+
+    eigvec: Tensor
+    masks: Tensor
+    bipartition: Tensor
+    seeds: Tensor
+    boxes: Tensor
+
+
+def seed_component(bipartition: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 4-connected component of ``bipartition`` that holds ``seed``, and its box.
+
+    Args:
+        bipartition: ``(h, w)`` bool foreground patches; ``bipartition.flat[seed]`` must be True.
+        seed: flat (row-major) index of the seed patch.
+
+    Returns:
+        ``(component (h, w) bool, box (4,) int64)``, box = ``(x0, y0, x1, y1)`` half-open, patch units.
+    """
+    labels, _ = ndi.label(bipartition)  # default structure: 4-connectivity in 2-D
+    label = labels.flat[seed]
+    if label == 0:
+        raise ValueError(f"seed {seed} is not in the foreground of the bipartition")
+    component = labels == label  # (h, w)
+    rows = np.flatnonzero(component.any(axis=1))
+    cols = np.flatnonzero(component.any(axis=0))
+    box = np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.int64)
+    return component, box
+
+
+def tokencut(features: Tensor, *, tau: float = TOKENCUT_TAU, eps: float = TOKENCUT_EPS,
+             solver: str = "eigh") -> TokenCutOutput:
+    """TokenCut (Wang et al.) on a batch of feature maps (REFERENCE §3).
+
+    Args:
+        features: ``(B, C, h, w)`` patch features (keys for a ViT).
+        tau: binary graph threshold on the cosine similarity (0.2).
+        eps: weight of the edges below ``tau`` (1e-5).
+        solver: NCut eigensolver (a key of ``dncut.ncut.SOLVERS``).
+
+    Returns:
+        :class:`TokenCutOutput` with y2 maps, component masks, bipartitions, seeds and boxes.
+    """
+    _check_features(features)
+    b, _, h, w = features.shape
+    result = normalized_cut(_tokens(features), normalize=True, tau=tau, affinity="binary",
+                            laplacian="normalized", solver=solver, eps=eps)
+    y = result.gen_eigvec  # (B, n)
+    part = y > y.mean(-1, keepdim=True)  # (B, n)
+    seeds = y.abs().argmax(-1)  # (B,)
+    seed_fg = part.gather(-1, seeds.unsqueeze(-1)).squeeze(-1)  # (B,)
+    y = torch.where(seed_fg.unsqueeze(-1), y, -y)  # (B, n)
+    part = torch.where(seed_fg.unsqueeze(-1), part, ~part)  # (B, n)
+    part_np = part.reshape(b, h, w).cpu().numpy()  # (B, h, w)
+    masks, boxes = [], []
+    for i in range(b):
+        component, box = seed_component(part_np[i], int(seeds[i]))
+        masks.append(component)
+        boxes.append(box)
+    return TokenCutOutput(
+        eigvec=y.reshape(b, h, w),  # (B, h, w)
+        masks=torch.from_numpy(np.stack(masks)).to(features.device),  # (B, h, w)
+        bipartition=part.reshape(b, h, w),  # (B, h, w)
+        seeds=seeds,
+        boxes=torch.from_numpy(np.stack(boxes)),  # (B, 4)
+    )
+
+
+# --------------------------------------------------------------------------- upsampling
+def _check_geometry(grid: tuple[int, int], canvas: tuple[int, int] | None,
+                    content: tuple[int, int] | None) -> tuple[tuple[int, int], tuple[int, int]]:
+    canvas = tuple(canvas) if canvas is not None else grid
+    content = tuple(content) if content is not None else canvas
+    if content[0] > canvas[0] or content[1] > canvas[1] or min(content) < 1:
+        raise ValueError(f"content {content} must be a non-empty top-left part of the canvas {canvas}")
+    return canvas, content
+
+
+def upsample_map(values: np.ndarray, size: tuple[int, int], *, canvas: tuple[int, int] | None = None,
+                 content: tuple[int, int] | None = None) -> np.ndarray:
+    """Bilinearly upsample a grid map to the image, removing the padding first.
+
+    The grid covers a ``canvas`` (the network input, H_c x W_c pixels) whose top-left
+    ``content`` part is the image (the rest is padding); the content is then resized to
+    ``size``. With no padding (``content == canvas``) this is one bilinear resize
+    ``(h, w) -> size`` (align_corners=False), as the Simple protocol does.
+
+    Args:
+        values: ``(h, w)`` float map (e.g. z2, or a mask as 0/1).
+        size: ``(H, W)`` of the original image.
+        canvas: ``(H_c, W_c)`` network input size in pixels; default ``(h, w)``.
+        content: ``(H_v, W_v)`` unpadded part of the canvas; default the whole canvas.
+
+    Returns:
+        ``(H, W)`` float32 map.
+    """
+    values = np.array(values, dtype=np.float32)  # a writable copy for torch
+    if values.ndim != 2:
+        raise ValueError(f"values must be an (h, w) map, got shape {values.shape}")
+    canvas, content = _check_geometry(values.shape, canvas, content)
+    x = torch.from_numpy(values)[None, None]  # (1, 1, h, w)
+    if content != canvas:
+        x = F.interpolate(x, size=canvas, mode="bilinear", align_corners=False)  # (1, 1, Hc, Wc)
+        x = x[:, :, : content[0], : content[1]]  # (1, 1, Hv, Wv)
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)  # (1, 1, H, W)
+    return x[0, 0].numpy()  # (H, W)
+
+
+def upsample_mask(mask: np.ndarray, size: tuple[int, int], *, canvas: tuple[int, int] | None = None,
+                  content: tuple[int, int] | None = None) -> np.ndarray:
+    """Bilinearly upsample a grid mask to the image and threshold it at 0.5.
+
+    Args:
+        mask: ``(h, w)`` bool.
+        size: ``(H, W)`` of the original image.
+        canvas: see :func:`upsample_map`.
+        content: see :func:`upsample_map`.
+
+    Returns:
+        ``(H, W)`` bool mask.
+    """
+    return upsample_map(np.asarray(mask, dtype=np.float32), size, canvas=canvas, content=content) > 0.5
+
+
+def clean_binary(mask: np.ndarray) -> np.ndarray:
+    """TokenCut's clean-up of the solver's binary mask: fill holes, keep the largest component.
+
+    Args:
+        mask: ``(H, W)`` bool.
+
+    Returns:
+        ``(H, W)`` bool; an empty mask stays empty.
+    """
+    filled = ndi.binary_fill_holes(np.asarray(mask, dtype=bool))  # (H, W)
+    labels, count = ndi.label(filled)
+    if count <= 1:
+        return filled
+    sizes = np.bincount(labels.ravel())  # (count + 1,)
+    sizes[0] = 0
+    return labels == int(sizes.argmax())
+
+
+def box_to_pixels(box: np.ndarray, patch: int, size: tuple[int, int]) -> np.ndarray:
+    """Patch-unit box -> pixel box, clipped to the unpadded image (as TokenCut).
+
+    Args:
+        box: ``(4,)`` half-open ``(x0, y0, x1, y1)`` in patch units.
+        patch: patch size (stride) in pixels of the network input.
+        size: ``(H, W)`` of the image the box must fit (no padding).
+
+    Returns:
+        ``(4,)`` float64 half-open pixel box.
+    """
+    px = np.asarray(box, dtype=np.float64) * patch  # (4,)
+    px[2] = min(px[2], size[1])
+    px[3] = min(px[3], size[0])
+    return px

@@ -1,0 +1,383 @@
+"""Evaluation reports: streaming aggregation, Markdown tables, the examples figure, output files.
+
+* ``Accumulator``: takes the scored rows of ``dncut.eval.batch`` one at a time (no per-image
+  curves are kept) and gives ``summary() -> {"runs": [...]}`` and ``table() -> pyarrow.Table``
+  (one row per image and method).
+* ``format_table(summary) -> str``: the paper's layout (Tab. 1: rows = methods, columns =
+  datasets x Acc / IoU / maxFβ, "without" then "with bilateral solver"; Tab. 2: CorLoc per
+  discovery dataset), values in percent.
+* ``example_payload(...) -> bytes`` (built in the workers, thumbnails <= 160 px) and
+  ``examples_png(items) -> bytes``: grid image | z2 heat map | mask | refined mask | ground truth.
+* ``write_report(out_dir, summary, acc, config_yaml)``: ``summary.json``, ``summary.md``,
+  ``per_image.parquet``, ``examples.png`` and ``config.yaml`` through ``dncut.storage`` (so
+  ``s3://`` works).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dncut import storage
+
+THUMB = 160  # longest side of example thumbnails, pixels
+SALIENCY_METRICS = ("acc", "iou", "max_fbeta")  # paper Tab. 1 columns, in this order
+_LABELS = {"acc": "Acc", "iou": "IoU", "max_fbeta": "maxFβ", "mae": "MAE", "acc_binary": "Acc (bin)",
+           "iou_binary": "IoU (bin)", "max_fbeta_pysod": "maxFβ (pysod)", "mae_pysod": "MAE (pysod)",
+           "corloc": "CorLoc"}
+_MEANS = ("acc", "iou", "mae", "acc_binary", "iou_binary", "pysod_mae", "corloc_hit")
+
+
+# --------------------------------------------------------------------------- aggregation
+def _finite(value: Any) -> bool:
+    return value is not None and isinstance(value, (int, float, np.floating)) and math.isfinite(value)
+
+
+@dataclass
+class _RunStats:
+    """Running sums of one run (dataset, method, backbone, checkpoint)."""
+
+    task: str
+    pysod: bool
+    n_images: int = 0
+    n_failed: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    fbeta: np.ndarray | None = None
+    pysod_fbeta: np.ndarray | None = None
+
+    def add(self, row: dict) -> None:
+        self.n_images += 1
+        if row["status"] != "ok":
+            self.n_failed += 1
+            return
+        for key in _MEANS:
+            if _finite(row.get(key)):
+                self.sums[key] = self.sums.get(key, 0.0) + float(row[key])
+                self.counts[key] = self.counts.get(key, 0) + 1
+        if self.task == "saliency":
+            curve, pcurve = np.asarray(row["fbeta_curve"], np.float64), np.asarray(row["pysod_curve"], np.float64)
+            self.fbeta = curve if self.fbeta is None else self.fbeta + curve
+            self.pysod_fbeta = pcurve if self.pysod_fbeta is None else self.pysod_fbeta + pcurve
+
+    def mean(self, key: str) -> float | None:
+        return self.sums[key] / self.counts[key] if self.counts.get(key) else None
+
+    def metrics(self) -> dict[str, float | None]:
+        """Means over the images that succeeded; ``None`` when none did."""
+        if self.task == "discovery":
+            return {"corloc": self.mean("corloc_hit")}
+        n_ok = self.n_images - self.n_failed
+        out = {
+            "acc": self.mean("acc"), "iou": self.mean("iou"),
+            "max_fbeta": float((self.fbeta / n_ok).max()) if n_ok else None, "mae": self.mean("mae"),
+        }
+        if self.counts.get("iou_binary"):
+            out.update(acc_binary=self.mean("acc_binary"), iou_binary=self.mean("iou_binary"))
+        if self.pysod:
+            out.update(max_fbeta_pysod=float((self.pysod_fbeta / n_ok).max()) if n_ok else None,
+                       mae_pysod=self.mean("pysod_mae"))
+        return out
+
+
+class Accumulator:
+    """Streams scored rows into run statistics, per-image records and example payloads."""
+
+    def __init__(self) -> None:
+        self.runs: dict[tuple[str, str, str, str | None], _RunStats] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.examples: dict[tuple[str, str, str | None], list[tuple[str, str, bytes]]] = {}
+        self._dataset_order: dict[str, int] = {}
+
+    def add(self, row: dict, *, dataset: str, backbone: str, checkpoint: str | None, task: str,
+            pysod: bool = False) -> None:
+        """Add one scored row (see ``dncut.eval.batch.score_row``)."""
+        method = str(row["method"])
+        self._dataset_order.setdefault(dataset, len(self._dataset_order))
+        key = (dataset, method, backbone, checkpoint)
+        self.runs.setdefault(key, _RunStats(task, pysod)).add(row)
+        clean = lambda v: float(v) if _finite(v) else None  # noqa: E731
+        box = np.asarray(row["pred_box"], np.float64)
+        self.rows.append({
+            "dataset": dataset, "method": method, "backbone": backbone, "checkpoint": checkpoint,
+            "image_id": str(row["image_id"]),
+            **{k: clean(row[k]) for k in ("acc", "iou", "max_fbeta", "mae", "acc_binary", "iou_binary")},
+            "pred_box": box.tolist() if np.all(np.isfinite(box)) else None,
+            "corloc_hit": bool(row["corloc_hit"]) if _finite(row["corloc_hit"]) else None,
+            "status": str(row["status"]), "error": str(row["error"]) or None,
+        })
+        if len(row.get("example", b"")):
+            self.examples.setdefault((dataset, backbone, checkpoint), []).append(
+                (str(row["image_id"]), method, bytes(row["example"])))
+
+    def _sort_key(self, key: tuple[str, str, str, str | None]) -> tuple:
+        dataset, method, backbone, checkpoint = key
+        return (self._dataset_order[dataset], backbone, str(checkpoint), method.endswith("+bs"), method)
+
+    def summary(self) -> dict:
+        """``{"runs": [{dataset, method, backbone, checkpoint, n_images, n_failed, metrics}]}``."""
+        runs = []
+        for key in sorted(self.runs, key=self._sort_key):
+            stats = self.runs[key]
+            dataset, method, backbone, checkpoint = key
+            runs.append({"dataset": dataset, "method": method, "backbone": backbone, "checkpoint": checkpoint,
+                         "n_images": stats.n_images, "n_failed": stats.n_failed, "metrics": stats.metrics()})
+        return {"runs": runs}
+
+    def table(self):
+        """Per-image rows as a ``pyarrow.Table`` (nulls where a metric does not apply)."""
+        import pyarrow as pa
+
+        schema = pa.schema([
+            ("dataset", pa.string()), ("method", pa.string()), ("backbone", pa.string()),
+            ("checkpoint", pa.string()), ("image_id", pa.string()),
+            *[(k, pa.float64()) for k in ("acc", "iou", "max_fbeta", "mae", "acc_binary", "iou_binary")],
+            ("pred_box", pa.list_(pa.float64())), ("corloc_hit", pa.bool_()),
+            ("status", pa.string()), ("error", pa.string()),
+        ])
+        return pa.Table.from_pylist(self.rows, schema=schema)
+
+
+# --------------------------------------------------------------------------- tables
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100.0 * value:.1f}"
+
+
+def _row_label(run: dict, multi_backbone: bool, multi_checkpoint: bool) -> str:
+    parts = [run["method"]]
+    if multi_backbone:
+        parts.append(str(run["backbone"]))
+    if multi_checkpoint:
+        ckpt = run["checkpoint"]
+        name = "pretrained" if ckpt is None else str(ckpt).rstrip("/").rsplit("/", 1)[-1]
+        if name != run["method"]:  # maps: the folder is named after the method
+            parts.append(name)
+    return " · ".join(parts)
+
+
+def _grid(runs: list[dict]) -> tuple[list[str], dict[str, dict[str, dict]]]:
+    """datasets in order, and label -> dataset -> metrics."""
+    multi_b = len({r["backbone"] for r in runs}) > 1
+    multi_c = len({r["checkpoint"] for r in runs}) > 1
+    datasets = list(dict.fromkeys(r["dataset"] for r in runs))
+    cells: dict[str, dict[str, dict]] = {}
+    for run in runs:
+        cells.setdefault(_row_label(run, multi_b, multi_c), {})[run["dataset"]] = run["metrics"]
+    return datasets, cells
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def format_table(summary: dict) -> str:
+    """Markdown results in the paper's layout, values in percent.
+
+    Saliency (Tab. 1): one row per method (with backbone / checkpoint when several are
+    compared), columns = datasets x (Acc, IoU, maxFβ; for precomputed maps also MAE and
+    pysodmetrics' maxFβ / MAE); rows without and with the bilateral
+    solver (``+bs``) in separate blocks. Discovery (Tab. 2): CorLoc per dataset.
+
+    Args:
+        summary: ``{"runs": [...]}`` as written to ``summary.json``.
+
+    Returns:
+        Markdown text (empty-summary message when there is no run).
+    """
+    runs = summary.get("runs", [])
+    if not runs:
+        return "_no evaluation runs_"
+    out: list[str] = []
+    saliency = [r for r in runs if "corloc" not in r["metrics"]]
+    discovery = [r for r in runs if "corloc" in r["metrics"]]
+    if saliency:
+        datasets, cells = _grid(saliency)
+        pysod = any("max_fbeta_pysod" in r["metrics"] for r in saliency)  # precomputed maps
+        keys = SALIENCY_METRICS + (("mae", "max_fbeta_pysod", "mae_pysod") if pysod else ())
+        header = ["Method"] + [f"{d} {_LABELS[m]}" for d in datasets for m in keys]
+        rows: list[list[str]] = []
+        for with_bs in (False, True):
+            block = [label for label in cells if label.split(" · ")[0].endswith("+bs") == with_bs]
+            if not block:
+                continue
+            if any(label.split(" · ")[0].endswith("+bs") for label in cells):
+                title = "with" if with_bs else "without"
+                rows.append([f"*— {title} bilateral solver —*"] + [""] * (len(header) - 1))
+            for label in block:
+                rows.append([label] + [_pct(cells[label].get(d, {}).get(m)) for d in datasets for m in keys])
+        out += ["**Unsupervised saliency** (%)", ""] + _markdown(header, rows)
+    if discovery:
+        datasets, cells = _grid(discovery)
+        rows = [[label] + [_pct(cells[label].get(d, {}).get("corloc")) for d in datasets] for label in cells]
+        out += ([""] if out else []) + ["**Object discovery, CorLoc** (%)", ""]
+        out += _markdown(["Method"] + datasets, rows)
+    return "\n".join(out)
+
+
+def format_details(summary: dict) -> str:
+    """One Markdown row per run with counts and every metric (fractions, 4 decimals)."""
+    runs = summary.get("runs", [])
+    keys = list(dict.fromkeys(k for r in runs for k in r["metrics"]))
+    header = ["dataset", "method", "backbone", "checkpoint", "images", "failed"] + [_LABELS.get(k, k) for k in keys]
+    rows = [[r["dataset"], r["method"], str(r["backbone"]), str(r["checkpoint"]), str(r["n_images"]),
+             str(r["n_failed"])] + ["-" if r["metrics"].get(k) is None else f"{r['metrics'][k]:.4f}" for k in keys]
+            for r in runs]
+    return "\n".join(_markdown(header, rows))
+
+
+# --------------------------------------------------------------------------- examples figure
+def _thumb_size(height: int, width: int) -> tuple[int, int]:
+    scale = min(1.0, THUMB / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def example_payload(image: np.ndarray, heat: np.ndarray, mask: np.ndarray, refined: np.ndarray | None,
+                    gt: np.ndarray | None, gt_boxes: np.ndarray | None, pred_box: np.ndarray | None) -> bytes:
+    """Thumbnails of one image's prediction for the examples figure, pickled.
+
+    Args:
+        image: ``(H, W, 3)`` uint8. heat: ``(H, W)`` z2 / y2 map. mask: ``(H, W)`` bool.
+        refined: ``(H, W)`` bilateral soft output or ``None``. gt: ``(H, W)`` bool or ``None``.
+        gt_boxes: ``(K, 4)`` pixel boxes (discovery) or ``None``. pred_box: ``(4,)`` or ``None``.
+
+    Returns:
+        Bytes of a dict of arrays at most ``THUMB`` px on the long side (boxes rescaled).
+    """
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    th, tw = _thumb_size(h, w)
+
+    def resize(a: np.ndarray | None, mode: int) -> np.ndarray | None:
+        if a is None:
+            return None
+        pil = Image.fromarray(np.asarray(a, np.float32))  # mode F
+        return np.asarray(pil.resize((tw, th), mode), np.float32)  # (th, tw)
+
+    scale = np.array([tw / w, th / h, tw / w, th / h])
+    payload = {
+        "image": np.asarray(Image.fromarray(image).resize((tw, th), Image.BILINEAR)),  # (th, tw, 3)
+        "heat": resize(heat, Image.BILINEAR), "mask": resize(mask, Image.NEAREST),
+        "refined": resize(refined, Image.BILINEAR), "gt": resize(gt, Image.NEAREST),
+        "gt_boxes": None if gt_boxes is None else np.asarray(gt_boxes, np.float64).reshape(-1, 4) * scale,
+        "pred_box": None if pred_box is None else np.asarray(pred_box, np.float64) * scale,
+    }
+    return pickle.dumps(payload)
+
+
+def _boxes(ax, boxes: np.ndarray, colour: str) -> None:
+    from matplotlib.patches import Rectangle
+
+    for x0, y0, x1, y1 in np.asarray(boxes).reshape(-1, 4):
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=1.5))
+
+
+def examples_png(items: list[tuple[str, str, bytes]], title: str = "") -> bytes:
+    """Grid figure: one row per image; image | per method: z2 map, mask, refined | ground truth.
+
+    Args:
+        items: ``(image_id, method, example_payload bytes)``.
+        title: figure title.
+
+    Returns:
+        PNG bytes (matplotlib Agg, no pyplot state).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    payloads = {(i, m): pickle.loads(p) for i, m, p in items}
+    image_ids = sorted({i for i, _ in payloads})
+    methods = list(dict.fromkeys(m for _, m in sorted(payloads, key=lambda k: k[1])))
+    refined = {m for (_, m), p in payloads.items() if p["refined"] is not None}
+    columns = ["image"] + [c for m in methods for c in (f"{m} z2", f"{m} mask")
+                           + ((f"{m} refined",) if m in refined else ())] + ["ground truth"]
+    fig = Figure(figsize=(1.6 * len(columns), 1.6 * len(image_ids) + 0.4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(image_ids), len(columns), squeeze=False)
+    for r, image_id in enumerate(image_ids):
+        first = next(p for (i, _), p in payloads.items() if i == image_id)
+        panels: list[tuple[np.ndarray | None, str, dict]] = [(first["image"], "", {})]  # (array, kind, style)
+        for m in methods:
+            p = payloads.get((image_id, m))
+            get = (lambda k: None) if p is None else p.get  # noqa: E731
+            panels += [(get("heat"), "", {"cmap": "jet"}), (get("mask"), "", {"cmap": "gray", "vmin": 0, "vmax": 1})]
+            if m in refined:
+                panels.append((get("refined"), "", {"cmap": "gray", "vmin": 0, "vmax": 1}))
+        panels.append((first["gt"] if first["gt"] is not None else first["image"], "gt",
+                       {"cmap": "gray", "vmin": 0, "vmax": 1} if first["gt"] is not None else {}))
+        for c, (array, kind, style) in enumerate(panels):
+            ax = axes[r, c]
+            ax.set_axis_off()
+            if r == 0:
+                ax.set_title(columns[c], fontsize=7)
+            if array is None:
+                continue
+            ax.imshow(array, **style)
+            if kind == "gt" and first["gt_boxes"] is not None:
+                _boxes(ax, first["gt_boxes"], "lime")
+        for m_index, m in enumerate(methods):  # predicted boxes on the mask panels (discovery)
+            p = payloads.get((image_id, m))
+            if p is not None and p["pred_box"] is not None:
+                col = 1 + sum(2 + (mm in refined) for mm in methods[:m_index]) + 1
+                _boxes(axes[r, col], p["pred_box"], "red")
+        axes[r, 0].text(-0.05, 0.5, image_id, transform=axes[r, 0].transAxes, rotation=90, fontsize=6,
+                        ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- files
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def write_report(out_dir: str, summary: dict, acc: Accumulator, *, config_yaml: str | None = None,
+                 s3: storage.S3Options | None = None) -> list[str]:
+    """Write every evaluation output under ``out_dir`` (local folder or ``s3://`` prefix).
+
+    Args:
+        out_dir: destination folder / prefix.
+        summary: from ``acc.summary()``.
+        acc: the accumulator (per-image rows, examples).
+        config_yaml: the resolved config text (``config.yaml``), if any.
+        s3: S3 endpoint options.
+
+    Returns:
+        The URIs written.
+    """
+    import pyarrow.parquet as pq
+
+    written: list[str] = []
+
+    def put(name: str, data: bytes) -> None:
+        uri = storage.join(out_dir, name)
+        storage.write_bytes(uri, data, s3)
+        written.append(uri)
+
+    buf = io.BytesIO()
+    pq.write_table(acc.table(), buf)
+    put("per_image.parquet", buf.getvalue())
+    put("summary.json", json.dumps(summary, indent=2).encode())
+    md = f"# Evaluation results\n\n{format_table(summary)}\n\n## All runs (fractions)\n\n{format_details(summary)}\n"
+    put("summary.md", md.encode())
+    for n, (group, items) in enumerate(acc.examples.items()):
+        dataset, backbone, checkpoint = group
+        png = examples_png(items, title=f"{dataset} · {backbone} · {checkpoint or 'pretrained'}")
+        if n == 0:
+            put("examples.png", png)
+        if len(acc.examples) > 1:
+            put(f"examples/{_slug(dataset)}__{_slug(backbone)}__{_slug(str(checkpoint or 'pretrained'))}.png", png)
+    if config_yaml is not None:
+        put("config.yaml", config_yaml.encode())
+    return written

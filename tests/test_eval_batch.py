@@ -1,0 +1,274 @@
+"""Tests of the evaluation service (dncut.eval.batch / report) on Ray: known answers, bad inputs.
+
+Fixtures are made here: saliency folders of generated scenes, a VOC07-format folder whose
+objects are plain-coloured rectangles scored with a colour-based test backbone (so every box and
+the CorLoc are known), and folders of maps equal to / inverted from the ground truth.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import ray.cloudpickle
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dncut import storage
+from dncut.config import Config, load_config
+from dncut.data.datasets import DatasetLayoutError
+from dncut.data.scenes import make_scene
+from dncut.eval.batch import evaluate_maps, evaluate_saliency, run_evaluation
+from dncut.eval.report import format_table
+
+SOD_VAL = Path("/work/shared/data/sod-val")
+RUN_KEYS = {"dataset", "method", "backbone", "checkpoint", "n_images", "n_failed", "metrics"}
+SALIENCY_KEYS = {"acc", "iou", "max_fbeta", "mae"}
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(image: Image.Image | np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _check_summary_schema(summary: dict) -> None:
+    assert set(summary) == {"runs"}
+    for run in summary["runs"]:
+        assert set(run) == RUN_KEYS
+        for value in run["metrics"].values():
+            assert value is None or 0.0 <= value <= 1.0
+
+
+# --------------------------------------------------------------------------- precomputed maps
+@pytest.fixture
+def maps_folder(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        gt = np.zeros((40, 50), np.uint8)
+        y, x = rng.integers(2, 15, 2)
+        gt[y : y + 20, x : x + 25] = 255
+        for sub, pred in (("perfect", gt), ("inverted", 255 - gt), ("partial", gt)):
+            (tmp_path / "maps" / sub).mkdir(parents=True, exist_ok=True)
+            if not (sub == "partial" and i == 2):  # partial: the third map is missing
+                (tmp_path / "maps" / sub / f"im{i}.png").write_bytes(_png(pred))
+        (tmp_path / "masks").mkdir(exist_ok=True)
+        (tmp_path / "masks" / f"im{i}.png").write_bytes(_png(gt))
+    return tmp_path
+
+
+def test_evaluate_maps_known_answers(ray_session, maps_folder: Path):
+    out = maps_folder / "out"
+    summary = evaluate_maps(str(maps_folder / "masks"), [str(maps_folder / "maps")], str(out))
+    _check_summary_schema(summary)
+    assert json.loads((out / "summary.json").read_text()) == summary
+    runs = {r["method"]: r for r in summary["runs"]}
+    assert set(runs) == {"perfect", "inverted", "partial"}
+    perfect, inverted, partial = runs["perfect"]["metrics"], runs["inverted"]["metrics"], runs["partial"]["metrics"]
+    assert perfect["iou"] == 1.0 and perfect["acc"] == 1.0 and perfect["mae"] == 0.0
+    assert perfect["max_fbeta"] == pytest.approx(1.0) and perfect["max_fbeta_pysod"] == pytest.approx(1.0)
+    assert inverted["iou"] == 0.0 and inverted["acc"] == 0.0 and inverted["mae"] == 1.0
+    assert inverted["max_fbeta"] == 0.0  # every threshold predicts only background pixels
+    assert runs["partial"]["n_images"] == 3 and runs["partial"]["n_failed"] == 1 and partial["iou"] == 1.0
+    assert runs["perfect"]["dataset"] == maps_folder.name
+    table = pq.read_table(out / "per_image.parquet").to_pylist()
+    assert len(table) == 9
+    missing = [r for r in table if r["status"] == "failed"]
+    assert len(missing) == 1 and missing[0]["image_id"] == "im2" and "no map" in missing[0]["error"]
+    assert missing[0]["iou"] is None
+    assert "perfect" in (out / "summary.md").read_text() and "| perfect | 100.0 | 100.0 | 100.0" in format_table(summary)
+
+
+def test_evaluate_maps_single_folder_and_missing_folders(ray_session, maps_folder: Path, tmp_path: Path):
+    summary = evaluate_maps(str(maps_folder / "masks"), str(maps_folder / "maps" / "perfect"), str(tmp_path / "o"))
+    assert [r["method"] for r in summary["runs"]] == ["perfect"]
+    with pytest.raises(DatasetLayoutError, match=r"masks folder .*nowhere.*expected layout"):
+        evaluate_maps(str(tmp_path / "nowhere"), [str(maps_folder / "maps")], str(tmp_path / "o"))
+    with pytest.raises(DatasetLayoutError, match=r"maps folder .*no_maps.*expected layout"):
+        evaluate_maps(str(maps_folder / "masks"), [str(tmp_path / "no_maps")], str(tmp_path / "o"))
+
+
+@pytest.mark.skipif(not (SOD_VAL / "maps").is_dir(), reason="shared sod-val data absent")
+def test_evaluate_maps_matches_pysodmetrics_on_sod_val(ray_session, tmp_path: Path):
+    py_sod_metrics = pytest.importorskip("py_sod_metrics")
+    summary = evaluate_maps(str(SOD_VAL / "masks"), [str(SOD_VAL / "maps")], str(tmp_path))
+    runs = {r["method"]: r for r in summary["runs"]}
+    assert set(runs) == {"Amulet", "DSS", "PiCANet"}
+    for method, run in runs.items():
+        fm, mae = py_sod_metrics.Fmeasure(), py_sod_metrics.MAE()
+        for mask in sorted((SOD_VAL / "masks").glob("*.png")):
+            gt = np.asarray(Image.open(mask).convert("L"))
+            pred = np.asarray(Image.open(SOD_VAL / "maps" / method / mask.name).convert("L"))
+            fm.step(pred=pred, gt=gt)
+            mae.step(pred=pred, gt=gt)
+        ref_fbeta = float(fm.get_results()["fm"]["curve"].max())
+        ref_mae = float(mae.get_results()["mae"])
+        assert run["n_failed"] == 0 and run["n_images"] == 100
+        assert run["metrics"]["max_fbeta_pysod"] == pytest.approx(ref_fbeta, abs=0.002), method
+        assert run["metrics"]["mae_pysod"] == pytest.approx(ref_mae, abs=0.002), method
+        assert run["metrics"]["mae"] == pytest.approx(ref_mae, abs=0.002), method
+        if method != "PiCANet":  # maps spanning 0..255: the TokenCut definition agrees too
+            assert run["metrics"]["max_fbeta"] == pytest.approx(ref_fbeta, abs=0.002), method
+
+
+# --------------------------------------------------------------------------- model-based saliency
+@pytest.fixture
+def scene_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "scenes"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(3):
+        image, mask = make_scene(100 + i, size=96)
+        (root / "images" / f"s{i}.jpg").write_bytes(_jpeg(image))
+        (root / "masks" / f"s{i}.png").write_bytes(_png(mask.astype(np.uint8) * 255))
+    good = (root / "images" / "s0.jpg").read_bytes()
+    mask0 = (root / "masks" / "s0.png").read_bytes()
+    (root / "images" / "corrupt.jpg").write_bytes(np.random.default_rng(0).bytes(500))
+    (root / "images" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "images" / "small_mask.jpg").write_bytes(good)
+    for stem in ("corrupt", "truncated"):
+        (root / "masks" / f"{stem}.png").write_bytes(mask0)
+    (root / "masks" / "small_mask.png").write_bytes(_png(np.zeros((50, 60), np.uint8)))
+    (root / "images" / "no_mask.jpg").write_bytes(good)  # an image without a mask
+    return root
+
+
+def test_evaluate_saliency_lite0_both_methods_with_solver(ray_session, scene_folder: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    cfg = Config().with_overrides({"eval.image_size": 128, "eval.batch_size": 4, "eval.examples": 2})
+    summary = evaluate_saliency(str(scene_folder / "images"), str(scene_folder / "masks"), "efficientnet_lite0",
+                                None, ["simple", "tokencut"], True, str(out), cfg)
+    _check_summary_schema(summary)
+    runs = {r["method"]: r for r in summary["runs"]}
+    assert list(runs) == ["simple", "tokencut", "simple+bs", "tokencut+bs"]
+    for name, run in runs.items():
+        assert run["dataset"] == "scenes" and run["backbone"] == "efficientnet_lite0" and run["checkpoint"] is None
+        assert run["n_images"] == 7 and run["n_failed"] == 4, name
+        expected = SALIENCY_KEYS | ({"acc_binary", "iou_binary"} if name.endswith("+bs") else set())
+        assert set(run["metrics"]) == expected
+        assert all(v is not None for v in run["metrics"].values())
+    table = pq.read_table(out / "per_image.parquet")
+    assert table.num_rows == 28
+    rows = table.to_pylist()
+    errors = {r["image_id"]: r["error"] for r in rows if r["method"] == "simple" and r["status"] == "failed"}
+    assert set(errors) == {"corrupt", "truncated", "small_mask", "no_mask"}
+    assert "cannot decode" in errors["corrupt"] and "cannot decode" in errors["truncated"]
+    assert "differs from image size" in errors["small_mask"] and "no_mask" in errors["no_mask"]
+    for method, run in runs.items():  # the summary is the mean of the per-image rows
+        ok = [r for r in rows if r["method"] == method and r["status"] == "ok"]
+        assert len(ok) == 3
+        assert run["metrics"]["iou"] == pytest.approx(np.mean([r["iou"] for r in ok]))
+    assert (out / "examples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = load_config(out / "config.yaml", known_backbones=["efficientnet_lite0"])
+    assert saved.eval.methods == ["simple", "tokencut"] and saved.eval.bilateral is True
+    assert (out / "summary.md").read_text().count("bilateral solver") == 2
+
+
+def test_evaluate_saliency_missing_folder_names_path_and_layout(ray_session, scene_folder: Path, tmp_path: Path):
+    with pytest.raises(DatasetLayoutError, match=r"images folder .*does_not_exist.*expected layout: --images DIR"):
+        evaluate_saliency(str(tmp_path / "does_not_exist"), str(scene_folder / "masks"), "efficientnet_lite0",
+                          None, "simple", False, str(tmp_path / "o"))
+    with pytest.raises(ValueError, match=r"invalid; valid choices: \['simple', 'tokencut'\]"):
+        evaluate_saliency(str(scene_folder / "images"), str(scene_folder / "masks"), "efficientnet_lite0",
+                          None, "lost", False, str(tmp_path / "o"))
+
+
+def test_run_evaluation_missing_dataset_root_fails_before_work(tmp_path: Path):
+    cfg = Config().with_overrides({"eval.datasets": [{"name": "E", "kind": "ecssd", "root": str(tmp_path / "ECSSD")}]})
+    with pytest.raises(DatasetLayoutError, match=r"ECSSD.*expected layout"):
+        run_evaluation(cfg)
+
+
+# --------------------------------------------------------------------------- discovery: VOC + CorLoc
+class ColourBackbone(torch.nn.Module):
+    """Test backbone: mean colour of each 8 x 8 patch (ImageNet-normalised) as its feature."""
+
+    stride = 8
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(images, self.stride)  # (B, 3, H/8, W/8)
+
+
+def colour_factory(name: str, *, pretrained: bool, checkpoint: str | None) -> ColourBackbone:
+    return ColourBackbone()
+
+
+BG, RED = (60, 80, 200), (230, 30, 30)
+# (id, (H, W), object (x0, y0, x1, y1) in pixels, VOC boxes (1-based inclusive), expected hit)
+VOC_IMAGES = [
+    ("000001", (96, 128), (24, 16, 72, 48), [(25, 17, 72, 48)], True),
+    ("000002", (96, 128), (24, 16, 72, 48), [(80, 50, 120, 90)], False),  # GT elsewhere
+    ("000003", (96, 128), (48, 40, 96, 80), [(5, 5, 20, 20), (49, 41, 96, 80)], True),  # one of two
+    ("000004", (100, 130), (64, 40, 112, 72), [(65, 41, 112, 72)], True),  # padded to 104 x 136
+]
+
+
+@pytest.fixture
+def voc_root(tmp_path: Path) -> Path:
+    voc = tmp_path / "VOCdevkit" / "VOC2007"
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (voc / sub).mkdir(parents=True)
+    for image_id, (h, w), (x0, y0, x1, y1), boxes, _ in VOC_IMAGES:
+        image = np.empty((h, w, 3), np.uint8)
+        image[...] = BG
+        image[y0:y1, x0:x1] = RED
+        (voc / "JPEGImages" / f"{image_id}.jpg").write_bytes(_jpeg(image))
+        objects = "".join(f"<object><name>thing</name><bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax>"
+                          f"<ymax>{d}</ymax></bndbox></object>" for a, b, c, d in boxes)
+        (voc / "Annotations" / f"{image_id}.xml").write_text(f"<annotation>{objects}</annotation>")
+    (voc / "JPEGImages" / "000005.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (voc / "Annotations" / "000005.xml").write_text(
+        "<annotation><object><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>")
+    ids = [v[0] for v in VOC_IMAGES] + ["000005"]
+    (voc / "ImageSets" / "Main" / "trainval.txt").write_text("\n".join(ids) + "\n")
+    return tmp_path
+
+
+def test_voc_corloc_with_a_colour_backbone_written_to_s3(ray_session, voc_root: Path, s3_bucket: str):
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test backbone reaches the actors
+    cfg = Config().with_overrides({
+        "output_dir": f"{s3_bucket}/eval", "run_name": "voc",
+        "eval.datasets": [{"name": "VOC07", "kind": "voc07", "root": str(voc_root)}],
+        "eval.methods": ["tokencut", "simple"], "eval.bilateral": True, "eval.batch_size": 2,
+        "eval.image_size": 64,  # ignored for discovery: images are only padded
+    })
+    summary = run_evaluation(cfg, backbone_factory=colour_factory)
+    _check_summary_schema(summary)
+    runs = {r["method"]: r for r in summary["runs"]}
+    assert set(runs) == {"tokencut", "simple"}  # no +bs rows for discovery
+    for run in runs.values():
+        assert run["dataset"] == "VOC07" and run["n_images"] == 5 and run["n_failed"] == 1
+        assert run["metrics"] == {"corloc": pytest.approx(3 / 4)}
+    out = f"{s3_bucket}/eval/voc"
+    assert json.loads(storage.read_bytes(f"{out}/summary.json")) == summary
+    rows = pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/per_image.parquet"))).to_pylist()
+    tokencut_rows = {r["image_id"]: r for r in rows if r["method"] == "tokencut"}
+    for image_id, _, obj, _, hit in VOC_IMAGES:
+        assert tokencut_rows[image_id]["pred_box"] == list(map(float, obj)), image_id
+        assert tokencut_rows[image_id]["corloc_hit"] is hit
+        assert tokencut_rows[image_id]["iou"] is None
+    assert tokencut_rows["000005"]["status"] == "failed" and tokencut_rows["000005"]["corloc_hit"] is None
+    assert storage.read_bytes(f"{out}/examples.png")[:4] == b"\x89PNG"
+    assert "CorLoc" in storage.read_bytes(f"{out}/summary.md").decode()
+    assert "| tokencut | 75.0 |" in format_table(summary)

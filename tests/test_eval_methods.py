@@ -1,0 +1,218 @@
+"""Tests of dncut.eval.methods: hand-made features with known answers, scipy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.ndimage as ndi
+import torch
+
+from dncut.eval.methods import (box_to_pixels, clean_binary, seed_component, simple_ncut, tokencut,
+                                upsample_map, upsample_mask)
+
+E = torch.eye(6, dtype=torch.float64)
+
+
+def _feature_map(h: int, w: int, cells: dict[tuple[int, int], torch.Tensor], background=E[1]) -> torch.Tensor:
+    """(1, C, h, w) map: ``background`` everywhere except the given cells."""
+    f = background.repeat(h, w, 1).clone()  # (h, w, C)
+    for (r, c), v in cells.items():
+        f[r, c] = v
+    return f.permute(2, 0, 1)[None]  # (1, C, h, w)
+
+
+def _rect(r0: int, r1: int, c0: int, c1: int) -> list[tuple[int, int]]:
+    return [(r, c) for r in range(r0, r1) for c in range(c0, c1)]
+
+
+def _shape_mask(h: int, w: int, cells) -> np.ndarray:
+    m = np.zeros((h, w), bool)
+    for r, c in cells:
+        m[r, c] = True
+    return m
+
+
+# An L-shaped object (minority) on an orthogonal background.
+L_SHAPE = _rect(1, 5, 2, 4) + _rect(3, 5, 4, 7)
+
+
+def test_simple_recovers_a_minority_shape():
+    feats = _feature_map(7, 9, {rc: E[0] for rc in L_SHAPE})
+    z2, masks = simple_ncut(feats)
+    expected = _shape_mask(7, 9, L_SHAPE)
+    assert z2.shape == (1, 7, 9) and masks.dtype == torch.bool
+    np.testing.assert_array_equal(masks[0].numpy(), expected)
+    assert (z2[0][torch.from_numpy(expected)] > 0).all() and (z2[0][~torch.from_numpy(expected)] < 0).all()
+
+
+def test_simple_takes_the_minority_side_as_foreground():
+    # the "object" covers 40 of 64 cells: the authors' rule makes the 24 others the foreground
+    big = _rect(0, 5, 0, 8)
+    feats = _feature_map(8, 8, {rc: E[0] for rc in big})
+    _, masks = simple_ncut(feats)
+    np.testing.assert_array_equal(masks[0].numpy(), ~_shape_mask(8, 8, big))
+
+
+def test_simple_matches_a_scipy_eigendecomposition():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16))
+    labels = rng.integers(0, 3, size=(6, 5))
+    f = centres[labels] + 0.4 * rng.normal(size=(6, 5, 16))  # (h, w, C)
+    z2, masks = simple_ncut(torch.from_numpy(f).permute(2, 0, 1)[None])
+    # reference: numpy graph, scipy eigh of the normalized Laplacian
+    x = f.reshape(-1, 16)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    a = x @ x.T
+    w = np.where(a > 0, a, 1e-6)
+    d = w.sum(1)
+    lap = np.eye(len(d)) - w / np.sqrt(d[:, None] * d[None, :])
+    _, vecs = scipy.linalg.eigh(lap)
+    ref = vecs[:, 1]
+    frac = np.mean(ref > 0)
+    if frac > 0.5:  # independent orientation: minority positive side
+        ref = -ref
+    got = z2[0].numpy().ravel()
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    np.testing.assert_array_equal(masks[0].numpy().ravel(), ref > 0)
+
+
+# Two separated blobs: A (the seed's) and a smaller B that also links to a few background cells.
+BLOB_A = _rect(1, 4, 1, 5)
+BLOB_B = _rect(5, 7, 7, 9)
+LINKS = [(7, 0), (7, 1), (0, 9)]
+
+
+def _two_blobs() -> torch.Tensor:
+    cells = {rc: E[0] for rc in BLOB_A}
+    cells.update({rc: (E[0] + E[3]) / 2**0.5 for rc in BLOB_B})
+    cells.update({rc: (E[1] + E[3]) / 2**0.5 for rc in LINKS})
+    return _feature_map(8, 10, cells)
+
+
+def test_tokencut_keeps_only_the_seed_component_and_its_box():
+    out = tokencut(_two_blobs())
+    a, b = _shape_mask(8, 10, BLOB_A), _shape_mask(8, 10, BLOB_B)
+    np.testing.assert_array_equal(out.bipartition[0].numpy(), a | b)  # both blobs are foreground
+    np.testing.assert_array_equal(out.masks[0].numpy(), a)  # only the seed's component is kept
+    seed = int(out.seeds[0])
+    assert a.ravel()[seed]
+    assert out.boxes[0].tolist() == [1, 1, 5, 4]  # x0, y0, x1, y1 (half-open, patches)
+    np.testing.assert_array_equal(box_to_pixels(out.boxes[0].numpy(), 16, (128, 160)), [16, 16, 80, 64])
+
+
+def _tokencut_reference(f: np.ndarray, tau: float = 0.2, eps: float = 1e-5):
+    """The peers' way: scipy generalized eigh per image; y2 oriented so its max-|y| entry is foreground."""
+    h, w, c = f.shape
+    x = f.reshape(-1, c)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    a = (x @ x.T > tau).astype(np.float64)
+    a[a == 0] = eps
+    d = np.diag(a.sum(1))
+    _, vecs = scipy.linalg.eigh(d - a, d, subset_by_index=[1, 2])
+    y = vecs[:, 0].copy()
+    part = y > y.mean()
+    seed = int(np.argmax(np.abs(y)))
+    if not part[seed]:
+        y, part = -y, ~part
+    return y, part.reshape(h, w)
+
+
+def _component(part: np.ndarray, seed: int) -> tuple[np.ndarray, list[int]]:
+    labels, _ = ndi.label(part)
+    comp = labels == labels.flat[seed]
+    rows, cols = np.nonzero(comp)
+    return comp, [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tokencut_matches_the_scipy_generalized_eigenproblem(seed):
+    rng = np.random.default_rng(seed)
+    h, w = 9, 11
+    centres = rng.normal(size=(2, 24))
+    yy, xx = np.mgrid[:h, :w]
+    labels = ((yy - 4) ** 2 / 9 + (xx - 5 - seed) ** 2 / 12 < 1).astype(int)  # an ellipse
+    f = centres[labels] + 0.9 * rng.normal(size=(h, w, 24))  # (h, w, C), noisy: few tied nodes
+    out = tokencut(torch.from_numpy(f).permute(2, 0, 1)[None])
+    y, part = _tokencut_reference(f)
+    got = out.eigvec[0].numpy().ravel()
+    np.testing.assert_allclose(got, y, atol=1e-7)  # same scale (y^T D y = 1) and orientation
+    np.testing.assert_array_equal(out.bipartition[0].numpy(), part)
+    ours = int(out.seeds[0])
+    assert abs(abs(y[ours]) - np.abs(y).max()) < 1e-9  # a maximiser of |y2| (ties are possible)
+    comp, box = _component(part, ours)
+    np.testing.assert_array_equal(out.masks[0].numpy(), comp)
+    np.testing.assert_array_equal(comp, labels.astype(bool))  # the ellipse, noise cells dropped
+    assert out.boxes[0].tolist() == box
+
+
+def test_batched_equals_one_by_one():
+    rng = np.random.default_rng(3)
+    feats = torch.from_numpy(rng.normal(size=(3, 8, 5, 6)))
+    simple_z, simple_m = simple_ncut(feats)
+    tc = tokencut(feats)
+    for i in range(3):
+        z, m = simple_ncut(feats[i : i + 1])
+        np.testing.assert_allclose(simple_z[i].numpy(), z[0].numpy(), atol=1e-10)
+        one = tokencut(feats[i : i + 1])
+        np.testing.assert_array_equal(tc.masks[i].numpy(), one.masks[0].numpy())
+        assert tc.boxes[i].tolist() == one.boxes[0].tolist()
+
+
+def test_upsample_without_padding_is_one_bilinear_resize():
+    # 2 -> 4 bilinear (align_corners=False) weights along an axis: 1, 0.75, 0.25, 0
+    m = np.array([[1, 0], [0, 0]], bool)
+    np.testing.assert_allclose(upsample_map(m.astype(np.float32), (4, 4))[:, 0], [1, 0.75, 0.25, 0])
+    expected = np.zeros((4, 4), bool)
+    expected[:2, :2] = True
+    np.testing.assert_array_equal(upsample_mask(m, (4, 4)), expected)
+
+
+def test_upsample_removes_the_padding_first():
+    # grid 2x2 over an 8x8 canvas (stride 4) whose top-left 6x5 is the image.
+    # canvas weights along an axis: 1, 1, .875, .625, .375, .125, 0, 0; 2-D weight = product
+    m = np.array([[1, 0], [0, 0]], bool)
+    got = upsample_mask(m, (6, 5), canvas=(8, 8), content=(6, 5))
+    weights = np.array([1, 1, 0.875, 0.625, 0.375, 0.125, 0, 0])
+    expected = np.outer(weights[:6], weights[:5]) > 0.5
+    np.testing.assert_array_equal(got, expected)
+    # a direct resize of the padded grid to 6x5 would give 3 rows only
+    assert upsample_mask(m, (6, 5)).sum(0)[0] == 3
+
+
+def test_upsample_rejects_bad_geometry():
+    with pytest.raises(ValueError, match="content"):
+        upsample_map(np.zeros((2, 2)), (4, 4), canvas=(8, 8), content=(9, 8))
+    with pytest.raises(ValueError, match="values must be an"):
+        upsample_map(np.zeros((2, 2, 2)), (4, 4))
+
+
+def test_clean_binary_fills_holes_and_keeps_the_largest_component():
+    m = np.zeros((10, 10), bool)
+    m[1:6, 1:6] = True
+    m[3, 3] = False  # a hole
+    m[8:10, 8:10] = True  # a small second component
+    expected = np.zeros((10, 10), bool)
+    expected[1:6, 1:6] = True
+    np.testing.assert_array_equal(clean_binary(m), expected)
+    assert not clean_binary(np.zeros((4, 4), bool)).any()
+
+
+def test_seed_component_is_four_connected():
+    part = np.array([[1, 0, 0], [0, 1, 1], [0, 1, 0]], bool)  # (0, 0) touches (1, 1) diagonally only
+    comp, box = seed_component(part, 4)
+    np.testing.assert_array_equal(comp, part & ~np.eye(3, dtype=bool) | np.array([[0, 0, 0], [0, 1, 0], [0, 0, 0]], bool))
+    assert box.tolist() == [1, 1, 3, 3]
+    with pytest.raises(ValueError, match="not in the foreground"):
+        seed_component(part, 1)
+
+
+def test_box_to_pixels_clips_to_the_unpadded_image():
+    np.testing.assert_array_equal(box_to_pixels(np.array([1, 0, 4, 3]), 16, (40, 50)), [16, 0, 50, 40])
+
+
+def test_bad_features_are_rejected():
+    with pytest.raises(ValueError, match=r"\(B, C, h, w\)"):
+        simple_ncut(torch.zeros(2, 5, 3))
+    with pytest.raises(ValueError, match="at least 2 cells"):
+        tokencut(torch.ones(1, 4, 1, 1))
