@@ -304,6 +304,7 @@ class TuneConfig(_Section):
     alpha: SearchSpace = Field(default_factory=lambda: [0.05], description="loss.alpha values or {low, high}; 0 collapses")
     lr: SearchSpace = Field(default_factory=lambda: [5e-4], description="train.lr values (before batch scaling) or {low, high}")
     backbones: Annotated[list[Backbone], AfterValidator(_non_empty)] | None = Field(None, description="grid over model.backbone; null = [model.backbone]")
+    checkpoints: dict[str, str] = Field(default_factory=dict, description="per-backbone starting weights {backbone: local path or s3://}, e.g. the DINO ResNet-50 or MoCo v3 checkpoints; replaces model.checkpoint / model.pretrained for that backbone")
     num_samples: int = Field(1, ge=1, description="repeats of the grid (samples of log-uniform axes)")
     metric: str = Field("val_iou", description="reported metric to optimise")
     mode: Literal["max", "min"] = Field("max", description="max for val_iou")
@@ -311,6 +312,7 @@ class TuneConfig(_Section):
     max_concurrent_trials: int | None = Field(None, ge=1, description="null = derived from cluster resources; too many starves Ray Data and hangs at 'backpressured'")
     storage_path: str | None = Field(None, description="null = <output_dir>/tune; local or s3://")
     name: str = Field("sweep", description="experiment name; rerun with the same storage_path + name to resume")
+    evaluate_best: bool = Field(True, description="after the sweep, run the eval section on the best trial's exported backbone (results table under <sweep>/best_eval)")
 
     @field_validator("alpha", "lr", mode="before")
     @classmethod

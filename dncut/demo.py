@@ -17,26 +17,11 @@ import numpy as np
 from dncut import storage
 from dncut.backbones import create_backbone
 from dncut.config import Config
-from dncut.data.datasets import saliency_dataset
-from dncut.data.images import decode_image, load_mask
-from dncut.data.scenes import make_scene
 from dncut.eval.methods import upsample_map
-from dncut.eval.validate import Labelled, score_backbone
+from dncut.eval.validate import Labelled, score_backbone, validation_set
 from dncut.train import EXPORT_FILE, fit, run_dir
 
 log = logging.getLogger("dncut.demo")
-
-HELD_OUT_SEED = 1_000_000  # held-out scenes never overlap the training seeds 0..num_scenes-1
-
-
-def validation_set(cfg: Config) -> list[Labelled]:
-    """``data.val`` (images/ + masks/) or ``data.val_scenes`` held-out generated scenes."""
-    if cfg.data.val is None:
-        return [Labelled(*make_scene(HELD_OUT_SEED + i, size=cfg.data.crop_size)) for i in range(cfg.data.val_scenes)]
-    s3 = storage.S3Options(cfg.storage.endpoint_url, cfg.storage.region)
-    return [Labelled(decode_image(storage.read_bytes(r.image_uri, s3)), load_mask(storage.read_bytes(r.mask_uri, s3)))
-            for r in saliency_dataset("folder", cfg.data.val, s3)]
-
 
 def save_figure(path: str, samples: list[Labelled], before: list[np.ndarray], after: list[np.ndarray],
                 rows: int = 4) -> None:

@@ -13,6 +13,10 @@ the target map of view 1. The target side runs without gradient (stop-grad, Eq. 
 encoder learns through the online branch only; no momentum encoder.
 
 ``projector=False`` (Table 5 ablation "w/o projector") makes g and q identities.
+
+BatchNorm layers of the encoder (CNN backbones) keep their pretrained running statistics:
+they stay in eval mode while the rest trains, so heavily augmented crops do not shift the
+statistics that evaluation uses (ViTs have no BatchNorm; the projector's BN trains).
 """
 
 from __future__ import annotations
@@ -90,6 +94,13 @@ class DenseNCutModel(nn.Module):
         self.predictor = conv_mlp(proj_dim, hidden, proj_dim) if projector else nn.Identity()
         self.align_size = align_size
         self.ncut = ncut or NCutOptions()
+
+    def train(self, mode: bool = True) -> "DenseNCutModel":
+        super().train(mode)
+        for m in self.encoder.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
 
     def _ncut(self, maps: Tensor) -> tuple[Tensor, int]:
         """maps (N, P, s, s) -> z2 (N, s*s)."""

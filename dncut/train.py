@@ -36,7 +36,9 @@ import torch.distributed as dist
 from dncut import storage
 from dncut.backbones import create_backbone, export_backbone
 from dncut.config import Config
+from dncut.data.datasets import saliency_dataset
 from dncut.data.pipeline import s3_options, source_uris, train_dataset
+from dncut.eval.validate import score_backbone, validation_set
 from dncut.losses import NCutLoss
 from dncut.model import DenseNCutModel, NCutOptions
 
@@ -140,11 +142,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("resumed from %s at step %d (epoch %d)", ckpt.path, step, epoch)
     model = ray.train.torch.prepare_model(model)
+    val_samples = validation_set(cfg) if rank == 0 else []
+    last_val = _validate(_unwrap(model).encoder, val_samples, cfg, device) if rank == 0 else {}
     shard = ray.train.get_dataset_shard("train")
     per_worker = cfg.train.batch_size // world
     amp = cfg.train.amp and device.type == "cuda"
     nan_in_row, last_parts, t0 = 0, {}, time.perf_counter()
-    seen_errors: set[str] = set()
+    skipped_files: set[str] = set(state.get("skipped_files", [])) if ckpt is not None else set()
 
     while step < total:
         for batch in shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True):
@@ -152,15 +156,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if not ok.all():
                 counters["skipped_images"] += float((~ok).sum())
                 for uri, err in zip(batch["uri"][~ok], batch["error"][~ok]):
-                    if uri not in seen_errors and len(seen_errors) < 20:
-                        seen_errors.add(uri)
+                    if uri not in skipped_files:
+                        skipped_files.add(str(uri))
                         log.warning("skipped %s: %s", uri, err)
             inputs = [torch.from_numpy(np.ascontiguousarray(batch[k][ok])).to(device)
                       for k in ("view1", "view2", "box1", "box2", "flip1", "flip2")]
             for group in optimizer.param_groups:
                 group["lr"] = float(sched[step])
             loss, parts = None, {}
-            if ok.sum() >= 2:
+            # DDP's forward broadcasts buffers (BatchNorm): every worker runs it, or none does
+            if _all_reduce([0.0 if ok.sum() >= 2 else 1.0], device)[0] == 0:
                 try:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                         out = model(*inputs)
@@ -190,12 +195,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             step += 1
             done = step >= total
             if step % cfg.train.log_every == 0 or step % cfg.train.checkpoint_every == 0 or done:
-                metrics = _metrics(step, total, epoch, sched, last_parts, counters, device, t0)
+                if rank == 0 and (done or (cfg.train.val_every and step % cfg.train.val_every == 0)):
+                    last_val = _validate(_unwrap(model).encoder, val_samples, cfg, device)
+                metrics = {**_metrics(step, total, epoch, sched, last_parts, counters, device, t0), **last_val}
+                skipped_files = _union(skipped_files)
+                metrics["skipped_files"] = len(skipped_files)
                 if rank == 0:
                     _log_progress(metrics)
                 checkpoint = None
                 if step % cfg.train.checkpoint_every == 0 or done:
-                    checkpoint = _save_checkpoint(_unwrap(model), optimizer, step, epoch, counters, cfg, rank)
+                    checkpoint = _save_checkpoint(_unwrap(model), optimizer, step, epoch, counters,
+                                                  sorted(skipped_files), cfg, rank)
                 ray.train.report(metrics, checkpoint=checkpoint)
             if done:
                 break
@@ -204,6 +214,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         uri = storage.join(run_dir(cfg), EXPORT_FILE)
         export_backbone(_unwrap(model).encoder, uri)
         log.info("exported the finetuned backbone to %s", uri)
+
+
+def _validate(encoder, samples, cfg: Config, device) -> dict[str, float]:
+    """Simple-NCut saliency of the current encoder: ``val_iou``, ``val_max_fbeta``, ..."""
+    if not samples:
+        return {}
+    try:
+        scores, _ = score_backbone(encoder, samples, image_size=cfg.eval.image_size or 320, device=device)
+    except ValueError as exc:  # NaN/Inf weights: report NaN scores, the NaN-step rule decides the run's fate
+        if "NaN/Inf" not in str(exc):
+            raise
+        log.warning("validation skipped: %s", exc)
+        return {f"val_{k}": float("nan") for k in ("acc", "iou", "max_fbeta", "mae")}
+    return {f"val_{k}": v for k, v in scores.items()}
 
 
 def _worker_logging() -> None:
@@ -220,7 +244,7 @@ def _worker_logging() -> None:
 def _metrics(step, total, epoch, sched, parts, counters, device, t0) -> dict[str, Any]:
     summed = _all_reduce([counters["skipped_images"], counters["nan_steps"], counters["fallbacks"]], device)
     out = {"step": step, "total_steps": total, "epoch": epoch, "lr": float(sched[step - 1]),
-           "skipped_images": int(summed[0]), "nan_steps": int(summed[1]), "ncut_fallbacks": int(summed[2]),
+           "skipped_rows": int(summed[0]), "nan_steps": int(summed[1]), "ncut_fallbacks": int(summed[2]),
            "elapsed_s": round(time.perf_counter() - t0, 2)}
     for key in ("loss", "l_consistency", "l_reg", "pass_fraction", "iou_mean",
                 "sim_horizontal", "sim_vertical", "sim_uniform", "collapsed"):
@@ -231,9 +255,9 @@ def _metrics(step, total, epoch, sched, parts, counters, device, t0) -> dict[str
 
 def _log_progress(m: dict[str, Any]) -> None:
     pct = 100.0 * m["step"] / m["total_steps"]
-    log.info("step %d/%d (%.0f%%) loss %s l_reg %s pass %s lr %.2e skipped %d nan %d",
+    log.info("step %d/%d (%.0f%%) loss %s l_reg %s pass %s val_iou %s lr %.2e skipped %d nan %d",
              m["step"], m["total_steps"], pct, _fmt(m.get("loss")), _fmt(m.get("l_reg")),
-             _fmt(m.get("pass_fraction")), m["lr"], m["skipped_images"], m["nan_steps"])
+             _fmt(m.get("pass_fraction")), _fmt(m.get("val_iou")), m["lr"], m["skipped_files"], m["nan_steps"])
     if m.get("collapsed"):
         log.warning("mask collapse: template similarity h=%.2f v=%.2f u=%.2f (raise loss.alpha)",
                     m["sim_horizontal"], m["sim_vertical"], m["sim_uniform"])
@@ -243,7 +267,16 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-def _save_checkpoint(model, optimizer, step, epoch, counters, cfg: Config, rank: int):
+def _union(items: set[str]) -> set[str]:
+    """The union of every worker's set (all_gather_object; identity on one worker)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return items
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(items))
+    return set().union(*map(set, gathered))
+
+
+def _save_checkpoint(model, optimizer, step, epoch, counters, skipped_files, cfg: Config, rank: int):
     """A Ray Train checkpoint from rank 0 (None elsewhere): state.pt + config.yaml."""
     import ray.train
 
@@ -251,7 +284,8 @@ def _save_checkpoint(model, optimizer, step, epoch, counters, cfg: Config, rank:
         return None
     d = tempfile.mkdtemp(prefix="dncut-ckpt-")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "epoch": epoch, "counters": dict(counters)}, os.path.join(d, STATE_FILE))
+                "epoch": epoch, "counters": dict(counters), "skipped_files": skipped_files},
+               os.path.join(d, STATE_FILE))
     Path(d, "config.yaml").write_text(cfg.to_yaml())
     return ray.train.Checkpoint.from_directory(d)
 
@@ -301,6 +335,8 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     ray.data.DataContext.get_current().enable_progress_bars = False  # the loop logs progress
     cfg = with_absolute_output(cfg)
     uris = source_uris(cfg)
+    if cfg.data.val is not None:  # a validation folder without masks fails here, before any worker
+        saliency_dataset("folder", cfg.data.val, s3_options(cfg))
     total = cfg.train.total_steps(len(uris))
     encoder_norm = create_backbone(cfg.model.backbone, pretrained=False)
     ds = train_dataset(cfg, uris, mean=encoder_norm.mean, std=encoder_norm.std)

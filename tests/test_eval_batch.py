@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -32,13 +31,6 @@ from dncut.eval.report import format_table
 SOD_VAL = Path("/work/shared/data/sod-val")
 RUN_KEYS = {"dataset", "method", "backbone", "checkpoint", "n_images", "n_failed", "metrics"}
 SALIENCY_KEYS = {"acc", "iou", "max_fbeta", "mae"}
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -174,7 +166,7 @@ def test_evaluate_saliency_lite0_both_methods_with_solver(ray_session, scene_fol
     errors = {r["image_id"]: r["error"] for r in rows if r["method"] == "simple" and r["status"] == "failed"}
     assert set(errors) == {"corrupt", "truncated", "small_mask", "no_mask"}
     assert "cannot decode" in errors["corrupt"] and "cannot decode" in errors["truncated"]
-    assert "differs from image size" in errors["small_mask"] and "no_mask" in errors["no_mask"]
+    assert "differs from image size" in errors["small_mask"] and "no mask named no_mask" in errors["no_mask"]
     for method, run in runs.items():  # the summary is the mean of the per-image rows
         ok = [r for r in rows if r["method"] == method and r["status"] == "ok"]
         assert len(ok) == 3
@@ -182,7 +174,8 @@ def test_evaluate_saliency_lite0_both_methods_with_solver(ray_session, scene_fol
     assert (out / "examples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = load_config(out / "config.yaml", known_backbones=["efficientnet_lite0"])
     assert saved.eval.methods == ["simple", "tokencut"] and saved.eval.bilateral is True
-    assert (out / "summary.md").read_text().count("bilateral solver") == 2
+    md = (out / "summary.md").read_text()
+    assert md.count("bilateral solver") == 2 and "## Failed images (4)" in md and "scenes / corrupt: " in md
 
 
 def test_evaluate_saliency_missing_folder_names_path_and_layout(ray_session, scene_folder: Path, tmp_path: Path):
@@ -192,6 +185,12 @@ def test_evaluate_saliency_missing_folder_names_path_and_layout(ray_session, sce
     with pytest.raises(ValueError, match=r"invalid; valid choices: \['simple', 'tokencut'\]"):
         evaluate_saliency(str(scene_folder / "images"), str(scene_folder / "masks"), "efficientnet_lite0",
                           None, "lost", False, str(tmp_path / "o"))
+
+
+def test_unloadable_checkpoint_fails_fast_with_a_clear_error(ray_session, scene_folder: Path, tmp_path: Path):
+    with pytest.raises(RuntimeError, match=r"cannot build backbone 'efficientnet_lite0' with checkpoint .*nope\.pth"):
+        evaluate_saliency(str(scene_folder / "images"), str(scene_folder / "masks"), "efficientnet_lite0",
+                          str(tmp_path / "nope.pth"), "simple", False, str(tmp_path / "o"))
 
 
 def test_run_evaluation_missing_dataset_root_fails_before_work(tmp_path: Path):

@@ -8,8 +8,8 @@ import scipy.linalg
 import scipy.ndimage as ndi
 import torch
 
-from dncut.eval.methods import (box_to_pixels, clean_binary, seed_component, simple_ncut, tokencut,
-                                upsample_map, upsample_mask)
+from dncut.eval.methods import (box_to_pixels, clean_binary, largest_component_box, seed_component, simple_ncut,
+                                tokencut, upsample_map, upsample_mask)
 
 E = torch.eye(6, dtype=torch.float64)
 
@@ -201,10 +201,18 @@ def test_clean_binary_fills_holes_and_keeps_the_largest_component():
 def test_seed_component_is_four_connected():
     part = np.array([[1, 0, 0], [0, 1, 1], [0, 1, 0]], bool)  # (0, 0) touches (1, 1) diagonally only
     comp, box = seed_component(part, 4)
-    np.testing.assert_array_equal(comp, part & ~np.eye(3, dtype=bool) | np.array([[0, 0, 0], [0, 1, 0], [0, 0, 0]], bool))
+    np.testing.assert_array_equal(comp, np.array([[0, 0, 0], [0, 1, 1], [0, 1, 0]], bool))
     assert box.tolist() == [1, 1, 3, 3]
     with pytest.raises(ValueError, match="not in the foreground"):
         seed_component(part, 1)
+
+
+def test_largest_component_box():
+    m = np.zeros((6, 8), bool)
+    m[0, 0] = True  # a 1-cell component
+    m[2:5, 3:7] = True  # the largest: rows 2..4, cols 3..6
+    assert largest_component_box(m).tolist() == [3, 2, 7, 5]
+    assert largest_component_box(np.zeros((3, 4), bool)).tolist() == [0, 0, 4, 3]
 
 
 def test_box_to_pixels_clips_to_the_unpadded_image():

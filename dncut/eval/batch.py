@@ -43,7 +43,7 @@ from dncut.data.datasets import (DatasetLayoutError, coco20k_dataset, pair_by_st
 from dncut.data.images import IMAGE_SUFFIXES, decode_image, load_mask
 from dncut.eval import metrics
 from dncut.eval.bilateral import refine_mask
-from dncut.eval.methods import box_to_pixels, clean_binary, seed_component, upsample_map, upsample_mask
+from dncut.eval.methods import box_to_pixels, clean_binary, largest_component_box, upsample_map, upsample_mask
 from dncut.eval.report import Accumulator, example_payload, write_report
 
 log = logging.getLogger(__name__)
@@ -63,24 +63,30 @@ def _s3(cfg: Config) -> storage.S3Options:
     return storage.S3Options(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
 
 
-def dataset_records(spec: EvalDataset, s3: storage.S3Options | None = None) -> list[dict]:
+def _record(image_id: str, image_uri: str, mask_uri: str = "", gt_boxes: str = "[]", missing: str = "") -> dict:
+    """One pipeline record; ``missing`` (a reason) makes the image a failed row without reading it."""
+    return {"image_id": image_id, "image_uri": image_uri, "mask_uri": mask_uri, "gt_boxes": gt_boxes,
+            "missing": missing}
+
+
+def dataset_records(spec: EvalDataset, s3: storage.S3Options | None = None, default_scenes: int = 16) -> list[dict]:
     """Plain records of one evaluation set (no image is read here).
 
     Args:
         spec: the dataset entry of ``cfg.eval.datasets``.
         s3: S3 endpoint options.
+        default_scenes: scenes generated for ``kind: scenes`` without a ``limit``.
 
     Returns:
-        Dicts ``{image_id, image_uri, mask_uri, gt_boxes}`` (``gt_boxes``: JSON list of pixel
-        boxes, ``"[]"`` for saliency), the first ``spec.limit`` only.
+        Dicts ``{image_id, image_uri, mask_uri, gt_boxes, missing}`` (``gt_boxes``: JSON list of
+        pixel boxes, ``"[]"`` for saliency), the first ``spec.limit`` only.
 
     Raises:
         DatasetLayoutError: missing folders / files, naming the path and the expected layout.
     """
     if spec.kind == "scenes":
-        n = spec.limit or 16
-        return [{"image_id": f"scene_{i:05d}", "image_uri": f"scene://{SCENE_SEED + i}", "mask_uri": "",
-                 "gt_boxes": "[]"} for i in range(n)]
+        n = spec.limit or default_scenes
+        return [_record(f"scene_{i:05d}", f"scene://{SCENE_SEED + i}") for i in range(n)]
     if spec.kind in DISCOVERY_KINDS:
         if spec.kind == "coco20k":
             if not spec.annotations or not spec.image_list:
@@ -90,11 +96,10 @@ def dataset_records(spec: EvalDataset, s3: storage.S3Options | None = None) -> l
         else:
             split = posixpath.splitext(posixpath.basename(spec.image_list))[0] if spec.image_list else "trainval"
             samples = voc_dataset(spec.root, "2007" if spec.kind == "voc07" else "2012", split, s3)
-        records = [{"image_id": s.image_id, "image_uri": s.image_uri, "mask_uri": "",
-                    "gt_boxes": json.dumps([list(b) for b in s.boxes])} for s in samples]
+        records = [_record(s.image_id, s.image_uri, gt_boxes=json.dumps([list(b) for b in s.boxes]))
+                   for s in samples]
     else:
-        records = [{"image_id": s.image_id, "image_uri": s.image_uri, "mask_uri": s.mask_uri,
-                    "gt_boxes": "[]"} for s in saliency_dataset(spec.kind, spec.root, s3)]
+        records = [_record(s.image_id, s.image_uri, s.mask_uri) for s in saliency_dataset(spec.kind, spec.root, s3)]
     return records[: spec.limit] if spec.limit else records
 
 
@@ -125,8 +130,12 @@ def input_geometry(height: int, width: int, *, stride: int, image_size: int | No
     if image_size is None:
         return math.ceil(height / stride) * stride, math.ceil(width / stride) * stride, False
     scale = image_size / max(height, width)
-    snap = lambda v: max(stride, int(round(v * scale / stride)) * stride)  # noqa: E731
-    return snap(height), snap(width), True
+    return _snap(height * scale, stride), _snap(width * scale, stride), True
+
+
+def _snap(length: float, stride: int) -> int:
+    """Nearest positive multiple of ``stride``."""
+    return max(stride, int(round(length / stride)) * stride)
 
 
 def load_record(record: dict, *, stride: int, image_size: int | None,
@@ -140,6 +149,8 @@ def load_record(record: dict, *, stride: int, image_size: int | None,
     """
     row = dict(record)
     try:
+        if record["missing"]:
+            raise FileNotFoundError(record["missing"])
         uri = record["image_uri"]
         if uri.startswith("scene://"):
             from dncut.data.scenes import make_scene
@@ -194,8 +205,7 @@ class NCutPredictor:
 
         self.torch = torch
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = _factory(factory)(backbone, pretrained=pretrained and checkpoint is None,
-                                       checkpoint=checkpoint).eval().to(self.device)
+        self.model = _load_backbone(factory, backbone, pretrained, checkpoint).eval().to(self.device)
         self.methods = tuple(methods)
         self.solver = solver if solver in SOLVERS else "eigh"
         self.stride = self.model.stride
@@ -278,19 +288,6 @@ def _binary_scores(mask: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
     return float(np.mean(mask == gt)), 1.0 if union == 0 else np.count_nonzero(mask & gt) / union
 
 
-def _largest_component_box(mask: np.ndarray) -> np.ndarray:
-    """Patch-unit box of the largest 4-connected component (the box of ``simple`` masks)."""
-    import scipy.ndimage as ndi
-
-    labels, count = ndi.label(mask)
-    if count == 0:
-        return np.array([0, 0, mask.shape[1], mask.shape[0]], np.int64)
-    sizes = np.bincount(labels.ravel())  # (count + 1,)
-    sizes[0] = 0
-    seed = int(np.flatnonzero(labels.ravel() == sizes.argmax())[0])
-    return seed_component(mask, seed)[1]
-
-
 def score_row(row: dict, *, methods: Sequence[str], bilateral: bool, discovery: bool,
               example_ids: frozenset[str] = frozenset()) -> list[dict]:
     """Stage 3 (CPU task): one image's predictions -> one scored row per method (+bs).
@@ -316,7 +313,7 @@ def score_row(row: dict, *, methods: Sequence[str], bilateral: bool, discovery: 
             mask = upsample_mask(grid_mask, size, **geometry)  # (H, W)
             keep = image_id in example_ids
             if discovery:
-                box = row["tokencut_box"] if m == "tokencut" else _largest_component_box(grid_mask)
+                box = row["tokencut_box"] if m == "tokencut" else largest_component_box(grid_mask)
                 px = box_to_pixels(box, int(row["stride"]), geometry["content"])
                 gt_boxes = np.asarray(json.loads(row["gt_boxes"]), np.float64).reshape(-1, 4)
                 hit = float(metrics.corloc_hit(px, gt_boxes))
@@ -359,6 +356,15 @@ def _cpu_split(num_actors: int) -> tuple[float, float, float]:
     return actor / 2, actor, actor
 
 
+def _load_backbone(factory: BackboneFactory | None, backbone: str, pretrained: bool, checkpoint: str | None):
+    """Build the backbone as the actors will (on the driver, so a bad name / checkpoint fails here)."""
+    try:
+        return _factory(factory)(backbone, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint)
+    except Exception as exc:
+        raise RuntimeError(f"cannot build backbone {backbone!r} with checkpoint {checkpoint!r} "
+                           f"(pretrained={pretrained}): {exc}") from exc
+
+
 def _factory(factory: BackboneFactory | None) -> BackboneFactory:
     if factory is not None:
         return factory
@@ -374,7 +380,7 @@ def _run_pipeline(records: list[dict], *, cfg: Config, dataset: str, discovery: 
 
     ev = cfg.eval
     methods = list(dict.fromkeys(ev.methods))
-    stride = _factory(factory)(backbone, pretrained=False, checkpoint=None).stride  # random init: cheap
+    stride = _load_backbone(factory, backbone, cfg.model.pretrained, checkpoint).stride  # fail fast, clearly
     read_cpus, actor_cpus, score_cpus = _cpu_split(ev.num_actors)
     example_ids = frozenset(r["image_id"] for r in records[: ev.examples])
     log.info("eval %s: %d images, backbone %s, checkpoint %s, methods %s%s", dataset, len(records),
@@ -419,9 +425,10 @@ def run_evaluation(cfg: Config, *, backbone_factory: BackboneFactory | None = No
         DatasetLayoutError: a dataset root is missing or malformed (before any Ray work).
     """
     s3 = _s3(cfg)
-    specs = [(spec, dataset_records(spec, s3)) for spec in cfg.eval.datasets]  # layout errors first
+    # every dataset's layout is checked before any Ray work
+    specs = [(spec, dataset_records(spec, s3, cfg.data.val_scenes)) for spec in cfg.eval.datasets]
     _ensure_ray()
-    acc = Accumulator()
+    acc = Accumulator(cfg.eval.methods)
     for spec, records in specs:
         for backbone in cfg.eval_backbones():
             for checkpoint in cfg.eval.checkpoints:
@@ -468,12 +475,10 @@ def evaluate_saliency(images_dir: str, masks_dir: str, backbone: str, checkpoint
     images = _stems(images_dir, "images", layout, s3)
     masks = _stems(masks_dir, "masks", layout, s3)
     samples, lonely, _ = pair_by_stem(images, masks)
-    records = [{"image_id": s.image_id, "image_uri": s.image_uri, "mask_uri": s.mask_uri, "gt_boxes": "[]"}
-               for s in samples]
-    records += [{"image_id": s, "image_uri": images[s], "mask_uri": f"{masks_dir}/{s}.png (missing)",
-                 "gt_boxes": "[]"} for s in lonely]  # fail with "no such file", never dropped
+    records = [_record(s.image_id, s.image_uri, s.mask_uri) for s in samples]
+    records += [_record(s, images[s], missing=f"no mask named {s}.* in {masks_dir}") for s in lonely]
     _ensure_ray()
-    acc = Accumulator()
+    acc = Accumulator(methods)
     _run_pipeline(records, cfg=cfg, dataset=_dataset_name(images_dir), discovery=False, backbone=backbone,
                   checkpoint=checkpoint, acc=acc)
     return _finish(acc, out_dir, cfg, s3)

@@ -20,6 +20,8 @@ Post-processing helpers (numpy, one image at a time):
 * ``upsample_mask(mask: (h, w) bool, ...) -> (H, W) bool``: the same, thresholded at 0.5.
 * ``clean_binary(mask: (H, W) bool) -> (H, W) bool``: TokenCut's clean-up of the bilateral
   solver's binary output (fill holes, keep the largest component).
+* ``largest_component_box(mask: (h, w) bool) -> (4,)``: the box a ``simple`` mask gives for
+  object discovery (largest 4-connected component, patch units).
 * ``box_to_pixels(box, patch, size) -> (4,)``: patch-unit box -> pixel box, clipped to the
   image (TokenCut clips to the unpadded image size).
 """
@@ -118,6 +120,24 @@ def seed_component(bipartition: np.ndarray, seed: int) -> tuple[np.ndarray, np.n
     cols = np.flatnonzero(component.any(axis=0))
     box = np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.int64)
     return component, box
+
+
+def largest_component_box(mask: np.ndarray) -> np.ndarray:
+    """Box of the largest 4-connected component of a grid mask (the box of a ``simple`` mask).
+
+    Args:
+        mask: ``(h, w)`` bool.
+
+    Returns:
+        ``(4,)`` int64 half-open ``(x0, y0, x1, y1)`` in patch units; the whole grid if empty.
+    """
+    labels, count = ndi.label(mask)
+    if count == 0:
+        return np.array([0, 0, mask.shape[1], mask.shape[0]], dtype=np.int64)
+    sizes = np.bincount(labels.ravel())  # (count + 1,)
+    sizes[0] = 0
+    seed = int(np.flatnonzero(labels.ravel() == sizes.argmax())[0])
+    return seed_component(mask, seed)[1]
 
 
 def tokencut(features: Tensor, *, tau: float = TOKENCUT_TAU, eps: float = TOKENCUT_EPS,

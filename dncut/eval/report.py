@@ -19,6 +19,7 @@ import io
 import json
 import math
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,9 +88,14 @@ class _RunStats:
 
 
 class Accumulator:
-    """Streams scored rows into run statistics, per-image records and example payloads."""
+    """Streams scored rows into run statistics, per-image records and example payloads.
 
-    def __init__(self) -> None:
+    Args:
+        method_order: order of the methods in the summary (others follow, sorted).
+    """
+
+    def __init__(self, method_order: Sequence[str] = ()) -> None:
+        self.method_order = list(method_order)
         self.runs: dict[tuple[str, str, str, str | None], _RunStats] = {}
         self.rows: list[dict[str, Any]] = []
         self.examples: dict[tuple[str, str, str | None], list[tuple[str, str, bytes]]] = {}
@@ -118,7 +124,9 @@ class Accumulator:
 
     def _sort_key(self, key: tuple[str, str, str, str | None]) -> tuple:
         dataset, method, backbone, checkpoint = key
-        return (self._dataset_order[dataset], backbone, str(checkpoint), method.endswith("+bs"), method)
+        base = method.removesuffix("+bs")
+        rank = self.method_order.index(base) if base in self.method_order else len(self.method_order)
+        return (self._dataset_order[dataset], backbone, str(checkpoint), method.endswith("+bs"), rank, method)
 
     def summary(self) -> dict:
         """``{"runs": [{dataset, method, backbone, checkpoint, n_images, n_failed, metrics}]}``."""
@@ -230,6 +238,18 @@ def format_details(summary: dict) -> str:
              str(r["n_failed"])] + ["-" if r["metrics"].get(k) is None else f"{r['metrics'][k]:.4f}" for k in keys]
             for r in runs]
     return "\n".join(_markdown(header, rows))
+
+
+def format_failures(rows: list[dict], limit: int = 100) -> str:
+    """Markdown list of the images that failed (one line per dataset and image, with the reason)."""
+    failed = {(r["dataset"], r["image_id"]): r["error"] for r in rows if r["status"] != "ok"}
+    if not failed:
+        return ""
+    lines = [f"\n## Failed images ({len(failed)})\n"]
+    lines += [f"- {d} / {i}: {e}" for (d, i), e in list(failed.items())[:limit]]
+    if len(failed) > limit:
+        lines.append(f"- ... and {len(failed) - limit} more (see per_image.parquet)")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- examples figure
@@ -369,7 +389,8 @@ def write_report(out_dir: str, summary: dict, acc: Accumulator, *, config_yaml: 
     pq.write_table(acc.table(), buf)
     put("per_image.parquet", buf.getvalue())
     put("summary.json", json.dumps(summary, indent=2).encode())
-    md = f"# Evaluation results\n\n{format_table(summary)}\n\n## All runs (fractions)\n\n{format_details(summary)}\n"
+    md = (f"# Evaluation results\n\n{format_table(summary)}\n\n## All runs (fractions)\n\n"
+          f"{format_details(summary)}\n{format_failures(acc.rows)}")
     put("summary.md", md.encode())
     for n, (group, items) in enumerate(acc.examples.items()):
         dataset, backbone, checkpoint = group

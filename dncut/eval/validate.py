@@ -11,6 +11,7 @@ Data batch job, on a handful of images held in memory::
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -18,8 +19,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dncut import storage
+from dncut.config import Config
+from dncut.data.datasets import saliency_dataset
+from dncut.data.images import decode_image, load_mask
+from dncut.data.scenes import make_scene
 from dncut.eval.methods import simple_ncut, upsample_map
 from dncut.eval.metrics import aggregate_saliency, score_saliency
+
+log = logging.getLogger(__name__)
+
+HELD_OUT_SEED = 1_000_000  # held-out scenes never overlap the training seeds 0..num_scenes-1
 
 
 @dataclass
@@ -75,3 +85,25 @@ def score_backbone(backbone: torch.nn.Module, samples: Sequence[Labelled], *, im
     agg = aggregate_saliency(scores)
     return {k: agg[k] for k in ("acc", "iou", "max_fbeta", "mae")}, maps
 
+
+def validation_set(cfg: Config) -> list[Labelled]:
+    """``data.val`` (images/ + masks/, local or s3://) or ``data.val_scenes`` held-out scenes.
+
+    Raises:
+        dncut.data.datasets.DatasetLayoutError: the folder lacks images/ or masks/, or no pairs.
+    """
+    if cfg.data.val is None:
+        return [Labelled(*make_scene(HELD_OUT_SEED + i, size=cfg.data.crop_size)) for i in range(cfg.data.val_scenes)]
+    s3 = storage.S3Options(cfg.storage.endpoint_url, cfg.storage.region)
+    samples, failed = [], []
+    for r in saliency_dataset("folder", cfg.data.val, s3):
+        try:
+            samples.append(Labelled(decode_image(storage.read_bytes(r.image_uri, s3)),
+                                    load_mask(storage.read_bytes(r.mask_uri, s3))))
+        except (OSError, ValueError) as exc:
+            failed.append(f"{r.image_id}: {exc}")
+    if failed:
+        log.warning("validation set %s: skipped %d unreadable pairs, e.g. %s", cfg.data.val, len(failed), failed[:3])
+    if not samples:
+        raise ValueError(f"validation set {cfg.data.val}: no readable image/mask pair ({len(failed)} failed)")
+    return samples

@@ -1,0 +1,260 @@
+"""Throughput of the TokenCut evaluation: dncut's batched NCut layer vs the peers' per-image scipy.
+
+    .venv/bin/python bench/eval_throughput.py                 # sod-val if present, else scenes
+    .venv/bin/python bench/eval_throughput.py --images 32 --skip-scaling
+
+Part 1 (same machine, same images, same EfficientNet-Lite0 features, computed once):
+  * peers: per image, sequentially, TokenCut's numpy code: A = f f^T > 0.2 (eps 1e-5),
+    ``scipy.linalg.eigh(D - A, D, subset_by_index=[1, 2])``, mean bipartition, seed, flip,
+    4-connected component (scipy.ndimage.label), box — affinities from float32 features, the
+    eigenproblem in float64, as their code runs (``np.where`` promotes the binary graph);
+  * dncut: ``dncut.eval.methods.tokencut`` on each same-grid group at once (float64 graph),
+    with the exact ``eigh`` solver and the batched ``lobpcg`` solver.
+  Reports images/s of this NCut stage, the speed-up, the feature extraction rate and the
+  end-to-end rate (features + NCut), and how often the two give the same mask and box.
+Part 2: the Ray job (``run_evaluation``, tokencut, no solver) on the same images with Ray
+  limited to 1 and then 2 CPUs, each in a fresh process: images/s and the scaling factor.
+
+Writes JSON to stdout and to ``bench/results/eval_throughput.json``. ``--save-features`` /
+``--load-features`` time part 1 elsewhere (e.g. pinned to 2 cores of a quiet machine) on the
+very same features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import scipy.ndimage as ndi
+import torch
+
+SOD_VAL = Path("/work/shared/data/sod-val")
+RESULTS = Path(__file__).resolve().parent / "results" / "eval_throughput.json"
+
+
+# --------------------------------------------------------------------------- inputs
+def load_images(n: int) -> tuple[list[np.ndarray], str, Path | None]:
+    """(RGB uint8 images, source name, saliency root with images/ + masks/ or None)."""
+    from PIL import Image
+
+    files = sorted((SOD_VAL / "images").glob("*.jpg"))[:n] if (SOD_VAL / "images").is_dir() else []
+    if files:
+        return [np.asarray(Image.open(f).convert("RGB")) for f in files], "sod-val", SOD_VAL
+    from dncut.data.scenes import make_scene
+
+    return [np.asarray(make_scene(1_000_000 + i, size=320)[0]) for i in range(n)], "scenes", None
+
+
+def extract_features(images: list[np.ndarray], backbone: str, size: int) -> tuple[list[torch.Tensor], float]:
+    """EfficientNet-Lite0 features (C, h, w) per image (long side ``size``) and the seconds spent."""
+    from PIL import Image
+
+    from dncut.backbones import IMAGENET_MEAN, IMAGENET_STD, create_backbone
+    from dncut.eval.batch import input_geometry
+
+    model = create_backbone(backbone, pretrained=True).eval()
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)  # (1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)  # (1, 3, 1, 1)
+    feats = []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for image in images:
+            hc, wc, _ = input_geometry(*image.shape[:2], stride=model.stride, image_size=size)
+            x = np.asarray(Image.fromarray(image).resize((wc, hc), Image.BILINEAR))  # (Hc, Wc, 3)
+            x = torch.from_numpy(x.copy()).permute(2, 0, 1)[None].float() / 255  # (1, 3, Hc, Wc)
+            feats.append(model((x - mean) / std)[0])  # (C, h, w)
+    return feats, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- the two NCut stages
+def peer_tokencut(feat: np.ndarray, tau: float = 0.2, eps: float = 1e-5) -> tuple[np.ndarray, list[int]]:
+    """TokenCut's per-image code path (numpy / scipy): (mask (h, w), box in patches)."""
+    c, h, w = feat.shape
+    x = feat.reshape(c, h * w).T  # (n, C)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    a = x @ x.T  # (n, n), float32 like their torch features
+    a = np.where(a > tau, 1.0, eps)  # float64: their np.where(A.astype(float) == 0, eps, A) promotes
+    d = np.diag(a.sum(1))
+    _, vecs = scipy.linalg.eigh(d - a, d, subset_by_index=[1, 2])
+    y = vecs[:, 0]
+    part = y > y.mean()
+    seed = int(np.argmax(np.abs(y)))
+    if not part[seed]:
+        part = ~part
+    labels, _ = ndi.label(part.reshape(h, w))
+    comp = labels == labels.flat[seed]
+    rows, cols = np.nonzero(comp)
+    return comp, [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
+
+
+def run_peers(feats: list[torch.Tensor]) -> tuple[list, float]:
+    arrays = [f.numpy() for f in feats]
+    start = time.perf_counter()
+    out = [peer_tokencut(a) for a in arrays]
+    return out, time.perf_counter() - start
+
+
+def run_batched(feats: list[torch.Tensor], solver: str) -> tuple[list, float]:
+    from dncut.eval.methods import tokencut
+
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, f in enumerate(feats):
+        groups.setdefault(tuple(f.shape), []).append(i)
+    out: list = [None] * len(feats)
+    start = time.perf_counter()
+    for idx in groups.values():
+        res = tokencut(torch.stack([feats[i] for i in idx]), solver=solver)  # (g, C, h, w) in
+        for k, i in enumerate(idx):
+            out[i] = (res.masks[k].numpy(), res.boxes[k].tolist())
+    return out, time.perf_counter() - start
+
+
+def rate(n: int, *seconds: float | None) -> float | None:
+    """Images per second over the summed times; ``None`` when a time is unknown."""
+    return None if any(s is None for s in seconds) else round(n / sum(seconds), 2)
+
+
+def best_of(fn, repeats: int):
+    runs = [fn() for _ in range(repeats)]
+    return runs[0][0], min(r[1] for r in runs)
+
+
+# --------------------------------------------------------------------------- Ray scaling
+def scaling_worker(cpus: int, root: str, n: int, backbone: str, size: int, solver: str) -> dict:
+    """Run inside a fresh process: the Ray job on ``n`` images with Ray limited to ``cpus``."""
+    import logging
+
+    import ray
+
+    from dncut.config import Config
+    from dncut.eval.batch import run_evaluation
+
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR)
+    cfg = Config().with_overrides({
+        "output_dir": tempfile.mkdtemp(prefix="dncut-bench-"), "run_name": f"cpus{cpus}",
+        "model.backbone": backbone, "ncut.solver": solver,
+        "eval.datasets": [{"name": "bench", "kind": "folder", "root": root, "limit": n}],
+        "eval.methods": ["tokencut"], "eval.bilateral": False, "eval.image_size": size,
+        "eval.batch_size": 8, "eval.num_actors": cpus, "eval.examples": 0,
+    })
+    start = time.perf_counter()
+    summary = run_evaluation(cfg)
+    wall = time.perf_counter() - start
+    run = summary["runs"][0]
+    return {"cpus": cpus, "num_actors": cpus, "images": run["n_images"], "failed": run["n_failed"],
+            "wall_s": round(wall, 2), "images_per_s": round(run["n_images"] / wall, 2),
+            "iou": run["metrics"]["iou"]}
+
+
+def write_scene_root(n: int) -> str:
+    from PIL import Image
+
+    from dncut.data.scenes import make_scene
+
+    root = Path(tempfile.mkdtemp(prefix="dncut-bench-scenes-"))
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    for i in range(n):
+        image, mask = make_scene(1_000_000 + i, size=320)
+        image.save(root / "images" / f"s{i:04d}.jpg", quality=95)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / f"s{i:04d}.png")
+    return str(root)
+
+
+def run_scaling(root: str, n: int, backbone: str, size: int, solver: str) -> list[dict]:
+    results = []
+    for cpus in (1, 2):
+        cmd = [sys.executable, __file__, "--scaling-worker", str(cpus), "--root", root, "--images", str(n),
+               "--backbone", backbone, "--size", str(size), "--solver", solver]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        line = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+        if proc.returncode or not line:
+            results.append({"cpus": cpus, "error": proc.stderr[-2000:]})
+        else:
+            results.append(json.loads(line[-1]))
+    return results
+
+
+# --------------------------------------------------------------------------- main
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=64, help="number of images")
+    p.add_argument("--backbone", default="efficientnet_lite0_s16",
+                   help="efficientnet_lite0_s16 (stride 16) or efficientnet_lite0 (stride 32)")
+    p.add_argument("--size", type=int, default=320, help="long side of the resized images")
+    p.add_argument("--repeats", type=int, default=2, help="timing repeats (best is kept)")
+    p.add_argument("--solver", default="eigh", help="NCut solver of the Ray job in part 2")
+    p.add_argument("--skip-scaling", action="store_true")
+    p.add_argument("--scaling-worker", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--root", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--save-features", default=None, help="also save the features (torch .pt) for --load-features")
+    p.add_argument("--load-features", default=None, help="time part 1 on features saved elsewhere (implies --skip-scaling)")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+    if args.scaling_worker:
+        print(json.dumps(scaling_worker(args.scaling_worker, args.root, args.images, args.backbone, args.size,
+                                        args.solver)))
+        return
+
+    load_start = os.getloadavg()
+    if args.load_features:
+        saved = torch.load(args.load_features)
+        feats, source, root = saved["feats"], saved["source"] + " (saved features)", None
+        feat_s = None  # measured on another machine: no end-to-end rates here
+        args.skip_scaling = True
+        args.size, args.backbone = saved.get("long_side", args.size), saved.get("backbone", args.backbone)
+    else:
+        images, source, root = load_images(args.images)
+        feats, feat_s = extract_features(images, args.backbone, args.size)
+        if args.save_features:
+            torch.save({"feats": feats, "feat_s": feat_s, "source": source, "long_side": args.size,
+                        "backbone": args.backbone}, args.save_features)
+    peers, peer_s = best_of(lambda: run_peers(feats), args.repeats)
+    n = len(feats)
+    result: dict = {
+        "machine": {"cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "loadavg_start": [round(v, 2) for v in load_start]},
+        "images": n, "source": source, "backbone": args.backbone, "long_side": args.size,
+        "grids": sorted({tuple(f.shape[1:]) for f in feats}),
+        "nodes_per_graph": sorted({f.shape[1] * f.shape[2] for f in feats}),
+        "features_images_per_s": rate(n, feat_s),
+        "peers_scipy_per_image": {"ncut_images_per_s": rate(n, peer_s), "end_to_end_images_per_s": rate(n, feat_s, peer_s)},
+    }
+    for solver in ("eigh", "lobpcg"):
+        run_batched(feats[:2], solver)  # warm-up
+        ours, ours_s = best_of(lambda: run_batched(feats, solver), args.repeats)
+        same_mask = np.mean([np.array_equal(a[0], b[0]) for a, b in zip(ours, peers)])
+        iou = np.mean([(a[0] & b[0]).sum() / max(1, (a[0] | b[0]).sum()) for a, b in zip(ours, peers)])
+        same_box = np.mean([a[1] == b[1] for a, b in zip(ours, peers)])
+        result[f"dncut_batched_{solver}"] = {
+            "ncut_images_per_s": rate(n, ours_s), "speedup_ncut": round(peer_s / ours_s, 2),
+            "end_to_end_images_per_s": rate(n, feat_s, ours_s),
+            "speedup_end_to_end": None if feat_s is None else round((feat_s + peer_s) / (feat_s + ours_s), 2),
+            "same_mask_fraction": round(float(same_mask), 3), "mean_mask_iou_vs_peers": round(float(iou), 4),
+            "same_box_fraction": round(float(same_box), 3),
+        }
+    if not args.skip_scaling:
+        ray_root = str(root) if root is not None else write_scene_root(n)
+        result["ray_job_scaling"] = {"solver": args.solver,
+                                     "runs": run_scaling(ray_root, n, args.backbone, args.size, args.solver)}
+        ok = [r for r in result["ray_job_scaling"]["runs"] if "images_per_s" in r]
+        if len(ok) == 2:
+            result["ray_job_scaling"]["speedup_2_vs_1_cpu"] = round(ok[1]["images_per_s"] / ok[0]["images_per_s"], 2)
+    result["machine"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    text = json.dumps(result, indent=2)
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
