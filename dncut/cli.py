@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p = sub.add_parser("tune", help="Ray Tune sweep over loss.alpha x train.lr x model.backbone")
     _add_config_args(p)
+    p.add_argument("--evaluate-best", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the eval section on the best trial's exported backbone (default: tune.evaluate_best)")
     p = sub.add_parser("eval", help="saliency / object-discovery evaluation as a Ray Data batch job")
     _add_config_args(p)
 
@@ -129,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dncut.tune import run_sweep
 
         init_ray(args.address)
-        run_sweep(cfg)
+        run_sweep(cfg, evaluate=args.evaluate_best)
         return 0
     if args.command == "demo":
         from dncut.demo import run_demo

@@ -1,0 +1,533 @@
+"""Hyperparameter sweeps with Ray Tune: ``loss.alpha`` x ``train.lr`` x ``model.backbone`` (REFERENCE §5).
+
+    run_sweep(cfg)                                    driver (``dncut tune``, ``jobs/sweep.py``)
+      -> check_sweep(cfg)                            every error before any trial starts
+      -> Tuner(train_trial, param_space={alpha, lr, backbone}, ASHA on tune.metric)
+           or Tuner.restore(<sweep dir>) when an interrupted sweep of that name exists
+         train_trial(params)                        one Tune trial = one Ray Train run
+           cfg.with_overrides({loss.alpha, train.lr, model.backbone, run_name, output_dir})
+           build_trainer(trial_cfg, callbacks=[TuneReportCallback()]).fit()
+      -> trials.csv / trials.md   one row per trial: config, best/final validation, status, paths
+      -> val_iou_vs_alpha.png     best validation IoU against alpha, one line per backbone
+      -> best_eval/               run_evaluation of the winner's exported backbone (optional)
+
+Layout under the sweep directory ``<tune.storage_path or output_dir/tune>/<tune.name>``
+(local or ``s3://``): Tune's own experiment files and trial folders, ``runs/<run_name>/``
+for every trial's Ray Train run (checkpoints, ``config.yaml``, ``backbone.pth``,
+``final_metrics.json``), the result tables, the plot and ``best_eval/``.
+
+Concurrency rule (``tune.max_concurrent_trials: null``): a trial needs
+``num_workers * cpus_per_worker`` CPUs for its Train workers plus at least one CPU
+(``max(1, data.decode_cpus)``) for its Ray Data pipeline, and ``num_workers * gpus_per_worker``
+GPUs; the trial's Tune driver only waits on the Train controller and reserves 0.01 CPU. At most
+``floor(cluster CPUs / per-trial CPUs)`` (and ``floor(GPUs / per-trial GPUs)``) trials run at
+once, never fewer than one: a pipeline starved of CPUs hangs at "backpressured".
+
+Resume: running the same sweep again (same storage path and name) restores it with
+``Tuner.restore(..., resume_errored=True)``; finished trials are kept, unfinished and errored
+ones continue from their last Ray Train checkpoint (a trial's run name depends only on its
+Tune trial id and parameters). A trial whose Train run had already finished when the sweep
+was interrupted replays its ``final_metrics.json`` instead of training again.
+
+ASHA never stops a trial at its last report (its export follows that report). A trial killed
+by ASHA leaves its workers' placement group behind when Ray Train's own cleaner cannot reach
+the dashboard; ``ReleaseStoppedTrials`` frees it. Tables and statuses: ``dncut.tune_results``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from ray.tune import Callback
+from ray.tune.schedulers import AsyncHyperBandScheduler
+
+from dncut import storage
+from dncut.config import Config, ConfigError, LogUniform, parse_config
+from dncut.tune_results import (best_trial, format_trials, plot_iou_vs_alpha, sort_rows, trial_row,
+                                 trial_run_name, trials_csv)
+
+log = logging.getLogger("dncut.tune")
+
+RUNS_DIR = "runs"
+FINAL_METRICS = "final_metrics.json"
+CSV_FILE = "trials.csv"
+MD_FILE = "trials.md"
+PLOT_FILE = "val_iou_vs_alpha.png"
+BEST_FILE = "best.md"
+EVAL_RUN = "best_eval"
+SPACE_KEYS: dict[str, str] = {"alpha": "loss.alpha", "lr": "train.lr", "backbone": "model.backbone"}
+"""Tune parameter name -> dotted config key it overrides."""
+REPORTED_METRICS: tuple[str, ...] = (
+    "val_iou", "val_max_fbeta", "val_acc", "val_mae", "loss", "l_consistency", "l_reg", "pass_fraction",
+    "iou_mean", "sim_horizontal", "sim_vertical", "sim_uniform", "lr", "step", "elapsed_s",
+)
+"""Metrics reported by ``dncut.train`` that a sweep may optimise."""
+DRIVER_CPUS = 0.01
+"""CPU reserved by a trial's Tune driver function: it only waits on its Train controller (Tune
+refuses 0)."""
+TIME_ATTRS: tuple[str, ...] = ("training_iteration", "step", "time_total_s", "elapsed_s")
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start; the message names the config key at fault."""
+
+
+@dataclass
+class SweepResults:
+    """What ``run_sweep`` produced (every URI is under ``sweep_dir``)."""
+
+    sweep_dir: str
+    rows: list[dict[str, Any]]
+    table: str
+    best: dict[str, Any] | None = None
+    eval_summary: dict | None = None
+    eval_table: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- where things live
+
+
+def sweep_dir(cfg: Config) -> str:
+    """``<tune.storage_path or output_dir/tune>/<tune.name>``; local paths made absolute."""
+    import os
+
+    root = cfg.tune.storage_path or storage.join(cfg.output_dir, "tune")
+    if not storage.is_s3(root):
+        root = os.path.abspath(os.path.expanduser(root))
+    return storage.join(root, cfg.tune.name)
+
+
+def trial_config(base: Mapping[str, Any], params: Mapping[str, Any], trial_id: str, runs_dir: str,
+                 known_backbones: Sequence[str] | None = None) -> Config:
+    """The validated config of one trial: the sampled values plus its own run folder.
+
+    Args:
+        base: the sweep's config as a plain dict (``Config.model_dump(mode="json")``).
+        params: ``{"alpha": float, "lr": float, "backbone": str}`` sampled by Tune.
+        trial_id: Tune's trial id.
+        runs_dir: ``<sweep dir>/runs``; the trial's Train run lives in ``runs_dir/<run name>``.
+        known_backbones: accepted backbone names (``dncut.backbones.list_backbones()``).
+
+    Returns:
+        ``Config`` with ``loss.alpha``, ``train.lr``, ``model.backbone``, ``run_name`` and
+        ``output_dir`` set (and ``model.checkpoint`` from ``tune.checkpoints`` for that backbone).
+    """
+    overrides: dict[str, Any] = {SPACE_KEYS[k]: params[k] for k in SPACE_KEYS}
+    own = (base.get("tune") or {}).get("checkpoints") or {}
+    if params["backbone"] in own:
+        overrides.update({"model.checkpoint": own[params["backbone"]], "model.pretrained": False})
+    overrides.update({"run_name": trial_run_name(trial_id, params), "output_dir": runs_dir})
+    return parse_config(base, overrides, known_backbones, f"trial {trial_id}")
+
+
+def max_concurrent_trials(cfg: Config, resources: Mapping[str, float], num_trials: int | None = None) -> int:
+    """Trials that fit at once with a Ray Data CPU left to each (module docstring).
+
+    Args:
+        cfg: the sweep config (``scaling``, ``data.decode_cpus``, ``tune.max_concurrent_trials``).
+        resources: ``ray.cluster_resources()``, e.g. ``{"CPU": 16.0, "GPU": 4.0}``.
+        num_trials: grid size, an upper bound (``None`` = no bound).
+
+    Returns:
+        ``tune.max_concurrent_trials`` if set, else ``max(1, min(floor(CPU / (workers *
+        cpus_per_worker + max(1, decode_cpus))), floor(GPU / (workers * gpus_per_worker))))``.
+    """
+    if cfg.tune.max_concurrent_trials is not None:
+        return cfg.tune.max_concurrent_trials
+    sc = cfg.scaling
+    per_cpu = sc.num_workers * sc.cpus_per_worker + max(1.0, cfg.data.decode_cpus)
+    fits = [math.floor(float(resources.get("CPU", 0.0)) / per_cpu + 1e-9)]
+    if sc.use_gpu:
+        fits.append(math.floor(float(resources.get("GPU", 0.0)) / (sc.num_workers * sc.gpus_per_worker) + 1e-9))
+    n = min(fits)
+    if n < 1:
+        log.warning("one trial needs %.3g CPUs%s but the cluster has %s: running one at a time and waiting for "
+                    "the autoscaler", per_cpu, " and GPUs" if sc.use_gpu else "", dict(resources))
+    return max(1, min(n, num_trials) if num_trials else n)
+
+
+# ----------------------------------------------------------------------------- checks before any trial
+
+
+def _grid_values(space: LogUniform | list[float]) -> list[float]:
+    """Values to check: the grid itself, or the bounds of a log-uniform range."""
+    return [space.low, space.high] if isinstance(space, LogUniform) else list(space)
+
+
+def grid_size(cfg: Config) -> int:
+    """Number of trials: grid points x ``num_samples`` (log-uniform axes count once)."""
+    n = len(cfg.tune_backbones()) * cfg.tune.num_samples
+    for space in (cfg.tune.alpha, cfg.tune.lr):
+        n *= 1 if isinstance(space, LogUniform) else len(space)
+    return n
+
+
+def _check_space(cfg: Config) -> None:
+    t = cfg.tune
+    for key, space in (("alpha", t.alpha), ("lr", t.lr)):
+        if isinstance(space, LogUniform):
+            continue
+        if not space:
+            raise SweepError(f"tune.{key}: empty search space, give at least one value or {{low, high}}")
+        bad = [v for v in space if not math.isfinite(v) or v < 0 or (key == "lr" and v == 0)]
+        if bad:
+            raise SweepError(f"tune.{key}: invalid values {bad} (alpha >= 0, lr > 0, finite)")
+        if len(set(space)) != len(space):
+            raise SweepError(f"tune.{key}: repeated values in {space}; use tune.num_samples for repeats")
+    if t.backbones is not None and not t.backbones:
+        raise SweepError("tune.backbones: empty list, give at least one backbone (or null = [model.backbone])")
+    backbones = cfg.tune_backbones()
+    if len(set(backbones)) != len(backbones):
+        raise SweepError(f"tune.backbones: repeated names in {backbones}")
+    if t.metric not in REPORTED_METRICS:
+        raise SweepError(f"tune.metric: {t.metric!r} is not reported by training; valid: {', '.join(REPORTED_METRICS)}")
+    if t.asha is not None:
+        if t.asha.time_attr not in TIME_ATTRS:
+            raise SweepError(f"tune.asha.time_attr: invalid value {t.asha.time_attr!r}; valid: {', '.join(TIME_ATTRS)}")
+        if t.asha.max_t is None and t.asha.time_attr not in ("training_iteration", "step"):
+            raise SweepError(f"tune.asha.max_t: required with time_attr={t.asha.time_attr!r}")
+
+
+def _check_backbones(cfg: Config, known: Sequence[str]) -> None:
+    """Every backbone exists and its stride divides ``data.crop_size`` (built on the meta device)."""
+    import torch
+
+    from dncut.backbones import create_backbone
+
+    backbones = cfg.tune_backbones()
+    stray = sorted(set(cfg.tune.checkpoints) - set(backbones))
+    if stray:
+        raise SweepError(f"tune.checkpoints: {stray} not in tune.backbones={backbones}")
+    shared = [b for b in backbones if b not in cfg.tune.checkpoints]
+    if cfg.model.checkpoint is not None and len(shared) > 1:
+        raise SweepError(f"model.checkpoint={cfg.model.checkpoint!r} would be loaded into every backbone of "
+                         f"{shared}: give each its own weights in tune.checkpoints")
+    from dncut.data.pipeline import s3_options
+
+    for key, uri in [("model.checkpoint", cfg.model.checkpoint)] + [
+            (f"tune.checkpoints.{b}", u) for b, u in cfg.tune.checkpoints.items()]:
+        if uri is not None and not storage.exists(uri, s3_options(cfg)):
+            raise SweepError(f"{key}: no file at {uri}")
+    for name in backbones:
+        if name not in known:
+            import timm
+
+            if not (name.startswith("vit_") and timm.is_model(name)):
+                raise SweepError(f"tune.backbones: unknown backbone {name!r}; valid: {', '.join(known)} "
+                                 "or a timm VisionTransformer name")
+        with torch.device("meta"):
+            stride = create_backbone(name, pretrained=False).stride
+        if cfg.data.crop_size % stride:
+            raise SweepError(f"data.crop_size={cfg.data.crop_size} is not a multiple of the stride {stride} "
+                             f"of backbone {name!r} (tune.backbones)")
+
+
+def _check_combinations(cfg: Config, known: Sequence[str]) -> None:
+    """Every (alpha, lr, backbone) grid point (log-uniform bounds) gives a valid config."""
+    base = cfg.model_dump(mode="json")
+    for alpha in _grid_values(cfg.tune.alpha):
+        for lr in _grid_values(cfg.tune.lr):
+            for backbone in cfg.tune_backbones():
+                params = {"alpha": alpha, "lr": lr, "backbone": backbone}
+                try:
+                    trial_config(base, params, "check", "/tmp", known)
+                except ConfigError as exc:
+                    raise SweepError(f"trial {params} has an invalid config: {exc}") from None
+
+
+def check_sweep(cfg: Config, known_backbones: Sequence[str] | None = None) -> int:
+    """Everything that can be checked before a trial starts; returns the number of trials.
+
+    Raises:
+        SweepError: empty or invalid search space, unknown backbone, crop size vs stride,
+            invalid grid point, unknown metric.
+        dncut.data.datasets.DatasetLayoutError: ``data.val`` has no images/ or masks/, or no pairs.
+        dncut.storage.StorageError: the training source is unreachable or empty.
+    """
+    from dncut.backbones import list_backbones
+    from dncut.data.datasets import saliency_dataset
+    from dncut.data.pipeline import s3_options, source_uris
+
+    known = list(known_backbones) if known_backbones is not None else list_backbones()
+    _check_space(cfg)
+    _check_backbones(cfg, known)
+    _check_combinations(cfg, known)
+    if cfg.data.val is not None:
+        saliency_dataset("folder", cfg.data.val, s3_options(cfg))
+    source_uris(cfg)
+    return grid_size(cfg)
+
+
+# ----------------------------------------------------------------------------- the trial
+
+
+def train_trial(params: dict[str, Any], *, base: dict[str, Any], runs_dir: str) -> None:
+    """Tune driver function of one trial: build and fit its TorchTrainer.
+
+    Args:
+        params: ``{"alpha", "lr", "backbone"}`` sampled by Tune.
+        base: the sweep config (``Config.model_dump(mode="json")``), bound with ``tune.with_parameters``.
+        runs_dir: ``<sweep dir>/runs``.
+    """
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from dncut.backbones import list_backbones
+    from dncut.data.pipeline import s3_options
+    from dncut.train import build_trainer, run_dir
+
+    cfg = trial_config(base, params, ray.tune.get_context().get_trial_id(), runs_dir, list_backbones())
+    final_uri = storage.join(run_dir(cfg), FINAL_METRICS)
+    if storage.exists(final_uri, s3_options(cfg)):  # finished before the sweep was interrupted
+        ray.tune.report(json.loads(storage.read_bytes(final_uri, s3_options(cfg))))
+        return
+    result = build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str, bool))}
+    if result.checkpoint is not None:
+        metrics["checkpoint_path"] = result.checkpoint.path
+    storage.write_bytes(final_uri, json.dumps(metrics).encode(), s3_options(cfg))
+
+
+class FinishingASHA(AsyncHyperBandScheduler):
+    """ASHA that never stops a trial at its last report, so every trial that reaches the end
+    exports its backbone (the export follows the last report)."""
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:  # noqa: D102
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if result.get("step") is not None and result["step"] >= result.get("total_steps", math.inf):
+            return self.CONTINUE
+        return decision
+
+
+def release_orphaned_placement_groups() -> int:
+    """Remove this job's placement groups whose creating actor has died; returns how many.
+
+    A trial stopped by ASHA is killed with its Ray Train controller, and the workers'
+    placement group outlives it (its lifetime is the job's). Ray Train's own cleaner needs the
+    dashboard's state API; without a dashboard the CPUs stay reserved until the driver exits
+    and later trials wait forever. This reads the GCS table directly (no dashboard needed).
+    """
+    import ray
+    from ray._private.state import state as gcs_state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    removed = 0
+    for raw in gcs_state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        created_by_actor = bool(pg.creator_actor_id) and not ray.ActorID(pg.creator_actor_id).is_nil()
+        if (not created_by_actor or not pg.creator_actor_dead or pg.is_detached  # drivers' groups: Tune's own
+                or pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.creator_job_id.hex() != job):
+            continue
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            removed += 1
+        except Exception as exc:  # noqa: BLE001 - already removed by Ray Train's own cleaner
+            log.debug("placement group %s: %s", pg.placement_group_id.hex(), exc)
+    if removed:
+        log.info("released %d placement group(s) of stopped trials", removed)
+    return removed
+
+
+class ReleaseStoppedTrials(Callback):
+    """Tune callback: every ``interval_s`` and after each trial, ``release_orphaned_placement_groups``."""
+
+    def __init__(self, interval_s: float = 2.0) -> None:
+        self.interval_s = interval_s
+        self._last = 0.0
+        self._broken = False
+
+    def _release(self, force: bool = False) -> None:
+        import time
+
+        if self._broken or (not force and time.monotonic() - self._last < self.interval_s):
+            return
+        self._last = time.monotonic()
+        try:
+            release_orphaned_placement_groups()
+        except Exception as exc:  # noqa: BLE001 - private Ray API changed: rely on Ray Train's cleaner
+            self._broken = True
+            log.warning("cannot release placement groups of stopped trials (%s); relying on Ray Train", exc)
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:  # noqa: D102
+        self._release()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:  # noqa: D102
+        self._release(force=True)
+
+    def on_experiment_end(self, trials: list, **info) -> None:  # noqa: D102
+        import time
+
+        time.sleep(self.interval_s)  # the last stopped controller may still be exiting
+        self._release(force=True)
+
+
+def build_scheduler(cfg: Config, total_steps: int) -> FinishingASHA | None:
+    """ASHA on ``tune.metric`` from ``tune.asha`` (``None`` = FIFO, every trial to the end).
+
+    ``max_t: null`` means ``total_steps + 1``: a run reports at most once per step, so ASHA's
+    own stop at ``max_t`` never cuts a trial short.
+    """
+    a = cfg.tune.asha
+    if a is None:
+        return None
+    return FinishingASHA(time_attr=a.time_attr, grace_period=a.grace_period, reduction_factor=a.reduction_factor,
+                         max_t=a.max_t or total_steps + 1)
+
+
+def search_space(cfg: Config) -> dict[str, Any]:
+    """Tune's ``param_space``: ``alpha`` and ``lr`` (grid or log-uniform), ``backbone`` (grid)."""
+    from ray import tune
+
+    def axis(space: LogUniform | list[float]):
+        return tune.loguniform(space.low, space.high) if isinstance(space, LogUniform) else tune.grid_search(space)
+
+    return {"alpha": axis(cfg.tune.alpha), "lr": axis(cfg.tune.lr), "backbone": tune.grid_search(cfg.tune_backbones())}
+
+
+def trial_dirname(trial) -> str:
+    """Tune's trial folder: ``trial_<trial id>`` (short: s3 keys and Windows paths stay readable)."""
+    return f"trial_{trial.trial_id}"
+
+
+def evaluate_best(cfg: Config, best: Mapping[str, Any], out_root: str,
+                  known_backbones: Sequence[str] | None = None) -> tuple[dict, str]:
+    """Run the evaluation job (``cfg.eval``) on the winner's exported backbone.
+
+    Outputs go to ``out_root/best_eval`` (``summary.json``, tables, examples).
+
+    Returns:
+        ``(summary, paper-style Markdown table)``.
+    """
+    from dncut.eval.batch import run_evaluation
+    from dncut.eval.report import format_table
+
+    eval_cfg = parse_config(cfg.model_dump(mode="json"), {
+        "run_name": EVAL_RUN, "output_dir": out_root, "model.backbone": best["backbone"],
+        "loss.alpha": best["alpha"], "train.lr": best["lr"], "model.pretrained": False, "model.checkpoint": None,
+        "eval.backbones": [best["backbone"]], "eval.checkpoints": [best["export"]],
+    }, known_backbones, "best trial")
+    summary = run_evaluation(eval_cfg)
+    return summary, format_table(summary)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _tune_statuses(grid) -> list[str | None]:
+    """Tune's status of each result's trial (same order), ``None`` where Ray hides it."""
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None)
+    if trials is None or len(trials) != len(grid):
+        return [None] * len(grid)
+    return [str(t.status) for t in trials]
+
+
+def _tuner(cfg: Config, trainable, exp_dir: str, total_steps: int, num_trials: int,
+           callbacks: Sequence[Any] | None, s3: storage.S3Options):
+    """A new Tuner, or the restored one when ``exp_dir`` holds an interrupted sweep."""
+    import ray
+    from ray import tune
+
+    fs, fs_path = storage.filesystem(exp_dir, s3)
+    custom_fs = fs if storage.is_s3(exp_dir) else None
+    if tune.Tuner.can_restore(fs_path, storage_filesystem=custom_fs):
+        log.info("resuming the sweep in %s (finished trials are kept, errored ones retried)", exp_dir)
+        return tune.Tuner.restore(fs_path, trainable=trainable, resume_errored=True, storage_filesystem=custom_fs)
+    concurrent = max_concurrent_trials(cfg, ray.cluster_resources(), num_trials)
+    log.info("sweep %s: %d trials, at most %d at once, ASHA %s", exp_dir, num_trials, concurrent,
+             "on" if cfg.tune.asha else "off")
+    parent = fs_path.rstrip("/").rsplit("/", 1)[0]
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(cfg),
+        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
+                                    scheduler=build_scheduler(cfg, total_steps), max_concurrent_trials=concurrent,
+                                    trial_dirname_creator=trial_dirname, reuse_actors=False),
+        run_config=tune.RunConfig(name=cfg.tune.name, storage_path=parent, storage_filesystem=custom_fs,
+                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                                  callbacks=[ReleaseStoppedTrials(), *(callbacks or [])], verbose=1),
+    )
+
+
+def run_sweep(cfg: Config, *, evaluate: bool | None = None, callbacks: Sequence[Any] | None = None,
+              known_backbones: Sequence[str] | None = None) -> SweepResults:
+    """Check, run (or resume) the sweep of ``cfg.tune``, then write and print its results.
+
+    Args:
+        cfg: the sweep config (``configs/sweep/*.yaml``).
+        evaluate: run the evaluation job on the best trial's export; ``None`` = ``tune.evaluate_best``.
+        callbacks: extra Ray Tune callbacks (logging, tests); restored with the sweep on resume.
+        known_backbones: accepted backbone names; ``None`` = ``dncut.backbones.list_backbones()``.
+
+    Returns:
+        ``SweepResults``: rows (best first), Markdown table, winner, evaluation and file URIs.
+
+    Raises:
+        SweepError, ConfigError, DatasetLayoutError, StorageError: before any trial starts.
+    """
+    import ray
+    from ray import tune
+
+    from dncut.backbones import list_backbones
+    from dncut.data.pipeline import s3_options, source_uris
+    from dncut.train import with_absolute_output
+
+    known = list(known_backbones) if known_backbones is not None else list_backbones()
+    num_trials = check_sweep(cfg, known)
+    cfg = with_absolute_output(cfg)
+    total_steps = cfg.train.total_steps(len(source_uris(cfg)) if cfg.train.epochs else None)
+    s3 = s3_options(cfg)
+    exp_dir = sweep_dir(cfg)
+    runs_dir = storage.join(exp_dir, RUNS_DIR)
+    storage.write_bytes(storage.join(exp_dir, "sweep_config.yaml"), cfg.to_yaml().encode(), s3)  # fails early
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, base=cfg.model_dump(mode="json"), runs_dir=runs_dir),
+        {"cpu": DRIVER_CPUS})
+    try:
+        grid = _tuner(cfg, trainable, exp_dir, total_steps, num_trials, callbacks, s3).fit()
+    except Exception:
+        log.error("the sweep stopped; run the same command again to resume it (finished trials are kept): %s",
+                  exp_dir)
+        raise
+
+    statuses = _tune_statuses(grid)
+    rows = sort_rows([trial_row(r, runs_dir=runs_dir, metric=cfg.tune.metric, mode=cfg.tune.mode,
+                                val_every=cfg.train.val_every, tune_status=status, s3=s3)
+                      for r, status in zip(grid, statuses)], cfg.tune.mode)
+    table = format_trials(rows, metric=cfg.tune.metric, root=exp_dir)
+    files = {"csv": storage.join(exp_dir, CSV_FILE), "markdown": storage.join(exp_dir, MD_FILE),
+             "plot": storage.join(exp_dir, PLOT_FILE)}
+    storage.write_bytes(files["csv"], trials_csv(rows).encode(), s3)
+    storage.write_bytes(files["markdown"], (table + "\n").encode(), s3)
+    storage.write_bytes(files["plot"], plot_iou_vs_alpha(rows), s3)
+    out = SweepResults(sweep_dir=exp_dir, rows=rows, table=table, best=best_trial(rows, cfg.tune.mode), files=files)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("TERMINATED", "EARLY_STOPPED", "ERROR", "INTERRUPTED")}
+    print(f"\nSweep {exp_dir}: {len(rows)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())})\n")
+    print(table)
+    if counts["INTERRUPTED"]:
+        log.warning("the sweep was interrupted: run the same command again to resume it (%s)", exp_dir)
+        return out
+    if out.best is None:
+        log.warning("no trial finished with an export: nothing to evaluate")
+        return out
+    print(f"\nBest trial {out.best['trial_id']}: {out.best['backbone']} alpha={out.best['alpha']:.3g} "
+          f"lr={out.best['lr']:.3g} final {cfg.tune.metric}={out.best['final_metric']:.4f}\n  {out.best['export']}")
+    best_md = [f"# Best trial of sweep {cfg.tune.name}", "", format_trials([out.best], metric=cfg.tune.metric,
+                                                                             root=exp_dir), ""]
+    if cfg.tune.evaluate_best if evaluate is None else evaluate:
+        out.eval_summary, out.eval_table = evaluate_best(cfg, out.best, exp_dir, known)
+        files["eval"] = storage.join(exp_dir, EVAL_RUN)
+        best_md += ["## Evaluation of its exported backbone", "", out.eval_table, ""]
+        print("\n" + out.eval_table)
+    files["best"] = storage.join(exp_dir, BEST_FILE)
+    storage.write_bytes(files["best"], "\n".join(best_md).encode(), s3)
+    return out
+
