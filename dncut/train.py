@@ -138,7 +138,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, epoch = int(state["step"]), int(state["epoch"])
-        counters.update(state.get("counters", {}))
+        saved = state.get("counters", {})  # totals over all workers (see _totals)
+        counters["nan_steps"] = float(saved.get("nan_steps", 0.0))  # the same on every worker
+        if rank == 0:  # per-worker counters are summed at each report: the old totals count once
+            counters.update(saved)
         if rank == 0:
             log.info("resumed from %s at step %d (epoch %d)", ckpt.path, step, epoch)
     model = ray.train.torch.prepare_model(model)
@@ -204,7 +207,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     _log_progress(metrics)
                 checkpoint = None
                 if step % cfg.train.checkpoint_every == 0 or done:
-                    checkpoint = _save_checkpoint(_unwrap(model), optimizer, step, epoch, counters,
+                    checkpoint = _save_checkpoint(_unwrap(model), optimizer, step, epoch, _totals(metrics),
                                                   sorted(skipped_files), cfg, rank)
                 ray.train.report(metrics, checkpoint=checkpoint)
             if done:
@@ -242,15 +245,22 @@ def _worker_logging() -> None:
 
 
 def _metrics(step, total, epoch, sched, parts, counters, device, t0) -> dict[str, Any]:
-    summed = _all_reduce([counters["skipped_images"], counters["nan_steps"], counters["fallbacks"]], device)
+    summed = _all_reduce([counters["skipped_images"], counters["fallbacks"]], device)
+    # a skipped step is decided by an all-reduce: every worker counts it, so nan_steps is not summed
     out = {"step": step, "total_steps": total, "epoch": epoch, "lr": float(sched[step - 1]),
-           "skipped_rows": int(summed[0]), "nan_steps": int(summed[1]), "ncut_fallbacks": int(summed[2]),
+           "skipped_rows": int(summed[0]), "nan_steps": int(counters["nan_steps"]), "ncut_fallbacks": int(summed[1]),
            "elapsed_s": round(time.perf_counter() - t0, 2)}
     for key in ("loss", "l_consistency", "l_reg", "pass_fraction", "iou_mean",
                 "sim_horizontal", "sim_vertical", "sim_uniform", "collapsed"):
         if key in parts:
             out[key] = parts[key]
     return out
+
+
+def _totals(metrics: dict[str, Any]) -> dict[str, float]:
+    """The counters over all workers, as stored in a checkpoint."""
+    return {"skipped_images": float(metrics["skipped_rows"]), "nan_steps": float(metrics["nan_steps"]),
+            "fallbacks": float(metrics["ncut_fallbacks"])}
 
 
 def _log_progress(m: dict[str, Any]) -> None:

@@ -28,6 +28,11 @@ from dncut.views import IMAGENET_MEAN, IMAGENET_STD, TwoViewTransform
 log = logging.getLogger(__name__)
 
 SCENE_SCHEME = "scene://"
+ROWS_PER_BLOCK = 16
+"""URIs per Ray Data block, i.e. per decode task: a task per image costs more than the image
+(bench/ingest.py: 1 URI per block ran at ~0.3x a torch DataLoader, 16 per block at ~1x)."""
+MAX_BLOCKS = 200
+"""Cap for huge sources: the all-to-all shuffle costs grow with blocks^2."""
 
 
 def s3_options(cfg: Config) -> storage.S3Options:
@@ -90,6 +95,11 @@ class ViewMaker:
                 "flip1": bool(views["flip1"]), "flip2": bool(views["flip2"]), "ok": True, "error": ""}
 
 
+def num_blocks(num_uris: int) -> int:
+    """Blocks for ``num_uris`` rows: ``ceil(num_uris / ROWS_PER_BLOCK)`` in ``[1, MAX_BLOCKS]``."""
+    return max(1, min(MAX_BLOCKS, -(-num_uris // ROWS_PER_BLOCK)))
+
+
 def train_dataset(cfg: Config, uris: list[str], mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """The Ray Dataset of two-view rows (lazy; executed once per epoch by each consumer).
 
@@ -100,7 +110,7 @@ def train_dataset(cfg: Config, uris: list[str], mean=IMAGENET_MEAN, std=IMAGENET
     """
     import ray.data
 
-    ds = ray.data.from_items([{"uri": u} for u in uris])
+    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=num_blocks(len(uris)))
     ds = ds.random_shuffle()
     # a callable instance (not a class) runs as stateless CPU tasks that Ray Data scales
     return ds.map(ViewMaker(cfg, mean, std), num_cpus=cfg.data.decode_cpus)
