@@ -4,17 +4,21 @@ For each (B, n) it times, on the same inputs (features ``(B, n, 384)`` float32):
 
 * ``baseline``: L built the same way, ``torch.linalg.eigh(L)`` with PyTorch's generic eigh
   backward (O(n^3) per graph), z2 = eigvecs[..., 1];
-* each dncut solver (``eigh``: full eigh forward, Eq. 7-8 backward; ``lobpcg`` when present).
+* each dncut solver (``eigh``: full eigh forward, Eq. 7-8 backward; ``lobpcg``: block LOBPCG
+  forward, deflated-CG backward).
 
-Reported per case: forward ms, forward+backward ms, backward-alone ms, peak memory (CUDA:
-``max_memory_allocated``; CPU: growth of the process's max RSS), and accuracy against the
-exact z2 (min |cos|, max |lambda2 error|) with the solver's fallback count.
+Reported per case: forward ms, forward+backward ms, backward-alone ms (best of the repeats; a
+method whose warm-up call takes longer than ``--max-seconds`` is repeated fewer times), peak
+memory (CUDA: ``max_memory_allocated``; CPU: growth of the process's max RSS), accuracy against
+the exact z2 (min |cos|, max |lambda2 error|), the solver's fallback count, and for ``lobpcg``
+the iterations per forward, CG iterations per backward and backward fallbacks.
 
 Run::
 
     python bench/ncut_layer.py                        # CPU: (64, 196), (16, 784)
     python bench/ncut_layer.py --device cuda          # GPU: (512, 196), (128, 784)
     python bench/ncut_layer.py --sizes 8x196 --repeats 2 --out /tmp/x.json
+    python bench/ncut_layer.py --solvers lobpcg --no-baseline   # only the fast solver
 
 JSON goes to stdout and to ``--out`` (default ``bench/results/ncut_layer_<device>.json``).
 """
@@ -31,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dncut.ncut import SOLVERS, affinity_matrix, fix_sign, laplacian_matrix, normalized_cut
+from dncut.ncut import SOLVERS, affinity_matrix, fix_sign, laplacian_matrix, lobpcg, normalized_cut
 
 DEFAULT_SIZES = {"cpu": ["64x196", "16x784"], "cuda": ["512x196", "128x784"]}
 
@@ -64,11 +68,19 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str, repeats: int) -> tuple[float, object]:
+def fit_repeats(repeats: int, max_seconds: float, one_call_s: float) -> int:
+    """At most ``repeats``, at least 1, and no more than fit in ``max_seconds``."""
+    return max(1, min(repeats, int(min(max_seconds / max(one_call_s, 1e-9), repeats))))
+
+
+def timed(fn, device: str, repeats: int, max_seconds: float = float("inf")) -> tuple[float, object]:
+    """Best wall time (ms) of ``fn`` after one warm-up call; fewer repeats if the call is slow."""
+    t0 = time.perf_counter()
     out = fn()  # warm-up
     sync(device)
+    warm = time.perf_counter() - t0
     times = []
-    for _ in range(repeats):
+    for _ in range(fit_repeats(repeats, max_seconds, warm)):
         t0 = time.perf_counter()
         out = fn()
         sync(device)
@@ -81,7 +93,8 @@ def loss_of(z: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     return (z ** 4).sum() + lam.sum()
 
 
-def bench_one(name: str, forward, features: torch.Tensor, device: str, repeats: int) -> dict:
+def bench_one(name: str, forward, features: torch.Tensor, device: str, repeats: int,
+              max_seconds: float = float("inf")) -> dict:
     def fwd():
         with torch.no_grad():
             return forward(features)
@@ -105,10 +118,12 @@ def bench_one(name: str, forward, features: torch.Tensor, device: str, repeats: 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fwd_ms, out = timed(fwd, device, repeats)
-    fb_ms, _ = timed(fwd_bwd, device, repeats)
-    bwd_only()
-    bwd_ms = min(bwd_only() for _ in range(repeats))
+    fwd_ms, out = timed(fwd, device, repeats, max_seconds)
+    lobpcg.reset_stats()
+    fb_ms, _ = timed(fwd_bwd, device, repeats, max_seconds)
+    stats = lobpcg.reset_stats()
+    first = bwd_only()
+    bwd_ms = min([first] + [bwd_only() for _ in range(fit_repeats(repeats, max_seconds, first * 1e-3) - 1)])
     row = {"method": name, "forward_ms": round(fwd_ms, 3), "forward_backward_ms": round(fb_ms, 3),
            "backward_ms": round(bwd_ms, 3)}
     if device == "cuda":
@@ -118,6 +133,10 @@ def bench_one(name: str, forward, features: torch.Tensor, device: str, repeats: 
     row["_z"], row["_lam"] = out[0].double(), out[1].double()
     if len(out) > 2:
         row["fallbacks"] = int(out[2])
+    if stats.calls:
+        row["lobpcg_iterations_per_forward"] = round(stats.iterations / stats.calls, 2)
+        row["cg_iterations_per_backward"] = round(stats.cg_iterations / max(stats.backward_calls, 1), 2)
+        row["backward_fallbacks"] = stats.backward_fallbacks
     return row
 
 
@@ -134,6 +153,8 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="*", help="BxN cases, e.g. 64x196 16x784")
     ap.add_argument("--channels", type=int, default=384)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-seconds", type=float, default=float("inf"),
+                    help="repeat a measurement at most this long (slow eigh baselines run once or twice)")
     ap.add_argument("--solvers", nargs="*", default=sorted(SOLVERS), help=f"dncut solvers (have: {sorted(SOLVERS)})")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--out", default=None)
@@ -147,10 +168,16 @@ def main() -> None:
         feats = make_features(b, n, args.channels, args.device)
         rows = []
         if not args.no_baseline:
-            rows.append(bench_one("baseline_eigh_autograd", baseline_forward, feats, args.device, args.repeats))
+            rows.append(bench_one("baseline_eigh_autograd", baseline_forward, feats, args.device, args.repeats,
+                                  args.max_seconds))
         for s in args.solvers:
-            rows.append(bench_one(f"dncut_{s}", layer(s), feats, args.device, args.repeats))
-        ref_z, ref_lam = rows[0]["_z"], rows[0]["_lam"]
+            rows.append(bench_one(f"dncut_{s}", layer(s), feats, args.device, args.repeats, args.max_seconds))
+        exact = next((r for r in rows if r["method"] in ("baseline_eigh_autograd", "dncut_eigh")), None)
+        if exact is None:
+            with torch.no_grad():
+                ref_z, ref_lam = (t.double() for t in baseline_forward(feats))
+        else:
+            ref_z, ref_lam = exact["_z"], exact["_lam"]
         for r in rows:
             r["min_abs_cos_vs_exact"] = round(float((r["_z"] * ref_z).sum(-1).abs().min()), 7)
             r["max_abs_lambda2_err"] = float((r["_lam"] - ref_lam).abs().max())

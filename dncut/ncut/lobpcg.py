@@ -1,60 +1,46 @@
 """Fast batched Fiedler solver: block LOBPCG forward, deflated-CG backward (``solver="lobpcg"``).
 
-lap (B, n, n) symmetric PSD Laplacian, degree (B, n) -> z2 (B, n) (unit, ``fix_sign``),
-lambda2 (B,), n_fallback. Same contract and outputs as :func:`dncut.ncut.exact.eigh_solver`,
-without a full eigendecomposition: only batched matmuls, batched Cholesky
-(``cholesky_ex``, ``info`` checked per item), triangular solves and ``eigh`` of small
-(<= 3 * block <= 32) Rayleigh-Ritz matrices, which PyTorch batches on CUDA.
+lap (B, n, n), degree (B, n) -> z2 (B, n) (unit, ``fix_sign``), lambda2 (B,), n_fallback: the
+contract of :func:`dncut.ncut.exact.eigh_solver`, without a full eigendecomposition. Only batched
+matmuls, batched Cholesky (``cholesky_ex``, ``info`` checked per graph), triangular solves and
+``eigh`` of (3k x 3k) <= 32 x 32 Rayleigh-Ritz matrices. Works in ``lap``'s dtype (float64 from
+``normalized_cut``); tolerances are raised to 30 ulp for float32.
 
-Forward (block LOBPCG, Knyazev 2001, with the basis handling of Hetmaniuk & Lehoucq 2006):
+Forward, block LOBPCG (Knyazev 2001) on z1-perp, block k = 4, search space [X, R, P]:
 
-* z1 is known: D^1/2 1 / ||.|| (normalized L) or 1 / sqrt(n) (L = D - W). Every basis
-  vector is projected off z1 (twice), so the iteration works in z1-perp, where the smallest
-  eigenpair is (lambda2, z2). Spectrum bound ``bound``: 2 (normalized), 2 max(degree) (D - W).
-* Block X (n, k) of Ritz vectors, search space [X, R, P] (3k columns). [R, P] is projected
-  off [z1, X] twice, its columns normalised, then orthonormalised by Cholesky-QR twice:
-  the first Cholesky (tiny shift) reveals the columns that are numerically dependent on the
-  previous ones (diagonal pivot < ``DEP_TOL``) or vanish; those are dropped (zeroed and
-  shifted to the top of the Rayleigh-Ritz spectrum), R before P. Rayleigh-Ritz keeps the
-  k smallest Ritz pairs; P = the [R, P] part of the new X.
-* Convergence per graph: ||L z2 - lambda2 z2|| <= ``tol * bound`` (``tol`` = 1e-10: float64
-  grade, so z2 error ~ tol * bound / gap and lambda2 error ~ (tol * bound)^2 / gap). A
-  converged or broken item is frozen on the device at once (``torch.where``; no host sync);
-  every ``check_every`` iterations one host sync stops the loop when all are done and
-  compacts the batch to the items still iterating. Converged items are never iterated
-  further, which is what removes the breakdown of running past convergence (R -> 0).
-* Fallback: items that do not converge in ``max_iter``, break down (Cholesky ``info != 0``,
-  non-finite values, too few live basis columns) or fail the final true-residual check
-  (||L z2 - lambda2 z2|| recomputed from L) are solved by ``torch.linalg.eigh`` -- those items
-  only. Their number is returned as ``n_fallback`` and added to :data:`STATS`.
-* Warm start: ``init`` (B, n) or (B, n, k0) (first ``block`` columns used) joins ``block``
-  random columns from a fixed-seed generator on the device; the first Rayleigh-Ritz picks the
-  best k of that span. Starting from the exact z2 converges at iteration 0.
-* n <= ``SMALL_N`` (32): the exact solver is used directly (small batched eigh is fast and
-  a 3k-column search space would not fit in z1-perp); not counted as a fallback.
+* z1 is known (D^1/2 1 / ||.|| or 1 / sqrt(n)); every new direction is projected off [z1, X]
+  twice, so the smallest Ritz pair is (lambda2, z2). Residuals of D - W are Jacobi-scaled.
+* [R, P] is orthonormalised by shifted Cholesky-QR3 (Fukaya et al. 2020): the first Cholesky
+  of the column-normalised Gram matrix carries a shift of ~11 (nm + m^2) u, so dependent or
+  vanishing columns (R -> 0 at convergence, P in span X) cannot break it; two plain passes
+  restore orthonormality. Exactly-zero columns (P at the start) are swapped for random ones.
+* Convergence per graph: ||L z2 - lambda2 z2|| <= ``tol`` * bound (bound = 2, or 2 max degree;
+  tol 1e-10, so |dz2| ~ tol * bound / gap, |dlambda2| ~ (tol * bound)^2 / gap). Converged and
+  broken graphs are frozen on the device at once (``torch.where``); every ``check_every``
+  iterations one host sync ends the loop when all are done and, eagerly, compacts the batch.
+  ``torch.linalg.eigh`` itself syncs on CUDA (it checks ``info``): one more sync per iteration.
+* Fallback to ``torch.linalg.eigh`` for those graphs only: no convergence in ``max_iter``, a
+  Cholesky ``info != 0``, non-finite values, or a failed final true-residual check. Counted in
+  ``n_fallback`` and :data:`STATS`.
+* Warm start ``init`` (B, n) or (B, n, k0): its first k columns join k seeded random ones
+  (zero / non-finite columns are replaced); starting at the exact z2 converges at iteration 0.
+* n <= ``SMALL_N`` (32) uses the exact solver directly (not a fallback).
 
-Backward (Eq. 7-8 without Z): for g = dl/dz2, h = dl/dlambda2,
-v = (lambda2 I - L)^+ g = (z1^T g / lambda2) z1 + v_perp, where v_perp solves
-M v_perp = -P g, M = P (L - lambda2 I) P, P = I - z1 z1^T - z2 z2^T (PD on range P).
-Deflated CG (Saad et al. 2000) with the forward's other Ritz vectors Y = [x3 .. x_{k+1}]:
-their components come in closed form (Galerkin on Y, exact for any Y), CG runs on the
-M-orthogonal complement, per item until ||r|| <= ``cg_tol`` ||b||, with a final
-true-residual check; items that fail (cap, breakdown p^T M p <= 0) use the exact eigh formula.
-Then dl/dL = sym(v z2^T) + h z2 z2^T, as :mod:`dncut.ncut.exact`.
-Tiny gaps (``GAP_EPS`` rule of exact.py): coefficients of directions with
-|lambda2 - lambda_i| <= GAP_EPS * max(1, max_i L_ii) are set to 0: z1's when lambda2 is tiny,
-and the Ritz directions of Y whose deflated eigenvalue is tiny (they are also projected
-out of the CG space). ``max(1, max L_ii)`` is within a factor 2 of exact.py's
-``max(1, lambda_max)``. No NaN/Inf for repeated eigenvalues or constant features (a fully
-degenerate M breaks CG down -> exact formula for that item, counted in ``STATS``).
-
-Precision: the solver works in the dtype of ``lap`` (float64 from ``normalized_cut``).
+Backward (Eq. 7-8 without Z): v = (lambda2 I - L)^+ g = (z1^T g / lambda2) z1 + v_perp, with
+M v_perp = -P g, M = P (L - lambda2 I) P, P = I - z1 z1^T - z2 z2^T (PD on range P), solved by
+deflated (Jacobi-preconditioned for D - W) CG (Saad et al. 2000): the other Ritz vectors
+Y = [x3 .. x_{k+1}] enter in closed form (Galerkin on Y), CG runs M-orthogonally to them until
+||r|| <= ``cg_tol`` ||b||; graphs that fail (cap, p^T M p <= 0, true-residual check) use the
+exact formula. dl/dL = sym(v z2^T) + h z2 z2^T, as exact.py. Tiny gaps (exact.py's rule):
+coefficients with |lambda2 - lambda_i| <= GAP_EPS * max(1, max_i L_ii) (within 2x of exact.py's
+max(1, lambda_max)) are 0 -- z1's when lambda2 is tiny, Y directions with a tiny Galerkin
+eigenvalue (also projected out of CG). Repeated eigenvalues and constant features give no NaN.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -62,7 +48,8 @@ from torch import Tensor
 from dncut.ncut.exact import GAP_EPS, eigh_solver, pinv_coefficients
 from dncut.ncut.graph import LAPLACIANS, Laplacian, fix_sign
 
-__all__ = ["LobpcgOptions", "OPTIONS", "LobpcgStats", "STATS", "reset_stats", "lobpcg_solver", "SMALL_N"]
+__all__ = ["LobpcgOptions", "OPTIONS", "LobpcgStats", "STATS", "reset_stats", "lobpcg_solver", "SMALL_N",
+           "null_vector", "spectrum_bound", "reachable_tol", "resolvent_apply"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,16 +68,22 @@ class LobpcgOptions:
         tol: residual tolerance relative to the spectrum bound (2 or 2 max degree).
         cg_tol: relative residual tolerance of the backward's deflated CG.
         cg_max_iter: CG iterations before an item falls back to the exact formula.
-        shrink: compact the working batch when at most this fraction is still iterating.
+        shrink: compact the working batch when at most this fraction is still iterating
+            (eager runs only; a CUDA graph keeps the batch whole, frozen graphs stay put).
+        cuda_graphs: on CUDA, capture one forward iteration (all between two Rayleigh-Ritz eigh
+            calls) in a CUDA graph per call and replay it (eager if capture fails). Off: on an
+            H200 it matched eager speed (per-call capture and instantiation eat the gain) and
+            held ~1 GB more at (512, 196).
     """
 
     block: int = 4
     max_iter: int = 100
-    check_every: int = 4
+    check_every: int = 2
     tol: float = 1e-10
     cg_tol: float = 1e-10
     cg_max_iter: int = 150
     shrink: float = 0.75
+    cuda_graphs: bool = False
 
 
 OPTIONS = LobpcgOptions()
@@ -138,166 +131,238 @@ def spectrum_bound(degree: Tensor, laplacian: Laplacian) -> Tensor:
     return 2.0 * degree.amax(-1)
 
 
+def reachable_tol(tol: float, dtype: torch.dtype, ulps: float = 30.0) -> float:
+    """``tol`` raised to what ``dtype`` can reach (``ulps`` units): float32 gets ~4e-6 (30 ulp)."""
+    return max(tol, ulps * torch.finfo(dtype).eps)
+
+
 def _project_out(w: Tensor, q: Tensor) -> Tensor:
     """w - q q^T w for ``w (B, n, m)`` and orthonormal ``q (B, n, p)``."""
-    return w - q @ (q.mT @ w)
+    return torch.baddbmm(w, q, q.mT @ w, alpha=-1.0)
 
 
-def _orthonormalize(w: Tensor, q: Tensor, drop: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Orthonormal basis of span(w) off span(q), dropping dependent columns.
+def _cholqr_shift(n: int, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(m, m)`` shift 11 (nm + m(m+1)) u I of shifted Cholesky-QR (Fukaya et al. 2020)."""
+    return 11.0 * (n * m + m * (m + 1)) * torch.finfo(dtype).eps * torch.eye(m, dtype=dtype, device=device)
+
+
+def _orthonormalize(w: Tensor, q: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """Orthonormal basis of span(w) off span(q): shifted Cholesky-QR3 (Fukaya et al. 2020).
+
+    w is projected off q twice; pass 1 factors the column-normalised Gram matrix plus a shift
+    of ~11 (nm + m^2) u, so it succeeds however dependent the columns are (a dependent column
+    comes out as a unit noise direction, harmless for Rayleigh-Ritz); two plain Cholesky-QR
+    passes restore orthonormality to ~u. Exactly-zero columns must be replaced beforehand.
 
     Args:
-        w: ``(B, n, m)`` candidate columns. q: ``(B, n, p)`` orthonormal columns to stay off.
-        drop: ``(B, m)`` columns already known to be absent.
+        w: ``(B, n, m)`` candidate columns, none exactly zero.
+        q: ``(B, n, p)`` orthonormal columns to stay off.
+        shift: ``(m, m)`` from :func:`_cholqr_shift`.
 
     Returns:
-        ``(w (B, n, m), keep (B, m), ok (B,))``: orthonormal kept columns, zero dropped ones,
-        ``ok`` False where a Cholesky factorisation failed (non-finite input).
+        ``(w (B, n, m) orthonormal, info (B,) int)``; ``info != 0`` where a Cholesky
+        factorisation failed (non-finite input).
     """
-    dtype, m = w.dtype, w.shape[-1]
-    unit = torch.finfo(dtype).eps
-    shift = 50.0 * m * unit
-    dep_tol = 10.0 * shift ** 0.5
-    norm0 = w.norm(dim=1)  # (B, m)
     w = _project_out(_project_out(w, q), q)
-    norm = w.norm(dim=1)  # (B, m)
-    keep = ~drop & torch.isfinite(norm) & (norm > 1e3 * unit * norm0) & (norm > torch.finfo(dtype).tiny * 1e6)
-    w = torch.where(keep.unsqueeze(1), w / norm.clamp_min(torch.finfo(dtype).tiny).unsqueeze(1), 0.0)
-    eye = torch.eye(m, dtype=dtype, device=w.device)
     gram = w.mT @ w  # (B, m, m)
-    gram = gram + torch.diag_embed((~keep).to(dtype)) + shift * eye
-    chol, info = torch.linalg.cholesky_ex(gram)
-    ok = info == 0
-    keep = keep & (chol.diagonal(dim1=-2, dim2=-1) > dep_tol)  # pivot = distance to previous columns
-    km = keep.to(dtype)
-    w = w * km.unsqueeze(1)
-    gram = gram * (km.unsqueeze(-1) * km.unsqueeze(-2)) + torch.diag_embed(1.0 - km)
-    chol, info = torch.linalg.cholesky_ex(gram)
-    ok = ok & (info == 0)
-    w = torch.linalg.solve_triangular(chol.mT, w, upper=True, left=False)  # w R^-1
-    w = _project_out(w, q)
-    gram = w.mT @ w + torch.diag_embed(1.0 - km)
-    chol, info = torch.linalg.cholesky_ex(gram)
-    ok = ok & (info == 0)
-    w = torch.linalg.solve_triangular(chol.mT, w, upper=True, left=False)
-    return w, keep, ok
+    inv = gram.diagonal(dim1=-2, dim2=-1).clamp_min(torch.finfo(w.dtype).tiny).rsqrt()  # (B, m)
+    chol, info = torch.linalg.cholesky_ex(gram * (inv.unsqueeze(-1) * inv.unsqueeze(-2)) + shift)
+    w = _project_out(w @ torch.linalg.solve_triangular(chol.mT, torch.diag_embed(inv), upper=True, left=False), q)
+    for _ in range(2):
+        chol, info_k = torch.linalg.cholesky_ex(w.mT @ w)
+        w = torch.linalg.solve_triangular(chol.mT, w, upper=True, left=False)  # w R^-1
+        info = info + info_k
+    return w, info
 
 
-def _rayleigh_ritz(s: Tensor, a_s: Tensor, keep: Tensor, big: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Ritz pairs of L on the orthonormal basis ``s (B, n, m)`` with ``a_s = L s``.
+def _rr_matrix(s: Tensor, a_s: Tensor, safe: Tensor) -> tuple[Tensor, Tensor]:
+    """2 x sym(s^T a_s) ``(B, m, m)`` for Rayleigh-Ritz on the orthonormal ``s (B, n, m)``.
 
-    Dropped columns (``keep`` False) get the Ritz value ``big (B,)`` and no coupling, so they
-    sort last. Non-finite items get a harmless matrix and ``ok`` False (eigh on CPU raises on NaN).
-
-    Returns:
-        ``(theta (B, m) ascending, c (B, m, m), ok (B,))``.
+    Non-finite graphs get ``safe (m, m)`` instead (eigh may raise on NaN) and ``ok (B,)`` False.
     """
-    dtype, m = s.dtype, s.shape[-1]
     h = s.mT @ a_s  # (B, m, m)
-    h = 0.5 * (h + h.mT)
-    km = keep.to(dtype)
-    h = h * (km.unsqueeze(-1) * km.unsqueeze(-2)) + torch.diag_embed((1.0 - km) * big.unsqueeze(-1))
-    ok = torch.isfinite(h).flatten(1).all(-1)  # (B,)
-    safe = torch.diag_embed(torch.arange(m, dtype=dtype, device=s.device).expand_as(km))
-    h = torch.where(ok[:, None, None], h, safe)
-    theta, c = torch.linalg.eigh(h)
-    return theta, c, ok
+    h = h + h.mT
+    ok = torch.isfinite(h.sum((-2, -1)))  # (B,)
+    return torch.where(ok[:, None, None], h, safe), ok
+
+
+def _fill_empty(w: Tensor, spare: Tensor) -> Tensor:
+    """Replace exactly-zero (or non-finite) columns of ``w (B, n, m)`` by those of ``spare``."""
+    sq = w.square().sum(1, keepdim=True)  # (B, 1, m)
+    return torch.where(sq > torch.finfo(w.dtype).tiny, w, spare)
 
 
 # ----------------------------------------------------------------------------- forward
 
 
-@dataclass
-class _Block:
-    """Result of the iteration for the whole batch."""
-
-    x: Tensor  # (B, n, k) Ritz vectors, x[..., 0] ~ z2
-    theta: Tensor  # (B, k) Ritz values
-    converged: Tensor  # (B,) bool
-    broken: Tensor  # (B,) bool: breakdown seen (Cholesky info, non-finite, rank loss)
-    iterations: int
-
-
-def _initial_columns(lap: Tensor, init: Tensor | None, k: int) -> Tensor:
-    """Starting columns ``(B, n, k0 + k)``: up to k of ``init`` then k seeded random ones."""
-    b, n, _ = lap.shape
+def _random_columns(lap: Tensor, m: int) -> Tensor:
+    """``(B, n, m)`` standard normal columns from a fixed-seed generator on ``lap``'s device."""
     gen = torch.Generator(device=lap.device).manual_seed(SEED)
-    rand = torch.randn(b, n, k, generator=gen, device=lap.device, dtype=lap.dtype)  # (B, n, k)
+    return torch.randn(lap.shape[0], lap.shape[1], m, generator=gen, device=lap.device, dtype=lap.dtype)
+
+
+def _initial_columns(lap: Tensor, init: Tensor | None, k: int, spare: Tensor) -> Tensor:
+    """Starting columns ``(B, n, k0 + k)``: up to k of ``init`` then the k columns of ``spare``.
+
+    Zero or non-finite ``init`` columns are replaced by further random columns.
+    """
     if init is None:
-        return rand
+        return spare[..., :k]
     start = init.to(lap.dtype)
     if start.dim() == 2:
         start = start.unsqueeze(-1)  # (B, n, 1)
-    return torch.cat([start[..., :k], rand], dim=-1)  # (B, n, k0 + k)
+    start = start[..., :k]
+    start = torch.where(torch.isfinite(start), start, 0.0)
+    start = _fill_empty(start, spare[..., k:k + start.shape[-1]])
+    return torch.cat([start, spare[..., :k]], dim=-1)  # (B, n, k0 + k)
 
 
-def _iterate(lap: Tensor, z1: Tensor, bound: Tensor, start: Tensor, opts: LobpcgOptions,
-             precond: Tensor | None = None) -> _Block:
+@dataclass
+class _State:
+    """Tensors of one LOBPCG run, updated in place (so one CUDA graph can replay a step).
+
+    Shapes: lap (B, n, n), q1 (B, n, 1) = z1, tol_abs (B,), spare (B, n, 2k), precond (B, n)
+    or None; block x, ax = L x, p (B, n, k), theta (B, k); flags done, broken (B,); the
+    expansion w (B, n, 2k), s = [x, w] and a_s = L s (B, n, 3k), h (B, 3k, 3k) = 2 s^T L s,
+    good (B,); eigh of h into eig_val (B, 3k), eig_vec (B, 3k, 3k).
+    """
+
+    lap: Tensor
+    q1: Tensor
+    tol_abs: Tensor
+    spare: Tensor
+    precond: Tensor | None
+    x: Tensor
+    ax: Tensor
+    theta: Tensor
+    p: Tensor
+    done: Tensor
+    broken: Tensor
+    w: Tensor
+    s: Tensor
+    a_s: Tensor
+    h: Tensor
+    good: Tensor
+    eig_val: Tensor
+    eig_vec: Tensor
+
+    def rows(self, rows: Tensor) -> "_State":
+        """The state of the graphs ``rows`` only (compaction)."""
+        return _State(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
+                         for f in fields(self)})
+
+
+def _expand(st: _State, shift: Tensor, safe: Tensor) -> None:
+    """Residual test, then new directions [R, P] and the Rayleigh-Ritz matrix, in place."""
+    r = torch.addcmul(st.ax, st.x, st.theta.unsqueeze(1), value=-1.0)  # (B, n, k) = L X - X Theta
+    st.done.logical_or_(r[..., 0].norm(dim=-1) <= st.tol_abs)
+    if st.precond is not None:
+        r = r * st.precond.unsqueeze(-1)
+    w, info = _orthonormalize(_fill_empty(torch.cat([r, st.p], -1), st.spare), torch.cat([st.q1, st.x], -1), shift)
+    st.w.copy_(w)  # (B, n, 2k)
+    torch.cat([st.x, w], -1, out=st.s)  # (B, n, 3k)
+    torch.cat([st.ax, st.lap @ w], -1, out=st.a_s)  # (B, n, 3k)
+    h, ok = _rr_matrix(st.s, st.a_s, safe)
+    st.h.copy_(h)
+    st.good.copy_(ok & (info == 0))
+
+
+def _update(st: _State) -> None:
+    """Accept the k smallest Ritz pairs of ``eig_*`` for the live graphs, in place."""
+    k = st.x.shape[-1]
+    c = st.eig_vec[..., :k]  # (B, 3k, k)
+    live = ~(st.done | st.broken)
+    upd = live & st.good
+    st.broken.logical_or_(live ^ upd)  # a live graph that failed a factorisation or went non-finite
+    u3 = upd[:, None, None]  # frozen: converged and broken graphs
+    p_new = torch.where(u3, st.w @ c[:, k:], st.p)
+    st.x.copy_(torch.where(u3, st.s @ c, st.x))
+    st.ax.copy_(torch.where(u3, st.a_s @ c, st.ax))
+    st.p.copy_(p_new)
+    st.theta.copy_(torch.where(upd[:, None], 0.5 * st.eig_val[:, :k], st.theta))
+
+
+def _capture(step, device: torch.device):
+    """A CUDA graph of the in-place ``step()``, or None if capture fails."""
+    try:
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            step()
+        return graph
+    except RuntimeError as err:  # an op that cannot be captured: stay eager
+        logger.debug("lobpcg: CUDA graph capture failed (%s); running eagerly", err)
+        return None
+
+
+def _iterate(lap: Tensor, z1: Tensor, bound: Tensor, init: Tensor | None, opts: LobpcgOptions,
+             precond: Tensor | None = None) -> tuple["_State", int]:
     """Block LOBPCG on z1-perp for the k smallest eigenpairs; see the module docstring.
 
-    ``precond`` ``(B, n)``: optional diagonal preconditioner applied to the residuals.
+    Args:
+        lap: ``(B, n, n)``. z1: ``(B, n)`` unit null vector. bound: ``(B,)`` spectrum bound.
+        init: optional warm start ``(B, n)`` or ``(B, n, k0)``. opts: the knobs.
+        precond: optional diagonal preconditioner ``(B, n)`` applied to the residuals.
+
+    Returns:
+        ``(state, iterations)``: the whole batch's final block ``x``, ``theta`` and flags
+        ``done`` (converged), ``broken`` (Cholesky info or non-finite values seen).
     """
+    k = opts.block
     b, n, _ = lap.shape
-    k, dtype, device = opts.block, lap.dtype, lap.device
-    big = 10.0 * bound + 1.0  # (B,)
-    tol_abs = opts.tol * bound  # (B,)
     q1 = z1.unsqueeze(-1)  # (B, n, 1)
-    no_drop = torch.zeros(start.shape[0], start.shape[-1], dtype=torch.bool, device=device)
-    w, keep, ok = _orthonormalize(start, q1, no_drop)
+    spare = _random_columns(lap, 2 * k)  # (B, n, 2k): start, and stand-ins for empty columns
+    start = _initial_columns(lap, init, k, spare)  # (B, n, m0)
+    w, info = _orthonormalize(start, q1, _cholqr_shift(n, start.shape[-1], lap.dtype, lap.device))
     aw = lap @ w  # (B, n, m0)
-    theta, c, ok_rr = _rayleigh_ritz(w, aw, keep, big)
-    x, ax, theta = w @ c[..., :k], aw @ c[..., :k], theta[:, :k]  # (B, n, k), (B, n, k), (B, k)
-    broken = ~(ok & ok_rr & torch.isfinite(theta).all(-1) & (theta[:, -1] < 0.5 * big))
-    p = torch.zeros_like(x)
-    p_live = torch.zeros(b, k, dtype=torch.bool, device=device)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    out_x, out_theta = x.clone(), theta.clone()
-    out_done = torch.zeros(b, dtype=torch.bool, device=device)
-    out_broken = broken.clone()
-    idx = torch.arange(b, device=device)
-    keep_x = torch.ones(b, k, dtype=torch.bool, device=device)
+    h, ok = _rr_matrix(w, aw, torch.eye(start.shape[-1], dtype=lap.dtype, device=lap.device))
+    theta, c = torch.linalg.eigh(h)
+    theta, x = 0.5 * theta, w @ c[..., :k]  # (B, m0), (B, n, k)
+    st = _State(lap=lap, q1=q1, tol_abs=opts.tol * bound, spare=spare, precond=precond, x=x,
+                ax=aw @ c[..., :k], theta=theta[:, :k].contiguous(), p=torch.zeros_like(x),
+                done=torch.zeros(b, dtype=torch.bool, device=lap.device), broken=~(ok & (info == 0)),
+                w=lap.new_empty(b, n, 2 * k), s=lap.new_empty(b, n, 3 * k), a_s=lap.new_empty(b, n, 3 * k),
+                h=lap.new_empty(b, 3 * k, 3 * k), good=torch.zeros(b, dtype=torch.bool, device=lap.device),
+                eig_val=lap.new_empty(b, 3 * k), eig_vec=lap.new_empty(b, 3 * k, 3 * k))
+    shift = _cholqr_shift(n, 2 * k, lap.dtype, lap.device)  # (2k, 2k)
+    safe = torch.eye(3 * k, dtype=lap.dtype, device=lap.device)  # (3k, 3k)
+    out = st
+    idx = torch.arange(b, device=lap.device)
+    use_graph = opts.cuda_graphs and lap.is_cuda
+    graph = None
+    _expand(st, shift, safe)  # iteration 0: residual test of the initial block
     it = 0
-    for it in range(opts.max_iter + 1):
-        r = ax - x * theta.unsqueeze(1)  # (B, n, k)
-        r = _project_out(r, q1)
-        done = done | ((r[..., 0].norm(dim=-1) <= tol_abs) & ~broken)
+    while True:
         if it % opts.check_every == 0 or it == opts.max_iter:
-            finished = done | broken
-            out_x[idx], out_theta[idx], out_done[idx], out_broken[idx] = x, theta, done, broken
+            finished = st.done | st.broken
             n_active = int((~finished).sum())  # the one host sync of this check
             if n_active == 0 or it == opts.max_iter:
                 break
-            if n_active <= opts.shrink * idx.numel():
+            if not use_graph and n_active <= opts.shrink * idx.numel():  # compact to the live graphs
+                if st is not out:
+                    _write_back(out, st, idx)
                 rows = torch.nonzero(~finished).flatten()
-                idx, lap, z1, q1, bound, big, tol_abs = (t[rows] for t in (idx, lap, z1, q1, bound, big, tol_abs))
-                precond = None if precond is None else precond[rows]
-                x, ax, theta, p, p_live, r, keep_x = (t[rows] for t in (x, ax, theta, p, p_live, r, keep_x))
-                done, broken = done[rows], broken[rows]
-        active = ~(done | broken)  # (B,)
-        if precond is not None:
-            r = r * precond.unsqueeze(-1)
-        w, keep, ok = _orthonormalize(torch.cat([r, p], -1), torch.cat([q1, x], -1),
-                                      torch.cat([torch.zeros_like(p_live), ~p_live], -1))  # (B, n, 2k)
-        aw = lap @ w  # (B, n, 2k)
-        s, a_s = torch.cat([x, w], -1), torch.cat([ax, aw], -1)  # (B, n, 3k)
-        theta_new, c, ok_rr = _rayleigh_ritz(s, a_s, torch.cat([keep_x, keep], -1), big)
-        c = c[..., :k]  # (B, 3k, k)
-        theta_new = theta_new[:, :k]
-        good = ok & ok_rr & torch.isfinite(theta_new).all(-1) & (theta_new[:, -1] < 0.5 * big)
-        broken = broken | (active & ~good)
-        upd = (active & good)[:, None, None]
-        x = torch.where(upd, s @ c, x)
-        ax = torch.where(upd, a_s @ c, ax)
-        p = torch.where(upd, w @ c[:, k:], p)
-        theta = torch.where(upd[:, :, 0], theta_new, theta)
-        p_live = p_live | upd[:, :, 0]
+                idx, st = idx[rows], st.rows(rows)
+        torch.linalg.eigh(st.h, out=(st.eig_val, st.eig_vec))  # (3k x 3k) Rayleigh-Ritz; syncs on CUDA
+        if graph is None and use_graph and it >= 1:  # one eager step before capture (lazy inits)
+            graph = _capture(lambda: (_update(st), _expand(st, shift, safe)), lap.device)
+            use_graph = graph is not None
+        if graph is not None:
+            graph.replay()
+        else:
+            _update(st)
+            _expand(st, shift, safe)
+        it += 1
+    if st is not out:
+        _write_back(out, st, idx)
     STATS.iterations += it
-    return _Block(x=out_x, theta=out_theta, converged=out_done, broken=out_broken, iterations=it)
+    return out, it
 
 
-def _true_residual(lap: Tensor, z: Tensor, lam: Tensor) -> Tensor:
-    """||L z - lam z|| ``(B,)`` recomputed from L."""
-    return (lap @ z.unsqueeze(-1)).squeeze(-1).sub(lam.unsqueeze(-1) * z).norm(dim=-1)
+def _write_back(out: _State, st: _State, idx: Tensor) -> None:
+    """Copy the block of the compacted state ``st`` into the rows ``idx`` of ``out``."""
+    out.x[idx], out.theta[idx], out.done[idx], out.broken[idx] = st.x, st.theta, st.done, st.broken
 
 
 def _solve(lap: Tensor, degree: Tensor, laplacian: Laplacian, init: Tensor | None,
@@ -305,13 +370,12 @@ def _solve(lap: Tensor, degree: Tensor, laplacian: Laplacian, init: Tensor | Non
     """Forward without autograd: ``(ritz vectors (B, n, k), ritz values (B, k), z1 (B, n), n_fallback)``."""
     z1 = null_vector(degree.to(lap.dtype), laplacian)  # (B, n)
     bound = spectrum_bound(degree.to(lap.dtype), laplacian)  # (B,)
-    precond = None
-    if laplacian == "unnormalized":  # Jacobi: D - W has a wide diagonal, I - D^-1/2 W D^-1/2 does not
-        precond = 1.0 / lap.diagonal(dim1=-2, dim2=-1).clamp_min(torch.finfo(lap.dtype).tiny ** 0.5)  # (B, n)
-    blk = _iterate(lap, z1, bound, _initial_columns(lap, init, opts.block), opts, precond)
+    precond = _jacobi(lap, laplacian)  # (B, n) or None
+    opts = replace(opts, tol=reachable_tol(opts.tol, lap.dtype))
+    blk, _ = _iterate(lap, z1, bound, init, opts, precond)
     x, theta = blk.x, blk.theta
-    res = _true_residual(lap, x[..., 0], theta[:, 0])
-    bad = ~(blk.converged & ~blk.broken & (res <= 10.0 * opts.tol * bound) & torch.isfinite(x).flatten(1).all(-1))
+    res = torch.addcmul(lap @ x[..., :1], theta[:, None, :1], x[..., :1], value=-1.0).norm(dim=(1, 2))  # (B,)
+    bad = ~(blk.done & ~blk.broken & (res <= 10.0 * opts.tol * bound) & torch.isfinite(x).flatten(1).all(-1))
     rows = torch.nonzero(bad).flatten()
     n_fallback = int(rows.numel())
     if n_fallback:
@@ -340,14 +404,15 @@ def _exact_resolvent(lap: Tensor, g: Tensor) -> Tensor:
 
 
 def resolvent_apply(lap: Tensor, z1: Tensor, z: Tensor, lam: Tensor, ritz: Tensor, g: Tensor,
-                    opts: LobpcgOptions = OPTIONS) -> tuple[Tensor, int, int]:
-    """v = (lambda2 I - L)^+ g without the eigendecomposition (deflated CG).
+                    opts: LobpcgOptions = OPTIONS, precond: Tensor | None = None) -> tuple[Tensor, int, int]:
+    """v = (lambda2 I - L)^+ g without the eigendecomposition (deflated preconditioned CG).
 
     Args:
         lap: ``(B, n, n)``. z1: ``(B, n)`` null vector. z: ``(B, n)`` z2. lam: ``(B,)`` lambda2.
         ritz: ``(B, n, m)`` further Ritz vectors (x3 ...), orthonormal, off z1 and z2.
         g: ``(B, n)`` the vector to map.
         opts: tolerances (``cg_tol``, ``cg_max_iter``, ``check_every``).
+        precond: optional positive diagonal ``(B, n)`` (Jacobi), applied as P C P.
 
     Returns:
         ``(v (B, n), n_fallback, cg_iterations)``.
@@ -355,57 +420,66 @@ def resolvent_apply(lap: Tensor, z1: Tensor, z: Tensor, lam: Tensor, ritz: Tenso
     dtype = lap.dtype
     gap_eps = GAP_EPS * _gap_scale(lap)  # (B,)
     c1 = torch.where(lam.abs() > gap_eps, 1.0 / torch.where(lam.abs() > gap_eps, lam, 1.0), 0.0)  # (B,)
-    v1 = (c1 * (z1 * g).sum(-1)).unsqueeze(-1) * z1  # (B, n)
+    v1 = (c1 * (z1 * g).sum(-1)).unsqueeze(-1) * z1  # (B, n) closed form along z1 (lambda1 = 0)
     q2 = torch.stack([z1, z], dim=-1)  # (B, n, 2)
-    lam3 = lam[:, None, None]
+    lam3 = lam[:, None, None]  # (B, 1, 1)
 
     def shifted(v: Tensor) -> Tensor:
-        return lap @ v - lam3 * v  # (B, n, c)
+        return torch.addcmul(lap @ v, lam3, v, value=-1.0)  # (L - lambda2 I) v, (B, n, c)
 
     u = _project_out(ritz, q2)  # (B, n, m)
     mu = _project_out(shifted(u), q2)  # (B, n, m)
     e_mat = u.mT @ mu
-    e_mat = 0.5 * (e_mat + e_mat.mT)  # (B, m, m)
-    e_ok = torch.isfinite(e_mat).flatten(1).all(-1)
+    e_mat = 0.5 * (e_mat + e_mat.mT)  # (B, m, m) Galerkin matrix of M on span(U)
+    e_ok = torch.isfinite(e_mat.sum((-2, -1)))  # (B,)
     e_mat = torch.where(e_ok[:, None, None], e_mat, torch.eye(e_mat.shape[-1], dtype=dtype, device=lap.device))
     e, rot = torch.linalg.eigh(e_mat)  # (B, m), (B, m, m)
     y, my = u @ rot, mu @ rot  # (B, n, m): Y^T M Y = diag(e)
-    null = e.abs() <= gap_eps.unsqueeze(-1)  # (B, m)
+    null = e.abs() <= gap_eps.unsqueeze(-1)  # (B, m): degenerate with lambda2 -> coefficient 0
     coef = torch.where(null, 0.0, 1.0 / torch.where(null, 1.0, e)).unsqueeze(-1)  # (B, m, 1)
     live = (~null).to(dtype).unsqueeze(1)  # (B, 1, m)
     yd, myd = y * live, my * live
     qb = torch.cat([q2, y * (1.0 - live)], dim=-1)  # (B, n, m + 2): hard-deflated directions
+    cdiag = None if precond is None else precond.unsqueeze(-1)  # (B, n, 1)
 
     def op(v: Tensor) -> Tensor:
         return _project_out(shifted(v), qb)  # M v, (B, n, 1)
 
+    def search(rv: Tensor) -> Tensor:  # preconditioned, deflated direction z - Y E^+ (M Y)^T z
+        zv = rv if cdiag is None else _project_out(cdiag * rv, qb)
+        return torch.baddbmm(zv, yd, coef * (myd.mT @ zv), alpha=-1.0)
+
     b = -_project_out(g.unsqueeze(-1), qb)  # (B, n, 1)
-    target = opts.cg_tol * b.norm(dim=(1, 2))  # (B,)
-    x = yd @ (coef * (yd.mT @ b))  # Galerkin part on Y
-    r = b - myd @ (coef * (yd.mT @ b))
-    p = r - yd @ (coef * (myd.mT @ r))
-    rr = (r * r).sum((1, 2))  # (B,)
-    active = rr.sqrt() > target
-    failed = ~e_ok
-    it = 0
-    for it in range(opts.cg_max_iter):
-        if it % opts.check_every == 0 and not bool(active.any()):
-            break
+    target = reachable_tol(opts.cg_tol, dtype, 300.0) ** 2 * (b.mT @ b)  # (B, 1, 1) on squared norms
+    x = yd @ (coef * (yd.mT @ b))  # (B, n, 1): Galerkin part on Y, closed form
+    r = torch.baddbmm(b, myd, coef * (yd.mT @ b), alpha=-1.0)  # residual, off span(Y)
+    zr = search(r)
+    p = zr.clone()
+    rz = r.mT @ zr  # (B, 1, 1)
+    active = (r.mT @ r) > target
+    tiny = torch.finfo(dtype).tiny
+
+    def step() -> None:  # one CG step for the active graphs, in place (alpha = 0 freezes the others)
         mp = op(p)
-        pmp = (p * mp).sum((1, 2))  # (B,)
-        good = (pmp > 0) & torch.isfinite(pmp)
-        failed = failed | (active & ~good)
-        act = active & good
-        alpha = torch.where(act, rr / torch.where(good, pmp, 1.0), 0.0)[:, None, None]
-        x = x + alpha * p
-        r = r - alpha * mp
-        rr_new = (r * r).sum((1, 2))
-        beta = torch.where(act, rr_new / torch.where(rr > 0, rr, 1.0), 0.0)[:, None, None]
-        p = torch.where(act[:, None, None], r + beta * p - yd @ (coef * (myd.mT @ r)), p)
-        rr = torch.where(act, rr_new, rr)
-        active = act & (rr_new.sqrt() > target)
-    true_res = (b - op(x)).norm(dim=(1, 2))  # (B,)
-    bad = failed | active | ~(true_res <= 10.0 * target + 10.0 * torch.finfo(dtype).tiny) | ~torch.isfinite(x).flatten(1).all(-1)
+        alpha = rz / (p.mT @ mp).clamp_min(tiny) * active
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, mp, value=-1.0)
+        zn = search(r)
+        rz_new = r.mT @ zn
+        p.copy_(torch.addcmul(zn, rz_new / rz.clamp_min(tiny), p))
+        rz.copy_(rz_new)
+        active.logical_and_((r.mT @ r) > target)
+
+    it = 0  # eager: per-call CUDA graph capture of these light steps cost more than it saved (H200)
+    while it < opts.cg_max_iter and bool(active.any()):  # the one host sync per check_every steps
+        chunk = min(opts.check_every, opts.cg_max_iter - it)
+        for _ in range(chunk):
+            step()
+        it += chunk
+    # p^T M p <= 0 (M not PD: an undeflated tiny gap) or NaN blows x up: the true residual catches it
+    true_res = (b - op(x)).square().sum((1, 2))  # (B,)
+    allowed = torch.maximum(100.0 * target, (1e3 * torch.finfo(dtype).eps) ** 2 * (b.mT @ b)).flatten()  # (B,)
+    bad = active.flatten() | ~(true_res <= allowed + tiny) | ~torch.isfinite(x).flatten(1).all(-1) | ~e_ok
     v = v1 + x.squeeze(-1)
     rows = torch.nonzero(bad).flatten()
     if rows.numel():
@@ -414,30 +488,36 @@ def resolvent_apply(lap: Tensor, z1: Tensor, z: Tensor, lam: Tensor, ritz: Tenso
     return v, int(rows.numel()), it
 
 
+def _jacobi(lap: Tensor, laplacian: Laplacian) -> Tensor | None:
+    """Diagonal preconditioner ``(B, n)`` 1 / L_ii for D - W (wide diagonal); None for I - ..."""
+    if laplacian == "normalized":
+        return None
+    return 1.0 / lap.diagonal(dim1=-2, dim2=-1).clamp_min(torch.finfo(lap.dtype).tiny ** 0.5)
+
+
 class _RitzFiedler(torch.autograd.Function):
     """Packages the forward's (z2, lambda2) with the deflated-CG backward of Eq. 7-8."""
 
     @staticmethod
     def forward(ctx, lap: Tensor, z: Tensor, lam: Tensor, z1: Tensor, ritz: Tensor,
-                opts: LobpcgOptions) -> tuple[Tensor, Tensor]:
+                laplacian: Laplacian, opts: LobpcgOptions) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(lap, z, lam, z1, ritz)
-        ctx.opts = opts
+        ctx.opts, ctx.laplacian = opts, laplacian
         return z.clone(), lam.clone()
 
     @staticmethod
     def backward(ctx, g_z: Tensor | None, g_lam: Tensor | None):
         lap, z, lam, z1, ritz = ctx.saved_tensors
-        grad = torch.zeros_like(lap)
+        v = torch.zeros_like(z)
         if g_z is not None:
-            v, n_bad, n_it = resolvent_apply(lap, z1, z, lam, ritz, g_z.to(lap.dtype), ctx.opts)
+            v, n_bad, n_it = resolvent_apply(lap, z1, z, lam, ritz, g_z.to(lap.dtype), ctx.opts,
+                                             _jacobi(lap, ctx.laplacian))
             STATS.backward_calls += 1
             STATS.backward_fallbacks += n_bad
             STATS.cg_iterations += n_it
-            outer = v.unsqueeze(-1) * z.unsqueeze(-2)  # (B, n, n) v z^T
-            grad = grad + 0.5 * (outer + outer.mT)
-        if g_lam is not None:
-            grad = grad + g_lam.to(lap.dtype)[:, None, None] * z.unsqueeze(-1) * z.unsqueeze(-2)
-        return grad, None, None, None, None, None
+        second = 0.5 * v if g_lam is None else 0.5 * v + g_lam.to(lap.dtype).unsqueeze(-1) * z  # (B, n)
+        grad = torch.stack([0.5 * v, z], -1) @ torch.stack([z, second], -1).mT  # (B, n, n) sym(v z^T) + h z z^T
+        return grad, None, None, None, None, None, None
 
 
 def lobpcg_solver(lap: Tensor, degree: Tensor, *, laplacian: Laplacian, init: Tensor | None = None,
@@ -469,5 +549,5 @@ def lobpcg_solver(lap: Tensor, degree: Tensor, *, laplacian: Laplacian, init: Te
     STATS.calls += 1
     STATS.items += lap.shape[0]
     STATS.forward_fallbacks += n_fallback
-    z, lam = _RitzFiedler.apply(lap, z, theta[:, 0], z1, x[..., 1:], opts)
+    z, lam = _RitzFiedler.apply(lap, z, theta[:, 0], z1, x[..., 1:], laplacian, opts)
     return z, lam, n_fallback
