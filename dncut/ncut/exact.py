@@ -47,16 +47,16 @@ class _EighFiedler(torch.autograd.Function):
     def backward(ctx, g_z: Tensor | None, g_lam: Tensor | None) -> Tensor:
         evals, evecs = ctx.saved_tensors
         z = evecs[:, :, 1]  # (B, n)
-        grad = torch.zeros_like(evecs)
+        # dl/dL = sym(v z^T) + h z z^T = sym(w z^T) with w = v + h z: one outer product
+        w = torch.zeros_like(z)
         if g_z is not None:
             coef = pinv_coefficients(evals, evals[:, 1])  # (B, n); coef[:, 1] == 0
             proj = (evecs.transpose(1, 2) @ g_z.unsqueeze(-1)).squeeze(-1)  # (B, n) Z^T g
-            v = (evecs @ (coef * proj).unsqueeze(-1)).squeeze(-1)  # (B, n)
-            outer = v.unsqueeze(-1) * z.unsqueeze(-2)  # (B, n, n) v z^T
-            grad = grad + 0.5 * (outer + outer.transpose(1, 2))
+            w = w + (evecs @ (coef * proj).unsqueeze(-1)).squeeze(-1)  # (B, n) v
         if g_lam is not None:
-            grad = grad + g_lam[:, None, None] * z.unsqueeze(-1) * z.unsqueeze(-2)
-        return grad
+            w = w + g_lam.unsqueeze(-1) * z  # sym((h z) z^T) = h z z^T
+        outer = w.unsqueeze(-1) * z.unsqueeze(-2)  # (B, n, n) w z^T
+        return 0.5 * (outer + outer.transpose(1, 2))
 
 
 def eigh_solver(lap: Tensor, degree: Tensor, *, laplacian: Laplacian, init: Tensor | None = None
