@@ -1,0 +1,143 @@
+"""The ``dncut`` command line as a user meets it: help texts and config errors, via subprocess.
+
+Every case runs the real entry point (``python -m dncut.cli``, plus the installed ``dncut``
+script once) and fails before any Ray work: ``RAY_ADDRESS`` points at a closed port, so a
+command that got past config validation would fail with a connection error instead of the
+config message asserted here (and would take far longer than the timeout allows).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = "configs/train/smoke.yaml"
+TIMEOUT_S = 60
+
+
+def dncut(*args: str) -> subprocess.CompletedProcess:
+    """Run ``python -m dncut.cli ARGS`` in the repo root; never reaches a Ray cluster."""
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "dncut.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+
+
+def _output(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------- help
+
+
+def test_top_level_help_lists_every_command():
+    proc = dncut("--help")
+    assert proc.returncode == 0, _output(proc)
+    for command in ("train", "tune", "eval", "eval-maps", "eval-saliency", "demo"):
+        assert command in proc.stdout
+    assert "--set key.sub=value" in proc.stdout  # the override syntax is explained up front
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("train", ["--config", "--set", "--address", "override a config key"]),
+    ("tune", ["--config", "--set"]),
+    ("eval", ["--config", "--set"]),
+    ("demo", ["--config", "configs/train/demo.yaml"]),
+    ("eval-maps", ["--masks", "--maps", "--out"]),
+    ("eval-saliency", ["--images", "--masks", "--backbone", "--method", "--bilateral"]),
+])
+def test_subcommand_help(command, expected):
+    proc = dncut(command, "--help")
+    assert proc.returncode == 0, _output(proc)
+    assert proc.stdout.startswith(f"usage: dncut {command}")
+    for text in expected:
+        assert text in proc.stdout, f"{command} --help lacks {text!r}:\n{proc.stdout}"
+
+
+def test_installed_script_matches_module():
+    script = shutil.which("dncut", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("the dncut console script is not installed next to this python")
+    proc = subprocess.run([script, "train", "--help"], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0 and proc.stdout == dncut("train", "--help").stdout
+
+
+def test_no_command_is_a_usage_error():
+    proc = dncut()
+    assert proc.returncode == 2
+    assert "usage: dncut" in proc.stderr and "COMMAND" in proc.stderr
+
+
+def test_unknown_command_names_the_choices():
+    proc = dncut("trian")
+    assert proc.returncode == 2
+    assert "invalid choice: 'trian'" in proc.stderr and "train" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- config errors
+
+
+def test_misspelt_key_names_it_and_suggests(tmp_path):
+    out_dir = tmp_path / "never"
+    proc = dncut("train", "--config", SMOKE, "--set", "model.backbon=x", "--set", f"output_dir={out_dir}")
+    assert proc.returncode != 0
+    err = _output(proc)
+    assert "model.backbon" in err and "did you mean 'backbone'" in err
+    assert "Traceback" not in err  # a message, not a stack trace
+    assert not out_dir.exists(), "nothing may be written before the config validates"
+
+
+def test_wrong_type_names_the_key_and_value():
+    proc = dncut("train", "--config", SMOKE, "--set", "train.batch_size=abc")
+    assert proc.returncode != 0
+    err = _output(proc)
+    assert "train.batch_size" in err and "'abc'" in err and "integer" in err
+    assert "Traceback" not in err
+
+
+def test_every_error_is_reported_with_valid_choices():
+    proc = dncut("train", "--config", SMOKE, "--set", "ncut.affinity=reul", "--set", "data.crop_sise=64",
+                 "--set", "model.backbone=efficientnet_lite")
+    assert proc.returncode != 0
+    err = _output(proc)
+    assert "ncut.affinity" in err and "'reul'" in err and "'relu'" in err and "'binary'" in err
+    assert "data.crop_sise" in err and "did you mean 'crop_size'" in err
+    assert "model.backbone" in err and "did you mean 'efficientnet_lite0'" in err
+
+
+def test_override_without_equals_sign():
+    proc = dncut("train", "--config", SMOKE, "--set", "train.max_steps")
+    assert proc.returncode != 0
+    assert "key.sub=value" in _output(proc)
+
+
+def test_missing_config_file(tmp_path):
+    missing = tmp_path / "no_such_config.yaml"
+    proc = dncut("train", "--config", str(missing))
+    assert proc.returncode != 0
+    err = _output(proc)
+    assert "cannot read config" in err and str(missing) in err
+    assert "Traceback" not in err
+
+
+def test_invalid_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {max_steps: 3\nloss: [\n")
+    proc = dncut("eval", "--config", str(bad))
+    assert proc.returncode != 0
+    err = _output(proc)
+    assert "invalid YAML" in err and str(bad) in err
+
+
+def test_unknown_top_level_section_in_file(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("trian:\n  max_steps: 3\n")
+    proc = dncut("tune", "--config", str(cfg))
+    assert proc.returncode != 0
+    err = _output(proc)
+    assert "trian" in err and "did you mean 'train'" in err
