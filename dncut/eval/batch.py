@@ -41,6 +41,7 @@ from dncut.config import Config, EvalDataset
 from dncut.data.datasets import (DatasetLayoutError, coco20k_dataset, pair_by_stem, saliency_dataset,
                                  voc_dataset)
 from dncut.data.images import IMAGE_SUFFIXES, decode_image, load_mask
+from dncut.data.pipeline import s3_options
 from dncut.eval import metrics
 from dncut.eval.bilateral import refine_mask
 from dncut.eval.methods import box_to_pixels, clean_binary, largest_component_box, upsample_map, upsample_mask
@@ -59,8 +60,7 @@ BackboneFactory = Callable[..., Any]
 
 
 # --------------------------------------------------------------------------- records
-def _s3(cfg: Config) -> storage.S3Options:
-    return storage.S3Options(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+_s3 = s3_options  # the one config -> S3Options mapping (dncut.data.pipeline)
 
 
 def _record(image_id: str, image_uri: str, mask_uri: str = "", gt_boxes: str = "[]", missing: str = "") -> dict:

@@ -23,6 +23,7 @@ from dncut import storage
 from dncut.config import Config
 from dncut.data.datasets import saliency_dataset
 from dncut.data.images import decode_image, load_mask
+from dncut.data.pipeline import s3_options
 from dncut.data.scenes import make_scene
 from dncut.eval.methods import simple_ncut, upsample_map
 from dncut.eval.metrics import aggregate_saliency, score_saliency
@@ -94,7 +95,7 @@ def validation_set(cfg: Config) -> list[Labelled]:
     """
     if cfg.data.val is None:
         return [Labelled(*make_scene(HELD_OUT_SEED + i, size=cfg.data.crop_size)) for i in range(cfg.data.val_scenes)]
-    s3 = storage.S3Options(cfg.storage.endpoint_url, cfg.storage.region)
+    s3 = s3_options(cfg)
     samples, failed = [], []
     for r in saliency_dataset("folder", cfg.data.val, s3):
         try:
