@@ -12,8 +12,9 @@ Part 1 (same machine, same images, same EfficientNet-Lite0 features, computed on
     with the exact ``eigh`` solver and the batched ``lobpcg`` solver.
   Reports images/s of this NCut stage, the speed-up, the feature extraction rate and the
   end-to-end rate (features + NCut), and how often the two give the same mask and box.
-Part 2: the Ray job (``run_evaluation``, tokencut, no solver) on the same images with Ray
-  limited to 1 and then 2 CPUs, each in a fresh process: images/s and the scaling factor.
+Part 2: the Ray job (``run_evaluation``, tokencut, no bilateral solver) on the same images
+  (repeated up to ``--scaling-images``) with Ray given 1 and then 2 CPUs, each in a fresh
+  process pinned to that many cores: images/s and the scaling factor.
 
 Writes JSON to stdout and to ``bench/results/eval_throughput.json``. ``--save-features`` /
 ``--load-features`` time part 1 elsewhere (e.g. pinned to 2 cores of a quiet machine) on the
@@ -35,6 +36,8 @@ import numpy as np
 import scipy.linalg
 import scipy.ndimage as ndi
 import torch
+
+from dncut.config import Config
 
 SOD_VAL = Path("/work/shared/data/sod-val")
 RESULTS = Path(__file__).resolve().parent / "results" / "eval_throughput.json"
@@ -102,18 +105,20 @@ def run_peers(feats: list[torch.Tensor]) -> tuple[list, float]:
     return out, time.perf_counter() - start
 
 
-def run_batched(feats: list[torch.Tensor], solver: str) -> tuple[list, float]:
+def run_batched(feats: list[torch.Tensor], solver: str, batch_size: int) -> tuple[list, float]:
+    """As the job's actors: batches of ``batch_size`` images, same-grid images share one NCut call."""
     from dncut.eval.methods import tokencut
 
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, f in enumerate(feats):
-        groups.setdefault(tuple(f.shape), []).append(i)
     out: list = [None] * len(feats)
     start = time.perf_counter()
-    for idx in groups.values():
-        res = tokencut(torch.stack([feats[i] for i in idx]), solver=solver)  # (g, C, h, w) in
-        for k, i in enumerate(idx):
-            out[i] = (res.masks[k].numpy(), res.boxes[k].tolist())
+    for first in range(0, len(feats), batch_size):
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i in range(first, min(first + batch_size, len(feats))):
+            groups.setdefault(tuple(feats[i].shape), []).append(i)
+        for idx in groups.values():
+            res = tokencut(torch.stack([feats[i] for i in idx]), solver=solver)  # (g, C, h, w) in
+            for k, i in enumerate(idx):
+                out[i] = (res.masks[k].numpy(), res.boxes[k].tolist())
     return out, time.perf_counter() - start
 
 
@@ -128,22 +133,24 @@ def best_of(fn, repeats: int):
 
 
 # --------------------------------------------------------------------------- Ray scaling
-def scaling_worker(cpus: int, root: str, n: int, backbone: str, size: int, solver: str) -> dict:
+def scaling_worker(cpus: int, root: str, n: int, backbone: str, size: int, solver: str, batch_size: int) -> dict:
     """Run inside a fresh process: the Ray job on ``n`` images with Ray limited to ``cpus``."""
     import logging
 
     import ray
 
-    from dncut.config import Config
     from dncut.eval.batch import run_evaluation
 
+    # pin this process (and so Ray's raylet and workers, which inherit it) to ``cpus`` cores:
+    # num_cpus alone is a scheduling limit, not a physical one
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cpus])
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR)
     cfg = Config().with_overrides({
         "output_dir": tempfile.mkdtemp(prefix="dncut-bench-"), "run_name": f"cpus{cpus}",
         "model.backbone": backbone, "ncut.solver": solver,
         "eval.datasets": [{"name": "bench", "kind": "folder", "root": root, "limit": n}],
         "eval.methods": ["tokencut"], "eval.bilateral": False, "eval.image_size": size,
-        "eval.batch_size": 8, "eval.num_actors": cpus, "eval.examples": 0,
+        "eval.batch_size": batch_size, "eval.num_actors": cpus, "eval.examples": 0,
     })
     start = time.perf_counter()
     summary = run_evaluation(cfg)
@@ -169,11 +176,23 @@ def write_scene_root(n: int) -> str:
     return str(root)
 
 
-def run_scaling(root: str, n: int, backbone: str, size: int, solver: str) -> list[dict]:
+def replicate_root(root: str, copies: int) -> str:
+    """A folder with ``copies`` symlinked copies of each image / mask pair of ``root`` (more images
+    than a small set has, so that the actors' start-up does not dominate the rate)."""
+    out = Path(tempfile.mkdtemp(prefix="dncut-bench-rep-"))
+    for sub in ("images", "masks"):
+        (out / sub).mkdir()
+        for f in sorted((Path(root) / sub).iterdir()):
+            for c in range(copies):
+                (out / sub / f"{f.stem}_c{c}{f.suffix}").symlink_to(f.resolve())
+    return str(out)
+
+
+def run_scaling(root: str, n: int, backbone: str, size: int, solver: str, batch_size: int) -> list[dict]:
     results = []
     for cpus in (1, 2):
         cmd = [sys.executable, __file__, "--scaling-worker", str(cpus), "--root", root, "--images", str(n),
-               "--backbone", backbone, "--size", str(size), "--solver", solver]
+               "--backbone", backbone, "--size", str(size), "--solver", solver, "--batch-size", str(batch_size)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         line = [l for l in proc.stdout.splitlines() if l.startswith("{")]
         if proc.returncode or not line:
@@ -191,8 +210,12 @@ def main() -> None:
                    help="efficientnet_lite0_s16 (stride 16) or efficientnet_lite0 (stride 32)")
     p.add_argument("--size", type=int, default=320, help="long side of the resized images")
     p.add_argument("--repeats", type=int, default=2, help="timing repeats (best is kept)")
-    p.add_argument("--solver", default="eigh", help="NCut solver of the Ray job in part 2")
+    p.add_argument("--batch-size", type=int, default=Config().eval.batch_size,
+                   help="images per inference batch, as the job's eval.batch_size (default: the config's)")
+    p.add_argument("--solver", default=Config().ncut.solver, help="NCut solver of the Ray job in part 2 (default: the config's)")
     p.add_argument("--skip-scaling", action="store_true")
+    p.add_argument("--scaling-images", type=int, default=400,
+                   help="images for the Ray job runs of part 2 (the set is repeated up to this many)")
     p.add_argument("--scaling-worker", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--root", default=None, help=argparse.SUPPRESS)
     p.add_argument("--save-features", default=None, help="also save the features (torch .pt) for --load-features")
@@ -201,7 +224,7 @@ def main() -> None:
     args = p.parse_args()
     if args.scaling_worker:
         print(json.dumps(scaling_worker(args.scaling_worker, args.root, args.images, args.backbone, args.size,
-                                        args.solver)))
+                                        args.solver, args.batch_size)))
         return
 
     load_start = os.getloadavg()
@@ -223,15 +246,15 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "loadavg_start": [round(v, 2) for v in load_start]},
-        "images": n, "source": source, "backbone": args.backbone, "long_side": args.size,
+        "images": n, "batch_size": args.batch_size, "source": source, "backbone": args.backbone, "long_side": args.size,
         "grids": sorted({tuple(f.shape[1:]) for f in feats}),
         "nodes_per_graph": sorted({f.shape[1] * f.shape[2] for f in feats}),
         "features_images_per_s": rate(n, feat_s),
         "peers_scipy_per_image": {"ncut_images_per_s": rate(n, peer_s), "end_to_end_images_per_s": rate(n, feat_s, peer_s)},
     }
     for solver in ("eigh", "lobpcg"):
-        run_batched(feats[:2], solver)  # warm-up
-        ours, ours_s = best_of(lambda: run_batched(feats, solver), args.repeats)
+        run_batched(feats[:2], solver, args.batch_size)  # warm-up
+        ours, ours_s = best_of(lambda: run_batched(feats, solver, args.batch_size), args.repeats)
         same_mask = np.mean([np.array_equal(a[0], b[0]) for a, b in zip(ours, peers)])
         iou = np.mean([(a[0] & b[0]).sum() / max(1, (a[0] | b[0]).sum()) for a, b in zip(ours, peers)])
         same_box = np.mean([a[1] == b[1] for a, b in zip(ours, peers)])
@@ -243,9 +266,13 @@ def main() -> None:
             "same_box_fraction": round(float(same_box), 3),
         }
     if not args.skip_scaling:
-        ray_root = str(root) if root is not None else write_scene_root(n)
-        result["ray_job_scaling"] = {"solver": args.solver,
-                                     "runs": run_scaling(ray_root, n, args.backbone, args.size, args.solver)}
+        copies = max(1, -(-args.scaling_images // n))
+        ray_root = replicate_root(str(root) if root is not None else write_scene_root(n), copies)
+        result["ray_job_scaling"] = {"solver": args.solver, "images": n * copies,
+                                     "note": "each run in a fresh process pinned to its cores (sched_setaffinity); "
+                                             "wall includes Ray start-up, actor start-up and model loading",
+                                     "runs": run_scaling(ray_root, n * copies, args.backbone, args.size, args.solver,
+                                                         args.batch_size)}
         ok = [r for r in result["ray_job_scaling"]["runs"] if "images_per_s" in r]
         if len(ok) == 2:
             result["ray_job_scaling"]["speedup_2_vs_1_cpu"] = round(ok[1]["images_per_s"] / ok[0]["images_per_s"], 2)

@@ -331,3 +331,38 @@ def test_backward_exact_fallback_path(monkeypatch):
     assert lobpcg.STATS.backward_fallbacks == 3
     _, g_exact = run(f, "eigh")
     assert rel_err(g_fast, g_exact) <= 1e-8  # the forward z2 differ by ~tol / gap
+
+
+# ----------------------------------------------------------------------------- tolerance
+
+
+def test_tol_bounds_the_residual_and_looser_tol_needs_fewer_iterations():
+    """``tol`` is what the docs say: ||L z2 - lambda2 z2|| <= tol * 2 (checked here with L built in
+    numpy), the eigenpair error follows the residual, and a looser tol stops earlier."""
+    f = clustered_features(6, 120, 140, 6, seed=11, noise=4.0)  # noisy: 10+ iterations at 1e-4
+    x = torch.nn.functional.normalize(f, dim=-1).numpy()
+    a = np.einsum("bnc,bmc->bnm", x, x)
+    w = np.where(a > 0, a, 1e-6)
+    d = w.sum(-1)
+    lap = np.eye(120) - w / np.sqrt(d[:, :, None] * d[:, None, :])  # (B, n, n)
+    exact = normalized_cut(f, solver="eigh")
+    iterations = {}
+    for tol in (1e-4, 1e-6, 1e-10):
+        lobpcg.reset_stats()
+        out = normalized_cut(f, solver="lobpcg", tol=tol)
+        iterations[tol] = lobpcg.reset_stats().iterations
+        z, lam = out.eigvec.numpy(), out.eigval.numpy()
+        res = np.linalg.norm(np.einsum("bnm,bm->bn", lap, z) - lam[:, None] * z, axis=-1)
+        assert out.n_fallback == 0
+        assert res.max() <= 10 * tol * 2.0  # the solver's acceptance bound
+        gap = (torch.linalg.eigvalsh(torch.from_numpy(lap))[:, 2] - exact.eigval).min().item()
+        assert 1 - abs_cos(out.eigvec, exact.eigvec).min().item() <= (20 * tol / gap) ** 2 + 1e-13
+        assert (out.eigval - exact.eigval).abs().max().item() <= (20 * tol) ** 2 / gap + 1e-13
+    assert iterations[1e-4] < iterations[1e-6] < iterations[1e-10]
+
+
+def test_bad_tol_is_rejected():
+    f = clustered_features(1, 40, 50, 2, seed=0)
+    with pytest.raises(ValueError, match="tol"):
+        normalized_cut(f, solver="lobpcg", tol=0.0)
+    normalized_cut(f, solver="eigh", tol=1e-6)  # ignored by the exact solver

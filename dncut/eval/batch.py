@@ -386,7 +386,7 @@ def _run_pipeline(records: list[dict], *, cfg: Config, dataset: str, discovery: 
     log.info("eval %s: %d images, backbone %s, checkpoint %s, methods %s%s", dataset, len(records),
              backbone, checkpoint or "(pretrained)", methods, " + bilateral" if ev.bilateral else "")
     ds = (
-        ray.data.from_items(records)
+        ray.data.from_items(records, override_num_blocks=max(1, -(-len(records) // ev.batch_size)))
         .map(load_record, fn_kwargs={"stride": stride, "image_size": None if discovery else ev.image_size,
                                      "s3": _s3(cfg)}, num_cpus=read_cpus)
         .map_batches(NCutPredictor, batch_size=ev.batch_size, batch_format="numpy",
@@ -556,7 +556,8 @@ def evaluate_maps(masks_dir: str, maps_dirs: str | Sequence[str], out_dir: str,
     _ensure_ray()
     log.info("eval-maps %s: %d masks x %d map folders", dataset, len(masks), len(records) // max(1, len(masks)))
     acc = Accumulator()
-    for row in ray.data.from_items(records).map(score_map, fn_kwargs={"s3": s3}).iter_rows():
+    blocks = max(1, -(-len(records) // 16))  # 16 maps per task: task overhead >> scoring one map
+    for row in ray.data.from_items(records, override_num_blocks=blocks).map(score_map, fn_kwargs={"s3": s3}).iter_rows():
         acc.add(row, dataset=dataset, backbone="maps", checkpoint=row["checkpoint"], task="saliency",
                 pysod=True)
     return _finish(acc, out_dir, None, s3)

@@ -41,6 +41,7 @@ from dncut.ncut import normalized_cut
 SIMPLE_TAU = 0.0  # relu graph threshold of the Simple protocol (authors)
 TOKENCUT_TAU = 0.2  # TokenCut's binary graph threshold
 TOKENCUT_EPS = 1e-5  # TokenCut's weight of the removed edges
+EVAL_TOL = 1e-6  # iterative solvers' residual tolerance here: masks need z2's sign pattern, not gradients
 
 
 def _check_features(features: Tensor) -> None:
@@ -57,12 +58,14 @@ def _tokens(features: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- Simple
-def simple_ncut(features: Tensor, *, solver: str = "eigh") -> tuple[Tensor, Tensor]:
+def simple_ncut(features: Tensor, *, solver: str = "eigh", tol: float | None = EVAL_TOL) -> tuple[Tensor, Tensor]:
     """The authors' "Simple" NCut evaluation (REFERENCE §2).
 
     Args:
         features: ``(B, C, h, w)`` patch features (keys for a ViT).
         solver: NCut eigensolver (a key of ``dncut.ncut.SOLVERS``).
+        tol: residual tolerance of an iterative solver (``normalized_cut``); ``EVAL_TOL``
+            (1e-6) gives the exact solver's masks (tests, ``bench/eval_throughput.py``).
 
     Returns:
         ``(z2 (B, h, w), masks (B, h, w) bool)``: z2 oriented so that its positive side is the
@@ -71,7 +74,7 @@ def simple_ncut(features: Tensor, *, solver: str = "eigh") -> tuple[Tensor, Tens
     _check_features(features)
     b, _, h, w = features.shape
     result = normalized_cut(_tokens(features), normalize=True, tau=SIMPLE_TAU, affinity="relu",
-                            laplacian="normalized", solver=solver)
+                            laplacian="normalized", solver=solver, tol=tol)
     z = result.eigvec  # (B, n)
     frac = (z > 0).float().mean(-1)  # (B,)
     flip = (frac > 0.5) & (frac < 1.0)  # (B,)
@@ -141,7 +144,7 @@ def largest_component_box(mask: np.ndarray) -> np.ndarray:
 
 
 def tokencut(features: Tensor, *, tau: float = TOKENCUT_TAU, eps: float = TOKENCUT_EPS,
-             solver: str = "eigh") -> TokenCutOutput:
+             solver: str = "eigh", tol: float | None = EVAL_TOL) -> TokenCutOutput:
     """TokenCut (Wang et al.) on a batch of feature maps (REFERENCE §3).
 
     Args:
@@ -149,6 +152,7 @@ def tokencut(features: Tensor, *, tau: float = TOKENCUT_TAU, eps: float = TOKENC
         tau: binary graph threshold on the cosine similarity (0.2).
         eps: weight of the edges below ``tau`` (1e-5).
         solver: NCut eigensolver (a key of ``dncut.ncut.SOLVERS``).
+        tol: residual tolerance of an iterative solver, as in :func:`simple_ncut`.
 
     Returns:
         :class:`TokenCutOutput` with y2 maps, component masks, bipartitions, seeds and boxes.
@@ -156,7 +160,7 @@ def tokencut(features: Tensor, *, tau: float = TOKENCUT_TAU, eps: float = TOKENC
     _check_features(features)
     b, _, h, w = features.shape
     result = normalized_cut(_tokens(features), normalize=True, tau=tau, affinity="binary",
-                            laplacian="normalized", solver=solver, eps=eps)
+                            laplacian="normalized", solver=solver, eps=eps, tol=tol)
     y = result.gen_eigvec  # (B, n)
     part = y > y.mean(-1, keepdim=True)  # (B, n)
     seeds = y.abs().argmax(-1)  # (B,)

@@ -24,7 +24,8 @@ The layer turns patch features into the Fiedler vector of their affinity graph::
   |lambda2 - lambda_i| <= ``GAP_EPS`` (1e-9 relative to the spectrum's scale) is set to 0, i.e.
   the pseudo-inverse of Eq. 8 drops near-zero pivots exactly as it drops the pivot of
   lambda2 itself. Gradients stay finite for repeated eigenvalues (e.g. constant features).
-* Precision: the graph, the Laplacian and the eigensolver run in float64 whatever the input
+* Precision: the products f f^T (and the threshold test) run in the input dtype, as in the
+  peers' float32 code; W, the Laplacian and the eigensolver run in float64 whatever the input
   dtype; outputs are cast back to the input dtype.
 
 Solvers are registered in ``SOLVERS``: ``"eigh"`` (exact, ``torch.linalg.eigh``; the reference)
@@ -77,7 +78,7 @@ SOLVERS["lobpcg"] = lobpcg_solver
 
 
 def register_solver(name: str, fn: SolverFn) -> None:
-    """Make ``fn(lap, degree, *, laplacian, init) -> (z2, lambda2, n_fallback)`` a solver."""
+    """Make ``fn(lap, degree, *, laplacian, init, tol) -> (z2, lambda2, n_fallback)`` a solver."""
     SOLVERS[name] = fn
 
 
@@ -109,7 +110,7 @@ def _validate(features: Tensor, init: Tensor | None) -> None:
 def normalized_cut(features: Tensor, *, normalize: bool = True, tau: float = 0.0,
                    affinity: Affinity = "relu", laplacian: Laplacian = "normalized",
                    solver: str = "eigh", eps: float | None = None,
-                   init: Tensor | None = None) -> NCutResult:
+                   init: Tensor | None = None, tol: float | None = None) -> NCutResult:
     """Differentiable NCut: Fiedler vector of the patch graph of ``features``.
 
     Args:
@@ -121,6 +122,9 @@ def normalized_cut(features: Tensor, *, normalize: bool = True, tau: float = 0.0
         solver: a key of ``SOLVERS``: ``"eigh"`` (exact reference) or ``"lobpcg"`` (fast).
         eps: weak-edge weight; default 1e-6 (relu) or 1e-5 (binary).
         init: optional warm start ``(B, n)`` or ``(B, n, k)`` for iterative solvers.
+        tol: residual tolerance of iterative solvers, ||L z2 - lambda2 z2|| <= tol * (spectrum
+            bound); ``None`` = the solver's default (1e-10 for ``"lobpcg"``, what gradients
+            need). Inference that only thresholds z2 can use ~1e-6. Ignored by ``"eigh"``.
 
     Returns:
         :class:`NCutResult` with ``eigvec (B, n)``, ``eigval (B,)``, ``gen_eigvec (B, n)``
@@ -138,13 +142,11 @@ def normalized_cut(features: Tensor, *, normalize: bool = True, tau: float = 0.0
     if laplacian not in LAPLACIANS:
         raise ValueError(f"laplacian={laplacian!r} is not one of {LAPLACIANS}")
     dtype = features.dtype
-    f = features.double()
-    if normalize:
-        f = F.normalize(f, dim=-1)
-    w = affinity_matrix(f, affinity=affinity, tau=tau, eps=eps)  # (B, n, n)
+    f = F.normalize(features, dim=-1) if normalize else features
+    w = affinity_matrix(f, affinity=affinity, tau=tau, eps=eps, dtype=torch.float64)  # (B, n, n)
     lap, degree = laplacian_matrix(w, laplacian=laplacian)  # (B, n, n), (B, n)
     z, lam, n_fallback = SOLVERS[solver](lap, degree, laplacian=laplacian,
-                                         init=None if init is None else init.double())
+                                         init=None if init is None else init.double(), tol=tol)
     y = z * degree.rsqrt() if laplacian == "normalized" else None  # (B, n)
     return NCutResult(
         eigvec=z.to(dtype),

@@ -59,8 +59,8 @@ class _EighFiedler(torch.autograd.Function):
         return 0.5 * (outer + outer.transpose(1, 2))
 
 
-def eigh_solver(lap: Tensor, degree: Tensor, *, laplacian: Laplacian, init: Tensor | None = None
-                ) -> tuple[Tensor, Tensor, int]:
-    """Exact solver: ``(z2 (B, n), lambda2 (B,), n_fallback=0)``; ``init`` is ignored."""
+def eigh_solver(lap: Tensor, degree: Tensor, *, laplacian: Laplacian, init: Tensor | None = None,
+                tol: float | None = None) -> tuple[Tensor, Tensor, int]:
+    """Exact solver: ``(z2 (B, n), lambda2 (B,), n_fallback=0)``; ``init`` and ``tol`` are ignored."""
     z, lam = _EighFiedler.apply(lap)
     return z, lam, 0

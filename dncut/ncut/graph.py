@@ -21,7 +21,7 @@ SIGN_TOL = 1e-6
 
 
 def affinity_matrix(features: Tensor, *, affinity: Affinity = "relu", tau: float = 0.0,
-                    eps: float | None = None) -> Tensor:
+                    eps: float | None = None, dtype: torch.dtype | None = None) -> Tensor:
     """Affinity W of patch features.
 
     Args:
@@ -30,6 +30,8 @@ def affinity_matrix(features: Tensor, *, affinity: Affinity = "relu", tau: float
             (W = 1 where f f^T > tau, else eps).
         tau: threshold on f f^T.
         eps: floor for weak edges; default 1e-6 (relu) / 1e-5 (binary).
+        dtype: dtype of W (default: the features'). The products f f^T and the threshold
+            test are taken in the features' dtype, as the peers' float32 code does.
 
     Returns:
         ``(B, n, n)`` symmetric, strictly positive weights.
@@ -37,11 +39,13 @@ def affinity_matrix(features: Tensor, *, affinity: Affinity = "relu", tau: float
     if affinity not in AFFINITIES:
         raise ValueError(f"affinity={affinity!r} is not one of {AFFINITIES}")
     eps = DEFAULT_EPS[affinity] if eps is None else eps
+    dtype = features.dtype if dtype is None else dtype
     a = features @ features.transpose(1, 2)  # (B, n, n)
     strong = a > tau
+    floor = torch.tensor(eps, dtype=dtype, device=a.device)
     if affinity == "relu":
-        return torch.where(strong, a, torch.full_like(a, eps))
-    return torch.where(strong, torch.ones_like(a), torch.full_like(a, eps))
+        return torch.where(strong, a.to(dtype), floor)
+    return torch.where(strong, torch.tensor(1.0, dtype=dtype, device=a.device), floor)
 
 
 def laplacian_matrix(w: Tensor, *, laplacian: Laplacian = "normalized") -> tuple[Tensor, Tensor]:
@@ -58,10 +62,13 @@ def laplacian_matrix(w: Tensor, *, laplacian: Laplacian = "normalized") -> tuple
         raise ValueError(f"laplacian={laplacian!r} is not one of {LAPLACIANS}")
     d = w.sum(-1)  # (B, n)
     if laplacian == "unnormalized":
-        return torch.diag_embed(d) - w, d
-    s = d.rsqrt()  # (B, n)
-    eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
-    return eye - s.unsqueeze(-1) * w * s.unsqueeze(-2), d
+        lap = w.neg()  # (B, n, n)
+        lap.diagonal(dim1=-2, dim2=-1).add_(d)
+        return lap, d
+    s = d.rsqrt().unsqueeze(-1)  # (B, n, 1)
+    lap = w * (s @ s.mT).neg_()  # (B, n, n) -D^-1/2 W D^-1/2: one pass over W
+    lap.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    return lap, d
 
 
 def fix_sign(z: Tensor) -> Tensor:

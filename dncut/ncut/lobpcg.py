@@ -267,18 +267,20 @@ def _expand(st: _State, shift: Tensor, safe: Tensor) -> None:
     st.good.copy_(ok & (info == 0))
 
 
-def _update(st: _State) -> None:
-    """Accept the k smallest Ritz pairs of ``eig_*`` for the live graphs, in place."""
+def _update(st: _State, keep: Tensor) -> None:
+    """Accept the k smallest Ritz pairs of ``eig_*`` for the live graphs, in place.
+
+    Frozen graphs (converged or broken) take the coefficients ``keep`` = [I_k; 0] ``(3k, k)``,
+    which reproduce their block x exactly from s = [x, w] (and give p = 0, refilled later).
+    """
     k = st.x.shape[-1]
-    c = st.eig_vec[..., :k]  # (B, 3k, k)
     live = ~(st.done | st.broken)
     upd = live & st.good
     st.broken.logical_or_(live ^ upd)  # a live graph that failed a factorisation or went non-finite
-    u3 = upd[:, None, None]  # frozen: converged and broken graphs
-    p_new = torch.where(u3, st.w @ c[:, k:], st.p)
-    st.x.copy_(torch.where(u3, st.s @ c, st.x))
-    st.ax.copy_(torch.where(u3, st.a_s @ c, st.ax))
-    st.p.copy_(p_new)
+    c = torch.where(upd[:, None, None], st.eig_vec[..., :k], keep)  # (B, 3k, k)
+    torch.bmm(st.s, c, out=st.x)
+    torch.bmm(st.a_s, c, out=st.ax)
+    torch.bmm(st.w, c[:, k:], out=st.p)
     st.theta.copy_(torch.where(upd[:, None], 0.5 * st.eig_val[:, :k], st.theta))
 
 
@@ -327,6 +329,7 @@ def _iterate(lap: Tensor, z1: Tensor, bound: Tensor, init: Tensor | None, opts: 
                 eig_val=lap.new_empty(b, 3 * k), eig_vec=lap.new_empty(b, 3 * k, 3 * k))
     shift = _cholqr_shift(n, 2 * k, lap.dtype, lap.device)  # (2k, 2k)
     safe = torch.eye(3 * k, dtype=lap.dtype, device=lap.device)  # (3k, 3k)
+    keep = safe[:, :k]  # (3k, k)
     out = st
     idx = torch.arange(b, device=lap.device)
     use_graph = opts.cuda_graphs and lap.is_cuda
@@ -346,12 +349,12 @@ def _iterate(lap: Tensor, z1: Tensor, bound: Tensor, init: Tensor | None, opts: 
                 idx, st = idx[rows], st.rows(rows)
         torch.linalg.eigh(st.h, out=(st.eig_val, st.eig_vec))  # (3k x 3k) Rayleigh-Ritz; syncs on CUDA
         if graph is None and use_graph and it >= 1:  # one eager step before capture (lazy inits)
-            graph = _capture(lambda: (_update(st), _expand(st, shift, safe)), lap.device)
+            graph = _capture(lambda: (_update(st, keep), _expand(st, shift, safe)), lap.device)
             use_graph = graph is not None
         if graph is not None:
             graph.replay()
         else:
-            _update(st)
+            _update(st, keep)
             _expand(st, shift, safe)
         it += 1
     if st is not out:
@@ -521,7 +524,7 @@ class _RitzFiedler(torch.autograd.Function):
 
 
 def lobpcg_solver(lap: Tensor, degree: Tensor, *, laplacian: Laplacian, init: Tensor | None = None,
-                  options: LobpcgOptions | None = None) -> tuple[Tensor, Tensor, int]:
+                  tol: float | None = None, options: LobpcgOptions | None = None) -> tuple[Tensor, Tensor, int]:
     """Fast solver: ``(z2 (B, n), lambda2 (B,), n_fallback)``; differentiable w.r.t. ``lap``.
 
     Args:
@@ -529,6 +532,7 @@ def lobpcg_solver(lap: Tensor, degree: Tensor, *, laplacian: Laplacian, init: Te
         degree: ``(B, n)`` node degrees (gives z1 and the spectrum bound; not differentiated).
         laplacian: ``"normalized"`` or ``"unnormalized"``: which Laplacian ``lap`` is.
         init: optional warm start ``(B, n)`` or ``(B, n, k0)``.
+        tol: residual tolerance relative to the spectrum bound; ``None`` = ``options.tol`` (1e-10).
         options: overrides :data:`OPTIONS`.
 
     Returns:
@@ -538,10 +542,14 @@ def lobpcg_solver(lap: Tensor, degree: Tensor, *, laplacian: Laplacian, init: Te
     if laplacian not in LAPLACIANS:
         raise ValueError(f"laplacian={laplacian!r} is not one of {LAPLACIANS}")
     opts = OPTIONS if options is None else options
+    if tol is not None:
+        if not 0.0 < tol < 1.0:
+            raise ValueError(f"tol={tol} must be in (0, 1)")
+        opts = replace(opts, tol=tol)
     if not 1 <= opts.block <= 10:
         raise ValueError(f"block={opts.block} must be in 1..10 (search space 3 * block <= 32)")
     if lap.shape[-1] <= max(SMALL_N, 3 * opts.block + 1):
-        return eigh_solver(lap, degree, laplacian=laplacian, init=init)
+        return eigh_solver(lap, degree, laplacian=laplacian)
     with torch.no_grad():
         x, theta, z1, n_fallback = _solve(lap.detach(), degree.detach(), laplacian,
                                           None if init is None else init.detach(), opts)
