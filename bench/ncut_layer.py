@@ -11,7 +11,8 @@ Reported per case: forward ms, forward+backward ms, backward-alone ms (best of t
 method whose warm-up call takes longer than ``--max-seconds`` is repeated fewer times), peak
 memory (CUDA: ``max_memory_allocated``; CPU: growth of the process's max RSS), accuracy against
 the exact z2 (min |cos|, max |lambda2 error|), the solver's fallback count, and for ``lobpcg``
-the iterations per forward, CG iterations per backward and backward fallbacks.
+the iterations per forward, CG iterations per backward and backward fallbacks; and the number
+of aten ops (views excluded) of one forward+backward, the kernel launches on CUDA.
 
 Run::
 
@@ -88,6 +89,25 @@ def timed(fn, device: str, repeats: int, max_seconds: float = float("inf")) -> t
     return min(times), out
 
 
+# ops that only make views / metadata: no kernel launch on CUDA
+VIEW_OPS = {"aten::mT", "aten::unsqueeze", "aten::slice", "aten::select", "aten::expand", "aten::view",
+            "aten::transpose", "aten::diagonal", "aten::reshape", "aten::squeeze", "aten::as_strided",
+            "aten::t", "aten::permute", "aten::alias", "aten::detach", "aten::flatten", "aten::to",
+            "aten::lift_fresh", "aten::empty", "aten::result_type", "aten::empty_like", "aten::new_empty",
+            "aten::_unsafe_view", "aten::expand_as", "aten::numpy_T", "aten::contiguous"}
+
+
+def count_ops(fn) -> int:
+    """Top-level (dispatched from Python or autograd) aten calls of ``fn()`` that do work, views
+    excluded: a device-independent count of kernel launches, which bound small-batch GPU time."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.name not in VIEW_OPS
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
 def loss_of(z: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """A sign-invariant loss touching z2 and lambda2."""
     return (z ** 4).sum() + lam.sum()
@@ -125,7 +145,7 @@ def bench_one(name: str, forward, features: torch.Tensor, device: str, repeats: 
     first = bwd_only()
     bwd_ms = min([first] + [bwd_only() for _ in range(fit_repeats(repeats, max_seconds, first * 1e-3) - 1)])
     row = {"method": name, "forward_ms": round(fwd_ms, 3), "forward_backward_ms": round(fb_ms, 3),
-           "backward_ms": round(bwd_ms, 3)}
+           "backward_ms": round(bwd_ms, 3), "ops_forward_backward": count_ops(fwd_bwd)}
     if device == "cuda":
         row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     else:

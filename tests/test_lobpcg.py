@@ -366,3 +366,23 @@ def test_bad_tol_is_rejected():
     with pytest.raises(ValueError, match="tol"):
         normalized_cut(f, solver="lobpcg", tol=0.0)
     normalized_cut(f, solver="eigh", tol=1e-6)  # ignored by the exact solver
+
+
+def test_float32_default_tol_follows_the_input_precision():
+    """float32 features default to tol 1e-7 (DTYPE_TOL): fewer iterations and CG steps than 1e-10,
+    and the result still matches the float64 exact layer to the issue's float32 targets."""
+    from dncut.ncut import DTYPE_TOL
+
+    assert DTYPE_TOL[torch.float32] == 1e-7
+    f = clustered_features(8, 150, 160, 6, seed=5, noise=4.0)
+    exact, g_exact = run(f, "eigh")
+    lobpcg.reset_stats()
+    fast, g_fast = run(f.float(), "lobpcg")
+    loose = lobpcg.reset_stats()
+    run(f.float(), "lobpcg", tol=1e-10)
+    tight = lobpcg.reset_stats()
+    assert loose.iterations < tight.iterations and loose.cg_iterations < tight.cg_iterations
+    assert loose.forward_fallbacks == loose.backward_fallbacks == 0
+    assert 1 - abs_cos(fast.eigvec, exact.eigvec).min().item() <= 1e-8
+    assert (fast.eigval.double() - exact.eigval).abs().max().item() <= 1e-6
+    assert rel_err(g_fast, g_exact) <= 1e-4

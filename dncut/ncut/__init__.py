@@ -48,7 +48,7 @@ from dncut.ncut.lobpcg import lobpcg_solver
 from dncut.ncut.graph import (AFFINITIES, LAPLACIANS, Affinity, Laplacian, affinity_matrix,
                               fix_sign, laplacian_matrix)
 
-__all__ = ["NCutResult", "normalized_cut", "SOLVERS", "register_solver", "affinity_matrix",
+__all__ = ["NCutResult", "normalized_cut", "SOLVERS", "DTYPE_TOL", "register_solver", "affinity_matrix",
            "laplacian_matrix", "fix_sign", "pinv_coefficients", "GAP_EPS"]
 
 
@@ -71,6 +71,10 @@ class NCutResult:
     degree: Tensor
     n_fallback: int = 0
 
+
+DTYPE_TOL: dict[torch.dtype, float] = {torch.float32: 1e-7}
+"""Default ``tol`` per input dtype: solving beyond the features' own precision buys nothing
+(float32 gradients then match float64 ones to ~1e-6 relative, as the exact solver's do)."""
 
 SolverFn = Callable[..., tuple[Tensor, Tensor, int]]
 SOLVERS: dict[str, SolverFn] = {"eigh": eigh_solver}
@@ -122,9 +126,11 @@ def normalized_cut(features: Tensor, *, normalize: bool = True, tau: float = 0.0
         solver: a key of ``SOLVERS``: ``"eigh"`` (exact reference) or ``"lobpcg"`` (fast).
         eps: weak-edge weight; default 1e-6 (relu) or 1e-5 (binary).
         init: optional warm start ``(B, n)`` or ``(B, n, k)`` for iterative solvers.
-        tol: residual tolerance of iterative solvers, ||L z2 - lambda2 z2|| <= tol * (spectrum
-            bound); ``None`` = the solver's default (1e-10 for ``"lobpcg"``, what gradients
-            need). Inference that only thresholds z2 can use ~1e-6. Ignored by ``"eigh"``.
+        tol: tolerance of iterative solvers: forward ||L z2 - lambda2 z2|| <= tol * (spectrum
+            bound), backward CG relative residual <= tol. ``None`` follows the input's
+            precision: :data:`DTYPE_TOL` (1e-7, about float32's unit roundoff, for float32
+            features; the solver's default, 1e-10, for float64). Inference that only thresholds
+            z2 can use ~1e-6. Ignored by ``"eigh"``.
 
     Returns:
         :class:`NCutResult` with ``eigvec (B, n)``, ``eigval (B,)``, ``gen_eigvec (B, n)``
@@ -142,6 +148,7 @@ def normalized_cut(features: Tensor, *, normalize: bool = True, tau: float = 0.0
     if laplacian not in LAPLACIANS:
         raise ValueError(f"laplacian={laplacian!r} is not one of {LAPLACIANS}")
     dtype = features.dtype
+    tol = DTYPE_TOL.get(dtype) if tol is None else tol
     f = F.normalize(features, dim=-1) if normalize else features
     w = affinity_matrix(f, affinity=affinity, tau=tau, eps=eps, dtype=torch.float64)  # (B, n, n)
     lap, degree = laplacian_matrix(w, laplacian=laplacian)  # (B, n, n), (B, n)

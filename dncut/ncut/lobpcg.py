@@ -15,7 +15,8 @@ Forward, block LOBPCG (Knyazev 2001) on z1-perp, block k = 4, search space [X, R
   vanishing columns (R -> 0 at convergence, P in span X) cannot break it; two plain passes
   restore orthonormality. Exactly-zero columns (P at the start) are swapped for random ones.
 * Convergence per graph: ||L z2 - lambda2 z2|| <= ``tol`` * bound (bound = 2, or 2 max degree;
-  tol 1e-10, so |dz2| ~ tol * bound / gap, |dlambda2| ~ (tol * bound)^2 / gap). Converged and
+  tol 1e-10 by default, ``normalized_cut`` passes 1e-7 for float32 features; |dz2| ~
+  tol * bound / gap, |dlambda2| ~ (tol * bound)^2 / gap). Converged and
   broken graphs are frozen on the device at once (``torch.where``); every ``check_every``
   iterations one host sync ends the loop when all are done and, eagerly, compacts the batch.
   ``torch.linalg.eigh`` itself syncs on CUDA (it checks ``info``): one more sync per iteration.
@@ -532,7 +533,8 @@ def lobpcg_solver(lap: Tensor, degree: Tensor, *, laplacian: Laplacian, init: Te
         degree: ``(B, n)`` node degrees (gives z1 and the spectrum bound; not differentiated).
         laplacian: ``"normalized"`` or ``"unnormalized"``: which Laplacian ``lap`` is.
         init: optional warm start ``(B, n)`` or ``(B, n, k0)``.
-        tol: residual tolerance relative to the spectrum bound; ``None`` = ``options.tol`` (1e-10).
+        tol: sets both ``options.tol`` (forward residual relative to the spectrum bound) and
+            ``options.cg_tol`` (backward CG relative residual); ``None`` keeps them (1e-10).
         options: overrides :data:`OPTIONS`.
 
     Returns:
@@ -545,7 +547,7 @@ def lobpcg_solver(lap: Tensor, degree: Tensor, *, laplacian: Laplacian, init: Te
     if tol is not None:
         if not 0.0 < tol < 1.0:
             raise ValueError(f"tol={tol} must be in (0, 1)")
-        opts = replace(opts, tol=tol)
+        opts = replace(opts, tol=tol, cg_tol=tol)
     if not 1 <= opts.block <= 10:
         raise ValueError(f"block={opts.block} must be in 1..10 (search space 3 * block <= 32)")
     if lap.shape[-1] <= max(SMALL_N, 3 * opts.block + 1):
