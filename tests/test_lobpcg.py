@@ -386,3 +386,44 @@ def test_float32_default_tol_follows_the_input_precision():
     assert 1 - abs_cos(fast.eigvec, exact.eigvec).min().item() <= 1e-8
     assert (fast.eigval.double() - exact.eigval).abs().max().item() <= 1e-6
     assert rel_err(g_fast, g_exact) <= 1e-4
+
+
+# ----------------------------------------------------------------------------- persistent step
+
+
+def test_persistent_step_reuses_buffers_without_aliasing(monkeypatch):
+    """``cuda_graphs``: same-shape calls share static buffers, forward and backward (a captured CUDA
+    graph on GPUs; the same buffers run eagerly here). Results equal the default path's, earlier
+    outputs and the caller's inputs are never overwritten by later calls, gradients are right
+    when another same-shape call runs between a forward and its backward, the cache is bounded."""
+    lobpcg.clear_replays()
+    a = clustered_features(6, 90, 100, 3, seed=21, noise=1.5)
+    b = clustered_features(6, 90, 100, 4, seed=22, noise=2.5)
+    ref = {name: run(f, "lobpcg") for name, f in (("a", a), ("b", b))}
+    monkeypatch.setattr(lobpcg, "OPTIONS", dataclasses.replace(lobpcg.OPTIONS, cuda_graphs=True))
+    # as in training: forward a (saved for backward), forward b of the same shape, then backward a
+    xa = a.clone().requires_grad_(True)
+    out_a = normalized_cut(xa, solver="lobpcg")
+    kept = out_a.eigvec.detach().clone()
+    out_b, g_b = run(b, "lobpcg")  # same shape: reuses the buffers of the first call
+    sign_invariant_loss(out_a.eigvec, out_a.eigval).backward()
+    g_a = xa.grad
+    out_a2, _ = run(a, "lobpcg")
+    assert sorted(key[0] for key in lobpcg.REPLAYS) == ["cg", "forward"]  # one forward, one backward step
+    torch.testing.assert_close(out_a.eigvec.detach(), kept, rtol=0, atol=0)  # not overwritten by call b
+    for (out, g), name in (((out_a, g_a), "a"), ((out_b, g_b), "b"), ((out_a2, None), "a")):
+        r_out, r_g = ref[name]
+        assert 1 - abs_cos(out.eigvec.detach(), r_out.eigvec.detach()).min().item() <= 1e-14
+        assert (out.eigval.detach() - r_out.eigval.detach()).abs().max().item() <= 1e-12
+        if g is not None:
+            assert rel_err(g, r_g) <= 1e-9
+    lap, degree = graph(a, "unnormalized")
+    before = lap.clone()
+    lobpcg_solver(lap, degree, laplacian="unnormalized")  # another key (preconditioned)
+    lobpcg_solver(*graph(b, "unnormalized"), laplacian="unnormalized")  # same key, other L
+    torch.testing.assert_close(lap, before, rtol=0, atol=0)  # the caller's L is never a buffer
+    assert len(lobpcg.REPLAYS) == 3
+    for n in range(40, 40 + lobpcg.MAX_REPLAYS + 2):
+        normalized_cut(clustered_features(2, n, 50, 2, seed=n), solver="lobpcg")
+    assert len(lobpcg.REPLAYS) == lobpcg.MAX_REPLAYS
+    lobpcg.clear_replays()

@@ -41,7 +41,10 @@ eigenvalue (also projected out of CG). Repeated eigenvalues and constant feature
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,6 +53,7 @@ from dncut.ncut.exact import GAP_EPS, eigh_solver, pinv_coefficients
 from dncut.ncut.graph import LAPLACIANS, Laplacian, fix_sign
 
 __all__ = ["LobpcgOptions", "OPTIONS", "LobpcgStats", "STATS", "reset_stats", "lobpcg_solver", "SMALL_N",
+           "REPLAYS", "MAX_REPLAYS", "clear_replays",
            "null_vector", "spectrum_bound", "reachable_tol", "resolvent_apply"]
 
 logger = logging.getLogger(__name__)
@@ -71,10 +75,13 @@ class LobpcgOptions:
         cg_max_iter: CG iterations before an item falls back to the exact formula.
         shrink: compact the working batch when at most this fraction is still iterating
             (eager runs only; a CUDA graph keeps the batch whole, frozen graphs stay put).
-        cuda_graphs: on CUDA, capture one forward iteration (all between two Rayleigh-Ritz eigh
-            calls) in a CUDA graph per call and replay it (eager if capture fails). Off: on an
-            H200 it matched eager speed (per-call capture and instantiation eat the gain) and
-            held ~1 GB more at (512, 196).
+        cuda_graphs: keep one persistent forward step per (B, n, dtype, device) (:data:`REPLAYS`,
+            at most :data:`MAX_REPLAYS`): static buffers that each call copies its start into
+            and, on CUDA, one captured CUDA graph of an iteration (all between two Rayleigh-Ritz
+            eigh calls), replayed by every later same-shape call; no batch compaction. Costs
+            one more (B, n, n) copy of L per shape. Elsewhere (CPU) the same buffers run eagerly.
+            Off by default until measured on a GPU (per-call capture, the earlier design, only
+            matched eager speed on an H200).
     """
 
     block: int = 4
@@ -299,6 +306,93 @@ def _capture(step, device: torch.device):
         return None
 
 
+@dataclass
+class _Replay:
+    """A persistent in-place step (``cuda_graphs``): static buffers reused by same-shape calls.
+
+    Each call copies its start into ``state`` (a dataclass of tensors); ``step()`` runs
+    ``fn(state)`` -- replayed from one captured CUDA graph on CUDA (captured after one eager run),
+    eagerly on the same buffers elsewhere or if capture failed.
+    """
+
+    state: Any
+    fn: Callable[[Any], None]
+    device: torch.device
+    graph: "torch.cuda.CUDAGraph | None" = None
+    eager_runs: int = 0
+    tried: bool = False
+
+    def step(self) -> None:
+        if self.graph is None and not self.tried and self.eager_runs >= 1 and self.device.type == "cuda":
+            self.tried = True
+            self.graph = _capture(lambda: self.fn(self.state), self.device)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.fn(self.state)
+            self.eager_runs += 1
+
+
+REPLAYS: "OrderedDict[tuple, _Replay]" = OrderedDict()
+"""Persistent steps by (kind, shapes, dtype, device), least recently used first."""
+MAX_REPLAYS = 4
+
+
+def clear_replays() -> None:
+    """Drop the persistent steps (and their buffers and CUDA graphs)."""
+    REPLAYS.clear()
+
+
+def _clone(obj):
+    """Own copies of the tensors of a dataclass (recursively); None stays None."""
+    if isinstance(obj, Tensor):
+        return obj.clone()
+    return type(obj)(**{f.name: None if getattr(obj, f.name) is None else _clone(getattr(obj, f.name))
+                        for f in fields(obj)})
+
+
+def _load(dst, src) -> None:
+    """Copy the tensors of dataclass ``src`` into the same-shape ones of ``dst``, in place."""
+    for f in fields(src):
+        value = getattr(src, f.name)
+        if isinstance(value, Tensor):
+            getattr(dst, f.name).copy_(value)
+        elif value is not None:
+            _load(getattr(dst, f.name), value)
+
+
+def _persistent(key: tuple, start, fn: Callable[[Any], None], device: torch.device) -> _Replay:
+    """The persistent step ``key``, its buffers loaded with ``start``.
+
+    A new entry owns copies of ``start``: the caller's tensors (L, z1 -- saved for backward) are
+    never buffers that a later call overwrites.
+    """
+    rep = REPLAYS.get(key)
+    if rep is None:
+        rep = REPLAYS[key] = _Replay(_clone(start), fn, device)
+        while len(REPLAYS) > MAX_REPLAYS:
+            REPLAYS.popitem(last=False)
+    else:
+        _load(rep.state, start)
+        REPLAYS.move_to_end(key)
+    return rep
+
+
+@dataclass
+class _Forward:
+    """What one forward step reads and writes: the state plus its constants (see ``_iterate``)."""
+
+    st: _State
+    shift: Tensor
+    safe: Tensor
+    keep: Tensor
+
+
+def _forward_step(f: _Forward) -> None:
+    _update(f.st, f.keep)
+    _expand(f.st, f.shift, f.safe)
+
+
 def _iterate(lap: Tensor, z1: Tensor, bound: Tensor, init: Tensor | None, opts: LobpcgOptions,
              precond: Tensor | None = None) -> tuple["_State", int]:
     """Block LOBPCG on z1-perp for the k smallest eigenpairs; see the module docstring.
@@ -310,7 +404,8 @@ def _iterate(lap: Tensor, z1: Tensor, bound: Tensor, init: Tensor | None, opts: 
 
     Returns:
         ``(state, iterations)``: the whole batch's final block ``x``, ``theta`` and flags
-        ``done`` (converged), ``broken`` (Cholesky info or non-finite values seen).
+        ``done`` (converged), ``broken`` (Cholesky info or non-finite values seen); never the
+        persistent buffers of ``cuda_graphs`` (copies of them).
     """
     k = opts.block
     b, n, _ = lap.shape
@@ -331,10 +426,13 @@ def _iterate(lap: Tensor, z1: Tensor, bound: Tensor, init: Tensor | None, opts: 
     shift = _cholqr_shift(n, 2 * k, lap.dtype, lap.device)  # (2k, 2k)
     safe = torch.eye(3 * k, dtype=lap.dtype, device=lap.device)  # (3k, 3k)
     keep = safe[:, :k]  # (3k, k)
+    rep = None
+    if opts.cuda_graphs:
+        key = ("forward", b, n, k, lap.dtype, lap.device, precond is None)
+        rep = _persistent(key, _Forward(st, shift, safe, keep), _forward_step, lap.device)
+        st, shift, safe, keep = rep.state.st, rep.state.shift, rep.state.safe, rep.state.keep
     out = st
     idx = torch.arange(b, device=lap.device)
-    use_graph = opts.cuda_graphs and lap.is_cuda
-    graph = None
     _expand(st, shift, safe)  # iteration 0: residual test of the initial block
     it = 0
     while True:
@@ -343,23 +441,24 @@ def _iterate(lap: Tensor, z1: Tensor, bound: Tensor, init: Tensor | None, opts: 
             n_active = int((~finished).sum())  # the one host sync of this check
             if n_active == 0 or it == opts.max_iter:
                 break
-            if not use_graph and n_active <= opts.shrink * idx.numel():  # compact to the live graphs
+            if rep is None and n_active <= opts.shrink * idx.numel():  # compact to the live graphs
                 if st is not out:
                     _write_back(out, st, idx)
                 rows = torch.nonzero(~finished).flatten()
                 idx, st = idx[rows], st.rows(rows)
         torch.linalg.eigh(st.h, out=(st.eig_val, st.eig_vec))  # (3k x 3k) Rayleigh-Ritz; syncs on CUDA
-        if graph is None and use_graph and it >= 1:  # one eager step before capture (lazy inits)
-            graph = _capture(lambda: (_update(st, keep), _expand(st, shift, safe)), lap.device)
-            use_graph = graph is not None
-        if graph is not None:
-            graph.replay()
-        else:
+        if rep is None:
             _update(st, keep)
             _expand(st, shift, safe)
+        else:
+            rep.step()
         it += 1
     if st is not out:
         _write_back(out, st, idx)
+    if rep is not None:  # the buffers belong to the next same-shape call
+        out = _State(**{f.name: getattr(out, f.name) for f in fields(out)})
+        out.x, out.theta, out.done, out.broken = out.x.clone(), out.theta.clone(), out.done.clone(), out.broken.clone()
+        out.lap = lap
     STATS.iterations += it
     return out, it
 
@@ -407,6 +506,56 @@ def _exact_resolvent(lap: Tensor, g: Tensor) -> Tensor:
     return (evecs @ (coef * proj).unsqueeze(-1)).squeeze(-1)
 
 
+@dataclass
+class _Cg:
+    """Deflated preconditioned CG on M = P (L - lambda2 I) P (see :func:`resolvent_apply`).
+
+    Shapes: lap (B, n, n), lam3 (B, 1, 1), qb (B, n, m + 2) hard-deflated directions, yd and
+    myd (B, n, m) the Galerkin directions Y and M Y, coef (B, m, 1) = 1 / diag(Y^T M Y) (0 where
+    degenerate), cdiag (B, n, 1) Jacobi or None; iterate x, residual r, direction p (B, n, 1),
+    rz = r^T z and target (B, 1, 1), active (B, 1, 1) bool.
+    """
+
+    lap: Tensor
+    lam3: Tensor
+    qb: Tensor
+    yd: Tensor
+    myd: Tensor
+    coef: Tensor
+    cdiag: Tensor | None
+    target: Tensor | None = None
+    x: Tensor | None = None
+    r: Tensor | None = None
+    p: Tensor | None = None
+    rz: Tensor | None = None
+    active: Tensor | None = None
+
+
+def _cg_op(c: _Cg, v: Tensor) -> Tensor:
+    """M v ``(B, n, c)``: (L - lambda2 I) v with the deflated directions projected out."""
+    return _project_out(torch.addcmul(c.lap @ v, c.lam3, v, value=-1.0), c.qb)
+
+
+def _cg_search(c: _Cg, rv: Tensor) -> Tensor:
+    """Preconditioned, deflated direction z - Y E^+ (M Y)^T z of the residual ``rv (B, n, 1)``."""
+    zv = rv if c.cdiag is None else _project_out(c.cdiag * rv, c.qb)
+    return torch.baddbmm(zv, c.yd, c.coef * (c.myd.mT @ zv), alpha=-1.0)
+
+
+def _cg_step(c: _Cg) -> None:
+    """One CG step for the active graphs, in place (alpha = 0 freezes the others)."""
+    tiny = torch.finfo(c.x.dtype).tiny
+    mp = _cg_op(c, c.p)
+    alpha = c.rz / (c.p.mT @ mp).clamp_min(tiny) * c.active
+    c.x.addcmul_(alpha, c.p)
+    c.r.addcmul_(alpha, mp, value=-1.0)
+    zn = _cg_search(c, c.r)
+    rz_new = c.r.mT @ zn
+    c.p.copy_(torch.addcmul(zn, rz_new / c.rz.clamp_min(tiny), c.p))
+    c.rz.copy_(rz_new)
+    c.active.logical_and_((c.r.mT @ c.r) > c.target)
+
+
 def resolvent_apply(lap: Tensor, z1: Tensor, z: Tensor, lam: Tensor, ritz: Tensor, g: Tensor,
                     opts: LobpcgOptions = OPTIONS, precond: Tensor | None = None) -> tuple[Tensor, int, int]:
     """v = (lambda2 I - L)^+ g without the eigendecomposition (deflated preconditioned CG).
@@ -444,45 +593,34 @@ def resolvent_apply(lap: Tensor, z1: Tensor, z: Tensor, lam: Tensor, ritz: Tenso
     live = (~null).to(dtype).unsqueeze(1)  # (B, 1, m)
     yd, myd = y * live, my * live
     qb = torch.cat([q2, y * (1.0 - live)], dim=-1)  # (B, n, m + 2): hard-deflated directions
-    cdiag = None if precond is None else precond.unsqueeze(-1)  # (B, n, 1)
-
-    def op(v: Tensor) -> Tensor:
-        return _project_out(shifted(v), qb)  # M v, (B, n, 1)
-
-    def search(rv: Tensor) -> Tensor:  # preconditioned, deflated direction z - Y E^+ (M Y)^T z
-        zv = rv if cdiag is None else _project_out(cdiag * rv, qb)
-        return torch.baddbmm(zv, yd, coef * (myd.mT @ zv), alpha=-1.0)
-
+    cg = _Cg(lap=lap, lam3=lam3, qb=qb, yd=yd, myd=myd, coef=coef,
+             cdiag=None if precond is None else precond.unsqueeze(-1))
     b = -_project_out(g.unsqueeze(-1), qb)  # (B, n, 1)
-    target = reachable_tol(opts.cg_tol, dtype, 300.0) ** 2 * (b.mT @ b)  # (B, 1, 1) on squared norms
-    x = yd @ (coef * (yd.mT @ b))  # (B, n, 1): Galerkin part on Y, closed form
-    r = torch.baddbmm(b, myd, coef * (yd.mT @ b), alpha=-1.0)  # residual, off span(Y)
-    zr = search(r)
-    p = zr.clone()
-    rz = r.mT @ zr  # (B, 1, 1)
-    active = (r.mT @ r) > target
+    cg.target = reachable_tol(opts.cg_tol, dtype, 300.0) ** 2 * (b.mT @ b)  # (B, 1, 1) on squared norms
+    cg.x = yd @ (coef * (yd.mT @ b))  # (B, n, 1): Galerkin part on Y, closed form
+    cg.r = torch.baddbmm(b, myd, coef * (yd.mT @ b), alpha=-1.0)  # residual, off span(Y)
+    cg.p = _cg_search(cg, cg.r)
+    cg.rz = cg.r.mT @ cg.p  # (B, 1, 1)
+    cg.active = (cg.r.mT @ cg.r) > cg.target
+    live_cg = cg
+    rep = None
+    if opts.cuda_graphs:
+        key = ("cg", *yd.shape, dtype, lap.device, precond is None)
+        rep = _persistent(key, cg, _cg_step, lap.device)
+        live_cg = rep.state
+    it = 0
+    while it < opts.cg_max_iter and bool(live_cg.active.any()):  # the one host sync per check_every steps
+        for _ in range(min(opts.check_every, opts.cg_max_iter - it)):
+            if rep is None:
+                _cg_step(cg)
+            else:
+                rep.step()
+            it += 1
+    x, active = (cg.x, cg.active) if rep is None else (live_cg.x.clone(), live_cg.active.clone())
     tiny = torch.finfo(dtype).tiny
-
-    def step() -> None:  # one CG step for the active graphs, in place (alpha = 0 freezes the others)
-        mp = op(p)
-        alpha = rz / (p.mT @ mp).clamp_min(tiny) * active
-        x.addcmul_(alpha, p)
-        r.addcmul_(alpha, mp, value=-1.0)
-        zn = search(r)
-        rz_new = r.mT @ zn
-        p.copy_(torch.addcmul(zn, rz_new / rz.clamp_min(tiny), p))
-        rz.copy_(rz_new)
-        active.logical_and_((r.mT @ r) > target)
-
-    it = 0  # eager: per-call CUDA graph capture of these light steps cost more than it saved (H200)
-    while it < opts.cg_max_iter and bool(active.any()):  # the one host sync per check_every steps
-        chunk = min(opts.check_every, opts.cg_max_iter - it)
-        for _ in range(chunk):
-            step()
-        it += chunk
     # p^T M p <= 0 (M not PD: an undeflated tiny gap) or NaN blows x up: the true residual catches it
-    true_res = (b - op(x)).square().sum((1, 2))  # (B,)
-    allowed = torch.maximum(100.0 * target, (1e3 * torch.finfo(dtype).eps) ** 2 * (b.mT @ b)).flatten()  # (B,)
+    true_res = (b - _cg_op(cg, x)).square().sum((1, 2))  # (B,)
+    allowed = torch.maximum(100.0 * cg.target, (1e3 * torch.finfo(dtype).eps) ** 2 * (b.mT @ b)).flatten()  # (B,)
     bad = active.flatten() | ~(true_res <= allowed + tiny) | ~torch.isfinite(x).flatten(1).all(-1) | ~e_ok
     v = v1 + x.squeeze(-1)
     rows = torch.nonzero(bad).flatten()
