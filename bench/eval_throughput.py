@@ -150,13 +150,13 @@ def scaling_worker(cpus: int, root: str, n: int, backbone: str, size: int, solve
         "model.backbone": backbone, "ncut.solver": solver,
         "eval.datasets": [{"name": "bench", "kind": "folder", "root": root, "limit": n}],
         "eval.methods": ["tokencut"], "eval.bilateral": False, "eval.image_size": size,
-        "eval.batch_size": batch_size, "eval.num_actors": cpus, "eval.examples": 0,
+        "eval.batch_size": batch_size, "eval.examples": 0,  # eval.num_actors: the config's (1)
     })
     start = time.perf_counter()
     summary = run_evaluation(cfg)
     wall = time.perf_counter() - start
     run = summary["runs"][0]
-    return {"cpus": cpus, "num_actors": cpus, "images": run["n_images"], "failed": run["n_failed"],
+    return {"cpus": cpus, "num_actors": cfg.eval.num_actors, "images": run["n_images"], "failed": run["n_failed"],
             "wall_s": round(wall, 2), "images_per_s": round(run["n_images"] / wall, 2),
             "iou": run["metrics"]["iou"]}
 

@@ -243,7 +243,7 @@ class EvalConfig(_Section):
     backbones: Annotated[list[Backbone], AfterValidator(_non_empty)] | None = Field(None, description="null = [model.backbone]")
     image_size: int | None = Field(320, ge=16, description="saliency: long side resized to this; null = keep size, pad to the patch multiple (discovery protocol)")
     batch_size: int = Field(16, ge=1, description="images per inference batch; same-size images share one batched NCut call (16-32 is fastest on CPU)")
-    num_actors: int = Field(1, ge=1, description="Ray Data inference actors")
+    num_actors: int = Field(1, ge=1, description="Ray Data inference actors (backbone + NCut): one per GPU; on CPU, CPUs beyond the actors decode and score in parallel tasks (2 cores: 1 actor beats 2)")
     gpus_per_actor: float = Field(0.0, ge=0.0, description="0 on CPU; fractional (e.g. 0.25) packs actors on one GPU")
     examples: int = Field(8, ge=0, description="images in the PNG example grid; 0 = none")
 
