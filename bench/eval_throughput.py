@@ -7,9 +7,13 @@ Part 1 (same machine, same images, same EfficientNet-Lite0 features, computed on
   * peers: per image, sequentially, TokenCut's numpy code: A = f f^T > 0.2 (eps 1e-5),
     ``scipy.linalg.eigh(D - A, D, subset_by_index=[1, 2])``, mean bipartition, seed, flip,
     4-connected component (scipy.ndimage.label), box — affinities from float32 features, the
-    eigenproblem in float64, as their code runs (``np.where`` promotes the binary graph);
-  * dncut: ``dncut.eval.methods.tokencut`` on each same-grid group at once (float64 graph),
-    with the exact ``eigh`` solver and the batched ``lobpcg`` solver.
+    eigenproblem in float64, as their code runs (``np.where`` promotes the binary graph); once
+    with the default BLAS threads (as shipped) and once with one thread (threadpoolctl), their
+    fastest sequential setting at these sizes;
+  * dncut: ``dncut.eval.methods.ncut_maps`` as the job's actors run it (batches of
+    ``--batch-size``, images with the same node count in one call; ``lobpcg`` in float32 at
+    EVAL_TOL, ``eigh`` in float64), in one process and in ``--workers`` single-threaded processes (as that many
+    1-CPU actors; timed after start-up and warm-up).
   Reports images/s of this NCut stage, the speed-up, the feature extraction rate and the
   end-to-end rate (features + NCut), and how often the two give the same mask and box.
 Part 2: the Ray job (``run_evaluation``, tokencut, no bilateral solver) on the same images
@@ -41,6 +45,7 @@ from dncut.config import Config
 
 SOD_VAL = Path("/work/shared/data/sod-val")
 RESULTS = Path(__file__).resolve().parent / "results" / "eval_throughput.json"
+BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -106,20 +111,78 @@ def run_peers(feats: list[torch.Tensor]) -> tuple[list, float]:
 
 
 def run_batched(feats: list[torch.Tensor], solver: str, batch_size: int) -> tuple[list, float]:
-    """As the job's actors: batches of ``batch_size`` images, same-grid images share one NCut call."""
-    from dncut.eval.methods import tokencut
+    """As the job's actors: batches of ``batch_size`` images, one NCut call per node count
+    (``dncut.eval.methods.ncut_maps``)."""
+    from dncut.eval.methods import ncut_maps
 
-    out: list = [None] * len(feats)
+    out: list = []
     start = time.perf_counter()
     for first in range(0, len(feats), batch_size):
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i in range(first, min(first + batch_size, len(feats))):
-            groups.setdefault(tuple(feats[i].shape), []).append(i)
-        for idx in groups.values():
-            res = tokencut(torch.stack([feats[i] for i in idx]), solver=solver)  # (g, C, h, w) in
-            for k, i in enumerate(idx):
-                out[i] = (res.masks[k].numpy(), res.boxes[k].tolist())
+        with torch.inference_mode():
+            res = ncut_maps(feats[first:first + batch_size], ["tokencut"], solver=solver)
+        out += [(r["tokencut_mask"], r["tokencut_box"].tolist()) for r in res]
     return out, time.perf_counter() - start
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(feats: list[torch.Tensor], solver: str, batch_size: int) -> None:
+    """A single-threaded NCut worker process, as one 1-CPU inference actor of the job."""
+    from dncut.eval.batch import retain_freed_memory
+
+    torch.set_num_threads(1)
+    retain_freed_memory()
+    _WORKER.update(feats=feats, solver=solver, batch_size=batch_size)
+    run_batched(feats[:2], solver, batch_size)  # warm-up
+
+
+def _worker_ready(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def _worker_run(first: list[int]) -> list[tuple[int, tuple]]:
+    feats, bs = _WORKER["feats"], _WORKER["batch_size"]
+    out = []
+    for f0 in first:
+        idx = list(range(f0, min(f0 + bs, len(feats))))
+        res, _ = run_batched([feats[i] for i in idx], _WORKER["solver"], bs)
+        out += list(zip(idx, res))
+    return out
+
+
+def run_batched_processes(feats: list[torch.Tensor], solver: str, batch_size: int,
+                          workers: int) -> tuple[list, float]:
+    """``workers`` single-threaded processes share the batches (contiguous halves); time of the
+    NCut work only (processes started, features loaded and warmed up before the clock starts)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    firsts = list(range(0, len(feats), batch_size))
+    shares = [firsts[k::workers] for k in range(workers)]
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(feats, solver, batch_size)) as pool:
+        assert len(set(pool.map(_worker_ready, [0.5] * workers))) == workers, "a worker did not start"
+        start = time.perf_counter()
+        parts = list(pool.map(_worker_run, shares))
+        seconds = time.perf_counter() - start
+    out: list = [None] * len(feats)
+    for part in parts:
+        for i, r in part:
+            out[i] = r
+    return out, seconds
+
+
+def peers_one_thread(feats: list[torch.Tensor], repeats: int) -> tuple[list, float] | None:
+    """The peers' loop with BLAS/LAPACK limited to one thread (their fastest sequential setting
+    for n ~ 260: threads cost more than they give); None without threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    with threadpool_limits(1):
+        return best_of(lambda: run_peers(feats), repeats)
 
 
 def rate(n: int, *seconds: float | None) -> float | None:
@@ -213,6 +276,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=Config().eval.batch_size,
                    help="images per inference batch, as the job's eval.batch_size (default: the config's)")
     p.add_argument("--solver", default=Config().ncut.solver, help="NCut solver of the Ray job in part 2 (default: the config's)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="single-threaded dncut processes for the multi-process variant (default: usable cores)")
     p.add_argument("--skip-scaling", action="store_true")
     p.add_argument("--scaling-images", type=int, default=400,
                    help="images for the Ray job runs of part 2 (the set is repeated up to this many)")
@@ -240,31 +305,48 @@ def main() -> None:
         if args.save_features:
             torch.save({"feats": feats, "feat_s": feat_s, "source": source, "long_side": args.size,
                         "backbone": args.backbone}, args.save_features)
+    from dncut.eval.batch import retain_freed_memory
+
+    retain_freed_memory()  # as the job's CPU actors do
     peers, peer_s = best_of(lambda: run_peers(feats), args.repeats)
+    peers1 = peers_one_thread(feats, args.repeats)
+    peer1_s = None if peers1 is None else peers1[1]
     n = len(feats)
     result: dict = {
         "machine": {"cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "blas_threads_env": {k: os.environ[k] for k in BLAS_ENV if k in os.environ},
                     "loadavg_start": [round(v, 2) for v in load_start]},
         "images": n, "batch_size": args.batch_size, "source": source, "backbone": args.backbone, "long_side": args.size,
         "grids": sorted({tuple(f.shape[1:]) for f in feats}),
         "nodes_per_graph": sorted({f.shape[1] * f.shape[2] for f in feats}),
         "features_images_per_s": rate(n, feat_s),
-        "peers_scipy_per_image": {"ncut_images_per_s": rate(n, peer_s), "end_to_end_images_per_s": rate(n, feat_s, peer_s)},
+        "peers_scipy_per_image": {"blas_threads": "default (all usable cores)", "ncut_images_per_s": rate(n, peer_s),
+                                  "end_to_end_images_per_s": rate(n, feat_s, peer_s)},
+        "peers_scipy_per_image_1thread": None if peer1_s is None else {
+            "blas_threads": 1, "ncut_images_per_s": rate(n, peer1_s), "end_to_end_images_per_s": rate(n, feat_s, peer1_s)},
     }
+    workers = args.workers or len(os.sched_getaffinity(0))
     for solver in ("eigh", "lobpcg"):
         run_batched(feats[:2], solver, args.batch_size)  # warm-up
-        ours, ours_s = best_of(lambda: run_batched(feats, solver, args.batch_size), args.repeats)
-        same_mask = np.mean([np.array_equal(a[0], b[0]) for a, b in zip(ours, peers)])
-        iou = np.mean([(a[0] & b[0]).sum() / max(1, (a[0] | b[0]).sum()) for a, b in zip(ours, peers)])
-        same_box = np.mean([a[1] == b[1] for a, b in zip(ours, peers)])
-        result[f"dncut_batched_{solver}"] = {
-            "ncut_images_per_s": rate(n, ours_s), "speedup_ncut": round(peer_s / ours_s, 2),
-            "end_to_end_images_per_s": rate(n, feat_s, ours_s),
-            "speedup_end_to_end": None if feat_s is None else round((feat_s + peer_s) / (feat_s + ours_s), 2),
-            "same_mask_fraction": round(float(same_mask), 3), "mean_mask_iou_vs_peers": round(float(iou), 4),
-            "same_box_fraction": round(float(same_box), 3),
-        }
+        variants = {f"dncut_batched_{solver}": best_of(lambda: run_batched(feats, solver, args.batch_size), args.repeats)}
+        if workers > 1:
+            variants[f"dncut_batched_{solver}_{workers}proc"] = best_of(
+                lambda: run_batched_processes(feats, solver, args.batch_size, workers), args.repeats)
+        for name, (ours, ours_s) in variants.items():
+            same_mask = np.mean([np.array_equal(a[0], b[0]) for a, b in zip(ours, peers)])
+            iou = np.mean([(a[0] & b[0]).sum() / max(1, (a[0] | b[0]).sum()) for a, b in zip(ours, peers)])
+            same_box = np.mean([a[1] == b[1] for a, b in zip(ours, peers)])
+            result[name] = {
+                "setup": (f"{workers} single-threaded processes (as {workers} 1-CPU actors)" if name.endswith("proc")
+                          else f"one process, {torch.get_num_threads()} torch threads"),
+                "ncut_images_per_s": rate(n, ours_s), "speedup_ncut": round(peer_s / ours_s, 2),
+                "speedup_ncut_vs_peers_1thread": None if peer1_s is None else round(peer1_s / ours_s, 2),
+                "end_to_end_images_per_s": rate(n, feat_s, ours_s),
+                "speedup_end_to_end": None if feat_s is None else round((feat_s + peer_s) / (feat_s + ours_s), 2),
+                "same_mask_fraction": round(float(same_mask), 3), "mean_mask_iou_vs_peers": round(float(iou), 4),
+                "same_box_fraction": round(float(same_box), 3),
+            }
     if not args.skip_scaling:
         copies = max(1, -(-args.scaling_images // n))
         ray_root = replicate_root(str(root) if root is not None else write_scene_root(n), copies)

@@ -56,11 +56,14 @@ def make_features(b: int, n: int, c: int, device: str, seed: int = 0) -> torch.T
     return f.to(device)
 
 
+def graph_of(features: torch.Tensor) -> torch.Tensor:
+    """L ``(B, n, n)`` float64 as ``normalized_cut`` builds it (f f^T in the input dtype, W and L float64)."""
+    return laplacian_matrix(affinity_matrix(F.normalize(features, dim=-1), dtype=torch.float64))[0]
+
+
 def baseline_forward(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain eigh + autograd on the same graph (float64 like the layer)."""
-    f = F.normalize(features.double(), dim=-1)
-    lap, _ = laplacian_matrix(affinity_matrix(f))
-    evals, evecs = torch.linalg.eigh(lap)
+    """Plain eigh + autograd on the same graph as the layer's."""
+    evals, evecs = torch.linalg.eigh(graph_of(features))
     return fix_sign(evecs[..., 1]).to(features.dtype), evals[:, 1].to(features.dtype)
 
 
@@ -176,7 +179,7 @@ def eig_backward_only(features: torch.Tensor, device: str, repeats: int) -> dict
     from dncut.ncut.exact import _EighFiedler
 
     with torch.no_grad():
-        lap, _ = laplacian_matrix(affinity_matrix(F.normalize(features.double(), dim=-1)))
+        lap = graph_of(features)
 
     def generic():
         x = lap.clone().requires_grad_(True)

@@ -162,7 +162,7 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(10, ge=0, description="linear warm-up steps (authors: one epoch); 0 risks an early collapse")
     min_lr: float = Field(1e-6, ge=0.0, description="1e-6: end of the cosine schedule; must not exceed the effective lr")
     grad_clip: float | None = Field(3.0, gt=0.0, description="3.0 global grad-norm clip; null disables (NCut gradients spike at near-degenerate eigenvalues)")
-    amp: bool = Field(True, description="bf16 autocast for the backbone on GPU only (the NCut layer always runs float64)")
+    amp: bool = Field(True, description="bf16 autocast for the backbone on GPU only (the NCut layer turns autocast off: f f^T in float32, the eigensolver in float64)")
     log_every: int = Field(10, ge=1, description="steps between metric reports")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (plus one at the end)")
     keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept by Ray Train (CheckpointConfig.num_to_keep)")

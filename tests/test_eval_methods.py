@@ -144,9 +144,10 @@ def test_tokencut_matches_the_scipy_generalized_eigenproblem(seed, solver):
     got = out.eigvec[0].numpy().ravel()
     atol = 1e-7 if solver == "eigh" else SOLVER_ATOL[solver]
     np.testing.assert_allclose(got, y, atol=atol)  # same scale (y^T D y = 1) and orientation
+    seed_tol = 1e-9 if solver == "eigh" else atol
     np.testing.assert_array_equal(out.bipartition[0].numpy(), part)
     ours = int(out.seeds[0])
-    assert abs(abs(y[ours]) - np.abs(y).max()) < atol  # a maximiser of |y2| (ties are possible)
+    assert abs(abs(y[ours]) - np.abs(y).max()) < seed_tol  # a maximiser of |y2| (ties are possible)
     comp, box = _component(part, ours)
     np.testing.assert_array_equal(out.masks[0].numpy(), comp)
     np.testing.assert_array_equal(comp, labels.astype(bool))  # the ellipse, noise cells dropped
@@ -231,3 +232,63 @@ def test_bad_features_are_rejected():
         simple_ncut(torch.zeros(2, 5, 3))
     with pytest.raises(ValueError, match="at least 2 cells"):
         tokencut(torch.ones(1, 4, 1, 1))
+
+
+def test_eval_methods_run_the_fast_solver_at_eval_tol(monkeypatch):
+    """simple_ncut and tokencut hand EVAL_TOL and float32 to an iterative solver; eigh, the
+    reference, runs in float64. A looser tol means fewer iterations (the solver honours it)."""
+    import dncut.eval.methods as methods
+    from dncut.ncut import lobpcg, normalized_cut
+
+    assert methods.EVAL_TOL == 1e-5
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["solver"], kwargs["tol"], kwargs["solver_dtype"]))
+        return normalized_cut(*args, **kwargs)
+
+    monkeypatch.setattr(methods, "normalized_cut", spy)
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(4, 32))
+    labels = rng.integers(0, 4, size=(4, 12, 14))
+    feats = torch.from_numpy(centres[labels] + 2.0 * rng.normal(size=(4, 12, 14, 32))).permute(0, 3, 1, 2)
+    for method in (simple_ncut, tokencut):
+        for solver in ("lobpcg", "eigh"):
+            method(feats, solver=solver)
+    assert seen == [("lobpcg", 1e-5, torch.float32), ("eigh", 1e-5, torch.float64)] * 2
+    f = feats.flatten(2).transpose(1, 2)  # (B, n, C)
+    iterations = []
+    for tol in (1e-5, 1e-10):
+        lobpcg.reset_stats()
+        normalized_cut(f, solver="lobpcg", tol=tol)
+        iterations.append(lobpcg.reset_stats().iterations)
+    assert 0 < iterations[0] < iterations[1]
+
+
+@pytest.mark.parametrize("solver", ["eigh", "lobpcg"])
+def test_ncut_maps_mixes_grids_of_one_node_count(solver):
+    """13 x 20, 20 x 13 and 10 x 10 maps in one call: the first two share one NCut call; every
+    image gets what tokencut / simple_ncut give it alone, and a transposed map gives the
+    transposed mask and the box with x and y swapped (4-connectivity is transpose-invariant)."""
+    from dncut.eval.methods import ncut_maps
+
+    rng = np.random.default_rng(9)
+    centres = rng.normal(size=(2, 24))
+    yy, xx = np.mgrid[:13, :20]
+    labels = ((yy - 6) ** 2 / 16 + (xx - 8) ** 2 / 30 < 1).astype(int)
+    wide = torch.from_numpy(centres[labels] + 0.6 * rng.normal(size=(13, 20, 24))).permute(2, 0, 1).float()
+    tall = wide.transpose(1, 2).contiguous()  # (C, 20, 13)
+    small = torch.from_numpy(rng.normal(size=(24, 10, 10))).float()
+    out = ncut_maps([wide, tall, small], ["simple", "tokencut"], solver=solver)
+    for f, got in zip((wide, tall, small), out):
+        alone = tokencut(f[None], solver=solver)
+        z, m = simple_ncut(f[None], solver=solver)
+        np.testing.assert_array_equal(got["tokencut_mask"], alone.masks[0].numpy())
+        assert got["tokencut_box"].tolist() == alone.boxes[0].tolist()
+        np.testing.assert_allclose(got["tokencut_map"], alone.eigvec[0].numpy(), atol=1e-4)
+        np.testing.assert_array_equal(got["simple_mask"], m[0].numpy())
+    np.testing.assert_array_equal(out[1]["tokencut_mask"], out[0]["tokencut_mask"].T)
+    x0, y0, x1, y1 = out[0]["tokencut_box"].tolist()
+    assert out[1]["tokencut_box"].tolist() == [y0, x0, y1, x1]
+    with pytest.raises(ValueError):
+        ncut_maps([torch.zeros(24, 1, 1)], ["tokencut"])

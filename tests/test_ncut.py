@@ -272,3 +272,31 @@ def test_graph_building_blocks():
     assert torch.allclose(lap.sum(-1), torch.zeros(1, 3, dtype=torch.float64), atol=1e-12)
     lap_n, _ = laplacian_matrix(w)
     assert torch.allclose(lap_n @ d.sqrt().unsqueeze(-1), torch.zeros(1, 3, 1, dtype=torch.float64), atol=1e-12)
+
+
+def test_autocast_does_not_reach_the_graph():
+    """Under bf16 autocast (the backbone's, train.amp) f f^T must stay in the input dtype."""
+    g = torch.Generator().manual_seed(7)
+    f = torch.randn(3, 50, 24, generator=g)
+    ref = normalized_cut(f, tau=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = normalized_cut(f, tau=0.1)
+    assert out.eigvec.dtype == torch.float32
+    torch.testing.assert_close(out.eigvec, ref.eigvec, rtol=0, atol=0)
+    torch.testing.assert_close(out.eigval, ref.eigval, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("solver", ["eigh", "lobpcg"])
+def test_float32_solver_dtype_matches_float64(solver):
+    """solver_dtype=float32 (inference) solves the same graph to float32 accuracy."""
+    g = torch.Generator().manual_seed(8)
+    centres = torch.randn(3, 40, generator=g)
+    f = centres[torch.randint(0, 3, (4, 120), generator=g)] + 0.8 * torch.randn(4, 120, 40, generator=g)
+    ref = normalized_cut(f.double(), tau=0.2, affinity="binary", solver="eigh")
+    out = normalized_cut(f, tau=0.2, affinity="binary", solver=solver, solver_dtype=torch.float32, tol=1e-5)
+    assert out.eigvec.dtype == torch.float32
+    cos = (out.eigvec.double() * ref.eigvec).sum(-1).abs()
+    assert (1 - cos).max().item() <= 1e-6
+    assert (out.eigval.double() - ref.eigval).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="solver_dtype"):
+        normalized_cut(f, solver_dtype=torch.float16)

@@ -8,8 +8,8 @@ One pipeline per (dataset, backbone, checkpoint); all methods share the backbone
                                discovery (or image_size null): pad bottom / right to a multiple
                                of the stride with the ImageNet mean colour (0 once normalised)
                                rows {image (H, W, 3) uint8, input (Hc, Wc, 3) uint8, content (2,), gt_mask (H, W)}
-      -> map_batches (actors)  backbone + NCut; rows grouped by input size so a group is one
-                               (g, 3, Hc, Wc) tensor and one batched NCut call per method
+      -> map_batches (actors)  backbone + NCut; the backbone runs per input size (g, 3, Hc, Wc),
+                               the NCut once per method and node count n = h * w
                                adds {<method>_map (h, w) float32, <method>_mask (h, w) bool, tokencut_box (4,)}
       -> flat_map (CPU task)   upsample, bilateral solver, per-image metrics;
                                one row per (image, method) and (image, method+bs)
@@ -183,6 +183,26 @@ def load_record(record: dict, *, stride: int, image_size: int | None,
 
 
 # --------------------------------------------------------------------------- stage 2: actors
+def retain_freed_memory(mmap_mb: int = 32, trim_mb: int = 256) -> bool:
+    """Keep freed heap memory in this process instead of returning it to the OS (glibc ``mallopt``).
+
+    The batched NCut allocates a few (B, n, n) float buffers per call (~8 MB at B = 16, n = 260);
+    with glibc's defaults they are mmap-ed / trimmed and page-faulted back in on every batch,
+    about a quarter of the CPU NCut time (``bench/eval_throughput.py``). Blocks below ``mmap_mb``
+    come from the heap, and up to ``trim_mb`` of free heap is kept. Returns False (and changes
+    nothing) where glibc is not the allocator.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, mmap_mb << 20)) and bool(libc.mallopt(m_trim_threshold, trim_mb << 20))
+    except (OSError, AttributeError):
+        return False
+
+
 class NCutPredictor:
     """Stateful Ray Data step: loads the backbone once, then backbone + NCut per batch.
 
@@ -205,6 +225,8 @@ class NCutPredictor:
 
         self.torch = torch
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            retain_freed_memory()
         self.model = _load_backbone(factory, backbone, pretrained, checkpoint).eval().to(self.device)
         self.methods = tuple(methods)
         self.solver = solver if solver in SOLVERS else "eigh"
@@ -214,45 +236,48 @@ class NCutPredictor:
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
 
-    def _predict(self, inputs: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """Same-size uint8 inputs -> per image ``{<method>_map, <method>_mask, tokencut_box}``."""
-        from dncut.eval.methods import simple_ncut, tokencut
-
+    def _features(self, inputs: list[np.ndarray]) -> list[Any]:
+        """Same-size uint8 inputs ``(Hc, Wc, 3)`` -> feature maps ``(C, h, w)``, one per input."""
         torch = self.torch
         x = torch.from_numpy(np.stack(inputs)).to(self.device)  # (g, Hc, Wc, 3)
         x = x.permute(0, 3, 1, 2).float().div(255.0)  # (g, 3, Hc, Wc)
         with torch.inference_mode():
-            feats = self.model((x - self.mean) / self.std).float()  # (g, C, h, w)
-            out: list[dict[str, np.ndarray]] = [{} for _ in inputs]
-            if "simple" in self.methods:
-                z2, masks = simple_ncut(feats, solver=self.solver)  # (g, h, w) each
-                for i, o in enumerate(out):
-                    o["simple_map"], o["simple_mask"] = z2[i].cpu().numpy(), masks[i].cpu().numpy()
-            if "tokencut" in self.methods:
-                tc = tokencut(feats, solver=self.solver)
-                for i, o in enumerate(out):
-                    o["tokencut_map"], o["tokencut_mask"] = tc.eigvec[i].cpu().numpy(), tc.masks[i].cpu().numpy()
-                    o["tokencut_box"] = tc.boxes[i].numpy()
-        return out
+            return list(self.model((x - self.mean) / self.std).float())  # g x (C, h, w)
+
+    def _ncut(self, maps: list[Any]) -> list[dict[str, np.ndarray]]:
+        """Maps of any grids -> per image ``{<method>_map, <method>_mask, tokencut_box}``."""
+        from dncut.eval.methods import ncut_maps
+
+        with self.torch.inference_mode():
+            return ncut_maps(maps, self.methods, solver=self.solver)
+
+    @staticmethod
+    def _each(fn, items: dict[int, Any], results: dict[int, Any], status: list, error: list) -> None:
+        """``results[i] = fn([items[i] ...])`` for all at once; if that raises, one by one, so that
+        only the bad image fails (its status and error set)."""
+        order = sorted(items)
+        try:
+            results.update(zip(order, fn([items[i] for i in order])))
+        except Exception:  # noqa: BLE001
+            for i in order:
+                try:
+                    results[i] = fn([items[i]])[0]
+                except Exception as exc:  # noqa: BLE001
+                    status[i], error[i] = "failed", f"{type(exc).__name__}: {exc}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["image_id"])
         status, error = list(batch["status"]), list(batch["error"])
-        results: list[dict[str, np.ndarray] | None] = [None] * n
-        groups: dict[tuple[int, ...], list[int]] = {}
+        groups: dict[tuple[int, ...], dict[int, np.ndarray]] = {}  # the backbone needs one input size
         for i in range(n):
             if status[i] == "ok":
-                groups.setdefault(tuple(batch["input"][i].shape), []).append(i)
-        for idx in groups.values():
-            try:
-                for i, r in zip(idx, self._predict([batch["input"][i] for i in idx])):
-                    results[i] = r
-            except Exception:  # noqa: BLE001 - retry one by one so only the bad image fails
-                for i in idx:
-                    try:
-                        results[i] = self._predict([batch["input"][i]])[0]
-                    except Exception as exc:  # noqa: BLE001
-                        status[i], error[i] = "failed", f"{type(exc).__name__}: {exc}"
+                groups.setdefault(tuple(batch["input"][i].shape), {})[i] = batch["input"][i]
+        maps: dict[int, Any] = {}
+        for inputs in groups.values():
+            self._each(self._features, inputs, maps, status, error)
+        found: dict[int, dict[str, np.ndarray]] = {}
+        self._each(self._ncut, maps, found, status, error)  # NCut: one call per node count
+        results = [found.get(i) for i in range(n)]
         out: dict[str, Any] = {k: v for k, v in batch.items() if k != "input"}
         out["status"], out["error"] = np.asarray(status), np.asarray(error)
         out["stride"] = np.full(n, self.stride, np.int64)

@@ -13,6 +13,13 @@ NCut call solves all their graphs at once.
   4-connected component holding the seed; box = component extent in patch units,
   half-open ``(x0, y0, x1, y1)`` (multiply by the patch size for pixels).
 
+* ``ncut_maps(maps: list of (C, h_i, w_i), methods) -> per image {<method>_map, <method>_mask,
+  tokencut_box}``: both methods on maps of any grids; maps with the same node count n = h * w
+  share one batched NCut call (what the evaluation job's actors run).
+
+Precision: ``"eigh"`` (the reference) solves in float64; iterative solvers run in float32 at
+``EVAL_TOL`` (1e-5): masks need z2's sign pattern, not gradients.
+
 Post-processing helpers (numpy, one image at a time):
 
 * ``upsample_map(map: (h, w), size=(H, W), canvas=..., content=...) -> (H, W) float``:
@@ -28,6 +35,7 @@ Post-processing helpers (numpy, one image at a time):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +49,12 @@ from dncut.ncut import normalized_cut
 SIMPLE_TAU = 0.0  # relu graph threshold of the Simple protocol (authors)
 TOKENCUT_TAU = 0.2  # TokenCut's binary graph threshold
 TOKENCUT_EPS = 1e-5  # TokenCut's weight of the removed edges
-EVAL_TOL = 1e-6  # iterative solvers' residual tolerance here: masks need z2's sign pattern, not gradients
+EVAL_TOL = 1e-5  # iterative solvers' residual tolerance here: masks need z2's sign pattern, not gradients
+EXACT_SOLVERS = ("eigh",)  # the float64 references; iterative solvers run in float32 here (inference)
+
+
+def _solver_dtype(solver: str) -> torch.dtype:
+    return torch.float64 if solver in EXACT_SOLVERS else torch.float32
 
 
 def _check_features(features: Tensor) -> None:
@@ -64,8 +77,11 @@ def simple_ncut(features: Tensor, *, solver: str = "eigh", tol: float | None = E
     Args:
         features: ``(B, C, h, w)`` patch features (keys for a ViT).
         solver: NCut eigensolver (a key of ``dncut.ncut.SOLVERS``).
-        tol: residual tolerance of an iterative solver (``normalized_cut``); ``EVAL_TOL``
-            (1e-6) gives the exact solver's masks (tests, ``bench/eval_throughput.py``).
+        tol: residual tolerance of an iterative solver (``normalized_cut``), which runs in
+            float32 here (``"eigh"``, the reference, in float64). With ``EVAL_TOL`` (1e-5) z2 is
+            within ~tol * 2 / gap of the exact one, so only nodes that close to the threshold
+            can differ; the masks equalled the exact solver's on every image of the tests and
+            of ``bench/eval_throughput.py``.
 
     Returns:
         ``(z2 (B, h, w), masks (B, h, w) bool)``: z2 oriented so that its positive side is the
@@ -73,14 +89,18 @@ def simple_ncut(features: Tensor, *, solver: str = "eigh", tol: float | None = E
     """
     _check_features(features)
     b, _, h, w = features.shape
-    result = normalized_cut(_tokens(features), normalize=True, tau=SIMPLE_TAU, affinity="relu",
-                            laplacian="normalized", solver=solver, tol=tol)
+    z = _simple_z(_tokens(features), solver, tol).reshape(b, h, w)  # (B, h, w)
+    return z, z > 0
+
+
+def _simple_z(tokens: Tensor, solver: str, tol: float | None) -> Tensor:
+    """Oriented z2 ``(B, n)`` of the Simple protocol for tokens ``(B, n, C)`` (any grid)."""
+    result = normalized_cut(tokens, normalize=True, tau=SIMPLE_TAU, affinity="relu",
+                            laplacian="normalized", solver=solver, tol=tol, solver_dtype=_solver_dtype(solver))
     z = result.eigvec  # (B, n)
     frac = (z > 0).float().mean(-1)  # (B,)
     flip = (frac > 0.5) & (frac < 1.0)  # (B,)
-    z = torch.where(flip.unsqueeze(-1), -z, z)  # (B, n)
-    z = z.reshape(b, h, w)  # (B, h, w)
-    return z, z > 0
+    return torch.where(flip.unsqueeze(-1), -z, z)  # (B, n)
 
 
 # --------------------------------------------------------------------------- TokenCut
@@ -159,14 +179,7 @@ def tokencut(features: Tensor, *, tau: float = TOKENCUT_TAU, eps: float = TOKENC
     """
     _check_features(features)
     b, _, h, w = features.shape
-    result = normalized_cut(_tokens(features), normalize=True, tau=tau, affinity="binary",
-                            laplacian="normalized", solver=solver, eps=eps, tol=tol)
-    y = result.gen_eigvec  # (B, n)
-    part = y > y.mean(-1, keepdim=True)  # (B, n)
-    seeds = y.abs().argmax(-1)  # (B,)
-    seed_fg = part.gather(-1, seeds.unsqueeze(-1)).squeeze(-1)  # (B,)
-    y = torch.where(seed_fg.unsqueeze(-1), y, -y)  # (B, n)
-    part = torch.where(seed_fg.unsqueeze(-1), part, ~part)  # (B, n)
+    y, part, seeds = _tokencut_y(_tokens(features), tau, eps, solver, tol)  # (B, n), (B, n), (B,)
     part_np = part.reshape(b, h, w).cpu().numpy()  # (B, h, w)
     masks, boxes = [], []
     for i in range(b):
@@ -180,6 +193,59 @@ def tokencut(features: Tensor, *, tau: float = TOKENCUT_TAU, eps: float = TOKENC
         seeds=seeds,
         boxes=torch.from_numpy(np.stack(boxes)),  # (B, 4)
     )
+
+
+def _tokencut_y(tokens: Tensor, tau: float, eps: float, solver: str,
+                tol: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    """TokenCut's NCut on tokens ``(B, n, C)`` (any grid): oriented y2 ``(B, n)``, bipartition
+    ``(B, n)`` bool (seed side True) and seeds ``(B,)``."""
+    result = normalized_cut(tokens, normalize=True, tau=tau, affinity="binary", laplacian="normalized",
+                            solver=solver, eps=eps, tol=tol, solver_dtype=_solver_dtype(solver))
+    y = result.gen_eigvec  # (B, n)
+    part = y > y.mean(-1, keepdim=True)  # (B, n)
+    seeds = y.abs().argmax(-1)  # (B,)
+    seed_fg = part.gather(-1, seeds.unsqueeze(-1)).squeeze(-1)  # (B,)
+    y = torch.where(seed_fg.unsqueeze(-1), y, -y)  # (B, n)
+    part = torch.where(seed_fg.unsqueeze(-1), part, ~part)  # (B, n)
+    return y, part, seeds
+
+
+# --------------------------------------------------------------------------- any grids at once
+def ncut_maps(maps: Sequence[Tensor], methods: Sequence[str], *, solver: str = "eigh",
+              tol: float | None = EVAL_TOL) -> list[dict[str, np.ndarray]]:
+    """Both methods on feature maps of any grids: maps with the same node count n = h * w (e.g.
+    13 x 20 and 20 x 13) share one batched NCut call per method, then each is post-processed
+    on its own grid (what the evaluation job's actors run).
+
+    Args:
+        maps: ``(C, h_i, w_i)`` feature maps, one per image.
+        methods: subset of ``("simple", "tokencut")``.
+        solver, tol: as :func:`simple_ncut`.
+
+    Returns:
+        Per image ``{<method>_map (h, w) float, <method>_mask (h, w) bool}`` plus
+        ``tokencut_box (4,) int64`` (patch units), as :func:`simple_ncut` / :func:`tokencut` give.
+    """
+    for m in maps:
+        _check_features(m.unsqueeze(0))
+    out: list[dict[str, np.ndarray]] = [{} for _ in maps]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, m in enumerate(maps):
+        groups.setdefault((m.shape[0], m.shape[1] * m.shape[2]), []).append(i)
+    for idx in groups.values():
+        tokens = torch.stack([maps[i].flatten(1).T for i in idx])  # (g, n, C)
+        grids = [tuple(maps[i].shape[1:]) for i in idx]
+        if "simple" in methods:
+            z = _simple_z(tokens, solver, tol).cpu().numpy()  # (g, n)
+            for k, i in enumerate(idx):
+                out[i]["simple_map"] = z[k].reshape(grids[k])
+                out[i]["simple_mask"] = out[i]["simple_map"] > 0
+        if "tokencut" in methods:
+            y, part, seeds = (t.cpu().numpy() for t in _tokencut_y(tokens, TOKENCUT_TAU, TOKENCUT_EPS, solver, tol))
+            for k, i in enumerate(idx):
+                component, box = seed_component(part[k].reshape(grids[k]), int(seeds[k]))
+                out[i].update(tokencut_map=y[k].reshape(grids[k]), tokencut_mask=component, tokencut_box=box)
+    return out
 
 
 # --------------------------------------------------------------------------- upsampling

@@ -25,8 +25,9 @@ The layer turns patch features into the Fiedler vector of their affinity graph::
   the pseudo-inverse of Eq. 8 drops near-zero pivots exactly as it drops the pivot of
   lambda2 itself. Gradients stay finite for repeated eigenvalues (e.g. constant features).
 * Precision: the products f f^T (and the threshold test) run in the input dtype, as in the
-  peers' float32 code; W, the Laplacian and the eigensolver run in float64 whatever the input
-  dtype; outputs are cast back to the input dtype.
+  peers' float32 code, with autocast disabled (never in bf16); W, the Laplacian and the
+  eigensolver run in ``solver_dtype`` (float64 by default) whatever the input dtype; outputs
+  are cast back to the input dtype.
 
 Solvers are registered in ``SOLVERS``: ``"eigh"`` (exact, ``torch.linalg.eigh``; the reference)
 and the fast batched block solver ``"lobpcg"`` (:mod:`dncut.ncut.lobpcg`: block LOBPCG forward
@@ -82,7 +83,11 @@ SOLVERS["lobpcg"] = lobpcg_solver
 
 
 def register_solver(name: str, fn: SolverFn) -> None:
-    """Make ``fn(lap, degree, *, laplacian, init, tol) -> (z2, lambda2, n_fallback)`` a solver."""
+    """Make ``fn(lap, degree, *, laplacian, init, tol) -> (z2, lambda2, n_fallback)`` a solver.
+
+    ``tol`` is always passed (``None`` or a float; see :func:`normalized_cut`); a solver without
+    a tolerance accepts and ignores it, as ``eigh`` does.
+    """
     SOLVERS[name] = fn
 
 
@@ -114,7 +119,8 @@ def _validate(features: Tensor, init: Tensor | None) -> None:
 def normalized_cut(features: Tensor, *, normalize: bool = True, tau: float = 0.0,
                    affinity: Affinity = "relu", laplacian: Laplacian = "normalized",
                    solver: str = "eigh", eps: float | None = None,
-                   init: Tensor | None = None, tol: float | None = None) -> NCutResult:
+                   init: Tensor | None = None, tol: float | None = None,
+                   solver_dtype: torch.dtype = torch.float64) -> NCutResult:
     """Differentiable NCut: Fiedler vector of the patch graph of ``features``.
 
     Args:
@@ -130,7 +136,9 @@ def normalized_cut(features: Tensor, *, normalize: bool = True, tau: float = 0.0
             bound), backward CG relative residual <= tol. ``None`` follows the input's
             precision: :data:`DTYPE_TOL` (1e-7, about float32's unit roundoff, for float32
             features; the solver's default, 1e-10, for float64). Inference that only thresholds
-            z2 can use ~1e-6. Ignored by ``"eigh"``.
+            z2 can use ~1e-5. Ignored by ``"eigh"``.
+        solver_dtype: dtype of W, L and the eigensolver: float64 (default; what the gradient
+            targets need) or float32 (half the memory traffic, tolerances >= ~4e-6: inference).
 
     Returns:
         :class:`NCutResult` with ``eigvec (B, n)``, ``eigval (B,)``, ``gen_eigvec (B, n)``
@@ -147,13 +155,16 @@ def normalized_cut(features: Tensor, *, normalize: bool = True, tau: float = 0.0
         raise ValueError(f"affinity={affinity!r} is not one of {AFFINITIES}")
     if laplacian not in LAPLACIANS:
         raise ValueError(f"laplacian={laplacian!r} is not one of {LAPLACIANS}")
+    if solver_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"solver_dtype must be torch.float32 or torch.float64, got {solver_dtype}")
     dtype = features.dtype
     tol = DTYPE_TOL.get(dtype) if tol is None else tol
-    f = F.normalize(features, dim=-1) if normalize else features
-    w = affinity_matrix(f, affinity=affinity, tau=tau, eps=eps, dtype=torch.float64)  # (B, n, n)
-    lap, degree = laplacian_matrix(w, laplacian=laplacian)  # (B, n, n), (B, n)
+    with torch.autocast(features.device.type, enabled=False):  # f f^T in the input dtype, never bf16
+        f = F.normalize(features, dim=-1) if normalize else features
+        w = affinity_matrix(f, affinity=affinity, tau=tau, eps=eps, dtype=solver_dtype)  # (B, n, n)
+        lap, degree = laplacian_matrix(w, laplacian=laplacian)  # (B, n, n), (B, n)
     z, lam, n_fallback = SOLVERS[solver](lap, degree, laplacian=laplacian,
-                                         init=None if init is None else init.double(), tol=tol)
+                                         init=None if init is None else init.to(solver_dtype), tol=tol)
     y = z * degree.rsqrt() if laplacian == "normalized" else None  # (B, n)
     return NCutResult(
         eigvec=z.to(dtype),

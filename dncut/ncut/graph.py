@@ -42,10 +42,9 @@ def affinity_matrix(features: Tensor, *, affinity: Affinity = "relu", tau: float
     dtype = features.dtype if dtype is None else dtype
     a = features @ features.transpose(1, 2)  # (B, n, n)
     strong = a > tau
-    floor = torch.tensor(eps, dtype=dtype, device=a.device)
     if affinity == "relu":
-        return torch.where(strong, a.to(dtype), floor)
-    return torch.where(strong, torch.tensor(1.0, dtype=dtype, device=a.device), floor)
+        return torch.where(strong, a.to(dtype), eps)
+    return strong.to(dtype).clamp_min_(eps)  # exactly 1 or eps (a bool-masked where is slow on CPU)
 
 
 def laplacian_matrix(w: Tensor, *, laplacian: Laplacian = "normalized") -> tuple[Tensor, Tensor]:
@@ -66,9 +65,8 @@ def laplacian_matrix(w: Tensor, *, laplacian: Laplacian = "normalized") -> tuple
         lap.diagonal(dim1=-2, dim2=-1).add_(d)
         return lap, d
     s = d.rsqrt().unsqueeze(-1)  # (B, n, 1)
-    lap = w * (s @ s.mT).neg_()  # (B, n, n) -D^-1/2 W D^-1/2: one pass over W
-    lap.diagonal(dim1=-2, dim2=-1).add_(1.0)
-    return lap, d
+    eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
+    return torch.addcmul(eye, w * s, s.mT, value=-1.0), d  # I - D^-1/2 W D^-1/2: two passes over W
 
 
 def fix_sign(z: Tensor) -> Tensor:

@@ -75,13 +75,16 @@ class LobpcgOptions:
         cg_max_iter: CG iterations before an item falls back to the exact formula.
         shrink: compact the working batch when at most this fraction is still iterating
             (eager runs only; a CUDA graph keeps the batch whole, frozen graphs stay put).
-        cuda_graphs: keep one persistent forward step per (B, n, dtype, device) (:data:`REPLAYS`,
-            at most :data:`MAX_REPLAYS`): static buffers that each call copies its start into
-            and, on CUDA, one captured CUDA graph of an iteration (all between two Rayleigh-Ritz
-            eigh calls), replayed by every later same-shape call; no batch compaction. Costs
-            one more (B, n, n) copy of L per shape. Elsewhere (CPU) the same buffers run eagerly.
-            Off by default until measured on a GPU (per-call capture, the earlier design, only
-            matched eager speed on an H200).
+        cuda_graphs: keep a persistent forward step and a persistent backward CG step per
+            shape (:data:`REPLAYS`, at most :data:`MAX_REPLAYS`): static buffers that each call
+            copies its start into and, on CUDA, one captured CUDA graph of a step (forward: all
+            between two Rayleigh-Ritz eigh calls), replayed by every later same-shape call; no
+            batch compaction. Costs two more (B, n, n) copies of L per shape (one per step).
+            Elsewhere (CPU) the same buffers run eagerly. Off by default until measured on a GPU
+            (per-call capture, the earlier design, only matched eager speed on an H200).
+
+    ``normalized_cut`` passes a ``tol`` (for float32 features :data:`dncut.ncut.DTYPE_TOL`, 1e-7)
+    that replaces both ``tol`` and ``cg_tol`` for that call; pass ``tol=`` to it to choose.
     """
 
     block: int = 4
@@ -365,11 +368,13 @@ def _persistent(key: tuple, start, fn: Callable[[Any], None], device: torch.devi
     """The persistent step ``key``, its buffers loaded with ``start``.
 
     A new entry owns copies of ``start``: the caller's tensors (L, z1 -- saved for backward) are
-    never buffers that a later call overwrites.
+    never buffers that a later call overwrites. The fields are copied whole on each call; the
+    scratch ones (w, s, a_s, h, eig_*) are rewritten before they are read.
     """
     rep = REPLAYS.get(key)
     if rep is None:
-        rep = REPLAYS[key] = _Replay(_clone(start), fn, device)
+        with torch.inference_mode(False):  # normal tensors: later calls may run outside inference mode
+            rep = REPLAYS[key] = _Replay(_clone(start), fn, device)
         while len(REPLAYS) > MAX_REPLAYS:
             REPLAYS.popitem(last=False)
     else:
@@ -404,8 +409,9 @@ def _iterate(lap: Tensor, z1: Tensor, bound: Tensor, init: Tensor | None, opts: 
 
     Returns:
         ``(state, iterations)``: the whole batch's final block ``x``, ``theta`` and flags
-        ``done`` (converged), ``broken`` (Cholesky info or non-finite values seen); never the
-        persistent buffers of ``cuda_graphs`` (copies of them).
+        ``done`` (converged), ``broken`` (Cholesky info or non-finite values seen); with
+        ``cuda_graphs`` these four are copies, the other fields are the persistent buffers
+        (valid until the next same-shape call).
     """
     k = opts.block
     b, n, _ = lap.shape
