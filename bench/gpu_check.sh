@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# GPU check of the fast NCut solver (issue 6), one prepared script: ~90 s on one H200, < 4 min.
+# GPU check of the fast NCut solver (issue 6), one prepared script: ~2-3 min on one H200, < 6 min.
 #   1. correctness of solver="lobpcg" against "eigh" on CUDA, float32 and float64 features, both
 #      Laplacians (|cos|, lambda2 error, gradient of a sign-invariant loss, fallbacks; prints
 #      CORRECTNESS PASS/FAIL), the host syncs of one forward+backward, CUDA graphs vs eager, a
 #      small sweep of the solver's options and tol, the graph's own cost, a profile (in the JSON);
 #   2. bench/ncut_layer.py --device cuda at (512, 196) and (128, 784): baseline eigh + autograd,
-#      dncut eigh, dncut lobpcg side by side.
+#      dncut eigh, dncut lobpcg side by side;
+#   3. bench/train_step.py --device cuda --solver lobpcg: the NCut share of a ViT-S/16 step, batch 256.
+# Run it with timeout_s 420 (the device tool), then give the machine back.
 # Usage: bash bench/gpu_check.sh        JSON goes to $OUT (if set) else bench/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -185,3 +187,8 @@ echo "=== 2. bench/ncut_layer.py --device cuda ==="
 timeout 200 "$PY" bench/ncut_layer.py --device cuda --sizes 512x196 128x784 --repeats 10 --max-seconds 3 \
     --out "$OUT_DIR/ncut_layer_cuda.json" | grep '^{"B"'
 echo "bench exit code: $?"
+
+echo "=== 3. bench/train_step.py --device cuda --solver lobpcg (ViT-S/16, batch 256): NCut share ==="
+timeout 150 "$PY" bench/train_step.py --device cuda --solver lobpcg --out "$OUT_DIR/train_step_cuda_lobpcg.json" \
+    | grep -E '"(ncut_share|ncut_ms|step)"' | head -5
+echo "train_step exit code: $?"
