@@ -8,8 +8,9 @@ Part 1 (same machine, same images, same EfficientNet-Lite0 features, computed on
     ``scipy.linalg.eigh(D - A, D, subset_by_index=[1, 2])``, mean bipartition, seed, flip,
     4-connected component (scipy.ndimage.label), box — affinities from float32 features, the
     eigenproblem in float64, as their code runs (``np.where`` promotes the binary graph); once
-    with the default BLAS threads (as shipped) and once with one thread (threadpoolctl), their
-    fastest sequential setting at these sizes;
+    with the default BLAS threads (as shipped), once with one thread (threadpoolctl), their
+    fastest sequential setting at these sizes, and, as an upper bound that is not their code,
+    their loop split over ``--workers`` single-threaded processes;
   * dncut: ``dncut.eval.methods.ncut_maps`` as the job's actors run it (batches of
     ``--batch-size``, images with the same node count in one call; ``lobpcg`` in float32 at
     EVAL_TOL, ``eigh`` in float64), in one process and in ``--workers`` single-threaded processes (as that many
@@ -127,43 +128,56 @@ def run_batched(feats: list[torch.Tensor], solver: str, batch_size: int) -> tupl
 _WORKER: dict = {}
 
 
-def _worker_init(feats: list[torch.Tensor], solver: str, batch_size: int) -> None:
-    """A single-threaded NCut worker process, as one 1-CPU inference actor of the job."""
+def _worker_init(feats: list[torch.Tensor], kind: str, solver: str, batch_size: int) -> None:
+    """A single-threaded worker process: ``kind`` "dncut" (as one 1-CPU inference actor) or
+    "peers" (their per-image loop with one BLAS thread)."""
     from dncut.eval.batch import retain_freed_memory
 
     torch.set_num_threads(1)
-    retain_freed_memory()
-    _WORKER.update(feats=feats, solver=solver, batch_size=batch_size)
-    run_batched(feats[:2], solver, batch_size)  # warm-up
+    if kind == "peers":
+        from threadpoolctl import threadpool_limits
+
+        _WORKER["limits"] = threadpool_limits(1)  # kept for the life of the process
+    else:
+        retain_freed_memory()
+    _WORKER.update(feats=feats, kind=kind, solver=solver, batch_size=batch_size)
+    _worker_run([0])  # warm-up
 
 
-def _worker_ready(seconds: float) -> int:
-    time.sleep(seconds)
+def _worker_ready(barrier) -> int:
+    barrier.wait(timeout=600)  # every worker holds one of these tasks at once: all have started
     return os.getpid()
 
 
-def _worker_run(first: list[int]) -> list[tuple[int, tuple]]:
+def _worker_run(firsts: list[int]) -> list[tuple[int, tuple]]:
+    """The images of the batches starting at ``firsts``: ``[(index, (mask, box)), ...]``."""
     feats, bs = _WORKER["feats"], _WORKER["batch_size"]
     out = []
-    for f0 in first:
+    for f0 in firsts:
         idx = list(range(f0, min(f0 + bs, len(feats))))
-        res, _ = run_batched([feats[i] for i in idx], _WORKER["solver"], bs)
+        if _WORKER["kind"] == "peers":
+            res = [peer_tokencut(feats[i].numpy()) for i in idx]
+        else:
+            res, _ = run_batched([feats[i] for i in idx], _WORKER["solver"], bs)
         out += list(zip(idx, res))
     return out
 
 
-def run_batched_processes(feats: list[torch.Tensor], solver: str, batch_size: int,
-                          workers: int) -> tuple[list, float]:
-    """``workers`` single-threaded processes share the batches (contiguous halves); time of the
-    NCut work only (processes started, features loaded and warmed up before the clock starts)."""
+def run_in_processes(feats: list[torch.Tensor], kind: str, solver: str, batch_size: int,
+                     workers: int) -> tuple[list, float]:
+    """``workers`` single-threaded processes share the batches (dealt round-robin); the time of
+    the work only (processes started, features loaded and warmed up before the clock starts)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     firsts = list(range(0, len(feats), batch_size))
     shares = [firsts[k::workers] for k in range(workers)]
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(feats, solver, batch_size)) as pool:
-        assert len(set(pool.map(_worker_ready, [0.5] * workers))) == workers, "a worker did not start"
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                                        initargs=(feats, kind, solver, batch_size)) as pool:
+        barrier = manager.Barrier(workers)
+        if len(set(pool.map(_worker_ready, [barrier] * workers))) != workers:
+            raise RuntimeError(f"expected {workers} distinct worker processes")
         start = time.perf_counter()
         parts = list(pool.map(_worker_run, shares))
         seconds = time.perf_counter() - start
@@ -311,6 +325,10 @@ def main() -> None:
     peers, peer_s = best_of(lambda: run_peers(feats), args.repeats)
     peers1 = peers_one_thread(feats, args.repeats)
     peer1_s = None if peers1 is None else peers1[1]
+    workers = args.workers or len(os.sched_getaffinity(0))
+    peerw_s = None
+    if peers1 is not None and workers > 1:  # their loop split over the cores (not their code, an upper bound)
+        peerw_s = best_of(lambda: run_in_processes(feats, "peers", "", args.batch_size, workers), args.repeats)[1]
     n = len(feats)
     result: dict = {
         "machine": {"cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
@@ -324,15 +342,18 @@ def main() -> None:
         "peers_scipy_per_image": {"blas_threads": "default (all usable cores)", "ncut_images_per_s": rate(n, peer_s),
                                   "end_to_end_images_per_s": rate(n, feat_s, peer_s)},
         "peers_scipy_per_image_1thread": None if peer1_s is None else {
-            "blas_threads": 1, "ncut_images_per_s": rate(n, peer1_s), "end_to_end_images_per_s": rate(n, feat_s, peer1_s)},
+            "blas_threads": 1, "cores": 1, "ncut_images_per_s": rate(n, peer1_s),
+            "end_to_end_images_per_s": rate(n, feat_s, peer1_s)},
+        f"peers_scipy_per_image_1thread_{workers}proc": None if peerw_s is None else {
+            "blas_threads": 1, "cores": workers, "ncut_images_per_s": rate(n, peerw_s),
+            "note": "their per-image loop split over single-threaded processes: not their code, an upper bound"},
     }
-    workers = args.workers or len(os.sched_getaffinity(0))
     for solver in ("eigh", "lobpcg"):
         run_batched(feats[:2], solver, args.batch_size)  # warm-up
         variants = {f"dncut_batched_{solver}": best_of(lambda: run_batched(feats, solver, args.batch_size), args.repeats)}
         if workers > 1:
             variants[f"dncut_batched_{solver}_{workers}proc"] = best_of(
-                lambda: run_batched_processes(feats, solver, args.batch_size, workers), args.repeats)
+                lambda: run_in_processes(feats, "dncut", solver, args.batch_size, workers), args.repeats)
         for name, (ours, ours_s) in variants.items():
             same_mask = np.mean([np.array_equal(a[0], b[0]) for a, b in zip(ours, peers)])
             iou = np.mean([(a[0] & b[0]).sum() / max(1, (a[0] | b[0]).sum()) for a, b in zip(ours, peers)])
@@ -342,6 +363,7 @@ def main() -> None:
                           else f"one process, {torch.get_num_threads()} torch threads"),
                 "ncut_images_per_s": rate(n, ours_s), "speedup_ncut": round(peer_s / ours_s, 2),
                 "speedup_ncut_vs_peers_1thread": None if peer1_s is None else round(peer1_s / ours_s, 2),
+                f"speedup_ncut_vs_peers_1thread_{workers}proc": None if peerw_s is None else round(peerw_s / ours_s, 2),
                 "end_to_end_images_per_s": rate(n, feat_s, ours_s),
                 "speedup_end_to_end": None if feat_s is None else round((feat_s + peer_s) / (feat_s + ours_s), 2),
                 "same_mask_fraction": round(float(same_mask), 3), "mean_mask_iou_vs_peers": round(float(iou), 4),

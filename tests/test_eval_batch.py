@@ -271,3 +271,28 @@ def test_voc_corloc_with_a_colour_backbone_written_to_s3(ray_session, voc_root: 
     assert storage.read_bytes(f"{out}/examples.png")[:4] == b"\x89PNG"
     assert "CorLoc" in storage.read_bytes(f"{out}/summary.md").decode()
     assert "| tokencut | 75.0 |" in format_table(summary)
+
+
+def test_predictor_fails_only_the_bad_image_of_a_batch():
+    """In-process NCutPredictor on one batch: an 8 x 16 image, its transpose (same node count: one
+    NCut call), an image whose 8 x 8 grid has one cell (NCut needs 2) and a row that failed
+    before. Only the bad rows fail, with reasons; the others get what they get alone."""
+    from dncut.eval.batch import NCutPredictor
+
+    rng = np.random.default_rng(0)
+    wide = np.full((64, 128, 3), BG, np.uint8)
+    wide[16:48, 24:72] = RED
+    wide = np.clip(wide + rng.integers(-20, 20, wide.shape), 0, 255).astype(np.uint8)
+    tiny = np.full((8, 8, 3), RED, np.uint8)
+    inputs = [wide, wide.transpose(1, 0, 2).copy(), tiny, wide]
+    batch = {"image_id": np.array(["w", "t", "tiny", "dead"]), "status": np.array(["ok", "ok", "ok", "failed"]),
+             "error": np.array(["", "", "", "decode: broken"]), "input": inputs}
+    pred = NCutPredictor("colour", None, False, ["simple", "tokencut"], solver="lobpcg", factory=colour_factory)
+    out = pred(batch)
+    assert out["status"].tolist() == ["ok", "ok", "failed", "failed"]
+    assert "2" in out["error"][2] and out["error"][3] == "decode: broken"
+    alone = pred({k: v[:1] if k != "input" else inputs[:1] for k, v in batch.items()})
+    for key in ("simple_mask", "tokencut_mask", "tokencut_box"):
+        np.testing.assert_array_equal(out[key][0], alone[key][0])
+    np.testing.assert_array_equal(out["tokencut_mask"][1], out["tokencut_mask"][0].T)
+    assert out["tokencut_mask"][0].any() and out["tokencut_box"][0].dtype == np.int64

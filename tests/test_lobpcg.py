@@ -409,6 +409,10 @@ def test_persistent_step_reuses_buffers_without_aliasing(monkeypatch):
     g_a = xa.grad
     out_a2, _ = run(a, "lobpcg")
     assert sorted(key[0] for key in lobpcg.REPLAYS) == ["cg", "forward"]  # one forward, one backward step
+    for rep in lobpcg.REPLAYS.values():  # buffers hold no autograd graph (it would pin a step's activations)
+        state = rep.state.st if hasattr(rep.state, "st") else rep.state
+        assert not any(getattr(state, f.name).requires_grad for f in dataclasses.fields(state)
+                       if isinstance(getattr(state, f.name), torch.Tensor))
     for (out, g), name in (((out_a, g_a), "a"), ((out_b, g_b), "b"), ((out_a2, None), "a")):
         r_out, r_g = ref[name]
         assert 1 - abs_cos(out.eigvec.detach(), r_out.eigvec.detach()).min().item() <= 1e-14

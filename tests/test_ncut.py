@@ -284,6 +284,18 @@ def test_autocast_does_not_reach_the_graph():
     assert out.eigvec.dtype == torch.float32
     torch.testing.assert_close(out.eigvec, ref.eigvec, rtol=0, atol=0)
     torch.testing.assert_close(out.eigval, ref.eigval, rtol=0, atol=0)
+    f = torch.randn(2, 60, 24, generator=g)
+    for solver_dtype in (torch.float32, torch.float64):  # the solver too runs outside autocast
+        ref = normalized_cut(f, solver="lobpcg", solver_dtype=solver_dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = normalized_cut(f, solver="lobpcg", solver_dtype=solver_dtype)
+        torch.testing.assert_close(out.eigvec, ref.eigvec, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-6, 1.5])
+def test_eps_outside_0_1_is_rejected(eps):
+    with pytest.raises(ValueError, match="eps"):
+        normalized_cut(torch.randn(1, 10, 4), eps=eps)
 
 
 @pytest.mark.parametrize("solver", ["eigh", "lobpcg"])

@@ -186,11 +186,11 @@ def load_record(record: dict, *, stride: int, image_size: int | None,
 def retain_freed_memory(mmap_mb: int = 32, trim_mb: int = 256) -> bool:
     """Keep freed heap memory in this process instead of returning it to the OS (glibc ``mallopt``).
 
-    The batched NCut allocates a few (B, n, n) float buffers per call (~8 MB at B = 16, n = 260);
+    The batched NCut allocates a few (B, n, n) float buffers per call (4-9 MB at B = 16, n = 260);
     with glibc's defaults they are mmap-ed / trimmed and page-faulted back in on every batch,
     about a quarter of the CPU NCut time (``bench/eval_throughput.py``). Blocks below ``mmap_mb``
-    come from the heap, and up to ``trim_mb`` of free heap is kept. Returns False (and changes
-    nothing) where glibc is not the allocator.
+    come from the heap, and up to ``trim_mb`` of free heap is kept. Returns False where glibc's
+    ``mallopt`` is not available or refuses a setting.
     """
     import ctypes
     import ctypes.util
@@ -275,8 +275,12 @@ class NCutPredictor:
         maps: dict[int, Any] = {}
         for inputs in groups.values():
             self._each(self._features, inputs, maps, status, error)
+        by_nodes: dict[tuple[int, int], dict[int, Any]] = {}  # NCut: one call per node count n = h * w
+        for i, m in maps.items():
+            by_nodes.setdefault((m.shape[0], m.shape[1] * m.shape[2]), {})[i] = m
         found: dict[int, dict[str, np.ndarray]] = {}
-        self._each(self._ncut, maps, found, status, error)  # NCut: one call per node count
+        for group in by_nodes.values():
+            self._each(self._ncut, group, found, status, error)
         results = [found.get(i) for i in range(n)]
         out: dict[str, Any] = {k: v for k, v in batch.items() if k != "input"}
         out["status"], out["error"] = np.asarray(status), np.asarray(error)

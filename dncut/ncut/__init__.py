@@ -25,9 +25,9 @@ The layer turns patch features into the Fiedler vector of their affinity graph::
   the pseudo-inverse of Eq. 8 drops near-zero pivots exactly as it drops the pivot of
   lambda2 itself. Gradients stay finite for repeated eigenvalues (e.g. constant features).
 * Precision: the products f f^T (and the threshold test) run in the input dtype, as in the
-  peers' float32 code, with autocast disabled (never in bf16); W, the Laplacian and the
+  peers' float32 code; W, the Laplacian and the
   eigensolver run in ``solver_dtype`` (float64 by default) whatever the input dtype; outputs
-  are cast back to the input dtype.
+  are cast back to the input dtype. Autocast is off for the whole layer (never bf16).
 
 Solvers are registered in ``SOLVERS``: ``"eigh"`` (exact, ``torch.linalg.eigh``; the reference)
 and the fast batched block solver ``"lobpcg"`` (:mod:`dncut.ncut.lobpcg`: block LOBPCG forward
@@ -159,12 +159,12 @@ def normalized_cut(features: Tensor, *, normalize: bool = True, tau: float = 0.0
         raise ValueError(f"solver_dtype must be torch.float32 or torch.float64, got {solver_dtype}")
     dtype = features.dtype
     tol = DTYPE_TOL.get(dtype) if tol is None else tol
-    with torch.autocast(features.device.type, enabled=False):  # f f^T in the input dtype, never bf16
+    with torch.autocast(features.device.type, enabled=False):  # graph and solver in their dtypes, never bf16
         f = F.normalize(features, dim=-1) if normalize else features
         w = affinity_matrix(f, affinity=affinity, tau=tau, eps=eps, dtype=solver_dtype)  # (B, n, n)
         lap, degree = laplacian_matrix(w, laplacian=laplacian)  # (B, n, n), (B, n)
-    z, lam, n_fallback = SOLVERS[solver](lap, degree, laplacian=laplacian,
-                                         init=None if init is None else init.to(solver_dtype), tol=tol)
+        z, lam, n_fallback = SOLVERS[solver](lap, degree, laplacian=laplacian,
+                                             init=None if init is None else init.to(solver_dtype), tol=tol)
     y = z * degree.rsqrt() if laplacian == "normalized" else None  # (B, n)
     return NCutResult(
         eigvec=z.to(dtype),

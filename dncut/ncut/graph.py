@@ -39,6 +39,8 @@ def affinity_matrix(features: Tensor, *, affinity: Affinity = "relu", tau: float
     if affinity not in AFFINITIES:
         raise ValueError(f"affinity={affinity!r} is not one of {AFFINITIES}")
     eps = DEFAULT_EPS[affinity] if eps is None else eps
+    if not 0.0 < eps <= 1.0:
+        raise ValueError(f"eps={eps} must be in (0, 1]: the weight of weak edges, which keeps the graph connected")
     dtype = features.dtype if dtype is None else dtype
     a = features @ features.transpose(1, 2)  # (B, n, n)
     strong = a > tau
@@ -66,7 +68,7 @@ def laplacian_matrix(w: Tensor, *, laplacian: Laplacian = "normalized") -> tuple
         return lap, d
     s = d.rsqrt().unsqueeze(-1)  # (B, n, 1)
     eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
-    return torch.addcmul(eye, w * s, s.mT, value=-1.0), d  # I - D^-1/2 W D^-1/2: two passes over W
+    return torch.addcmul(eye, w, s * s.mT, value=-1.0), d  # I - D^-1/2 W D^-1/2 (s_i s_j: symmetric)
 
 
 def fix_sign(z: Tensor) -> Tensor:

@@ -349,7 +349,7 @@ def clear_replays() -> None:
 def _clone(obj):
     """Own copies of the tensors of a dataclass (recursively); None stays None."""
     if isinstance(obj, Tensor):
-        return obj.clone()
+        return obj.detach().clone()
     return type(obj)(**{f.name: None if getattr(obj, f.name) is None else _clone(getattr(obj, f.name))
                         for f in fields(obj)})
 
@@ -373,7 +373,8 @@ def _persistent(key: tuple, start, fn: Callable[[Any], None], device: torch.devi
     """
     rep = REPLAYS.get(key)
     if rep is None:
-        with torch.inference_mode(False):  # normal tensors: later calls may run outside inference mode
+        # normal tensors (later calls may run outside inference mode), without autograd history
+        with torch.inference_mode(False), torch.no_grad():
             rep = REPLAYS[key] = _Replay(_clone(start), fn, device)
         while len(REPLAYS) > MAX_REPLAYS:
             REPLAYS.popitem(last=False)
