@@ -116,28 +116,18 @@ def test_override_without_equals_sign():
     assert "key.sub=value" in _output(proc)
 
 
-def test_missing_config_file(tmp_path):
-    missing = tmp_path / "no_such_config.yaml"
-    proc = dncut("train", "--config", str(missing))
-    assert proc.returncode != 0
-    err = _output(proc)
-    assert "cannot read config" in err and str(missing) in err
-    assert "Traceback" not in err
-
-
-def test_invalid_yaml_file(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("train: {max_steps: 3\nloss: [\n")
-    proc = dncut("eval", "--config", str(bad))
-    assert proc.returncode != 0
-    err = _output(proc)
-    assert "invalid YAML" in err and str(bad) in err
-
-
-def test_unknown_top_level_section_in_file(tmp_path):
+@pytest.mark.parametrize("command, content, expected", [
+    ("train", None, ["cannot read config"]),  # no such file
+    ("eval", "train: {max_steps: 3\nloss: [\n", ["invalid YAML"]),
+    ("tune", "trian:\n  max_steps: 3\n", ["trian", "did you mean 'train'"]),
+], ids=["missing", "invalid-yaml", "unknown-section"])
+def test_bad_config_file(tmp_path, command, content, expected):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("trian:\n  max_steps: 3\n")
-    proc = dncut("tune", "--config", str(cfg))
+    if content is not None:
+        cfg.write_text(content)
+    proc = dncut(command, "--config", str(cfg))
     assert proc.returncode != 0
     err = _output(proc)
-    assert "trian" in err and "did you mean 'train'" in err
+    assert all(e in err for e in expected), err
+    assert str(cfg) in err  # the file is named
+    assert "Traceback" not in err
