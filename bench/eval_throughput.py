@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -128,7 +129,7 @@ def run_batched(feats: list[torch.Tensor], solver: str, batch_size: int) -> tupl
 _WORKER: dict = {}
 
 
-def _worker_init(feats: list[torch.Tensor], kind: str, solver: str, batch_size: int) -> None:
+def _worker_init(feats: list[torch.Tensor], kind: str, solver: str, batch_size: int, retain: bool) -> None:
     """A single-threaded worker process: ``kind`` "dncut" (as one 1-CPU inference actor) or
     "peers" (their per-image loop with one BLAS thread)."""
     from dncut.eval.batch import retain_freed_memory
@@ -138,7 +139,7 @@ def _worker_init(feats: list[torch.Tensor], kind: str, solver: str, batch_size: 
         from threadpoolctl import threadpool_limits
 
         _WORKER["limits"] = threadpool_limits(1)  # kept for the life of the process
-    else:
+    elif retain:
         retain_freed_memory()
     _WORKER.update(feats=feats, kind=kind, solver=solver, batch_size=batch_size)
     _worker_run([0])  # warm-up
@@ -164,7 +165,7 @@ def _worker_run(firsts: list[int]) -> list[tuple[int, tuple]]:
 
 
 def run_in_processes(feats: list[torch.Tensor], kind: str, solver: str, batch_size: int,
-                     workers: int) -> tuple[list, float]:
+                     workers: int, retain: bool = True) -> tuple[list, float]:
     """``workers`` single-threaded processes share the batches (dealt round-robin); the time of
     the work only (processes started, features loaded and warmed up before the clock starts)."""
     import multiprocessing as mp
@@ -174,7 +175,7 @@ def run_in_processes(feats: list[torch.Tensor], kind: str, solver: str, batch_si
     shares = [firsts[k::workers] for k in range(workers)]
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                                        initargs=(feats, kind, solver, batch_size)) as pool:
+                                                        initargs=(feats, kind, solver, batch_size, retain)) as pool:
         barrier = manager.Barrier(workers)
         if len(set(pool.map(_worker_ready, [barrier] * workers))) != workers:
             raise RuntimeError(f"expected {workers} distinct worker processes")
@@ -292,6 +293,8 @@ def main() -> None:
     p.add_argument("--solver", default=Config().ncut.solver, help="NCut solver of the Ray job in part 2 (default: the config's)")
     p.add_argument("--workers", type=int, default=0,
                    help="single-threaded dncut processes for the multi-process variant (default: usable cores)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="part 1 without dncut.eval.batch.retain_freed_memory (glibc's default heap trimming)")
     p.add_argument("--skip-scaling", action="store_true")
     p.add_argument("--scaling-images", type=int, default=400,
                    help="images for the Ray job runs of part 2 (the set is repeated up to this many)")
@@ -321,7 +324,7 @@ def main() -> None:
                         "backbone": args.backbone}, args.save_features)
     from dncut.eval.batch import retain_freed_memory
 
-    retain_freed_memory()  # as the job's CPU actors do
+    retained = False if args.default_malloc else retain_freed_memory()  # as the job's CPU actors do
     peers, peer_s = best_of(lambda: run_peers(feats), args.repeats)
     peers1 = peers_one_thread(feats, args.repeats)
     peer1_s = None if peers1 is None else peers1[1]
@@ -339,6 +342,7 @@ def main() -> None:
         "grids": sorted({tuple(f.shape[1:]) for f in feats}),
         "nodes_per_graph": sorted({f.shape[1] * f.shape[2] for f in feats}),
         "features_images_per_s": rate(n, feat_s),
+        "retain_freed_memory": retained,
         "peers_scipy_per_image": {"blas_threads": "default (all usable cores)", "ncut_images_per_s": rate(n, peer_s),
                                   "end_to_end_images_per_s": rate(n, feat_s, peer_s)},
         "peers_scipy_per_image_1thread": None if peer1_s is None else {
@@ -350,15 +354,18 @@ def main() -> None:
     }
     for solver in ("eigh", "lobpcg"):
         run_batched(feats[:2], solver, args.batch_size)  # warm-up
+        faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         variants = {f"dncut_batched_{solver}": best_of(lambda: run_batched(feats, solver, args.batch_size), args.repeats)}
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) // args.repeats
         if workers > 1:
             variants[f"dncut_batched_{solver}_{workers}proc"] = best_of(
-                lambda: run_in_processes(feats, "dncut", solver, args.batch_size, workers), args.repeats)
+                lambda: run_in_processes(feats, "dncut", solver, args.batch_size, workers, retained), args.repeats)
         for name, (ours, ours_s) in variants.items():
             same_mask = np.mean([np.array_equal(a[0], b[0]) for a, b in zip(ours, peers)])
             iou = np.mean([(a[0] & b[0]).sum() / max(1, (a[0] | b[0]).sum()) for a, b in zip(ours, peers)])
             same_box = np.mean([a[1] == b[1] for a, b in zip(ours, peers)])
-            result[name] = {
+            result[name] = {} if name.endswith("proc") else {"minor_page_faults_per_run": faults}
+            result[name] |= {
                 "setup": (f"{workers} single-threaded processes (as {workers} 1-CPU actors)" if name.endswith("proc")
                           else f"one process, {torch.get_num_threads()} torch threads"),
                 "ncut_images_per_s": rate(n, ours_s), "speedup_ncut": round(peer_s / ours_s, 2),
