@@ -330,3 +330,29 @@ def test_ablation_switches_together_on_ray(ray_session, tmp_path):
     assert [r["step"] for r in reports] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["l_reg"] == 0.0 for r in reports)
     assert (Path(run_dir(cfg)) / "backbone.pth").exists()
+
+
+def test_validation_set_skips_and_counts_bad_pairs(tmp_path, caplog):
+    """data.val: a corrupt image and a mask of the wrong size are skipped and counted in the log,
+    the good pairs kept; a folder with no good pair is a clear error."""
+    from dncut.eval.validate import validation_set
+
+    root = tmp_path / "val"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(2):
+        image, mask = make_scene(500 + i, size=64)
+        image.save(root / "images" / f"ok{i}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / f"ok{i}.png")
+    (root / "images" / "corrupt.png").write_bytes(b"not a png")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(root / "masks" / "corrupt.png")
+    make_scene(502, size=64)[0].save(root / "images" / "sized.png")
+    Image.fromarray(np.zeros((32, 48), np.uint8)).save(root / "masks" / "sized.png")
+    with caplog.at_level(logging.WARNING):
+        samples = validation_set(load_config(None, [f"data.val={root}"]))
+    assert len(samples) == 2 and all(s.mask.shape == (64, 64) for s in samples)
+    assert "skipped 2" in caplog.text and "mask size (48, 32)" in caplog.text
+    for name in ("ok0", "ok1"):
+        (root / "images" / f"{name}.png").write_bytes(b"broken")
+    with pytest.raises(ValueError, match="no readable image/mask pair"):
+        validation_set(load_config(None, [f"data.val={root}"]))

@@ -168,3 +168,10 @@ def load_mask(data: bytes) -> np.ndarray:
         ImageDecodeError: the bytes are not a decodable image.
     """
     return _mask_to_unit(_open(data)) > 0.5
+
+
+def check_mask_size(image: Image.Image, mask: np.ndarray) -> np.ndarray:
+    """``mask (H, W)`` if it matches ``image``'s size; ``ValueError`` naming both sizes otherwise."""
+    if mask.shape != (image.height, image.width):
+        raise ValueError(f"mask size {mask.shape[::-1]} (WxH) differs from image size {image.size}")
+    return mask

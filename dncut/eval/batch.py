@@ -40,7 +40,7 @@ from dncut import storage
 from dncut.config import Config, EvalDataset
 from dncut.data.datasets import (DatasetLayoutError, coco20k_dataset, pair_by_stem, saliency_dataset,
                                  voc_dataset)
-from dncut.data.images import IMAGE_SUFFIXES, decode_image, load_mask
+from dncut.data.images import IMAGE_SUFFIXES, check_mask_size, decode_image, load_mask
 from dncut.data.pipeline import s3_options
 from dncut.eval import metrics
 from dncut.eval.bilateral import refine_mask
@@ -159,8 +159,8 @@ def load_record(record: dict, *, stride: int, image_size: int | None,
         else:
             pil = decode_image(storage.read_bytes(uri, s3))
             gt = load_mask(storage.read_bytes(record["mask_uri"], s3)) if record["mask_uri"] else None
-        if gt is not None and gt.shape != (pil.height, pil.width):
-            raise ValueError(f"mask size {gt.shape[::-1]} (WxH) differs from image size {pil.size}")
+        if gt is not None:
+            check_mask_size(pil, gt)
         hc, wc, resize = input_geometry(pil.height, pil.width, stride=stride, image_size=image_size)
         image = np.asarray(pil, dtype=np.uint8)  # (H, W, 3)
         if resize:

@@ -22,7 +22,7 @@ from PIL import Image
 from dncut import storage
 from dncut.config import Config
 from dncut.data.datasets import saliency_dataset
-from dncut.data.images import decode_image, load_mask
+from dncut.data.images import check_mask_size, decode_image, load_mask
 from dncut.data.pipeline import s3_options
 from dncut.data.scenes import make_scene
 from dncut.eval.methods import simple_ncut, upsample_map
@@ -99,12 +99,12 @@ def validation_set(cfg: Config) -> list[Labelled]:
     samples, failed = [], []
     for r in saliency_dataset("folder", cfg.data.val, s3):
         try:
-            samples.append(Labelled(decode_image(storage.read_bytes(r.image_uri, s3)),
-                                    load_mask(storage.read_bytes(r.mask_uri, s3))))
+            image = decode_image(storage.read_bytes(r.image_uri, s3))
+            samples.append(Labelled(image, check_mask_size(image, load_mask(storage.read_bytes(r.mask_uri, s3)))))
         except (OSError, ValueError) as exc:
             failed.append(f"{r.image_id}: {exc}")
     if failed:
-        log.warning("validation set %s: skipped %d unreadable pairs, e.g. %s", cfg.data.val, len(failed), failed[:3])
+        log.warning("validation set %s: skipped %d unreadable or mismatched pairs, e.g. %s", cfg.data.val, len(failed), failed[:3])
     if not samples:
         raise ValueError(f"validation set {cfg.data.val}: no readable image/mask pair ({len(failed)} failed)")
     return samples
