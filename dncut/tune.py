@@ -191,6 +191,9 @@ def _check_space(cfg: Config) -> None:
             raise SweepError(f"tune.asha.time_attr: invalid value {t.asha.time_attr!r}; valid: {', '.join(TIME_ATTRS)}")
         if t.asha.max_t is None and t.asha.time_attr not in ("training_iteration", "step"):
             raise SweepError(f"tune.asha.max_t: required with time_attr={t.asha.time_attr!r}")
+        if t.metric.startswith("val_") and cfg.train.val_every is None:
+            raise SweepError(f"tune.asha stops trials on {t.metric}, but train.val_every is null (validation "
+                             "only at the start and the end): set train.val_every to the steps between validations")
 
 
 def _check_backbones(cfg: Config, known: Sequence[str]) -> None:

@@ -145,6 +145,13 @@ def test_run_sweep_rejects_bad_space_before_any_trial(tmp_path, update, match):
     assert not Path(sweep_dir(cfg)).exists()  # nothing written, no Tune experiment
 
 
+def test_asha_on_a_val_metric_needs_val_every(tmp_path):
+    cfg = sweep_config(tmp_path, "train.val_every=null")
+    assert cfg.tune.asha is not None and cfg.tune.metric.startswith("val_")
+    with pytest.raises(SweepError, match="train.val_every is null"):
+        check_sweep(cfg)
+
+
 def test_rejects_crop_not_multiple_of_stride_and_invalid_grid_point(tmp_path):
     with pytest.raises(SweepError, match="stride 16 of backbone 'efficientnet_lite0_s16'"):
         check_sweep(sweep_config(tmp_path, "data.crop_size=72"))  # 72 = 9 x 8: fine for the ViT only
