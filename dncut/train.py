@@ -57,10 +57,9 @@ def build_model(cfg: Config) -> DenseNCutModel:
     if cfg.data.crop_size % encoder.stride:
         raise ValueError(f"data.crop_size={cfg.data.crop_size} must be a multiple of the "
                          f"{cfg.model.backbone} stride {encoder.stride}")
-    model = DenseNCutModel(encoder, align_size=cfg.data.crop_size // encoder.stride, proj_dim=cfg.model.proj_dim,
-                           hidden_dim=cfg.model.hidden_dim, projector=cfg.model.projector,
-                           ncut=NCutOptions(**cfg.ncut.model_dump()))
-    return model.train()  # training mode with the encoder's BatchNorm frozen (DenseNCutModel.train)
+    return DenseNCutModel(encoder, align_size=cfg.data.crop_size // encoder.stride, proj_dim=cfg.model.proj_dim,
+                          hidden_dim=cfg.model.hidden_dim, projector=cfg.model.projector,
+                          ncut=NCutOptions(**cfg.ncut.model_dump()))
 
 
 def build_loss(cfg: Config) -> NCutLoss:
@@ -147,7 +146,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             log.info("resumed from %s at step %d (epoch %d)", ckpt.path, step, epoch)
     model = ray.train.torch.prepare_model(model)
     val_samples = validation_set(cfg) if rank == 0 else []
-    last_val = _validate(_unwrap(model), val_samples, cfg, device) if rank == 0 else {}
+    last_val = _validate(_unwrap(model).encoder, val_samples, cfg, device) if rank == 0 else {}
     shard = ray.train.get_dataset_shard("train")
     per_worker = cfg.train.batch_size // world
     amp = cfg.train.amp and device.type == "cuda"
@@ -200,7 +199,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             done = step >= total
             if step % cfg.train.log_every == 0 or step % cfg.train.checkpoint_every == 0 or done:
                 if rank == 0 and (done or (cfg.train.val_every and step % cfg.train.val_every == 0)):
-                    last_val = _validate(_unwrap(model), val_samples, cfg, device)
+                    last_val = _validate(_unwrap(model).encoder, val_samples, cfg, device)
                 metrics = {**_metrics(step, total, epoch, sched, last_parts, counters, device, t0), **last_val}
                 skipped_files = _union(skipped_files)
                 metrics["skipped_files"] = len(skipped_files)
@@ -220,22 +219,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         log.info("exported the finetuned backbone to %s", uri)
 
 
-def _validate(model: DenseNCutModel, samples, cfg: Config, device) -> dict[str, float]:
-    """Simple-NCut saliency of the current encoder: ``val_iou``, ``val_max_fbeta``, ...
-
-    ``model`` is left in training mode with its encoder's BatchNorm frozen, as it came.
-    """
+def _validate(encoder, samples, cfg: Config, device) -> dict[str, float]:
+    """Simple-NCut saliency of the current encoder: ``val_iou``, ``val_max_fbeta``, ..."""
     if not samples:
         return {}
     try:
-        scores, _ = score_backbone(model.encoder, samples, image_size=cfg.eval.image_size or 320, device=device)
+        scores, _ = score_backbone(encoder, samples, image_size=cfg.eval.image_size or 320, device=device)
     except ValueError as exc:  # NaN/Inf weights: report NaN scores, the NaN-step rule decides the run's fate
         if "NaN/Inf" not in str(exc):
             raise
         log.warning("validation skipped: %s", exc)
         return {f"val_{k}": float("nan") for k in ("acc", "iou", "max_fbeta", "mae")}
-    finally:
-        model.train()  # score_backbone restores the encoder's own mode, BatchNorm included
     return {f"val_{k}": v for k, v in scores.items()}
 
 

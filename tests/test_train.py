@@ -79,32 +79,6 @@ def _checkpoint_states(run: Path) -> dict[int, dict]:
 
 
 @pytest.mark.ray
-def test_encoder_batchnorm_stays_frozen_through_validation(tmp_path):
-    """The finetuned encoder keeps its pretrained BatchNorm statistics: build_model returns the
-    model in training mode with the encoder's BatchNorm in eval mode (the heads' BatchNorm
-    trains), and in-training validation (which puts the encoder in eval mode) leaves it so."""
-    from dncut.data.scenes import make_scene
-    from dncut.eval.validate import Labelled
-    from dncut.train import _validate
-
-    cfg = load_config(None, ["model.backbone=efficientnet_lite0_s16", "data.crop_size=64"])
-    model = build_model(cfg)
-
-    def bn_modes(module):
-        return {m.training for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
-
-    assert model.training and bn_modes(model.encoder) == {False} and bn_modes(model.projector) == {True}
-    before = [m.running_mean.clone() for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    model(torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64), torch.tensor([[0., 0, 64, 64]] * 2),
-          torch.tensor([[0., 0, 64, 64]] * 2), torch.zeros(2, dtype=torch.bool), torch.zeros(2, dtype=torch.bool))
-    after = [m.running_mean for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert all(torch.equal(a, b) for a, b in zip(before, after))  # a forward pass leaves the statistics alone
-    samples = [Labelled(*make_scene(7, size=64))]
-    scores = _validate(model, samples, cfg.with_overrides({"eval.image_size": 64}), "cpu")
-    assert set(scores) == {"val_acc", "val_iou", "val_max_fbeta", "val_mae"}
-    assert model.training and bn_modes(model.encoder) == {False} and bn_modes(model.projector) == {True}
-
-
 def test_train_checkpoint_resume_and_export(ray_session, tmp_path):
     from dncut.backbones import create_backbone
     from dncut.train import fit, run_dir
