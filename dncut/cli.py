@@ -1,4 +1,4 @@
-"""Command line: ``dncut train | tune | eval | eval-maps | eval-saliency | demo``.
+"""Command line: ``dncut train | tune | eval | eval-maps | eval-saliency | demo | backbones``.
 
 Every command that takes ``--config`` also takes ``--set key.sub=value`` (repeatable; the
 value is read as YAML) and validates the result before anything starts::
@@ -9,6 +9,7 @@ value is read as YAML) and validates the result before anything starts::
     dncut eval-saliency --images DIR --masks DIR --backbone efficientnet_lite0 --method simple --out DIR
     dncut tune  --config configs/sweep/smoke.yaml
     dncut demo
+    dncut backbones          the registered backbones: stride, channels, normalisation, weights
 
 Under ``ray job submit`` (``RAY_ADDRESS`` set) the commands join that cluster; otherwise
 they start a local Ray in-process.
@@ -37,6 +38,8 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dncut.backbone_specs import list_backbones
+
     parser = argparse.ArgumentParser(prog="dncut", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -59,9 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-saliency", help="unsupervised saliency of one backbone on an images/masks folder pair")
     p.add_argument("--images", required=True, help="folder of images, local or s3://")
     p.add_argument("--masks", required=True, help="folder of masks with the same stems")
-    p.add_argument("--backbone", default="efficientnet_lite0", help="backbone name (see dncut.backbones.list_backbones)")
+    p.add_argument("--backbone", default="efficientnet_lite0", choices=list_backbones(), metavar="NAME",
+                   help="backbone name (`dncut backbones` lists them); default efficientnet_lite0")
     p.add_argument("--checkpoint", default=None, help="backbone weights (local or s3://); default: pretrained")
-    p.add_argument("--method", nargs="+", default=["simple"], choices=["simple", "tokencut"])
+    p.add_argument("--method", nargs="+", default=["simple"], choices=["simple", "tokencut"],
+                   help="simple: the paper's Simple NCut (z2 > 0, minority side = foreground); tokencut: "
+                        "TokenCut (binary graph tau 0.2, seed + connected component); default simple")
     p.add_argument("--bilateral", action="store_true", help="also score the bilateral-solver refinement")
     p.add_argument("--out", required=True, help="output folder")
     _add_config_args(p)
@@ -69,18 +75,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on the embedded default: finetune EfficientNet-Lite0 on generated "
                                     "scenes with a local Ray, saliency before/after, figure and weights under outputs/")
     _add_config_args(p, default=DEMO_CONFIG if os.path.exists(DEMO_CONFIG) else None)
+    sub.add_parser("backbones", help="table of the registered backbones: stride, channels, input normalisation, "
+                                     "tapped layer, BatchNorm, where the weights come from")
     return parser
+
+
+def backbones_table() -> str:
+    """Markdown table of ``dncut.backbone_specs`` (``dncut backbones``)."""
+    from dncut.backbone_specs import SPECS
+
+    fmt = lambda v: "(" + ", ".join(f"{x:.3f}" for x in v) + ")"  # noqa: E731
+    lines = ["| name | stride | channels | tap | mean | std | BatchNorm | pretrained weights |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in sorted(SPECS):
+        s = SPECS[name]
+        lines.append(f"| {name} | {s.stride} | {s.channels} | {s.tap} | {fmt(s.mean)} | {fmt(s.std)} | "
+                     f"{'yes' if s.batchnorm else 'no'} | {s.weights or 'none (model.checkpoint)'} |")
+    return "\n".join(lines)
 
 
 def load(args: argparse.Namespace):
     """The validated config of a command (exits with a readable message on errors)."""
     from dncut import storage
-    from dncut.backbones import list_backbones
     from dncut.config import ConfigError, load_config
 
     try:
-        return load_config(args.config, args.overrides, reader=storage.read_bytes,
-                           known_backbones=list_backbones())
+        return load_config(args.config, args.overrides, reader=storage.read_bytes)
     except (ConfigError, FileNotFoundError) as exc:
         raise SystemExit(f"dncut: config error: {exc}") from None
 
@@ -101,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dncut.eval.report import format_table
 
         print(format_table(evaluate_maps(args.masks, args.maps, args.out)))
+        return 0
+    if args.command == "backbones":
+        print(backbones_table())
         return 0
     cfg = load(args)
     if args.command == "train":

@@ -27,12 +27,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag
 from pydantic import ValidationError, ValidationInfo, field_validator, model_validator
 
-KNOWN_BACKBONES: tuple[str, ...] = (
-    "vit_small_patch16_224.dino", "vit_small_patch8_224.dino", "vit_base_patch16_224.dino",
-    "vit_base_patch16_224.mae", "vit_small_patch16_224.mocov3", "resnet50",
-    "efficientnet_lite0", "efficientnet_lite0_s16", "vit_tiny_test",
-)
-# Accepted by default, plus any timm VisionTransformer name ``vit_*``; ``known_backbones=`` replaces it.
+from dncut.backbone_specs import spec
 
 EvalKind = Literal[
     "folder", "ecssd", "duts_te", "dut_omron", "sod", "voc07", "voc12", "coco20k", "scenes"
@@ -44,32 +39,12 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the dotted key(s) at fault."""
 
 
-def check_backbone(name: str, known: Sequence[str] | None = None) -> str:
-    """Return ``name`` if it is a known backbone or a timm ViT name (``vit_*``).
-
-    Args:
-        name: backbone name from the config.
-        known: accepted names; ``None`` means ``KNOWN_BACKBONES``.
-
-    Returns:
-        ``name`` unchanged; otherwise raises ``ValueError`` listing close matches and valid names.
-    """
-    names = KNOWN_BACKBONES if known is None else tuple(known)
-    if name in names or name.startswith("vit_"):
-        return name
-    close = difflib.get_close_matches(name, names, n=3)
-    hint = f", did you mean {' or '.join(map(repr, close))}?" if close else ""
-    raise ValueError(
-        f"unknown backbone {name!r}{hint} valid: {', '.join(names)}, "
-        "or any timm VisionTransformer name starting with 'vit_'"
-    )
+def _check_backbone(name: str) -> str:
+    """``name`` if it has a row in ``dncut.backbone_specs`` (else ValueError listing the valid names)."""
+    return spec(name).name
 
 
-def _backbone_from_context(name: str, info: ValidationInfo) -> str:
-    return check_backbone(name, (info.context or {}).get("known_backbones"))
-
-
-Backbone = Annotated[str, AfterValidator(_backbone_from_context)]
+Backbone = Annotated[str, AfterValidator(_check_backbone)]
 
 
 def _non_empty(values: list) -> list:
@@ -86,12 +61,13 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """Encoder + projector + predictor (paper Sec. 3.3)."""
 
-    backbone: Backbone = Field("efficientnet_lite0", validate_default=True, description="timm-style name from KNOWN_BACKBONES or any 'vit_*'; vit_small_patch16_224.dino for the paper; efficientnet_lite0 is the only one with real weights offline")
+    backbone: Backbone = Field("efficientnet_lite0", validate_default=True, description="a name from `dncut backbones` (dncut.backbone_specs); vit_small_patch16_224.dino for the paper; efficientnet_lite0(_s16) are the only ones with real weights offline")
     pretrained: bool = Field(True, description="true: start from pretrained weights (the method finetunes; from scratch NCut masks are noise and training collapses)")
     checkpoint: str | None = Field(None, description="local path or s3:// URI of weights to start from; overrides pretrained weights; null = none")
     projector: bool = Field(True, description="true; false is the 'no projector' ablation, which collapses (paper Tab. 5)")
     proj_dim: int = Field(256, ge=1, description="256 (authors); output channels of projector and predictor")
     hidden_dim: int | None = Field(None, ge=1, description="null = backbone channels (384 for ViT-S, as the authors)")
+    freeze_encoder_bn: bool = Field(True, description="true: the encoder's BatchNorm layers keep their pretrained running statistics (eval mode) while their weights train; false lets them adapt to the crops (CNN backbones only; ViTs have none)")
 
 
 class NCutConfig(_Section):
@@ -346,6 +322,14 @@ class Config(_Section):
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Ray Tune sweep")
 
     @model_validator(mode="after")
+    def _check_crop_stride(self) -> Config:
+        stride = spec(self.model.backbone).stride
+        if self.data.crop_size % stride:
+            raise ValueError(f"data.crop_size={self.data.crop_size} must be a multiple of the {self.model.backbone} "
+                             f"stride {stride} (e.g. {max(stride, self.data.crop_size // stride * stride)})")
+        return self
+
+    @model_validator(mode="after")
     def _check_batch_split(self) -> Config:
         if self.train.batch_size % self.scaling.num_workers:
             raise ValueError(
@@ -366,17 +350,14 @@ class Config(_Section):
         """The resolved config as YAML text that ``load_config`` reads back to an equal object."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
-    def with_overrides(
-        self, overrides: Sequence[str] | Mapping[str, Any], known_backbones: Sequence[str] | None = None
-    ) -> Config:
+    def with_overrides(self, overrides: Sequence[str] | Mapping[str, Any]) -> Config:
         """A validated copy with dotted overrides applied; ``self`` is unchanged.
 
         Args:
             overrides: ``["loss.alpha=0.1"]`` (values parsed as YAML) or ``{"loss.alpha": 0.1}``
                 (values used as given, e.g. Tune samples).
-            known_backbones: accepted backbone names; ``None`` means ``KNOWN_BACKBONES``.
         """
-        return parse_config(self.model_dump(mode="json"), overrides, known_backbones, "<config>")
+        return parse_config(self.model_dump(mode="json"), overrides, "<config>")
 
 
 # --------------------------------------------------------------------------- loading
@@ -485,7 +466,6 @@ def _parse_override(item: str) -> tuple[str, Any]:
 def parse_config(
     data: Mapping[str, Any],
     overrides: Sequence[str] | Mapping[str, Any] = (),
-    known_backbones: Sequence[str] | None = None,
     source: str = "<dict>",
 ) -> Config:
     """Validate a plain mapping (e.g. parsed YAML) plus dotted overrides into a ``Config``.
@@ -494,7 +474,6 @@ def parse_config(
         data: nested sections as in the YAML files; ``{}`` gives the defaults.
         overrides: ``"key.sub=value"`` strings (value parsed with ``yaml.safe_load``), or a
             mapping ``{"key.sub": value}``; list items are addressed by index (``eval.datasets.0.limit``).
-        known_backbones: accepted backbone names; ``None`` means ``KNOWN_BACKBONES``.
         source: where ``data`` came from, for error messages.
 
     Returns:
@@ -507,12 +486,8 @@ def parse_config(
     defaults = Config().model_dump(mode="json")
     for key, value in pairs:
         _set_dotted(merged, key, value, defaults)
-    for name, field in Config.model_fields.items():  # so defaults meet known_backbones too
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            merged.setdefault(name, {})
-    context = {"known_backbones": None if known_backbones is None else tuple(known_backbones)}
     try:
-        return Config.model_validate(merged, context=context)
+        return Config.model_validate(merged)
     except ValidationError as exc:
         lines = [_format_error(err) for err in exc.errors(include_url=False)]
         raise ConfigError(f"invalid config ({source}):\n  " + "\n  ".join(lines)) from None
@@ -521,7 +496,6 @@ def parse_config(
 def load_config(
     path: str | Path | None,
     overrides: Sequence[str] = (),
-    known_backbones: Sequence[str] | None = None,
     reader: Callable[[str], bytes] | None = None,
 ) -> Config:
     """Read a YAML config, apply ``key.sub=value`` overrides and validate.
@@ -529,7 +503,6 @@ def load_config(
     Args:
         path: YAML file; ``None`` = all defaults (the demo). Remote URIs (``s3://``) need ``reader``.
         overrides: dotted ``key.sub=value`` strings applied after the file, in order.
-        known_backbones: accepted backbone names; ``None`` means ``KNOWN_BACKBONES``.
         reader: hook for non-local paths, e.g. ``dncut.storage.read_bytes``.
 
     Returns:
@@ -537,7 +510,7 @@ def load_config(
         keys, wrong types or values.
     """
     if path is None:
-        return parse_config({}, overrides, known_backbones, "<defaults>")
+        return parse_config({}, overrides, "<defaults>")
     path = str(path)
     try:
         if reader is not None:
@@ -551,7 +524,7 @@ def load_config(
         raise ConfigError(f"cannot read config {path}: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
-    return parse_config({} if data is None else data, overrides, known_backbones, path)
+    return parse_config({} if data is None else data, overrides, path)
 
 
 def save_config(config: Config, path: str | Path, writer: Callable[[str, bytes], None] | None = None) -> None:

@@ -1,6 +1,7 @@
 """The main job on the embedded default (``make demo``): finetune and show the difference.
 
     held-out generated scenes (or data.val) -> Simple-NCut saliency with the pretrained backbone
+    (dncut.eval.validate: the evaluation job's inference path)
     -> dncut.train.fit (local Ray, generated scenes or data.train) -> exported backbone
     -> Simple-NCut saliency again -> table (stdout + results.json) and figure
        (image | z2 before | z2 after | ground truth) under ``output_dir/run_name/``.
@@ -18,14 +19,15 @@ from dncut import storage
 from dncut.backbones import create_backbone
 from dncut.config import Config
 from dncut.eval.methods import upsample_map
-from dncut.eval.validate import Labelled, score_backbone, validation_set
+from dncut.data.pipeline import s3_options
+from dncut.eval.validate import score_backbone, validation_rows
 from dncut.train import EXPORT_FILE, fit, run_dir
 
 log = logging.getLogger("dncut.demo")
 
-def save_figure(path: str, samples: list[Labelled], before: list[np.ndarray], after: list[np.ndarray],
+def save_figure(path: str, samples: list[dict], before: list[np.ndarray], after: list[np.ndarray],
                 rows: int = 4) -> None:
-    """Grid image | z2 before | z2 after | ground truth, one row per sample."""
+    """Grid image | z2 before | z2 after | ground truth, one row per validation row (``image``, ``gt_mask``)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -33,10 +35,11 @@ def save_figure(path: str, samples: list[Labelled], before: list[np.ndarray], af
     rows = min(rows, len(samples))
     fig, axes = plt.subplots(rows, 4, figsize=(10, 2.6 * rows), squeeze=False)
     for r in range(rows):
-        s = samples[r]
-        size = (s.image.height, s.image.width)
-        panels = [(np.asarray(s.image), "image", None), (upsample_map(before[r], size), "z2 before", "RdBu_r"),
-                  (upsample_map(after[r], size), "z2 after", "RdBu_r"), (s.mask, "ground truth", "gray")]
+        image, mask = samples[r]["image"], samples[r]["gt_mask"]
+        size = image.shape[:2]
+        geometry = {"canvas": samples[r]["input"].shape[:2], "content": tuple(int(c) for c in samples[r]["content"])}
+        panels = [(image, "image", None), (upsample_map(before[r], size, **geometry), "z2 before", "RdBu_r"),
+                  (upsample_map(after[r], size, **geometry), "z2 after", "RdBu_r"), (mask, "ground truth", "gray")]
         for c, (img, title, cmap) in enumerate(panels):
             ax = axes[r, c]
             ax.imshow(img, cmap=cmap)
@@ -61,15 +64,17 @@ def run_demo(cfg: Config) -> dict:
         raise ValueError("the demo writes a local figure: set output_dir to a local folder")
     out = run_dir(cfg)
     storage.write_bytes(storage.join(out, "config.yaml"), cfg.to_yaml().encode())
-    samples = validation_set(cfg)
+    samples = validation_rows(cfg)
     log.info("demo: %d validation images; scoring the pretrained %s", len(samples), cfg.model.backbone)
-    pretrained = create_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint)
-    before, z_before = score_backbone(pretrained, samples)
+    m = cfg.model
+    pretrained = create_backbone(m.backbone, pretrained=m.pretrained and m.checkpoint is None, checkpoint=m.checkpoint,
+                                 s3=s3_options(cfg))
+    before, z_before = score_backbone(pretrained, samples, cfg)
     t0 = time.perf_counter()
     result = fit(cfg)
     train_s = time.perf_counter() - t0
     finetuned = create_backbone(cfg.model.backbone, pretrained=False, checkpoint=storage.join(out, EXPORT_FILE))
-    after, z_after = score_backbone(finetuned, samples)
+    after, z_after = score_backbone(finetuned, samples, cfg)
     save_figure(storage.join(out, "figure.png"), samples, z_before, z_after)
     results = {"backbone": cfg.model.backbone, "n_val_images": len(samples), "before": before, "after": after,
                "train_seconds": round(train_s, 1), "final_metrics": result.metrics,

@@ -14,11 +14,12 @@ encoder learns through the online branch only; no momentum encoder.
 
 ``projector=False`` (Table 5 ablation "w/o projector") makes g and q identities.
 
-``DenseNCutModel.train()`` puts the encoder's BatchNorm layers (CNN backbones) in eval mode
-while the rest trains (ViTs have no BatchNorm; the projector's BN trains). Known issue: the
-training loop (``dncut.train``) does not call it, so the encoder's BatchNorm statistics adapt
-during finetuning. Calling it raised sod-val IoU after 60 steps (0.174 -> 0.215) but lowered the
-demo's and collapsed a 20-step lr-2e-3 test, so the switch waits for its own change.
+Encoder BatchNorm (CNN backbones; ViTs have none): with ``freeze_encoder_bn`` (config
+``model.freeze_encoder_bn``) ``train()`` keeps the encoder's BatchNorm layers in eval mode, so
+their running statistics stay the pretrained ones, while the rest trains (the projector's BN
+included). The model is built in train mode, so the policy holds from the first step.
+
+Views enter as uint8 RGB ``(B, 3, S, S)`` (or floats in [0, 1]); the encoder normalises.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dncut.config import NCutConfig
 from dncut.losses import BranchPair
 from dncut.ncut import normalized_cut
 from dncut.views import align_to_overlap, overlap_boxes
@@ -41,16 +43,6 @@ def conv_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
         nn.GELU(),
         nn.Conv2d(hidden_dim, out_dim, 1),
     )
-
-
-@dataclass
-class NCutOptions:
-    """How the model builds its graphs; mirrors ``Config.ncut``."""
-
-    affinity: str = "relu"
-    tau: float = 0.0
-    laplacian: str = "normalized"
-    solver: str = "eigh"
 
 
 @dataclass
@@ -80,12 +72,13 @@ class DenseNCutModel(nn.Module):
         proj_dim: output channels of g and q (256).
         hidden_dim: hidden channels of g and q (default: encoder channels).
         projector: use g and q (False: Table 5 ablation, identities).
-        ncut: graph options.
+        ncut: graph options (``Config.ncut``; default ``NCutConfig()``).
+        freeze_encoder_bn: keep the encoder's BatchNorm running statistics (``model.freeze_encoder_bn``).
     """
 
     def __init__(self, encoder: nn.Module, *, align_size: int, proj_dim: int = 256,
                  hidden_dim: int | None = None, projector: bool = True,
-                 ncut: NCutOptions | None = None) -> None:
+                 ncut: NCutConfig | None = None, freeze_encoder_bn: bool = False) -> None:
         super().__init__()
         if align_size < 2:
             raise ValueError(f"align_size must be >= 2 (a graph needs 2 nodes), got {align_size}")
@@ -95,13 +88,18 @@ class DenseNCutModel(nn.Module):
         self.projector = conv_mlp(channels, hidden, proj_dim) if projector else nn.Identity()
         self.predictor = conv_mlp(proj_dim, hidden, proj_dim) if projector else nn.Identity()
         self.align_size = align_size
-        self.ncut = ncut or NCutOptions()
+        self.ncut = ncut or NCutConfig()
+        self.freeze_encoder_bn = freeze_encoder_bn
+        self.train()
 
     def train(self, mode: bool = True) -> "DenseNCutModel":
+        """Train mode; with ``freeze_encoder_bn`` the encoder's BatchNorm layers stay in eval mode
+        (running statistics fixed, affine weights still trained). DDP's ``train()`` calls this."""
         super().train(mode)
-        for m in self.encoder.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        if self.freeze_encoder_bn:
+            for m in self.encoder.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
     def _ncut(self, maps: Tensor) -> tuple[Tensor, int]:
@@ -116,12 +114,15 @@ class DenseNCutModel(nn.Module):
         """Both directions of the symmetrised loss.
 
         Args:
-            view1, view2: ``(B, 3, S, S)`` normalised crops.
+            view1, view2: ``(B, 3, S, S)`` RGB crops, uint8 or float in [0, 1] (not normalised).
             box1, box2: ``(B, 4)`` crop boxes in original-image pixels.
             flip1, flip2: ``(B,)`` bool, whether each crop was mirrored.
         """
         b = view1.shape[0]
-        feats = self.encoder(torch.cat([view1, view2]))  # (2B, C, h, w)
+        images = torch.cat([view1, view2])  # (2B, 3, S, S)
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)  # RGB in [0, 1], the backbone contract
+        feats = self.encoder(images)  # (2B, C, h, w)
         target = self.projector(feats)  # (2B, P, h, w)
         online = self.predictor(target)  # (2B, P, h, w)
         overlap = overlap_boxes(box1, box2)  # (B, 4)

@@ -3,20 +3,23 @@
     fit(cfg)                                   driver: validate source, build TorchTrainer
       -> train_loop_per_worker(loop_config)   every worker, CPU or GPU, 1 or N
            build model (encoder + g + q), optimiser, per-step lr schedule
-           resume from ray.train.get_checkpoint() (step, optimiser, epoch)
+           resume(): from ray.train.get_checkpoint() (step, optimiser, counters)
            for each batch of the worker's streaming_split shard:
-               drop undecodable rows (counted) -> model -> NCutLoss -> step
-               every log_every: ray.train.report(metrics)
-               every checkpoint_every: ray.train.report(metrics, checkpoint)
+               train_one_step(): drop undecodable rows (counted) -> model -> NCutLoss -> step
+               every log_every: report() metrics; every checkpoint_every: with a checkpoint
       -> export the finetuned backbone (dncut.backbones.export_backbone)
 
 Learning-rate rule: the peak lr is ``train.lr * scale(global_batch / base_batch_size)``
 (linear by default, Goyal et al.), warmed up linearly over ``warmup_steps`` then cosine to
 ``min_lr``. The global batch is split evenly across workers; DDP averages gradients.
 
-A non-finite loss (or NaN features) skips the step on every worker (the decision is
-all-reduced so DDP stays in step) and is counted; ``max_nan_steps`` in a row stop the run
-with a clear error. Mask collapse (similarity to a template above 0.9) is logged as a warning.
+A non-finite loss (or NaN features: ``dncut.ncut.NonFiniteFeaturesError``) skips the step on
+every worker (the decision is all-reduced so DDP stays in step) and is counted;
+``max_nan_steps`` in a row stop the run with a clear error. Mask collapse (similarity to a
+template above 0.9) is logged as a warning.
+
+Validation (rank 0, ``train.val_every`` and at the end) is ``dncut.eval.validate``: the
+evaluation job's own inference path, so ``val_iou`` is what ``dncut eval-saliency`` reports.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +41,11 @@ from dncut import storage
 from dncut.backbones import create_backbone, export_backbone
 from dncut.config import Config
 from dncut.data.datasets import saliency_dataset
-from dncut.data.pipeline import s3_options, source_uris, train_dataset
-from dncut.eval.validate import score_backbone, validation_set
+from dncut.data.pipeline import s3_options, source_uris, train_data_config, train_dataset
+from dncut.eval.validate import score_backbone, validation_rows
 from dncut.losses import NCutLoss
-from dncut.model import DenseNCutModel, NCutOptions
+from dncut.model import DenseNCutModel
+from dncut.ncut import NonFiniteFeaturesError
 
 log = logging.getLogger("dncut.train")
 
@@ -52,14 +57,14 @@ EXPORT_FILE = "backbone.pth"
 
 
 def build_model(cfg: Config) -> DenseNCutModel:
-    """Encoder (pretrained or from ``model.checkpoint``) + projector + predictor."""
-    encoder = create_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint)
-    if cfg.data.crop_size % encoder.stride:
-        raise ValueError(f"data.crop_size={cfg.data.crop_size} must be a multiple of the "
-                         f"{cfg.model.backbone} stride {encoder.stride}")
-    return DenseNCutModel(encoder, align_size=cfg.data.crop_size // encoder.stride, proj_dim=cfg.model.proj_dim,
-                          hidden_dim=cfg.model.hidden_dim, projector=cfg.model.projector,
-                          ncut=NCutOptions(**cfg.ncut.model_dump()))
+    """Encoder (pretrained or from ``model.checkpoint``) + projector + predictor, in train mode
+    with the encoder BatchNorm policy ``model.freeze_encoder_bn`` applied."""
+    m = cfg.model
+    encoder = create_backbone(m.backbone, pretrained=m.pretrained and m.checkpoint is None, checkpoint=m.checkpoint,
+                              s3=s3_options(cfg))
+    return DenseNCutModel(encoder, align_size=cfg.data.crop_size // encoder.stride, proj_dim=m.proj_dim,
+                          hidden_dim=m.hidden_dim, projector=m.projector, ncut=cfg.ncut,
+                          freeze_encoder_bn=m.freeze_encoder_bn)
 
 
 def build_loss(cfg: Config) -> NCutLoss:
@@ -110,6 +115,20 @@ def _all_reduce(values: list[float], device: torch.device, op=None) -> list[floa
 # ----------------------------------------------------------------------------- the loop
 
 
+@dataclass
+class LoopState:
+    """What one worker carries from step to step (and, in part, through a checkpoint)."""
+
+    step: int = 0
+    epoch: int = 0
+    counters: dict[str, float] = field(default_factory=lambda: {"skipped_images": 0.0, "nan_steps": 0.0,
+                                                                 "fallbacks": 0.0})
+    skipped_files: set[str] = field(default_factory=set)
+    nan_in_row: int = 0
+    last_parts: dict[str, Any] = field(default_factory=dict)
+    last_val: dict[str, float] = field(default_factory=dict)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Run by every Ray Train worker. ``loop_config``: ``{"config": Config dict, "total_steps": int}``."""
     import ray.train
@@ -117,119 +136,146 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     cfg = Config.model_validate(loop_config["config"])
     total = int(loop_config["total_steps"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     _worker_logging()
     torch.manual_seed(cfg.seed + rank)
     if not cfg.scaling.use_gpu:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     device = ray.train.torch.get_device()
 
-    model = build_model(cfg)
-    criterion = build_loss(cfg)
+    model, criterion = build_model(cfg), build_loss(cfg)
     optimizer = build_optimizer(model, cfg)
     sched = lr_schedule(cfg.train.effective_lr(), cfg.train.min_lr, cfg.train.warmup_steps, total)
-    step, epoch = 0, 0
-    counters = {"skipped_images": 0.0, "nan_steps": 0.0, "fallbacks": 0.0}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, epoch = int(state["step"]), int(state["epoch"])
-        saved = state.get("counters", {})  # totals over all workers (see _totals)
-        counters["nan_steps"] = float(saved.get("nan_steps", 0.0))  # the same on every worker
-        if rank == 0:  # per-worker counters are summed at each report: the old totals count once
-            counters.update(saved)
-        if rank == 0:
-            log.info("resumed from %s at step %d (epoch %d)", ckpt.path, step, epoch)
+    state = resume(model, optimizer, rank)
     model = ray.train.torch.prepare_model(model)
-    val_samples = validation_set(cfg) if rank == 0 else []
-    last_val = _validate(_unwrap(model).encoder, val_samples, cfg, device) if rank == 0 else {}
+    val_rows = validation_rows(cfg) if rank == 0 else []
+    state.last_val = validate(model, val_rows, cfg, device)
     shard = ray.train.get_dataset_shard("train")
-    per_worker = cfg.train.batch_size // world
-    amp = cfg.train.amp and device.type == "cuda"
-    nan_in_row, last_parts, t0 = 0, {}, time.perf_counter()
-    skipped_files: set[str] = set(state.get("skipped_files", [])) if ckpt is not None else set()
-
-    while step < total:
-        for batch in shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True):
-            ok = batch["ok"].astype(bool)
-            if not ok.all():
-                counters["skipped_images"] += float((~ok).sum())
-                for uri, err in zip(batch["uri"][~ok], batch["error"][~ok]):
-                    if uri not in skipped_files:
-                        skipped_files.add(str(uri))
-                        log.warning("skipped %s: %s", uri, err)
-            inputs = [torch.from_numpy(np.ascontiguousarray(batch[k][ok])).to(device)
-                      for k in ("view1", "view2", "box1", "box2", "flip1", "flip2")]
-            for group in optimizer.param_groups:
-                group["lr"] = float(sched[step])
-            loss, parts = None, {}
-            # DDP's forward broadcasts buffers (BatchNorm): every worker runs it, or none does
-            if _all_reduce([0.0 if ok.sum() >= 2 else 1.0], device)[0] == 0:
-                try:
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                        out = model(*inputs)
-                    loss, parts = criterion.symmetric(out.ab, out.ba, shape=out.shape)
-                    counters["fallbacks"] += out.n_fallback
-                except ValueError as exc:  # NaN/Inf features reach the NCut layer
-                    if "NaN/Inf" not in str(exc):
-                        raise
-                    log.warning("step %d: %s", step, exc)
-            finite = loss is not None and bool(torch.isfinite(loss))
-            all_finite = _all_reduce([0.0 if finite else 1.0], device)[0] == 0
-            optimizer.zero_grad(set_to_none=True)
-            if all_finite:
-                loss.backward()
-                if cfg.train.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                optimizer.step()
-                nan_in_row = 0
-                last_parts = parts
-            else:
-                counters["nan_steps"] += 1
-                nan_in_row += 1
-                if nan_in_row > cfg.train.max_nan_steps:
-                    raise RuntimeError(f"{nan_in_row} non-finite losses in a row at step {step} "
-                                       f"(train.max_nan_steps={cfg.train.max_nan_steps}): lower train.lr "
-                                       "or check the data; the last checkpoint is intact")
-            step += 1
-            done = step >= total
-            if step % cfg.train.log_every == 0 or step % cfg.train.checkpoint_every == 0 or done:
-                if rank == 0 and (done or (cfg.train.val_every and step % cfg.train.val_every == 0)):
-                    last_val = _validate(_unwrap(model).encoder, val_samples, cfg, device)
-                metrics = {**_metrics(step, total, epoch, sched, last_parts, counters, device, t0), **last_val}
-                skipped_files = _union(skipped_files)
-                metrics["skipped_files"] = len(skipped_files)
-                if rank == 0:
-                    _log_progress(metrics)
-                checkpoint = None
-                if step % cfg.train.checkpoint_every == 0 or done:
-                    checkpoint = _save_checkpoint(_unwrap(model), optimizer, step, epoch, _totals(metrics),
-                                                  sorted(skipped_files), cfg, rank)
-                ray.train.report(metrics, checkpoint=checkpoint)
-            if done:
+    t0 = time.perf_counter()
+    while state.step < total:
+        for batch in shard.iter_batches(batch_size=cfg.train.batch_size // world, batch_format="numpy",
+                                        drop_last=True):
+            train_one_step(model, criterion, optimizer, batch, float(sched[state.step]), state, cfg, device)
+            if _due(state.step, total, cfg):
+                if rank == 0 and _val_due(state.step, total, cfg):
+                    state.last_val = validate(model, val_rows, cfg, device)
+                report(model, optimizer, state, total, sched, cfg, rank, device, t0)
+            if state.step >= total:
                 break
-        epoch += 1
+        else:
+            state.epoch += 1  # the seeded rows ran out before total (see dncut.data.pipeline): go again
     if rank == 0:
         uri = storage.join(run_dir(cfg), EXPORT_FILE)
-        export_backbone(_unwrap(model).encoder, uri)
+        export_backbone(_unwrap(model).encoder, uri, s3_options(cfg))
         log.info("exported the finetuned backbone to %s", uri)
 
 
-def _validate(encoder, samples, cfg: Config, device) -> dict[str, float]:
-    """Simple-NCut saliency of the current encoder: ``val_iou``, ``val_max_fbeta``, ..."""
-    if not samples:
+def resume(model: DenseNCutModel, optimizer: torch.optim.Optimizer, rank: int) -> LoopState:
+    """Load ``ray.train.get_checkpoint()`` into ``model`` and ``optimizer``; a fresh state without one."""
+    import ray.train
+
+    state = LoopState()
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return state
+    with ckpt.as_directory() as d:
+        saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    state.step, state.epoch = int(saved["step"]), int(saved["epoch"])
+    state.skipped_files = set(saved.get("skipped_files", []))
+    totals = saved.get("counters", {})  # totals over all workers (see _totals)
+    state.counters["nan_steps"] = float(totals.get("nan_steps", 0.0))  # the same on every worker
+    if rank == 0:  # per-worker counters are summed at each report: the old totals count once
+        state.counters.update(totals)
+        log.info("resumed from %s at step %d (epoch %d)", ckpt.path, state.step, state.epoch)
+    return state
+
+
+def train_one_step(model, criterion: NCutLoss, optimizer: torch.optim.Optimizer, batch: dict[str, np.ndarray],
+                   lr: float, state: LoopState, cfg: Config, device: torch.device) -> None:
+    """One optimizer step on a batch of two-view rows; bad rows and non-finite steps are counted."""
+    ok = batch["ok"].astype(bool)
+    _count_skipped(batch, ok, state)
+    state.epoch = max(state.epoch, int(batch["epoch"].max()))
+    inputs = [torch.from_numpy(np.ascontiguousarray(batch[k][ok])).to(device)
+              for k in ("view1", "view2", "box1", "box2", "flip1", "flip2")]  # views (b, 3, S, S) uint8
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss, parts = None, {}
+    # DDP's forward broadcasts buffers (BatchNorm): every worker runs it, or none does
+    if _all_reduce([0.0 if ok.sum() >= 2 else 1.0], device)[0] == 0:
+        try:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and device.type == "cuda"):
+                out = model(*inputs)
+            loss, parts = criterion.symmetric(out.ab, out.ba, shape=out.shape)
+            state.counters["fallbacks"] += out.n_fallback
+        except NonFiniteFeaturesError as exc:
+            log.warning("step %d: %s", state.step, exc)
+    finite = loss is not None and bool(torch.isfinite(loss))
+    optimizer.zero_grad(set_to_none=True)
+    if _all_reduce([0.0 if finite else 1.0], device)[0] == 0:
+        loss.backward()
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        state.nan_in_row, state.last_parts = 0, parts
+    else:
+        state.counters["nan_steps"] += 1
+        state.nan_in_row += 1
+        if state.nan_in_row > cfg.train.max_nan_steps:
+            raise RuntimeError(f"{state.nan_in_row} non-finite losses in a row at step {state.step} "
+                               f"(train.max_nan_steps={cfg.train.max_nan_steps}): lower train.lr "
+                               "or check the data; the last checkpoint is intact")
+    state.step += 1
+
+
+def _count_skipped(batch: dict[str, np.ndarray], ok: np.ndarray, state: LoopState) -> None:
+    """Count rows that failed to decode; log each file the first time."""
+    if ok.all():
+        return
+    state.counters["skipped_images"] += float((~ok).sum())
+    for uri, err in zip(batch["uri"][~ok], batch["error"][~ok]):
+        if uri not in state.skipped_files:
+            state.skipped_files.add(str(uri))
+            log.warning("skipped %s: %s", uri, err)
+
+
+def _due(step: int, total: int, cfg: Config) -> bool:
+    t = cfg.train
+    return step % t.log_every == 0 or step % t.checkpoint_every == 0 or step >= total
+
+
+def _val_due(step: int, total: int, cfg: Config) -> bool:
+    return step >= total or bool(cfg.train.val_every and step % cfg.train.val_every == 0)
+
+
+def report(model, optimizer, state: LoopState, total: int, sched: np.ndarray, cfg: Config, rank: int,
+           device: torch.device, t0: float) -> None:
+    """``ray.train.report`` (a barrier of all workers) of the metrics, with a checkpoint when due.
+
+    The rank-0 work (progress line, checkpoint files) happens here and in ``validate`` only.
+    """
+    import ray.train
+
+    metrics = {**_metrics(state, total, sched, device, t0), **state.last_val}
+    state.skipped_files = _union(state.skipped_files)
+    metrics["skipped_files"] = len(state.skipped_files)
+    checkpoint = None
+    if rank == 0:
+        _log_progress(metrics)
+        if state.step % cfg.train.checkpoint_every == 0 or state.step >= total:
+            folder = _save_checkpoint(_unwrap(model), optimizer, state, _totals(metrics), cfg)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+    ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
+
+
+def validate(model, rows: list[dict], cfg: Config, device) -> dict[str, float]:
+    """Simple-NCut saliency of the current encoder on the validation rows (rank 0; ``{}`` without rows):
+    ``val_acc``, ``val_iou``, ``val_max_fbeta``, ``val_mae`` (NaN when every image failed)."""
+    if not rows:
         return {}
-    try:
-        scores, _ = score_backbone(encoder, samples, image_size=cfg.eval.image_size or 320, device=device)
-    except ValueError as exc:  # NaN/Inf weights: report NaN scores, the NaN-step rule decides the run's fate
-        if "NaN/Inf" not in str(exc):
-            raise
-        log.warning("validation skipped: %s", exc)
-        return {f"val_{k}": float("nan") for k in ("acc", "iou", "max_fbeta", "mae")}
+    scores, _ = score_backbone(_unwrap(model).encoder, rows, cfg, device=device)
     return {f"val_{k}": v for k, v in scores.items()}
 
 
@@ -244,10 +290,11 @@ def _worker_logging() -> None:
         logger.propagate = False
 
 
-def _metrics(step, total, epoch, sched, parts, counters, device, t0) -> dict[str, Any]:
+def _metrics(state: LoopState, total: int, sched: np.ndarray, device, t0: float) -> dict[str, Any]:
+    counters, parts = state.counters, state.last_parts
     summed = _all_reduce([counters["skipped_images"], counters["fallbacks"]], device)
     # a skipped step is decided by an all-reduce: every worker counts it, so nan_steps is not summed
-    out = {"step": step, "total_steps": total, "epoch": epoch, "lr": float(sched[step - 1]),
+    out = {"step": state.step, "total_steps": total, "epoch": state.epoch, "lr": float(sched[state.step - 1]),
            "skipped_rows": int(summed[0]), "nan_steps": int(counters["nan_steps"]), "ncut_fallbacks": int(summed[1]),
            "elapsed_s": round(time.perf_counter() - t0, 2)}
     for key in ("loss", "l_consistency", "l_reg", "pass_fraction", "iou_mean",
@@ -286,18 +333,15 @@ def _union(items: set[str]) -> set[str]:
     return set().union(*map(set, gathered))
 
 
-def _save_checkpoint(model, optimizer, step, epoch, counters, skipped_files, cfg: Config, rank: int):
-    """A Ray Train checkpoint from rank 0 (None elsewhere): state.pt + config.yaml."""
-    import ray.train
-
-    if rank != 0:
-        return None
+def _save_checkpoint(model: DenseNCutModel, optimizer, state: LoopState, counters: dict[str, float],
+                     cfg: Config) -> str:
+    """A temporary folder with state.pt + config.yaml (rank 0); Ray Train deletes it after the upload."""
     d = tempfile.mkdtemp(prefix="dncut-ckpt-")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "epoch": epoch, "counters": dict(counters), "skipped_files": skipped_files},
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": state.step,
+                "epoch": state.epoch, "counters": dict(counters), "skipped_files": sorted(state.skipped_files)},
                os.path.join(d, STATE_FILE))
     Path(d, "config.yaml").write_text(cfg.to_yaml())
-    return ray.train.Checkpoint.from_directory(d)
+    return d
 
 
 # ----------------------------------------------------------------------------- driver
@@ -348,8 +392,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     if cfg.data.val is not None:  # a validation folder without masks fails here, before any worker
         saliency_dataset("folder", cfg.data.val, s3_options(cfg))
     total = cfg.train.total_steps(len(uris))
-    encoder_norm = create_backbone(cfg.model.backbone, pretrained=False)
-    ds = train_dataset(cfg, uris, mean=encoder_norm.mean, std=encoder_norm.std)
+    ds = train_dataset(cfg, uris, total)
     storage.write_bytes(storage.join(run_dir(cfg), "config.yaml"), cfg.to_yaml().encode(), s3_options(cfg))
     sc = cfg.scaling
     scaling = ray.train.ScalingConfig(
@@ -361,6 +404,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
         scaling_config=scaling,
         run_config=run_config(cfg, callbacks),
         datasets={"train": ds},
+        dataset_config=train_data_config(),
     )
 
 

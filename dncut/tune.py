@@ -102,8 +102,7 @@ def sweep_dir(cfg: Config) -> str:
     return storage.join(root, cfg.tune.name)
 
 
-def trial_config(base: Mapping[str, Any], params: Mapping[str, Any], trial_id: str, runs_dir: str,
-                 known_backbones: Sequence[str] | None = None) -> Config:
+def trial_config(base: Mapping[str, Any], params: Mapping[str, Any], trial_id: str, runs_dir: str) -> Config:
     """The validated config of one trial: the sampled values plus its own run folder.
 
     Args:
@@ -111,7 +110,6 @@ def trial_config(base: Mapping[str, Any], params: Mapping[str, Any], trial_id: s
         params: ``{"alpha": float, "lr": float, "backbone": str}`` sampled by Tune.
         trial_id: Tune's trial id.
         runs_dir: ``<sweep dir>/runs``; the trial's Train run lives in ``runs_dir/<run name>``.
-        known_backbones: accepted backbone names (``dncut.backbones.list_backbones()``).
 
     Returns:
         ``Config`` with ``loss.alpha``, ``train.lr``, ``model.backbone``, ``run_name`` and
@@ -122,7 +120,7 @@ def trial_config(base: Mapping[str, Any], params: Mapping[str, Any], trial_id: s
     if params["backbone"] in own:
         overrides.update({"model.checkpoint": own[params["backbone"]], "model.pretrained": False})
     overrides.update({"run_name": trial_run_name(trial_id, params), "output_dir": runs_dir})
-    return parse_config(base, overrides, known_backbones, f"trial {trial_id}")
+    return parse_config(base, overrides, f"trial {trial_id}")
 
 
 def max_concurrent_trials(cfg: Config, resources: Mapping[str, float], num_trials: int | None = None) -> int:
@@ -196,11 +194,9 @@ def _check_space(cfg: Config) -> None:
                              "only at the start and the end): set train.val_every to the steps between validations")
 
 
-def _check_backbones(cfg: Config, known: Sequence[str]) -> None:
-    """Every backbone exists and its stride divides ``data.crop_size`` (built on the meta device)."""
-    import torch
-
-    from dncut.backbones import create_backbone
+def _check_checkpoints(cfg: Config) -> None:
+    """Per-backbone starting weights name swept backbones and exist."""
+    from dncut.data.pipeline import s3_options
 
     backbones = cfg.tune_backbones()
     stray = sorted(set(cfg.tune.checkpoints) - set(backbones))
@@ -210,40 +206,27 @@ def _check_backbones(cfg: Config, known: Sequence[str]) -> None:
     if cfg.model.checkpoint is not None and len(shared) > 1:
         raise SweepError(f"model.checkpoint={cfg.model.checkpoint!r} would be loaded into every backbone of "
                          f"{shared}: give each its own weights in tune.checkpoints")
-    from dncut.data.pipeline import s3_options
-
     for key, uri in [("model.checkpoint", cfg.model.checkpoint)] + [
             (f"tune.checkpoints.{b}", u) for b, u in cfg.tune.checkpoints.items()]:
         if uri is not None and not storage.exists(uri, s3_options(cfg)):
             raise SweepError(f"{key}: no file at {uri}")
-    for name in backbones:
-        if name not in known:
-            import timm
-
-            if not (name.startswith("vit_") and timm.is_model(name)):
-                raise SweepError(f"tune.backbones: unknown backbone {name!r}; valid: {', '.join(known)} "
-                                 "or a timm VisionTransformer name")
-        with torch.device("meta"):
-            stride = create_backbone(name, pretrained=False).stride
-        if cfg.data.crop_size % stride:
-            raise SweepError(f"data.crop_size={cfg.data.crop_size} is not a multiple of the stride {stride} "
-                             f"of backbone {name!r} (tune.backbones)")
 
 
-def _check_combinations(cfg: Config, known: Sequence[str]) -> None:
-    """Every (alpha, lr, backbone) grid point (log-uniform bounds) gives a valid config."""
+def _check_combinations(cfg: Config) -> None:
+    """Every (alpha, lr, backbone) grid point (log-uniform bounds) gives a valid config (e.g. the
+    crop size is a multiple of every backbone's stride, from ``dncut.backbone_specs``)."""
     base = cfg.model_dump(mode="json")
     for alpha in _grid_values(cfg.tune.alpha):
         for lr in _grid_values(cfg.tune.lr):
             for backbone in cfg.tune_backbones():
                 params = {"alpha": alpha, "lr": lr, "backbone": backbone}
                 try:
-                    trial_config(base, params, "check", "/tmp", known)
+                    trial_config(base, params, "check", "/tmp")
                 except ConfigError as exc:
                     raise SweepError(f"trial {params} has an invalid config: {exc}") from None
 
 
-def check_sweep(cfg: Config, known_backbones: Sequence[str] | None = None) -> int:
+def check_sweep(cfg: Config) -> int:
     """Everything that can be checked before a trial starts; returns the number of trials.
 
     Raises:
@@ -252,14 +235,12 @@ def check_sweep(cfg: Config, known_backbones: Sequence[str] | None = None) -> in
         dncut.data.datasets.DatasetLayoutError: ``data.val`` has no images/ or masks/, or no pairs.
         dncut.storage.StorageError: the training source is unreachable or empty.
     """
-    from dncut.backbones import list_backbones
     from dncut.data.datasets import saliency_dataset
     from dncut.data.pipeline import s3_options, source_uris
 
-    known = list(known_backbones) if known_backbones is not None else list_backbones()
     _check_space(cfg)
-    _check_backbones(cfg, known)
-    _check_combinations(cfg, known)
+    _check_checkpoints(cfg)
+    _check_combinations(cfg)
     if cfg.data.val is not None:
         saliency_dataset("folder", cfg.data.val, s3_options(cfg))
     source_uris(cfg)
@@ -280,11 +261,10 @@ def train_trial(params: dict[str, Any], *, base: dict[str, Any], runs_dir: str) 
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from dncut.backbones import list_backbones
     from dncut.data.pipeline import s3_options
     from dncut.train import build_trainer, run_dir
 
-    cfg = trial_config(base, params, ray.tune.get_context().get_trial_id(), runs_dir, list_backbones())
+    cfg = trial_config(base, params, ray.tune.get_context().get_trial_id(), runs_dir)
     final_uri = storage.join(run_dir(cfg), FINAL_METRICS)
     if storage.exists(final_uri, s3_options(cfg)):  # finished before the sweep was interrupted
         ray.tune.report(json.loads(storage.read_bytes(final_uri, s3_options(cfg))))
@@ -399,8 +379,7 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def evaluate_best(cfg: Config, best: Mapping[str, Any], out_root: str,
-                  known_backbones: Sequence[str] | None = None) -> tuple[dict, str]:
+def evaluate_best(cfg: Config, best: Mapping[str, Any], out_root: str) -> tuple[dict, str]:
     """Run the evaluation job (``cfg.eval``) on the winner's exported backbone.
 
     Outputs go to ``out_root/best_eval`` (``summary.json``, tables, examples).
@@ -415,7 +394,7 @@ def evaluate_best(cfg: Config, best: Mapping[str, Any], out_root: str,
         "run_name": EVAL_RUN, "output_dir": out_root, "model.backbone": best["backbone"],
         "loss.alpha": best["alpha"], "train.lr": best["lr"], "model.pretrained": False, "model.checkpoint": None,
         "eval.backbones": [best["backbone"]], "eval.checkpoints": [best["export"]],
-    }, known_backbones, "best trial")
+    }, "best trial")
     summary = run_evaluation(eval_cfg)
     return summary, format_table(summary)
 
@@ -458,15 +437,13 @@ def _tuner(cfg: Config, trainable, exp_dir: str, total_steps: int, num_trials: i
     )
 
 
-def run_sweep(cfg: Config, *, evaluate: bool | None = None, callbacks: Sequence[Any] | None = None,
-              known_backbones: Sequence[str] | None = None) -> SweepResults:
+def run_sweep(cfg: Config, *, evaluate: bool | None = None, callbacks: Sequence[Any] | None = None) -> SweepResults:
     """Check, run (or resume) the sweep of ``cfg.tune``, then write and print its results.
 
     Args:
         cfg: the sweep config (``configs/sweep/*.yaml``).
         evaluate: run the evaluation job on the best trial's export; ``None`` = ``tune.evaluate_best``.
         callbacks: extra Ray Tune callbacks (logging, tests); restored with the sweep on resume.
-        known_backbones: accepted backbone names; ``None`` = ``dncut.backbones.list_backbones()``.
 
     Returns:
         ``SweepResults``: rows (best first), Markdown table, winner, evaluation and file URIs.
@@ -477,12 +454,10 @@ def run_sweep(cfg: Config, *, evaluate: bool | None = None, callbacks: Sequence[
     import ray
     from ray import tune
 
-    from dncut.backbones import list_backbones
     from dncut.data.pipeline import s3_options, source_uris
     from dncut.train import with_absolute_output
 
-    known = list(known_backbones) if known_backbones is not None else list_backbones()
-    num_trials = check_sweep(cfg, known)
+    num_trials = check_sweep(cfg)
     cfg = with_absolute_output(cfg)
     total_steps = cfg.train.total_steps(len(source_uris(cfg)) if cfg.train.epochs else None)
     s3 = s3_options(cfg)
@@ -526,7 +501,7 @@ def run_sweep(cfg: Config, *, evaluate: bool | None = None, callbacks: Sequence[
     best_md = [f"# Best trial of sweep {cfg.tune.name}", "", format_trials([out.best], metric=cfg.tune.metric,
                                                                              root=exp_dir), ""]
     if cfg.tune.evaluate_best if evaluate is None else evaluate:
-        out.eval_summary, out.eval_table = evaluate_best(cfg, out.best, exp_dir, known)
+        out.eval_summary, out.eval_table = evaluate_best(cfg, out.best, exp_dir)
         files["eval"] = storage.join(exp_dir, EVAL_RUN)
         best_md += ["## Evaluation of its exported backbone", "", out.eval_table, ""]
         print("\n" + out.eval_table)

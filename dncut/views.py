@@ -15,7 +15,7 @@ That is the pixel model of ``torchvision.ops.roi_align(..., aligned=True)``.
 
 Shapes:
     sample_crop_boxes(W, H, rng) -> (box1, box2): two (4,) tuples of floats
-    TwoViewTransform()(image PIL RGB, rng) -> {view1, view2: (3, S, S) float32,
+    TwoViewTransform()(image PIL RGB, rng) -> {view1, view2: (3, S, S) uint8 RGB,
         box1, box2: (4,) float32, flip1, flip2: bool}
     overlap_boxes(box1 (B, 4), box2 (B, 4)) -> (B, 4)
     align_to_overlap(features (B, C, h, w), boxes (B, 4), overlap (B, 4), flipped (B,),
@@ -35,9 +35,6 @@ from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode
 
 Box = tuple[float, float, float, float]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # --------------------------------------------------------------------------- crop boxes
@@ -237,7 +234,7 @@ class TwoViewTransform:
     the first's area), bicubic resize to ``size``, horizontal flip with p = ``flip_p``; then,
     when ``photometric``: colour jitter (0.4, 0.4, 0.2, 0.1) with p = 0.8, grayscale p = 0.2,
     Gaussian blur (sigma in [0.1, 2]) with p = ``blur_p[view]`` (1.0, 0.1), solarize
-    (threshold 128) with p = ``solarize_p[view]`` (0.0, 0.2); finally ImageNet normalisation.
+    (threshold 128) with p = ``solarize_p[view]`` (0.0, 0.2). No normalisation: views stay uint8 RGB.
 
     Every random draw comes from the ``rng`` passed to ``__call__``, in a fixed order, so a
     given seed gives identical views.
@@ -247,8 +244,6 @@ class TwoViewTransform:
         scale: crop-area range as a fraction of the image area ((0.2, 1.0) in the paper).
         ratio: crop aspect-ratio range.
         min_overlap: required overlap of view 2 with view 1, as a fraction of box1's area.
-        mean: per-channel normalisation mean.
-        std: per-channel normalisation std.
         photometric: apply the photometric augmentations (off for geometry tests).
         flip_p: probability of a horizontal flip, per view.
         jitter_p: probability of the colour jitter, per view.
@@ -264,8 +259,6 @@ class TwoViewTransform:
         scale: tuple[float, float] = (0.2, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         min_overlap: float = 0.01,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
         photometric: bool = True,
         flip_p: float = 0.5,
         jitter_p: float = 0.8,
@@ -280,8 +273,6 @@ class TwoViewTransform:
         _check_range("ratio", ratio, 0.0, math.inf)
         if not 0.0 <= min_overlap <= 1.0:
             raise ValueError(f"min_overlap must be in [0, 1], got {min_overlap}")
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"mean and std need 3 values, std > 0; got mean={mean}, std={std}")
         for name, p in (("flip_p", flip_p), ("jitter_p", jitter_p), ("grayscale_p", grayscale_p),
                         ("blur_p", blur_p[0]), ("blur_p", blur_p[1]),
                         ("solarize_p", solarize_p[0]), ("solarize_p", solarize_p[1])):
@@ -291,8 +282,6 @@ class TwoViewTransform:
         self.scale = tuple(scale)
         self.ratio = tuple(ratio)
         self.min_overlap = min_overlap
-        self.mean = [float(m) for m in mean]
-        self.std = [float(s) for s in std]
         self.photometric = photometric
         self.flip_p = flip_p
         self.jitter_p = jitter_p
@@ -317,10 +306,6 @@ class TwoViewTransform:
             view = TF.solarize(view, 128)
         return view
 
-    def _to_tensor(self, view: Image.Image) -> torch.Tensor:
-        """PIL RGB -> normalised float32 (3, S, S)."""
-        x = TF.pil_to_tensor(view).float().div_(255.0)  # (3, S, S)
-        return TF.normalize(x, self.mean, self.std)
 
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> dict:
         """Make both views of ``image``.
@@ -330,7 +315,8 @@ class TwoViewTransform:
             rng: source of every random draw.
 
         Returns:
-            dict with ``view1``, ``view2``: float32 (3, S, S) normalised views; ``box1``,
+            dict with ``view1``, ``view2``: uint8 (3, S, S) RGB views (the backbone normalises
+            them, ``dncut.backbones.Backbone``); ``box1``,
             ``box2``: float32 (4,) crop boxes in original pixel coordinates; ``flip1``,
             ``flip2``: whether each view was mirrored.
         """
@@ -345,7 +331,7 @@ class TwoViewTransform:
             view = resized_crop(image, box, self.size, flip)
             if self.photometric:
                 view = self._photometric(view, rng, branch)
-            out[f"view{branch + 1}"] = self._to_tensor(view)
+            out[f"view{branch + 1}"] = TF.pil_to_tensor(view)  # (3, S, S) uint8
             out[f"box{branch + 1}"] = torch.tensor(box, dtype=torch.float32)
             out[f"flip{branch + 1}"] = flip
         return out

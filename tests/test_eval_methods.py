@@ -39,7 +39,7 @@ L_SHAPE = _rect(1, 5, 2, 4) + _rect(3, 5, 4, 7)
 
 def test_simple_recovers_a_minority_shape():
     feats = _feature_map(7, 9, {rc: E[0] for rc in L_SHAPE})
-    z2, masks = simple_ncut(feats)
+    z2, masks = simple_ncut(feats, solver="eigh")
     expected = _shape_mask(7, 9, L_SHAPE)
     assert z2.shape == (1, 7, 9) and masks.dtype == torch.bool
     np.testing.assert_array_equal(masks[0].numpy(), expected)
@@ -50,7 +50,7 @@ def test_simple_takes_the_minority_side_as_foreground():
     # the "object" covers 40 of 64 cells: the authors' rule makes the 24 others the foreground
     big = _rect(0, 5, 0, 8)
     feats = _feature_map(8, 8, {rc: E[0] for rc in big})
-    _, masks = simple_ncut(feats)
+    _, masks = simple_ncut(feats, solver="eigh")
     np.testing.assert_array_equal(masks[0].numpy(), ~_shape_mask(8, 8, big))
 
 
@@ -96,7 +96,7 @@ def _two_blobs() -> torch.Tensor:
 
 
 def test_tokencut_keeps_only_the_seed_component_and_its_box():
-    out = tokencut(_two_blobs())
+    out = tokencut(_two_blobs(), solver="eigh")
     a, b = _shape_mask(8, 10, BLOB_A), _shape_mask(8, 10, BLOB_B)
     np.testing.assert_array_equal(out.bipartition[0].numpy(), a | b)  # both blobs are foreground
     np.testing.assert_array_equal(out.masks[0].numpy(), a)  # only the seed's component is kept
@@ -157,12 +157,12 @@ def test_tokencut_matches_the_scipy_generalized_eigenproblem(seed, solver):
 def test_batched_equals_one_by_one():
     rng = np.random.default_rng(3)
     feats = torch.from_numpy(rng.normal(size=(3, 8, 5, 6)))
-    simple_z, simple_m = simple_ncut(feats)
-    tc = tokencut(feats)
+    simple_z, simple_m = simple_ncut(feats, solver="eigh")
+    tc = tokencut(feats, solver="eigh")
     for i in range(3):
-        z, m = simple_ncut(feats[i : i + 1])
+        z, m = simple_ncut(feats[i : i + 1], solver="eigh")
         np.testing.assert_allclose(simple_z[i].numpy(), z[0].numpy(), atol=1e-10)
-        one = tokencut(feats[i : i + 1])
+        one = tokencut(feats[i : i + 1], solver="eigh")
         np.testing.assert_array_equal(tc.masks[i].numpy(), one.masks[0].numpy())
         assert tc.boxes[i].tolist() == one.boxes[0].tolist()
 
@@ -229,9 +229,9 @@ def test_box_to_pixels_clips_to_the_unpadded_image():
 
 def test_bad_features_are_rejected():
     with pytest.raises(ValueError, match=r"\(B, C, h, w\)"):
-        simple_ncut(torch.zeros(2, 5, 3))
+        simple_ncut(torch.zeros(2, 5, 3), solver="eigh")
     with pytest.raises(ValueError, match="at least 2 cells"):
-        tokencut(torch.ones(1, 4, 1, 1))
+        tokencut(torch.ones(1, 4, 1, 1), solver="eigh")
 
 
 def test_eval_methods_run_the_fast_solver_at_eval_tol(monkeypatch):
@@ -291,4 +291,4 @@ def test_ncut_maps_mixes_grids_of_one_node_count(solver):
     x0, y0, x1, y1 = out[0]["tokencut_box"].tolist()
     assert out[1]["tokencut_box"].tolist() == [y0, x0, y1, x1]
     with pytest.raises(ValueError):
-        ncut_maps([torch.zeros(24, 1, 1)], ["tokencut"])
+        ncut_maps([torch.zeros(24, 1, 1)], ["tokencut"], solver="eigh")

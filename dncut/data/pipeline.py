@@ -1,10 +1,15 @@
 """Ray Data training input: image source -> decode -> two views, streamed to the workers.
 
-    source rows {"uri"}                       local files, s3:// objects or scene://<seed>
-      -> random_shuffle (new order every epoch: the plan re-executes per epoch)
-      -> map (CPU task): read bytes, decode to RGB, TwoViewTransform
-      -> rows {"view1", "view2": (3, S, S) float32, "box1", "box2": (4,) float32,
-               "flip1", "flip2": bool, "ok": bool, "error": str}
+    epoch_rows(uris, seed, epochs)            {"uri", "epoch", "index"}: every epoch's files in a
+                                              permutation seeded by (seed, epoch), epochs in order
+      -> map (CPU task): read bytes, decode to RGB, TwoViewTransform with an rng seeded by
+                         (seed, epoch, index of the file in the sorted source)
+      -> rows {"view1", "view2": (3, S, S) uint8 RGB, "box1", "box2": (4,) float32,
+               "flip1", "flip2": bool, "epoch": int, "ok": bool, "error": str}
+
+So ``seed`` fixes the file order of every epoch and every augmentation draw: the same config
+gives the same views (the Ray Data order is preserved, ``train_data_config``). The views stay
+uint8; the backbone normalises (``dncut.backbones.Backbone``).
 
 An image that cannot be read or decoded (corrupt, truncated, smaller than
 ``data.min_image_size``) becomes a row with ``ok=False`` and the reason in ``error``; the
@@ -23,7 +28,7 @@ from dncut import storage
 from dncut.config import Config
 from dncut.data.images import IMAGE_SUFFIXES, decode_image
 from dncut.data.scenes import make_scene
-from dncut.views import IMAGENET_MEAN, IMAGENET_STD, TwoViewTransform
+from dncut.views import TwoViewTransform
 
 log = logging.getLogger(__name__)
 
@@ -61,56 +66,87 @@ def load_image(uri: str, *, size: int, min_size: int, s3: storage.S3Options | No
 
 
 class ViewMaker:
-    """Row function for ``Dataset.map``: URI -> two views (or an ``ok=False`` row).
+    """Row function for ``Dataset.map``: ``{"uri", "epoch", "index"}`` -> two views (or an ``ok=False`` row).
 
     Args:
-        cfg: the run config (``data``, ``storage``) and the backbone's normalisation.
-        mean, std: per-channel normalisation expected by the backbone.
+        cfg: the run config (``seed``, ``data``, ``storage``).
     """
 
-    def __init__(self, cfg: Config, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
+    def __init__(self, cfg: Config) -> None:
         d = cfg.data
+        self.seed = cfg.seed
         self.size = d.crop_size
         self.scene_size = max(2 * d.crop_size, 256)
         self.min_size = d.min_image_size
         self.s3 = s3_options(cfg)
         self.transform = TwoViewTransform(size=d.crop_size, scale=tuple(d.crop_scale), min_overlap=d.min_overlap,
-                                          mean=mean, std=std, photometric=d.photometric)
+                                          photometric=d.photometric)
 
-    def empty_row(self, uri: str, error: str) -> dict:
-        s = self.size
-        zeros = np.zeros((3, s, s), np.float32)
-        return {"uri": uri, "view1": zeros, "view2": zeros, "box1": np.zeros(4, np.float32),
-                "box2": np.zeros(4, np.float32), "flip1": False, "flip2": False, "ok": False, "error": error}
+    def empty_row(self, row: dict, error: str) -> dict:
+        zeros = np.zeros((3, self.size, self.size), np.uint8)
+        return {"uri": row["uri"], "epoch": row["epoch"], "view1": zeros, "view2": zeros,
+                "box1": np.zeros(4, np.float32), "box2": np.zeros(4, np.float32), "flip1": False, "flip2": False,
+                "ok": False, "error": error}
 
     def __call__(self, row: dict) -> dict:
         uri = row["uri"]
+        rng = np.random.default_rng([self.seed, int(row["epoch"]), int(row["index"])])
         try:
             image = load_image(uri, size=self.scene_size, min_size=self.min_size, s3=self.s3)
-            views = self.transform(image, np.random.default_rng())
+            views = self.transform(image, rng)
         except Exception as exc:  # noqa: BLE001 - any unreadable image becomes a counted skip
-            return self.empty_row(uri, f"{type(exc).__name__}: {exc}")
-        return {"uri": uri, "view1": views["view1"].numpy(), "view2": views["view2"].numpy(),
+            return self.empty_row(row, f"{type(exc).__name__}: {exc}")
+        return {"uri": uri, "epoch": row["epoch"], "view1": views["view1"].numpy(), "view2": views["view2"].numpy(),
                 "box1": views["box1"].numpy(), "box2": views["box2"].numpy(),
                 "flip1": bool(views["flip1"]), "flip2": bool(views["flip2"]), "ok": True, "error": ""}
 
 
-def num_blocks(num_uris: int) -> int:
-    """Blocks for ``num_uris`` rows: ``ceil(num_uris / ROWS_PER_BLOCK)`` in ``[1, MAX_BLOCKS]``."""
-    return max(1, min(MAX_BLOCKS, -(-num_uris // ROWS_PER_BLOCK)))
+def num_blocks(num_rows: int) -> int:
+    """Blocks for ``num_rows`` rows: ``ceil(num_rows / ROWS_PER_BLOCK)`` in ``[1, MAX_BLOCKS]``."""
+    return max(1, min(MAX_BLOCKS, -(-num_rows // ROWS_PER_BLOCK)))
 
 
-def train_dataset(cfg: Config, uris: list[str], mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """The Ray Dataset of two-view rows (lazy; executed once per epoch by each consumer).
+def epoch_rows(uris: list[str], seed: int, epochs: int) -> list[dict]:
+    """``epochs`` passes over ``uris``, each in its own permutation seeded by ``(seed, epoch)``.
+
+    Returns:
+        ``[{"uri", "epoch", "index"}]`` of length ``epochs * len(uris)``; ``index`` is the file's
+        position in ``sorted(uris)`` (with ``epoch``, it seeds the file's augmentation).
+    """
+    ordered = sorted(uris)
+    rows = []
+    for epoch in range(epochs):
+        for i in np.random.default_rng([seed, epoch]).permutation(len(ordered)):
+            rows.append({"uri": ordered[i], "epoch": epoch, "index": int(i)})
+    return rows
+
+
+def epochs_needed(num_uris: int, total_steps: int, batch_size: int) -> int:
+    """Passes over the source that ``total_steps`` global batches need, plus one for the
+    per-worker ``drop_last`` remainders."""
+    return -(-total_steps * batch_size // max(1, num_uris)) + 1
+
+
+def train_dataset(cfg: Config, uris: list[str], total_steps: int):
+    """The Ray Dataset of two-view rows for a whole run (lazy; consumed once by the workers).
 
     Args:
         cfg: run config.
         uris: from :func:`source_uris` (validated in the driver).
-        mean, std: the backbone's input normalisation.
+        total_steps: optimizer steps of the run (``cfg.train.total_steps``).
     """
     import ray.data
 
-    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=num_blocks(len(uris)))
-    ds = ds.random_shuffle()
+    rows = epoch_rows(uris, cfg.seed, epochs_needed(len(uris), total_steps, cfg.train.batch_size))
+    ds = ray.data.from_items(rows, override_num_blocks=num_blocks(len(rows)))
     # a callable instance (not a class) runs as stateless CPU tasks that Ray Data scales
-    return ds.map(ViewMaker(cfg, mean, std), num_cpus=cfg.data.decode_cpus)
+    return ds.map(ViewMaker(cfg), num_cpus=cfg.data.decode_cpus)
+
+
+def train_data_config():
+    """``ray.train.DataConfig`` that keeps the seeded row order (``preserve_order``)."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(execution_options=options)

@@ -3,13 +3,10 @@
 One pipeline per (dataset, backbone, checkpoint); all methods share the backbone pass::
 
     records {image_id, image_uri, mask_uri | gt_boxes}
-      -> map (CPU task)        read bytes (dncut.storage), decode, then
-                               saliency: resize, long side image_size, sides multiples of the stride
-                               discovery (or image_size null): pad bottom / right to a multiple
-                               of the stride with the ImageNet mean colour (0 once normalised)
+      -> map (CPU task)        read bytes (dncut.storage), decode, network_input (dncut.eval.predict:
+                               saliency resizes, discovery or image_size null pads)
                                rows {image (H, W, 3) uint8, input (Hc, Wc, 3) uint8, content (2,), gt_mask (H, W)}
-      -> map_batches (actors)  backbone + NCut; the backbone runs per input size (g, 3, Hc, Wc),
-                               the NCut once per method and node count n = h * w
+      -> map_batches (actors)  dncut.eval.predict.Predictor: backbone per input size, NCut per node count
                                adds {<method>_map (h, w) float32, <method>_mask (h, w) bool, tokencut_box (4,)}
       -> flat_map (CPU task)   upsample, bilateral solver, per-image metrics;
                                one row per (image, method) and (image, method+bs)
@@ -20,6 +17,9 @@ An image that fails (unreadable, corrupt, wrong mask size, too small for the gri
 row with ``status="failed"`` and the reason in ``error``: counted in ``n_failed``, never dropped,
 never fatal. Metrics are means over the images that succeeded; maxFβ is the TokenCut definition
 (mean Fβ curve over images, then its maximum; see ``dncut.eval.metrics``).
+
+Training-time validation (``dncut.eval.validate``) runs the same three stage functions in
+process, so ``val_iou`` and this job's IoU agree on the same weights and images.
 
 Entry points: ``run_evaluation(cfg)``, ``evaluate_maps(masks_dir, maps_dirs, out_dir)``,
 ``evaluate_saliency(images_dir, masks_dir, backbone, checkpoint, methods, bilateral, out_dir)``.
@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from dncut import storage
+from dncut.backbone_specs import BackboneSpec, spec as backbone_spec
 from dncut.config import Config, EvalDataset
 from dncut.data.datasets import (DatasetLayoutError, coco20k_dataset, pair_by_stem, saliency_dataset,
                                  voc_dataset)
@@ -45,18 +46,18 @@ from dncut.data.pipeline import s3_options
 from dncut.eval import metrics
 from dncut.eval.bilateral import refine_mask
 from dncut.eval.methods import box_to_pixels, clean_binary, largest_component_box, upsample_map, upsample_mask
+from dncut.eval.predict import METHODS, Predictor, network_input
 from dncut.eval.report import Accumulator, example_payload, write_report
 
 log = logging.getLogger(__name__)
 
 DISCOVERY_KINDS = ("voc07", "voc12", "coco20k")
 SCENE_SEED = 1_000_000  # held-out generated scenes (training uses seeds 0..num_scenes-1)
-SCENE_SIZE = 224
-METHODS = ("simple", "tokencut")
+SCENE_SIZE = 224  # side of a held-out generated scene, px
 _NAN4 = np.full(4, np.nan)
-PAD_RGB = (124, 116, 104)  # ImageNet mean colour: zeros after normalisation, as the peers pad tensors
 BackboneFactory = Callable[..., Any]
-"""``(name, *, pretrained, checkpoint) -> nn.Module`` with ``.stride``: (B, 3, H, W) -> (B, C, H/s, W/s)."""
+"""``(name, *, pretrained, checkpoint) -> Backbone`` with a ``spec`` attribute (its stride and
+padding colour): custom feature extractors and tests; pickled to the actors."""
 
 
 # --------------------------------------------------------------------------- records
@@ -115,32 +116,10 @@ def _stems(folder: str, what: str, layout: str, s3: storage.S3Options | None) ->
 
 
 # --------------------------------------------------------------------------- stage 1: read + resize/pad
-def input_geometry(height: int, width: int, *, stride: int, image_size: int | None) -> tuple[int, int, bool]:
-    """Network input size of an image.
-
-    Args:
-        height: image height H.
-        width: image width W.
-        stride: backbone stride (patch size).
-        image_size: long side to resize to (rounded to stride multiples); ``None`` = pad.
-
-    Returns:
-        ``(Hc, Wc, resize)``: the input size and whether the image is resized (else padded).
-    """
-    if image_size is None:
-        return math.ceil(height / stride) * stride, math.ceil(width / stride) * stride, False
-    scale = image_size / max(height, width)
-    return _snap(height * scale, stride), _snap(width * scale, stride), True
-
-
-def _snap(length: float, stride: int) -> int:
-    """Nearest positive multiple of ``stride``."""
-    return max(stride, int(round(length / stride)) * stride)
-
-
-def load_record(record: dict, *, stride: int, image_size: int | None,
+def load_record(record: dict, *, spec: BackboneSpec, image_size: int | None,
                 s3: storage.S3Options | None) -> dict:
-    """Stage 1 (CPU task): record -> decoded image, ground truth and network input.
+    """Stage 1 (CPU task): record -> decoded image, ground truth and network input (``network_input``
+    with the backbone ``spec``'s stride and padding colour).
 
     Returns:
         The record plus ``status``, ``error``, ``image (H, W, 3) uint8``, ``gt_mask (H, W) bool``
@@ -161,18 +140,8 @@ def load_record(record: dict, *, stride: int, image_size: int | None,
             gt = load_mask(storage.read_bytes(record["mask_uri"], s3)) if record["mask_uri"] else None
         if gt is not None:
             check_mask_size(pil, gt)
-        hc, wc, resize = input_geometry(pil.height, pil.width, stride=stride, image_size=image_size)
-        image = np.asarray(pil, dtype=np.uint8)  # (H, W, 3)
-        if resize:
-            from PIL import Image
-
-            net = np.asarray(pil.resize((wc, hc), Image.BILINEAR), dtype=np.uint8)  # (Hc, Wc, 3)
-            content = (hc, wc)
-        else:
-            net = np.empty((hc, wc, 3), np.uint8)  # (Hc, Wc, 3), padded bottom / right
-            net[...] = PAD_RGB
-            net[: image.shape[0], : image.shape[1]] = image
-            content = image.shape[:2]
+        image = np.asarray(pil.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+        net, content = network_input(image, stride=spec.stride, image_size=image_size, pad_rgb=spec.pad_rgb)
         row.update(status="ok", error="", image=image, input=net, content=np.asarray(content, np.int64),
                    gt_mask=np.zeros((1, 1), bool) if gt is None else gt)
     except Exception as exc:  # noqa: BLE001 - any bad input becomes a failed row
@@ -204,93 +173,57 @@ def retain_freed_memory(mmap_mb: int = 32, trim_mb: int = 256) -> bool:
 
 
 class NCutPredictor:
-    """Stateful Ray Data step: loads the backbone once, then backbone + NCut per batch.
+    """Stateful Ray Data step: loads the backbone once, then ``Predictor`` per batch.
 
     Args:
-        backbone: backbone name (``dncut.backbones``).
+        backbone: backbone name (``dncut.backbone_specs``).
         checkpoint: weights URI, or ``None`` for the pretrained / default weights.
         pretrained: use pretrained weights when ``checkpoint`` is ``None``.
         methods: subset of ``("simple", "tokencut")``.
-        solver: NCut eigensolver name (falls back to ``"eigh"`` if not registered).
+        solver: NCut eigensolver name (``cfg.ncut.solver``).
         use_gpu: run on CUDA when available.
+        s3: S3 options for an ``s3://`` checkpoint.
         factory: ``(name, *, pretrained, checkpoint) -> backbone`` replacing
-            ``dncut.backbones.create_backbone`` (custom feature extractors, tests); pickled to the actors.
+            ``dncut.backbones.create_backbone`` (see ``BackboneFactory``).
     """
 
     def __init__(self, backbone: str, checkpoint: str | None, pretrained: bool, methods: Sequence[str],
-                 solver: str = "eigh", use_gpu: bool = False, factory: BackboneFactory | None = None) -> None:
+                 solver: str, use_gpu: bool = False, s3: storage.S3Options | None = None,
+                 factory: BackboneFactory | None = None) -> None:
         import torch
 
-        from dncut.ncut import SOLVERS
-
-        self.torch = torch
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if device.type == "cpu":
             retain_freed_memory()
-        self.model = _load_backbone(factory, backbone, pretrained, checkpoint).eval().to(self.device)
-        self.methods = tuple(methods)
-        self.solver = solver if solver in SOLVERS else "eigh"
-        self.stride = self.model.stride
-        from dncut.backbones import IMAGENET_MEAN, IMAGENET_STD
-
-        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
-
-    def _features(self, inputs: list[np.ndarray]) -> list[Any]:
-        """Same-size uint8 inputs ``(Hc, Wc, 3)`` -> feature maps ``(C, h, w)``, one per input."""
-        torch = self.torch
-        x = torch.from_numpy(np.stack(inputs)).to(self.device)  # (g, Hc, Wc, 3)
-        x = x.permute(0, 3, 1, 2).float().div(255.0)  # (g, 3, Hc, Wc)
-        with torch.inference_mode():
-            return list(self.model((x - self.mean) / self.std).float())  # g x (C, h, w)
-
-    def _ncut(self, maps: list[Any]) -> list[dict[str, np.ndarray]]:
-        """Maps of any grids -> per image ``{<method>_map, <method>_mask, tokencut_box}``."""
-        from dncut.eval.methods import ncut_maps
-
-        with self.torch.inference_mode():
-            return ncut_maps(maps, self.methods, solver=self.solver)
-
-    @staticmethod
-    def _each(fn, items: dict[int, Any], results: dict[int, Any], status: list, error: list) -> None:
-        """``results[i] = fn([items[i] ...])`` for all at once; if that raises, one by one, so that
-        only the bad image fails (its status and error set)."""
-        order = sorted(items)
-        try:
-            results.update(zip(order, fn([items[i] for i in order])))
-        except Exception:  # noqa: BLE001
-            for i in order:
-                try:
-                    results[i] = fn([items[i]])[0]
-                except Exception as exc:  # noqa: BLE001
-                    status[i], error[i] = "failed", f"{type(exc).__name__}: {exc}"
+        model = _load_backbone(factory, backbone, pretrained, checkpoint, s3).to(device)
+        self.predictor = Predictor(model, methods, solver, device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        n = len(batch["image_id"])
-        status, error = list(batch["status"]), list(batch["error"])
-        groups: dict[tuple[int, ...], dict[int, np.ndarray]] = {}  # the backbone needs one input size
-        for i in range(n):
-            if status[i] == "ok":
-                groups.setdefault(tuple(batch["input"][i].shape), {})[i] = batch["input"][i]
-        maps: dict[int, Any] = {}
-        for inputs in groups.values():
-            self._each(self._features, inputs, maps, status, error)
-        by_nodes: dict[tuple[int, int], dict[int, Any]] = {}  # NCut: one call per node count n = h * w
-        for i, m in maps.items():
-            by_nodes.setdefault((m.shape[0], m.shape[1] * m.shape[2]), {})[i] = m
-        found: dict[int, dict[str, np.ndarray]] = {}
-        for group in by_nodes.values():
-            self._each(self._ncut, group, found, status, error)
-        results = [found.get(i) for i in range(n)]
-        out: dict[str, Any] = {k: v for k, v in batch.items() if k != "input"}
-        out["status"], out["error"] = np.asarray(status), np.asarray(error)
-        out["stride"] = np.full(n, self.stride, np.int64)
-        for m in self.methods:
-            out[f"{m}_map"] = [r[f"{m}_map"] if r else np.zeros((1, 1), np.float32) for r in results]
-            out[f"{m}_mask"] = [r[f"{m}_mask"] if r else np.zeros((1, 1), bool) for r in results]
-        if "tokencut" in self.methods:
-            out["tokencut_box"] = [r["tokencut_box"] if r else np.zeros(4, np.int64) for r in results]
-        return out
+        return predict_batch(self.predictor, batch)
+
+
+def predict_batch(predictor: Predictor, batch: dict[str, Any]) -> dict[str, Any]:
+    """Stage 2 on one batch of stage-1 rows (columns: ``image_id``, ``status``, ``error``, ``input``, ...).
+
+    Returns:
+        The batch without ``input``, plus ``stride`` and the predictor's grid maps per row;
+        an image the backbone or the NCut fails on gets ``status="failed"`` and the reason.
+    """
+    n = len(batch["image_id"])
+    status, error = list(batch["status"]), list(batch["error"])
+    inputs = [batch["input"][i] if status[i] == "ok" else None for i in range(n)]
+    results, errors = predictor.predict(inputs)
+    for i, reason in errors.items():
+        status[i], error[i] = "failed", reason
+    out: dict[str, Any] = {k: v for k, v in batch.items() if k != "input"}
+    out["status"], out["error"] = np.asarray(status), np.asarray(error)
+    out["stride"] = np.full(n, predictor.backbone.spec.stride, np.int64)
+    for m in predictor.methods:
+        out[f"{m}_map"] = [r[f"{m}_map"] if r else np.zeros((1, 1), np.float32) for r in results]
+        out[f"{m}_mask"] = [r[f"{m}_mask"] if r else np.zeros((1, 1), bool) for r in results]
+    if "tokencut" in predictor.methods:
+        out["tokencut_box"] = [r["tokencut_box"] if r else np.zeros(4, np.int64) for r in results]
+    return out
 
 
 # --------------------------------------------------------------------------- stage 3: scoring
@@ -385,21 +318,24 @@ def _cpu_split(num_actors: int) -> tuple[float, float, float]:
     return actor / 2, actor, actor
 
 
-def _load_backbone(factory: BackboneFactory | None, backbone: str, pretrained: bool, checkpoint: str | None):
-    """Build the backbone as the actors will (on the driver, so a bad name / checkpoint fails here)."""
+def _load_backbone(factory: BackboneFactory | None, backbone: str, pretrained: bool, checkpoint: str | None,
+                   s3: storage.S3Options | None = None):
+    """Build the backbone in an actor, with a message naming what failed."""
     try:
-        return _factory(factory)(backbone, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint)
+        if factory is not None:
+            return factory(backbone, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint)
+        from dncut.backbones import create_backbone
+
+        return create_backbone(backbone, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint, s3=s3)
     except Exception as exc:
         raise RuntimeError(f"cannot build backbone {backbone!r} with checkpoint {checkpoint!r} "
                            f"(pretrained={pretrained}): {exc}") from exc
 
 
-def _factory(factory: BackboneFactory | None) -> BackboneFactory:
-    if factory is not None:
-        return factory
-    from dncut.backbones import create_backbone
-
-    return create_backbone
+def _check_checkpoint(checkpoint: str | None, s3: storage.S3Options | None) -> None:
+    """Fail on the driver, before any actor starts, when a checkpoint does not exist."""
+    if checkpoint is not None and not storage.exists(checkpoint, s3):
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
 
 
 def _run_pipeline(records: list[dict], *, cfg: Config, dataset: str, discovery: bool, backbone: str,
@@ -409,14 +345,15 @@ def _run_pipeline(records: list[dict], *, cfg: Config, dataset: str, discovery: 
 
     ev = cfg.eval
     methods = list(dict.fromkeys(ev.methods))
-    stride = _load_backbone(factory, backbone, cfg.model.pretrained, checkpoint).stride  # fail fast, clearly
+    bspec = factory.spec if factory is not None else backbone_spec(backbone)
+    _check_checkpoint(checkpoint, _s3(cfg))
     read_cpus, actor_cpus, score_cpus = _cpu_split(ev.num_actors)
     example_ids = frozenset(r["image_id"] for r in records[: ev.examples])
     log.info("eval %s: %d images, backbone %s, checkpoint %s, methods %s%s", dataset, len(records),
              backbone, checkpoint or "(pretrained)", methods, " + bilateral" if ev.bilateral else "")
     ds = (
         ray.data.from_items(records, override_num_blocks=max(1, -(-len(records) // ev.batch_size)))
-        .map(load_record, fn_kwargs={"stride": stride, "image_size": None if discovery else ev.image_size,
+        .map(load_record, fn_kwargs={"spec": bspec, "image_size": None if discovery else ev.image_size,
                                      "s3": _s3(cfg)}, num_cpus=read_cpus)
         .map_batches(NCutPredictor, batch_size=ev.batch_size, batch_format="numpy",
                      compute=ray.data.ActorPoolStrategy(size=ev.num_actors), num_cpus=actor_cpus,
@@ -424,7 +361,7 @@ def _run_pipeline(records: list[dict], *, cfg: Config, dataset: str, discovery: 
                      fn_constructor_kwargs={"backbone": backbone, "checkpoint": checkpoint,
                                             "pretrained": cfg.model.pretrained, "methods": methods,
                                             "solver": cfg.ncut.solver, "use_gpu": ev.gpus_per_actor > 0,
-                                            "factory": factory})
+                                            "s3": _s3(cfg), "factory": factory})
         .flat_map(score_row, fn_kwargs={"methods": methods, "bilateral": ev.bilateral, "discovery": discovery,
                                         "example_ids": example_ids}, num_cpus=score_cpus)
     )
@@ -490,15 +427,12 @@ def evaluate_saliency(images_dir: str, masks_dir: str, backbone: str, checkpoint
     Returns:
         The summary dict (also written to ``out_dir/summary.json``).
     """
-    from dncut.backbones import list_backbones
-
     methods = [methods] if isinstance(methods, str) else list(methods)
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ValueError(f"methods {bad or methods} invalid; valid choices: {list(METHODS)}")
     cfg = (cfg or Config()).with_overrides({"eval.methods": methods, "eval.bilateral": bool(bilateral),
-                                           "eval.backbones": [backbone], "eval.checkpoints": [checkpoint]},
-                                          known_backbones=[*list_backbones(), backbone])
+                                           "eval.backbones": [backbone], "eval.checkpoints": [checkpoint]})
     s3 = _s3(cfg)
     layout = "--images DIR of <stem>.jpg|png images and --masks DIR of <stem>.png masks (same stems)"
     images = _stems(images_dir, "images", layout, s3)

@@ -71,12 +71,13 @@ def _tokens(features: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- Simple
-def simple_ncut(features: Tensor, *, solver: str = "eigh", tol: float | None = EVAL_TOL) -> tuple[Tensor, Tensor]:
+def simple_ncut(features: Tensor, *, solver: str, tol: float | None = EVAL_TOL) -> tuple[Tensor, Tensor]:
     """The authors' "Simple" NCut evaluation (REFERENCE §2).
 
     Args:
         features: ``(B, C, h, w)`` patch features (keys for a ViT).
-        solver: NCut eigensolver (a key of ``dncut.ncut.SOLVERS``).
+        solver: NCut eigensolver (a key of ``dncut.ncut.SOLVERS``); callers pass the config's
+            ``ncut.solver`` (its one default), ``"eigh"`` is the float64 reference.
         tol: residual tolerance of an iterative solver (``normalized_cut``), which runs in
             float32 here (``"eigh"``, the reference, in float64). With ``EVAL_TOL`` (1e-5) z2 is
             within ~tol * 2 / gap of the exact one, so only nodes that close to the threshold
@@ -164,7 +165,7 @@ def largest_component_box(mask: np.ndarray) -> np.ndarray:
 
 
 def tokencut(features: Tensor, *, tau: float = TOKENCUT_TAU, eps: float = TOKENCUT_EPS,
-             solver: str = "eigh", tol: float | None = EVAL_TOL) -> TokenCutOutput:
+             solver: str, tol: float | None = EVAL_TOL) -> TokenCutOutput:
     """TokenCut (Wang et al.) on a batch of feature maps (REFERENCE §3).
 
     Args:
@@ -211,7 +212,7 @@ def _tokencut_y(tokens: Tensor, tau: float, eps: float, solver: str,
 
 
 # --------------------------------------------------------------------------- any grids at once
-def ncut_maps(maps: Sequence[Tensor], methods: Sequence[str], *, solver: str = "eigh",
+def ncut_maps(maps: Sequence[Tensor], methods: Sequence[str], *, solver: str,
               tol: float | None = EVAL_TOL) -> list[dict[str, np.ndarray]]:
     """Both methods on feature maps of any grids: maps with the same node count n = h * w (e.g.
     13 x 20 and 20 x 13) share one batched NCut call per method, then each is post-processed

@@ -1,110 +1,89 @@
 """In-process Simple-NCut saliency of a backbone on a small labelled set (no Ray).
 
-Used by the demo (before/after) and by training-time validation: the same method
-(:func:`dncut.eval.methods.simple_ncut`) and metrics (:mod:`dncut.eval.metrics`) as the Ray
-Data batch job, on a handful of images held in memory::
+Used by training-time validation, the demo (before/after) and ``bench/finetune_quality.py``.
+It runs the evaluation job's own three stages (``dncut.eval.batch``: ``load_record`` ->
+``predict_batch`` -> ``score_row`` -> ``Accumulator``) in process, in the job's batches of
+``eval.batch_size``, so ``val_iou`` equals ``dncut eval-saliency``'s IoU on the same weights
+and images::
 
-    images (PIL, any size) -> resize, long side ``image_size``, sides multiple of the stride
-      -> backbone (B=1, 3, H, W) -> (1, C, h, w) -> simple_ncut -> z2 (h, w), mask (h, w)
-      -> bilinear upsampling to the image -> score_saliency against the GT mask
+    data.val (images/ + masks/, local or s3://) or held-out generated scenes
+      -> validation_rows: stage-1 rows, loaded once (network input for the run's backbone)
+      -> score_backbone: Predictor (backbone in eval mode, cfg.ncut.solver) -> grid z2 / masks
+         -> upsampled to each image -> IoU, Acc, maxFβ, MAE over the images
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from dncut import storage
-from dncut.config import Config
-from dncut.data.datasets import saliency_dataset
-from dncut.data.images import check_mask_size, decode_image, load_mask
+from dncut.backbone_specs import spec as backbone_spec
+from dncut.config import Config, EvalDataset
 from dncut.data.pipeline import s3_options
-from dncut.data.scenes import make_scene
-from dncut.eval.methods import simple_ncut, upsample_map
-from dncut.eval.metrics import aggregate_saliency, score_saliency
+from dncut.eval.batch import dataset_records, load_record, predict_batch, score_row
+from dncut.eval.predict import Predictor
+from dncut.eval.report import Accumulator
 
 log = logging.getLogger(__name__)
 
-HELD_OUT_SEED = 1_000_000  # held-out scenes never overlap the training seeds 0..num_scenes-1
+METHOD = "simple"  # the paper's evaluation of its own features (REFERENCE §2)
 
 
-@dataclass
-class Labelled:
-    """One validation image: RGB PIL image and its (H, W) bool mask."""
+def validation_rows(cfg: Config) -> list[dict[str, Any]]:
+    """Stage-1 rows of ``data.val`` (images/ + masks/) or ``data.val_scenes`` held-out scenes.
 
-    image: Image.Image
-    mask: np.ndarray
-
-
-def grid_size(width: int, height: int, long_side: int, stride: int) -> tuple[int, int]:
-    """(W', H') with the long side ~``long_side`` and both sides multiples of ``stride``."""
-    scale = long_side / max(width, height)
-    return (max(stride, round(width * scale / stride) * stride), max(stride, round(height * scale / stride) * stride))
-
-
-def image_tensor(image: Image.Image, size: tuple[int, int], mean, std) -> torch.Tensor:
-    """PIL RGB -> normalised ``(1, 3, H', W')`` float32 at ``size`` = (W', H')."""
-    x = torch.from_numpy(np.asarray(image.convert("RGB").resize(size, Image.BILINEAR), np.float32) / 255.0)
-    x = x.permute(2, 0, 1)  # (3, H', W')
-    x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-    return x.unsqueeze(0)  # (1, 3, H', W')
-
-
-@torch.no_grad()
-def simple_saliency(backbone: torch.nn.Module, image: Image.Image, *, image_size: int = 320,
-                    device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Simple-NCut of one image: ``(z2 grid (h, w), soft mask (H, W) in [0, 1])``."""
-    size = grid_size(*image.size, image_size, backbone.stride)
-    x = image_tensor(image, size, backbone.mean, backbone.std).to(device)
-    feats = backbone(x).float()  # (1, C, h, w)
-    z, masks = simple_ncut(feats)  # (1, h, w), (1, h, w)
-    soft = upsample_map(masks[0].float().cpu().numpy(), (image.height, image.width))
-    return z[0].cpu().numpy(), np.clip(soft, 0.0, 1.0)
-
-
-def score_backbone(backbone: torch.nn.Module, samples: Sequence[Labelled], *, image_size: int = 320,
-                   device: str | torch.device = "cpu") -> tuple[dict[str, float], list[np.ndarray]]:
-    """Dataset scores (acc, iou, max_fbeta, mae) and each image's z2 grid.
-
-    The backbone is put in eval mode for the duration and restored afterwards.
-    """
-    was_training = backbone.training
-    backbone.eval()
-    scores, maps = [], []
-    try:
-        for s in samples:
-            z, soft = simple_saliency(backbone, s.image, image_size=image_size, device=device)
-            scores.append(score_saliency(soft, s.mask))
-            maps.append(z)
-    finally:
-        backbone.train(was_training)
-    agg = aggregate_saliency(scores)
-    return {k: agg[k] for k in ("acc", "iou", "max_fbeta", "mae")}, maps
-
-
-def validation_set(cfg: Config) -> list[Labelled]:
-    """``data.val`` (images/ + masks/, local or s3://) or ``data.val_scenes`` held-out scenes.
+    Rows that fail to load (unreadable image, mask of another size) are dropped here with a
+    warning that counts them.
 
     Raises:
-        dncut.data.datasets.DatasetLayoutError: the folder lacks images/ or masks/, or no pairs.
+        dncut.data.datasets.DatasetLayoutError: the folder lacks images/ or masks/.
+        ValueError: no row could be loaded.
     """
     if cfg.data.val is None:
-        return [Labelled(*make_scene(HELD_OUT_SEED + i, size=cfg.data.crop_size)) for i in range(cfg.data.val_scenes)]
+        dataset = EvalDataset(name="val", kind="scenes", limit=cfg.data.val_scenes)
+    else:
+        dataset = EvalDataset(name="val", kind="folder", root=cfg.data.val)
     s3 = s3_options(cfg)
-    samples, failed = [], []
-    for r in saliency_dataset("folder", cfg.data.val, s3):
-        try:
-            image = decode_image(storage.read_bytes(r.image_uri, s3))
-            samples.append(Labelled(image, check_mask_size(image, load_mask(storage.read_bytes(r.mask_uri, s3)))))
-        except (OSError, ValueError) as exc:
-            failed.append(f"{r.image_id}: {exc}")
+    spec = backbone_spec(cfg.model.backbone)
+    rows = [load_record(r, spec=spec, image_size=cfg.eval.image_size, s3=s3) for r in dataset_records(dataset, s3)]
+    failed = [f"{r['image_id']}: {r['error']}" for r in rows if r["status"] != "ok"]
     if failed:
-        log.warning("validation set %s: skipped %d unreadable or mismatched pairs, e.g. %s", cfg.data.val, len(failed), failed[:3])
-    if not samples:
+        log.warning("validation set %s: skipped %d of %d unreadable or mismatched pairs, e.g. %s",
+                    cfg.data.val or "scenes", len(failed), len(rows), failed[:3])
+    rows = [r for r in rows if r["status"] == "ok"]
+    if not rows:
         raise ValueError(f"validation set {cfg.data.val}: no readable image/mask pair ({len(failed)} failed)")
-    return samples
+    return rows
+
+
+def score_backbone(backbone: torch.nn.Module, rows: list[dict[str, Any]], cfg: Config,
+                   device: str | torch.device = "cpu") -> tuple[dict[str, float], list[np.ndarray]]:
+    """Simple-NCut saliency of ``backbone`` on stage-1 ``rows`` (``validation_rows``).
+
+    Args:
+        backbone: a ``dncut.backbones.Backbone``; run in eval mode, every module's mode restored.
+        rows: stage-1 rows (built for this backbone's stride).
+        cfg: ``eval.batch_size`` and ``ncut.solver``, as the evaluation job uses them.
+        device: where the backbone runs.
+
+    Returns:
+        ``({"acc", "iou", "max_fbeta", "mae"}, z2 grid maps (h, w) per row)``; a metric is NaN
+        when every image failed (e.g. non-finite features).
+    """
+    predictor = Predictor(backbone, [METHOD], cfg.ncut.solver, device)
+    acc = Accumulator([METHOD])
+    maps: list[np.ndarray] = []
+    size = cfg.eval.batch_size
+    for start in range(0, len(rows), size):
+        chunk = rows[start:start + size]
+        out = predict_batch(predictor, {k: [r[k] for r in chunk] for k in chunk[0]})
+        for i in range(len(chunk)):
+            row = {k: v[i] for k, v in out.items()}
+            maps.append(np.asarray(row[f"{METHOD}_map"]))
+            for scored in score_row(row, methods=[METHOD], bilateral=False, discovery=False):
+                acc.add(scored, dataset="val", backbone=backbone.spec.name, checkpoint=None, task="saliency")
+    metrics = acc.summary()["runs"][0]["metrics"]
+    return {k: float("nan") if metrics[k] is None else float(metrics[k]) for k in ("acc", "iou", "max_fbeta", "mae")}, maps

@@ -49,7 +49,7 @@ from dncut.ncut.lobpcg import lobpcg_solver
 from dncut.ncut.graph import (AFFINITIES, LAPLACIANS, Affinity, Laplacian, affinity_matrix,
                               fix_sign, laplacian_matrix)
 
-__all__ = ["NCutResult", "normalized_cut", "SOLVERS", "DTYPE_TOL", "register_solver", "affinity_matrix",
+__all__ = ["NCutResult", "NonFiniteFeaturesError", "normalized_cut", "SOLVERS", "DTYPE_TOL", "register_solver", "affinity_matrix",
            "laplacian_matrix", "fix_sign", "pinv_coefficients", "GAP_EPS"]
 
 
@@ -93,6 +93,14 @@ def register_solver(name: str, fn: SolverFn) -> None:
 
 
 
+class NonFiniteFeaturesError(ValueError):
+    """Features with NaN/Inf reached the NCut layer; ``items`` are the bad batch indices."""
+
+    def __init__(self, items: list[int]) -> None:
+        super().__init__(f"features contain NaN/Inf in batch items {items}")
+        self.items = items
+
+
 def _validate(features: Tensor, init: Tensor | None) -> None:
     if not isinstance(features, Tensor):
         raise ValueError(f"features must be a torch.Tensor, got {type(features).__name__}")
@@ -108,7 +116,7 @@ def _validate(features: Tensor, init: Tensor | None) -> None:
     finite = torch.isfinite(features).flatten(1).all(-1)  # (B,)
     if not bool(finite.all()):
         bad = torch.nonzero(~finite).flatten().tolist()
-        raise ValueError(f"features contain NaN/Inf in batch items {bad}")
+        raise NonFiniteFeaturesError(bad)
     if init is not None:
         if init.device != features.device:
             raise ValueError(f"init device ({init.device}) does not match the features device ({features.device})")
@@ -145,8 +153,8 @@ def normalized_cut(features: Tensor, *, normalize: bool = True, tau: float = 0.0
         (normalized Laplacian only) and ``degree (B, n)``, in the input dtype.
 
     Raises:
-        ValueError: wrong rank or dtype, n < 2, NaN/Inf features (naming the batch items),
-            unknown option, ``init`` on another device.
+        NonFiniteFeaturesError: NaN/Inf features (a ``ValueError``; ``.items`` = the bad batch items).
+        ValueError: wrong rank or dtype, n < 2, unknown option, ``init`` on another device.
     """
     _validate(features, init)
     if solver not in SOLVERS:

