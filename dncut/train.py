@@ -24,6 +24,7 @@ evaluation job's own inference path, so ``val_iou`` is what ``dncut eval-salienc
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -51,6 +52,7 @@ log = logging.getLogger("dncut.train")
 
 STATE_FILE = "state.pt"
 EXPORT_FILE = "backbone.pth"
+HISTORY_FILE = "metrics_history.jsonl"  # one JSON line per report (rank 0), under run_dir
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -127,6 +129,7 @@ class LoopState:
     nan_in_row: int = 0
     last_parts: dict[str, Any] = field(default_factory=dict)
     last_val: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)  # rank 0: every report's metrics
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -149,7 +152,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state = resume(model, optimizer, rank)
     model = ray.train.torch.prepare_model(model)
     val_rows = validation_rows(cfg) if rank == 0 else []
-    state.last_val = validate(model, val_rows, cfg, device)
+    if rank == 0:
+        state.history = [m for m in read_history(run_dir(cfg), s3_options(cfg)) if m["step"] <= state.step]
+        state.last_val = validate(model, val_rows, cfg, device, state.step)
     shard = ray.train.get_dataset_shard("train")
     t0 = time.perf_counter()
     while state.step < total:
@@ -158,7 +163,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             train_one_step(model, criterion, optimizer, batch, float(sched[state.step]), state, cfg, device)
             if _due(state.step, total, cfg):
                 if rank == 0 and _val_due(state.step, total, cfg):
-                    state.last_val = validate(model, val_rows, cfg, device)
+                    state.last_val = validate(model, val_rows, cfg, device, state.step)
                 report(model, optimizer, state, total, sched, cfg, rank, device, t0)
             if state.step >= total:
                 break
@@ -264,19 +269,36 @@ def report(model, optimizer, state: LoopState, total: int, sched: np.ndarray, cf
     checkpoint = None
     if rank == 0:
         _log_progress(metrics)
+        _append_history(state, metrics, cfg)
         if state.step % cfg.train.checkpoint_every == 0 or state.step >= total:
             folder = _save_checkpoint(_unwrap(model), optimizer, state, _totals(metrics), cfg)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
     ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
 
 
-def validate(model, rows: list[dict], cfg: Config, device) -> dict[str, float]:
+def _append_history(state: LoopState, metrics: dict[str, Any], cfg: Config) -> None:
+    """Rewrite ``run_dir/metrics_history.jsonl`` with one more line (local or s3://; small)."""
+    state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool, str))})
+    text = "".join(json.dumps(m) + "\n" for m in state.history)
+    storage.write_bytes(storage.join(run_dir(cfg), HISTORY_FILE), text.encode(), s3_options(cfg))
+
+
+def read_history(run: str, s3: storage.S3Options | None = None) -> list[dict[str, Any]]:
+    """The metric history of a run folder: one dict per report (``step``, ``loss``, ``val_iou``, ...,
+    ``val_step`` = the step the ``val_*`` values were measured at); ``[]`` when there is none yet."""
+    uri = storage.join(run, HISTORY_FILE)
+    if not storage.exists(uri, s3):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(uri, s3).decode().splitlines() if line.strip()]
+
+
+def validate(model, rows: list[dict], cfg: Config, device, step: int) -> dict[str, float]:
     """Simple-NCut saliency of the current encoder on the validation rows (rank 0; ``{}`` without rows):
-    ``val_acc``, ``val_iou``, ``val_max_fbeta``, ``val_mae`` (NaN when every image failed)."""
+    ``val_acc``, ``val_iou``, ``val_max_fbeta``, ``val_mae`` (NaN when every image failed), ``val_step``."""
     if not rows:
         return {}
     scores, _ = score_backbone(_unwrap(model).encoder, rows, cfg, device=device)
-    return {f"val_{k}": v for k, v in scores.items()}
+    return {**{f"val_{k}": v for k, v in scores.items()}, "val_step": step}
 
 
 def _worker_logging() -> None:

@@ -243,15 +243,25 @@ def test_batch_must_split_over_workers():
 
 
 def test_backbone_names():
+    """Config validation reads the one backbone table: every registered name passes (the two
+    registries once disagreed on resnet50_s32), anything else fails with the valid names."""
+    from dncut.backbone_specs import list_backbones
+
+    for name in list_backbones():
+        crop = {"efficientnet_lite0": 224, "resnet50_s32": 224}.get(name, 224)
+        assert parse_config({}, [f"model.backbone={name}", f"data.crop_size={crop}"]).model.backbone == name
     msg = _error(overrides=["model.backbone=resnet5"])
-    assert "model.backbone" in msg and "'resnet50'" in msg and "vit_" in msg
-    assert parse_config({}, ["model.backbone=vit_large_patch14_dinov2"]).model.backbone.startswith("vit_")
+    assert "model.backbone" in msg and "'resnet50'" in msg and "resnet50_s32" in msg
+    assert "model.backbone" in _error(overrides=["model.backbone=vit_large_patch14_dinov2"])
     assert "tune.backbones.1" in _error(overrides=["tune.backbones=[resnet50, resnet18]"])
     assert "eval.backbones.0" in _error(overrides=["eval.backbones=[convnext]"])
-    custom = parse_config({"model": {"backbone": "convnext"}}, known_backbones=["convnext"])
-    assert custom.model.backbone == "convnext"
-    with pytest.raises(ConfigError, match="efficientnet_lite0"):
-        parse_config({}, known_backbones=["convnext"])  # the default backbone is not in the list
+
+
+def test_crop_size_must_fit_the_backbone_stride():
+    """The stride comes from the table, so a bad crop fails at load time, naming both keys."""
+    msg = _error(overrides=["model.backbone=efficientnet_lite0", "data.crop_size=208"])
+    assert "data.crop_size=208" in msg and "stride 32" in msg
+    assert parse_config({}, ["model.backbone=efficientnet_lite0_s16", "data.crop_size=208"]).data.crop_size == 208
 
 
 # --------------------------------------------------------------------------- tune search space

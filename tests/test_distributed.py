@@ -115,17 +115,29 @@ def test_blocks_per_source_size():
     assert [num_blocks(n) for n in (0, 1, 16, 17, 40, 3200, 3201, 1_281_167)] == [1, 1, 1, 2, 3, 200, 200, 200]
 
 
-def test_train_dataset_reshuffles_every_epoch(ray_session):
-    """Every pass (epoch) yields every URI once, in a new order, across several blocks."""
-    from dncut.data.pipeline import SCENE_SCHEME, train_dataset
+def test_train_dataset_reshuffles_every_epoch_and_is_seeded(ray_session):
+    """The run's rows hold every URI once per epoch, each epoch in a new order, in the order the
+    seed fixes (Ray Data preserves it), and the same seed gives bit-identical views."""
+    from dncut.data.pipeline import SCENE_SCHEME, epoch_rows, train_dataset
 
-    cfg = smoke_config("data.crop_size=32", "data.photometric=false")
     uris = [f"{SCENE_SCHEME}{i}" for i in range(40)]
-    ds = train_dataset(cfg, uris)
-    orders = [[str(u) for b in ds.iter_batches(batch_size=8, batch_format="numpy") for u in b["uri"]]
-              for _ in range(2)]
+    rows = epoch_rows(uris, seed=0, epochs=2)
+    orders = [[r["uri"] for r in rows if r["epoch"] == e] for e in (0, 1)]
     assert all(sorted(order) == sorted(uris) for order in orders)
     assert orders[0] != orders[1] and uris not in orders
+    assert epoch_rows(uris, seed=0, epochs=2) == rows and epoch_rows(uris, seed=1, epochs=2) != rows
+
+    cfg = smoke_config("data.crop_size=32", "train.batch_size=4", "train.max_steps=4")
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    try:
+        runs = [list(train_dataset(cfg, uris[:8], total_steps=4).iter_batches(batch_size=8, batch_format="numpy"))
+                for _ in range(2)]
+    finally:
+        ray.data.DataContext.get_current().execution_options.preserve_order = False
+    a = np.concatenate([b["view1"] for b in runs[0]])
+    b = np.concatenate([b["view1"] for b in runs[1]])
+    assert a.dtype == np.uint8 and a.shape[1:] == (3, 32, 32) and np.array_equal(a, b)
+    assert [str(u) for x in runs[0] for u in x["uri"]] == [r["uri"] for r in epoch_rows(uris[:8], 0, 3)]
 
 
 # ----------------------------------------------------------------------------- 2 workers, s3 -> s3

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dncut import storage
+from dncut.backbone_specs import BackboneSpec
 from dncut.config import Config, load_config
 from dncut.data.datasets import DatasetLayoutError
 from dncut.data.scenes import make_scene
@@ -172,7 +173,7 @@ def test_evaluate_saliency_lite0_both_methods_with_solver(ray_session, scene_fol
         assert len(ok) == 3
         assert run["metrics"]["iou"] == pytest.approx(np.mean([r["iou"] for r in ok]))
     assert (out / "examples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    saved = load_config(out / "config.yaml", known_backbones=["efficientnet_lite0"])
+    saved = load_config(out / "config.yaml")
     assert saved.eval.methods == ["simple", "tokencut"] and saved.eval.bilateral is True
     md = (out / "summary.md").read_text()
     assert md.count("bilateral solver") == 2 and "## Failed images (4)" in md and "scenes / corrupt: " in md
@@ -187,8 +188,8 @@ def test_evaluate_saliency_missing_folder_names_path_and_layout(ray_session, sce
                           None, "lost", False, str(tmp_path / "o"))
 
 
-def test_unloadable_checkpoint_fails_fast_with_a_clear_error(ray_session, scene_folder: Path, tmp_path: Path):
-    with pytest.raises(RuntimeError, match=r"cannot build backbone 'efficientnet_lite0' with checkpoint .*nope\.pth"):
+def test_missing_checkpoint_fails_fast_with_a_clear_error(ray_session, scene_folder: Path, tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match=r"checkpoint .*nope\.pth does not exist"):
         evaluate_saliency(str(scene_folder / "images"), str(scene_folder / "masks"), "efficientnet_lite0",
                           str(tmp_path / "nope.pth"), "simple", False, str(tmp_path / "o"))
 
@@ -200,17 +201,29 @@ def test_run_evaluation_missing_dataset_root_fails_before_work(tmp_path: Path):
 
 
 # --------------------------------------------------------------------------- discovery: VOC + CorLoc
-class ColourBackbone(torch.nn.Module):
-    """Test backbone: mean colour of each 8 x 8 patch (ImageNet-normalised) as its feature."""
+COLOUR_SPEC = BackboneSpec("colour", "vit", "colour", "mean colour of each patch", 8, 3, (0.0, 0.0, 0.0),
+                           (1.0, 1.0, 1.0), False, "")
 
-    stride = 8
+
+class ColourBackbone(torch.nn.Module):
+    """Test backbone: mean colour of each 8 x 8 patch (RGB in [0, 1], no normalisation) as its feature."""
+
+    spec = COLOUR_SPEC
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(images, self.stride)  # (B, 3, H/8, W/8)
+        return F.avg_pool2d(images, self.spec.stride)  # (B, 3, H/8, W/8)
 
 
-def colour_factory(name: str, *, pretrained: bool, checkpoint: str | None) -> ColourBackbone:
-    return ColourBackbone()
+class ColourFactory:
+    """``BackboneFactory``: builds the colour backbone; ``spec`` gives its stride and padding colour."""
+
+    spec = COLOUR_SPEC
+
+    def __call__(self, name: str, *, pretrained: bool, checkpoint: str | None) -> ColourBackbone:
+        return ColourBackbone()
+
+
+colour_factory = ColourFactory()
 
 
 BG, RED = (60, 80, 200), (230, 30, 30)

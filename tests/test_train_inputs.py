@@ -280,11 +280,11 @@ def _two_steps(cfg) -> list[dict]:
     torch.manual_seed(0)
     model, criterion = build_model(cfg), build_loss(cfg)
     optimizer = build_optimizer(model, cfg)
-    maker = ViewMaker(cfg, model.encoder.mean, model.encoder.std)
+    maker = ViewMaker(cfg)
     before = [p.detach().clone() for p in model.encoder.parameters() if p.requires_grad]
     out_parts = []
     for step in range(2):
-        rows = [maker({"uri": f"scene://{step * 4 + i}"}) for i in range(4)]
+        rows = [maker({"uri": f"scene://{step * 4 + i}", "epoch": 0, "index": step * 4 + i}) for i in range(4)]
         batch = [torch.from_numpy(np.stack([r[k] for r in rows])) for k in
                  ("view1", "view2", "box1", "box2", "flip1", "flip2")]
         out = model(*batch)
@@ -335,7 +335,7 @@ def test_ablation_switches_together_on_ray(ray_session, tmp_path):
 def test_validation_set_skips_and_counts_bad_pairs(tmp_path, caplog):
     """data.val: a corrupt image and a mask of the wrong size are skipped and counted in the log,
     the good pairs kept; a folder with no good pair is a clear error."""
-    from dncut.eval.validate import validation_set
+    from dncut.eval.validate import validation_rows
 
     root = tmp_path / "val"
     (root / "images").mkdir(parents=True)
@@ -349,10 +349,10 @@ def test_validation_set_skips_and_counts_bad_pairs(tmp_path, caplog):
     make_scene(502, size=64)[0].save(root / "images" / "sized.png")
     Image.fromarray(np.zeros((32, 48), np.uint8)).save(root / "masks" / "sized.png")
     with caplog.at_level(logging.WARNING):
-        samples = validation_set(load_config(None, [f"data.val={root}"]))
-    assert len(samples) == 2 and all(s.mask.shape == (64, 64) for s in samples)
-    assert "skipped 2" in caplog.text and "mask size (48, 32)" in caplog.text
+        rows = validation_rows(load_config(None, [f"data.val={root}"]))
+    assert len(rows) == 2 and all(r["gt_mask"].shape == (64, 64) for r in rows)
+    assert "skipped 2 of 4" in caplog.text and "mask size (48, 32)" in caplog.text
     for name in ("ok0", "ok1"):
         (root / "images" / f"{name}.png").write_bytes(b"broken")
     with pytest.raises(ValueError, match="no readable image/mask pair"):
-        validation_set(load_config(None, [f"data.val={root}"]))
+        validation_rows(load_config(None, [f"data.val={root}"]))
