@@ -38,9 +38,25 @@ def _output(proc: subprocess.CompletedProcess) -> str:
 def test_top_level_help_lists_every_command():
     proc = dncut("--help")
     assert proc.returncode == 0, _output(proc)
-    for command in ("train", "tune", "eval", "eval-maps", "eval-saliency", "demo"):
+    for command in ("train", "tune", "eval", "eval-maps", "eval-saliency", "demo", "backbones"):
         assert command in proc.stdout
     assert "--set key.sub=value" in proc.stdout  # the override syntax is explained up front
+
+
+def test_backbones_table_lists_every_registered_backbone_with_its_facts():
+    """``dncut backbones`` prints the one table; its rows agree with what the built networks say."""
+    from dncut.backbones import create_backbone
+
+    proc = dncut("backbones")
+    assert proc.returncode == 0, _output(proc)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in proc.stdout.splitlines() if line.startswith("| ") and not line.startswith("| name")}
+    assert "resnet50_s32" in rows and "efficientnet_lite0_s16" in rows and "vit_small_patch16_224.dino" in rows
+    for name in ("vit_tiny_test", "efficientnet_lite0_s16", "resnet50_s32"):
+        net = create_backbone(name)
+        assert rows[name][:2] == [str(net.stride), str(net.channels)], name
+    assert rows["efficientnet_lite0"][3:5] == ["(0.498, 0.498, 0.498)", "(0.502, 0.502, 0.502)"]
+    assert "wheel" in rows["efficientnet_lite0"][-1]
 
 
 @pytest.mark.parametrize("command, expected", [

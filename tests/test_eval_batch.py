@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dncut import storage
-from dncut.backbone_specs import BackboneSpec
+from dncut.backbone_specs import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec
 from dncut.config import Config, load_config
 from dncut.data.datasets import DatasetLayoutError
 from dncut.data.scenes import make_scene
@@ -201,17 +201,19 @@ def test_run_evaluation_missing_dataset_root_fails_before_work(tmp_path: Path):
 
 
 # --------------------------------------------------------------------------- discovery: VOC + CorLoc
-COLOUR_SPEC = BackboneSpec("colour", "vit", "colour", "mean colour of each patch", 8, 3, (0.0, 0.0, 0.0),
-                           (1.0, 1.0, 1.0), False, "")
+COLOUR_SPEC = BackboneSpec("colour", "vit", "colour", "mean colour of each patch", 8, 3, IMAGENET_MEAN,
+                           IMAGENET_STD, False, "")
 
 
 class ColourBackbone(torch.nn.Module):
-    """Test backbone: mean colour of each 8 x 8 patch (RGB in [0, 1], no normalisation) as its feature."""
+    """Test backbone: mean ImageNet-normalised colour of each 8 x 8 patch as its feature; takes RGB
+    in [0, 1] and normalises itself, as every backbone does (its padding colour is 0 once normalised)."""
 
     spec = COLOUR_SPEC
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(images, self.spec.stride)  # (B, 3, H/8, W/8)
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (self.spec.mean, self.spec.std))
+        return F.avg_pool2d((images - mean) / std, self.spec.stride)  # (B, 3, H/8, W/8)
 
 
 class ColourFactory:

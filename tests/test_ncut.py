@@ -208,12 +208,19 @@ def test_finite_difference_sign_invariant_loss():
 # ----------------------------------------------------------------------------- bad input
 
 
-def test_nan_and_inf_name_the_batch_items():
+def test_nan_and_inf_raise_their_own_type_naming_the_batch_items():
+    """Callers catch the type (a ValueError subclass), never the message text."""
+    from dncut.ncut import NonFiniteFeaturesError
+
     f = clustered_features(b=4, n=8)
     f[1, 2, 0] = float("nan")
     f[3, 0, 1] = float("inf")
-    with pytest.raises(ValueError, match=r"\[1, 3\]"):
+    with pytest.raises(NonFiniteFeaturesError, match=r"\[1, 3\]") as info:
         normalized_cut(f)
+    assert info.value.items == [1, 3] and isinstance(info.value, ValueError)
+    with pytest.raises(ValueError) as other:  # other bad input is not mistaken for non-finite features
+        normalized_cut(clustered_features(b=1, n=1))
+    assert not isinstance(other.value, NonFiniteFeaturesError)
 
 
 @pytest.mark.parametrize("shape", [(8, 4), (2, 1, 4), (1, 2, 3, 4)])

@@ -104,15 +104,15 @@ def test_view_maker_decodes_odd_modes_and_flags_bad_files(tmp_path):
 
     folder = write_messy_folder(tmp_path / "train")
     maker = ViewMaker(smoke_config(tmp_path, f"data.train={folder}"))
-    for name in ODD:
-        row = maker({"uri": str(folder / name)})
+    for i, name in enumerate(ODD):
+        row = maker({"uri": str(folder / name), "epoch": 0, "index": i})
         assert row["ok"], f"{name}: {row['error']}"
-        assert row["view1"].shape == (3, 64, 64) and np.isfinite(row["view1"]).all()
-        assert row["view1"].std() > 0.05, f"{name} decoded to a flat image"
+        assert row["view1"].shape == (3, 64, 64) and row["view1"].dtype == np.uint8
+        assert row["view1"].std() > 10, f"{name} decoded to a flat image"
     expected_reason = {"corrupt.jpg": "not a valid image", "truncated.jpg": "truncated",
                        "tiny.jpg": "smaller than min_size=32"}
     for name in BAD:
-        row = maker({"uri": str(folder / name)})
+        row = maker({"uri": str(folder / name), "epoch": 0, "index": 0})
         assert not row["ok"] and expected_reason[name] in row["error"], (name, row["error"])
 
 
@@ -204,10 +204,10 @@ def _parts_for(z: torch.Tensor) -> dict:
 
 
 def _progress_log(parts: dict, caplog) -> list[logging.LogRecord]:
-    from dncut.train import _log_progress, _metrics
+    from dncut.train import LoopState, _log_progress, _metrics
 
-    counters = {"skipped_images": 0.0, "nan_steps": 0.0, "fallbacks": 0.0}
-    metrics = _metrics(3, 10, 0, np.full(10, 1e-4), parts, counters, torch.device("cpu"), 0.0)
+    state = LoopState(step=3, last_parts=parts)
+    metrics = _metrics(state, 10, np.full(10, 1e-4), torch.device("cpu"), 0.0)
     metrics["skipped_files"] = 0
     logger = logging.getLogger("dncut.train")
     logger.addHandler(caplog.handler)  # the "dncut" logger may not propagate (worker logging)
