@@ -64,23 +64,19 @@ def load_images(n: int) -> tuple[list[np.ndarray], str, Path | None]:
 
 
 def extract_features(images: list[np.ndarray], backbone: str, size: int) -> tuple[list[torch.Tensor], float]:
-    """EfficientNet-Lite0 features (C, h, w) per image (long side ``size``) and the seconds spent."""
-    from PIL import Image
-
-    from dncut.backbones import IMAGENET_MEAN, IMAGENET_STD, create_backbone
-    from dncut.eval.batch import input_geometry
+    """EfficientNet-Lite0 features (C, h, w) per image (long side ``size``) and the seconds spent,
+    through the evaluation job's own steps (``network_input``, ``Predictor.features``)."""
+    from dncut.backbones import create_backbone
+    from dncut.eval.predict import Predictor, network_input
 
     model = create_backbone(backbone, pretrained=True).eval()
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)  # (1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)  # (1, 3, 1, 1)
+    predictor = Predictor(model, ["tokencut"], "eigh")  # the eval job's feature step (solver unused here)
     feats = []
     start = time.perf_counter()
     with torch.inference_mode():
         for image in images:
-            hc, wc, _ = input_geometry(*image.shape[:2], stride=model.stride, image_size=size)
-            x = np.asarray(Image.fromarray(image).resize((wc, hc), Image.BILINEAR))  # (Hc, Wc, 3)
-            x = torch.from_numpy(x.copy()).permute(2, 0, 1)[None].float() / 255  # (1, 3, Hc, Wc)
-            feats.append(model((x - mean) / std)[0])  # (C, h, w)
+            net, _ = network_input(image, stride=model.stride, image_size=size, pad_rgb=model.spec.pad_rgb)
+            feats.extend(predictor.features([net]))  # (C, h, w)
     return feats, time.perf_counter() - start
 
 

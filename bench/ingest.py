@@ -5,7 +5,7 @@ two DINO-augmented crops of ``--crop-size`` px), over the same URIs, with the sa
 worker processes and the same cores (the whole process tree is pinned with ``sched_setaffinity``
 to the first ``cpus`` cores):
 
-* ``ray_data``: ``train_dataset(cfg, uris)`` (random_shuffle -> map(ViewMaker), ``decode_cpus=1``)
+* ``ray_data``: ``train_dataset(cfg, uris, steps)`` (seeded epoch rows -> map(ViewMaker), ``decode_cpus=1``)
   on ``ray.init(num_cpus=cpus)``, consumed with ``iter_batches(batch_size)``;
 * ``dataloader``: ``torch.utils.data.DataLoader(shuffle=True, num_workers=cpus,
   persistent_workers=True)`` over a map-style dataset calling ``ViewMaker``.
@@ -108,7 +108,7 @@ class UriDataset(torch.utils.data.Dataset):
         return len(self.uris)
 
     def __getitem__(self, index: int) -> dict:
-        return self.maker({"uri": self.uris[index]})
+        return self.maker({"uri": self.uris[index], "epoch": 0, "index": index})
 
 
 def _one_thread(_: int) -> None:
@@ -142,10 +142,10 @@ def dataloader_passes(cfg, uris: list[str], cpus: int, batch_size: int):
 
 
 def ray_data_passes(cfg, uris: list[str], batch_size: int):
-    """``make_iter`` for the training pipeline (each pass re-executes the plan: a new shuffle)."""
+    """``make_iter`` for the training pipeline: one epoch of seeded rows per pass."""
     from dncut.data.pipeline import train_dataset
 
-    ds = train_dataset(cfg, uris)
+    ds = train_dataset(cfg, uris, total_steps=len(uris) // cfg.train.batch_size).limit(len(uris))
     return lambda: ds.iter_batches(batch_size=batch_size, batch_format="numpy")
 
 

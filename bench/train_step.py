@@ -120,7 +120,7 @@ class Timer:
 
 def load_batch(maker: ViewMaker, uris: list[str], device: torch.device) -> list[torch.Tensor]:
     """Decode + two views for every URI, collated on ``device`` in ``BATCH_KEYS`` order."""
-    rows = [maker({"uri": u}) for u in uris]
+    rows = [maker({"uri": u, "epoch": 0, "index": i}) for i, u in enumerate(uris)]
     bad = [r["error"] for r in rows if not r["ok"]]
     if bad:
         raise RuntimeError(f"bench images failed to decode: {bad[:3]}")
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> dict:
     for group in optimizer.param_groups:
         group["lr"] = cfg.train.effective_lr()
     amp = cfg.train.amp and device.type == "cuda"
-    maker = ViewMaker(cfg, model.encoder.mean, model.encoder.std)
+    maker = ViewMaker(cfg)
     runs, losses = [], []
     with tempfile.TemporaryDirectory(prefix="dncut-bench-") as tmp:
         uris = write_jpegs(Path(tmp), batch, args.image_size)

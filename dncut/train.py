@@ -7,7 +7,8 @@
            for each batch of the worker's streaming_split shard:
                train_one_step(): drop undecodable rows (counted) -> model -> NCutLoss -> step
                every log_every: report() metrics; every checkpoint_every: with a checkpoint
-      -> export the finetuned backbone (dncut.backbones.export_backbone)
+           Chief (rank 0 only): validation, progress line, metrics_history.jsonl, checkpoint
+               files, and at the end the export of the finetuned backbone (export_backbone)
 
 Learning-rate rule: the peak lr is ``train.lr * scale(global_batch / base_batch_size)``
 (linear by default, Goyal et al.), warmed up linearly over ``warmup_steps`` then cosine to
@@ -129,7 +130,7 @@ class LoopState:
     nan_in_row: int = 0
     last_parts: dict[str, Any] = field(default_factory=dict)
     last_val: dict[str, float] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)  # rank 0: every report's metrics
+    t0: float = field(default_factory=time.perf_counter)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -137,42 +138,81 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg = Config.model_validate(loop_config["config"])
-    total = int(loop_config["total_steps"])
+    cfg, total = Config.model_validate(loop_config["config"]), int(loop_config["total_steps"])
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
-    _worker_logging()
-    torch.manual_seed(cfg.seed + rank)
-    if not cfg.scaling.use_gpu:
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-
+    device = _setup_worker(cfg, rank)
     model, criterion = build_model(cfg), build_loss(cfg)
     optimizer = build_optimizer(model, cfg)
     sched = lr_schedule(cfg.train.effective_lr(), cfg.train.min_lr, cfg.train.warmup_steps, total)
     state = resume(model, optimizer, rank)
     model = ray.train.torch.prepare_model(model)
-    val_rows = validation_rows(cfg) if rank == 0 else []
-    if rank == 0:
-        state.history = [m for m in read_history(run_dir(cfg), s3_options(cfg)) if m["step"] <= state.step]
-        state.last_val = validate(model, val_rows, cfg, device, state.step)
+    chief = Chief(cfg, device, model, state) if rank == 0 else None  # every rank-0 duty lives there
     shard = ray.train.get_dataset_shard("train")
-    t0 = time.perf_counter()
     while state.step < total:
         for batch in shard.iter_batches(batch_size=cfg.train.batch_size // world, batch_format="numpy",
                                         drop_last=True):
             train_one_step(model, criterion, optimizer, batch, float(sched[state.step]), state, cfg, device)
             if _due(state.step, total, cfg):
-                if rank == 0 and _val_due(state.step, total, cfg):
-                    state.last_val = validate(model, val_rows, cfg, device, state.step)
-                report(model, optimizer, state, total, sched, cfg, rank, device, t0)
+                report(model, optimizer, state, total, sched, cfg, chief, device)
             if state.step >= total:
                 break
         else:
             state.epoch += 1  # the seeded rows ran out before total (see dncut.data.pipeline): go again
-    if rank == 0:
-        uri = storage.join(run_dir(cfg), EXPORT_FILE)
-        export_backbone(_unwrap(model).encoder, uri, s3_options(cfg))
+    if chief is not None:
+        chief.export(model)
+
+
+class Chief:
+    """Rank 0's duties: validation, the progress line, the metric history, checkpoint files, the export.
+
+    Args:
+        cfg: the run config.
+        device: where validation runs.
+        model: the (DDP-wrapped) model; validated once here (the starting point of the curve).
+        state: the loop state (resumed runs keep their history up to ``state.step``).
+    """
+
+    def __init__(self, cfg: Config, device: torch.device, model, state: LoopState) -> None:
+        self.cfg, self.device, self.s3 = cfg, device, s3_options(cfg)
+        self.rows = validation_rows(cfg)
+        self.history = [m for m in read_history(run_dir(cfg), self.s3) if m["step"] <= state.step]
+        state.last_val = self.validate(model, state.step)
+
+    def validate(self, model, step: int) -> dict[str, float]:
+        """Simple-NCut saliency of the current encoder (``dncut.eval.validate``): ``val_acc``, ``val_iou``,
+        ``val_max_fbeta``, ``val_mae`` (NaN when every image failed) and ``val_step``."""
+        scores, _ = score_backbone(_unwrap(model).encoder, self.rows, self.cfg, device=self.device)
+        return {**{f"val_{k}": v for k, v in scores.items()}, "val_step": step}
+
+    def record(self, metrics: dict[str, Any]) -> None:
+        """Progress line + one more line of ``run_dir/metrics_history.jsonl`` (rewritten: local or s3://)."""
+        _log_progress(metrics)
+        self.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool, str))})
+        text = "".join(json.dumps(m) + "\n" for m in self.history)
+        storage.write_bytes(storage.join(run_dir(self.cfg), HISTORY_FILE), text.encode(), self.s3)
+
+    def checkpoint(self, model, optimizer, state: LoopState, metrics: dict[str, Any]):
+        """A Ray Train checkpoint (state.pt + config.yaml in a temporary folder Ray deletes after upload)."""
+        import ray.train
+
+        folder = _save_checkpoint(_unwrap(model), optimizer, state, _totals(metrics), self.cfg)
+        return ray.train.Checkpoint.from_directory(folder)
+
+    def export(self, model) -> None:
+        uri = storage.join(run_dir(self.cfg), EXPORT_FILE)
+        export_backbone(_unwrap(model).encoder, uri, self.s3)
         log.info("exported the finetuned backbone to %s", uri)
+
+
+def _setup_worker(cfg: Config, rank: int) -> torch.device:
+    """Logging, seed (``seed + rank``), CPU threads; returns the worker's device."""
+    import ray.train.torch
+
+    _worker_logging()
+    torch.manual_seed(cfg.seed + rank)
+    if not cfg.scaling.use_gpu:
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    return ray.train.torch.get_device()
 
 
 def resume(model: DenseNCutModel, optimizer: torch.optim.Optimizer, rank: int) -> LoopState:
@@ -255,32 +295,23 @@ def _val_due(step: int, total: int, cfg: Config) -> bool:
     return step >= total or bool(cfg.train.val_every and step % cfg.train.val_every == 0)
 
 
-def report(model, optimizer, state: LoopState, total: int, sched: np.ndarray, cfg: Config, rank: int,
-           device: torch.device, t0: float) -> None:
-    """``ray.train.report`` (a barrier of all workers) of the metrics, with a checkpoint when due.
-
-    The rank-0 work (progress line, checkpoint files) happens here and in ``validate`` only.
-    """
+def report(model, optimizer, state: LoopState, total: int, sched: np.ndarray, cfg: Config, chief: Chief | None,
+           device: torch.device) -> None:
+    """Validation when due (rank 0), then ``ray.train.report`` (a barrier of all workers) of the
+    metrics, with a checkpoint when due."""
     import ray.train
 
-    metrics = {**_metrics(state, total, sched, device, t0), **state.last_val}
+    if chief is not None and _val_due(state.step, total, cfg):
+        state.last_val = chief.validate(model, state.step)
+    metrics = {**_metrics(state, total, sched, device), **state.last_val}
     state.skipped_files = _union(state.skipped_files)
     metrics["skipped_files"] = len(state.skipped_files)
     checkpoint = None
-    if rank == 0:
-        _log_progress(metrics)
-        _append_history(state, metrics, cfg)
+    if chief is not None:
+        chief.record(metrics)
         if state.step % cfg.train.checkpoint_every == 0 or state.step >= total:
-            folder = _save_checkpoint(_unwrap(model), optimizer, state, _totals(metrics), cfg)
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
+            checkpoint = chief.checkpoint(model, optimizer, state, metrics)
     ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
-
-
-def _append_history(state: LoopState, metrics: dict[str, Any], cfg: Config) -> None:
-    """Rewrite ``run_dir/metrics_history.jsonl`` with one more line (local or s3://; small)."""
-    state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool, str))})
-    text = "".join(json.dumps(m) + "\n" for m in state.history)
-    storage.write_bytes(storage.join(run_dir(cfg), HISTORY_FILE), text.encode(), s3_options(cfg))
 
 
 def read_history(run: str, s3: storage.S3Options | None = None) -> list[dict[str, Any]]:
@@ -290,15 +321,6 @@ def read_history(run: str, s3: storage.S3Options | None = None) -> list[dict[str
     if not storage.exists(uri, s3):
         return []
     return [json.loads(line) for line in storage.read_bytes(uri, s3).decode().splitlines() if line.strip()]
-
-
-def validate(model, rows: list[dict], cfg: Config, device, step: int) -> dict[str, float]:
-    """Simple-NCut saliency of the current encoder on the validation rows (rank 0; ``{}`` without rows):
-    ``val_acc``, ``val_iou``, ``val_max_fbeta``, ``val_mae`` (NaN when every image failed), ``val_step``."""
-    if not rows:
-        return {}
-    scores, _ = score_backbone(_unwrap(model).encoder, rows, cfg, device=device)
-    return {**{f"val_{k}": v for k, v in scores.items()}, "val_step": step}
 
 
 def _worker_logging() -> None:
@@ -312,13 +334,13 @@ def _worker_logging() -> None:
         logger.propagate = False
 
 
-def _metrics(state: LoopState, total: int, sched: np.ndarray, device, t0: float) -> dict[str, Any]:
+def _metrics(state: LoopState, total: int, sched: np.ndarray, device) -> dict[str, Any]:
     counters, parts = state.counters, state.last_parts
     summed = _all_reduce([counters["skipped_images"], counters["fallbacks"]], device)
     # a skipped step is decided by an all-reduce: every worker counts it, so nan_steps is not summed
     out = {"step": state.step, "total_steps": total, "epoch": state.epoch, "lr": float(sched[state.step - 1]),
            "skipped_rows": int(summed[0]), "nan_steps": int(counters["nan_steps"]), "ncut_fallbacks": int(summed[1]),
-           "elapsed_s": round(time.perf_counter() - t0, 2)}
+           "elapsed_s": round(time.perf_counter() - state.t0, 2)}
     for key in ("loss", "l_consistency", "l_reg", "pass_fraction", "iou_mean",
                 "sim_horizontal", "sim_vertical", "sim_uniform", "collapsed"):
         if key in parts:

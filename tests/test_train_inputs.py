@@ -207,7 +207,7 @@ def _progress_log(parts: dict, caplog) -> list[logging.LogRecord]:
     from dncut.train import LoopState, _log_progress, _metrics
 
     state = LoopState(step=3, last_parts=parts)
-    metrics = _metrics(state, 10, np.full(10, 1e-4), torch.device("cpu"), 0.0)
+    metrics = _metrics(state, 10, np.full(10, 1e-4), torch.device("cpu"))
     metrics["skipped_files"] = 0
     logger = logging.getLogger("dncut.train")
     logger.addHandler(caplog.handler)  # the "dncut" logger may not propagate (worker logging)

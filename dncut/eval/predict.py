@@ -96,8 +96,9 @@ class Predictor:
         self.solver = solver
         self.device = torch.device(device)
 
-    def _features(self, inputs: list[np.ndarray]) -> list[torch.Tensor]:
-        """Same-size uint8 inputs ``(Hc, Wc, 3)`` -> feature maps ``(C, h, w)``, one per input."""
+    def features(self, inputs: list[np.ndarray]) -> list[torch.Tensor]:
+        """Same-size uint8 inputs ``(Hc, Wc, 3)`` -> feature maps ``(C, h, w)``, one per input
+        (the caller holds eval / inference mode; ``predict`` does)."""
         x = torch.from_numpy(np.stack(inputs)).to(self.device)  # (g, Hc, Wc, 3)
         x = x.permute(0, 3, 1, 2).float().div(255.0)  # (g, 3, Hc, Wc) RGB in [0, 1]
         return list(self.backbone(x).float())  # g x (C, h, w)
@@ -148,7 +149,7 @@ class Predictor:
                 by_size.setdefault(tuple(x.shape), {})[i] = x
         maps: dict[int, torch.Tensor] = {}
         for group in by_size.values():
-            self._each(self._features, group, maps, errors)
+            self._each(self.features, group, maps, errors)
         by_nodes: dict[tuple[int, int], dict[int, torch.Tensor]] = {}  # NCut: one call per node count
         for i, m in maps.items():
             by_nodes.setdefault((m.shape[0], m.shape[1] * m.shape[2]), {})[i] = m
