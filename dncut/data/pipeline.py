@@ -121,10 +121,15 @@ def epoch_rows(uris: list[str], seed: int, epochs: int) -> list[dict]:
     return rows
 
 
-def epochs_needed(num_uris: int, total_steps: int, batch_size: int) -> int:
-    """Passes over the source that ``total_steps`` global batches need, plus one for the
-    per-worker ``drop_last`` remainders."""
-    return -(-total_steps * batch_size // max(1, num_uris)) + 1
+def epochs_needed(num_uris: int, total_steps: int, batch_size: int, num_workers: int = 1) -> int:
+    """Fewest passes over the source that give every worker ``total_steps`` full batches
+    (Ray Train's ``streaming_split(equal=True)`` gives each worker ``floor(rows / num_workers)``
+    rows, each worker drops its last partial batch)."""
+    epochs = max(1, -(-total_steps * batch_size // max(1, num_uris)))
+    per_worker_batch = max(1, batch_size // num_workers)
+    while (epochs * num_uris // num_workers) // per_worker_batch < total_steps:
+        epochs += 1
+    return epochs
 
 
 def train_dataset(cfg: Config, uris: list[str], total_steps: int):
@@ -137,7 +142,8 @@ def train_dataset(cfg: Config, uris: list[str], total_steps: int):
     """
     import ray.data
 
-    rows = epoch_rows(uris, cfg.seed, epochs_needed(len(uris), total_steps, cfg.train.batch_size))
+    epochs = epochs_needed(len(uris), total_steps, cfg.train.batch_size, cfg.scaling.num_workers)
+    rows = epoch_rows(uris, cfg.seed, epochs)
     ds = ray.data.from_items(rows, override_num_blocks=num_blocks(len(rows)))
     # a callable instance (not a class) runs as stateless CPU tasks that Ray Data scales
     return ds.map(ViewMaker(cfg), num_cpus=cfg.data.decode_cpus)
