@@ -11,7 +11,8 @@ AFTER, through ``dncut.eval.validate`` (the evaluation job's own inference path)
       (normalises itself) -> Simple NCut (cfg.ncut.solver) -> z2 > 0 (minority side)
       -> upsampled mask -> IoU, Acc, maxFβ (TokenCut definition), MAE over the 100 images
 
-for every evaluation size E. Also recorded: the validation curve (``val_*`` on sod-val at
+for every evaluation size E, on all 100 images and on the 50 that the recipe sweep
+(``bench/recipe_sweep.py``) never looked at (``<E>_held_out``). Also recorded: the validation curve (``val_*`` on sod-val at
 320 px every ``train.val_every`` steps; sod-val is the only labelled set here, so the curve is
 on the test images: it shows the dynamics, the recipe was not picked step by step on it) and a
 centre-prior row (a centred ellipse, semi-axes ``CENTRE_AXES`` of the image's half sides: the
@@ -40,6 +41,7 @@ from pathlib import Path
 SHARED = Path(os.environ.get("DNCUT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 TAPS = ("efficientnet_lite0_s16", "efficientnet_lite0")
 CENTRE_AXES = 0.7  # ellipse semi-axes as a fraction of the half width / half height
+TUNE_HALF = 50  # the first 50 sod-val images by name: bench/recipe_sweep.py validated on them
 ROUND = 4
 
 
@@ -85,14 +87,18 @@ def build_config(args: argparse.Namespace, tap: str, output_dir: str):
 
 
 def score(backbone, cfg, sizes: list[int]) -> dict[str, dict[str, float]]:
-    """Simple-NCut saliency per evaluation size: ``{"320": {"iou": ..., ...}}``."""
+    """Simple-NCut saliency per evaluation size on all of sod-val and on its held-out half (the 50
+    images ``bench/recipe_sweep.py`` never validated on): ``{"320": {...}, "320_held_out": {...}}``."""
     from dncut.eval.validate import score_backbone, validation_rows
 
     out = {}
     for size in sizes:
         sized = cfg.with_overrides({"eval.image_size": size})
-        scores, _ = score_backbone(backbone, validation_rows(sized), sized)
-        out[str(size)] = {k: round(v, ROUND) for k, v in scores.items()}
+        rows = validation_rows(sized)
+        held_out = sorted(r["image_id"] for r in rows)[TUNE_HALF:]
+        for key, subset in ((str(size), rows), (f"{size}_held_out", [r for r in rows if r["image_id"] in held_out])):
+            scores, _ = score_backbone(backbone, subset, sized)
+            out[key] = {k: round(v, ROUND) for k, v in scores.items()}
     return out
 
 
@@ -167,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "z2 > 0, bilinear upsampling of the mask; TokenCut maxFβ definition",
         "recipe": {"config": args.config, "overrides": args.overrides},
         "data": {"train": args.train_dir, "val": args.val_dir, "eval_sizes": args.eval_sizes},
-        "centre_prior": {str(s): centre_prior(first.with_overrides({"eval.image_size": s})) for s in args.eval_sizes},
+        "centre_prior": centre_prior(first),  # at the image resolution: no evaluation size
         "taps": taps,
         "seconds_total": round(time.perf_counter() - t_start, 1),
         "machine": {"cpus": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
