@@ -38,10 +38,11 @@ import sys
 import time
 from pathlib import Path
 
+from recipe_sweep import sod_val_split  # the held-out half of sod-val: the images the sweep never saw
+
 SHARED = Path(os.environ.get("DNCUT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 TAPS = ("efficientnet_lite0_s16", "efficientnet_lite0")
 CENTRE_AXES = 0.7  # ellipse semi-axes as a fraction of the half width / half height
-TUNE_HALF = 50  # the first 50 sod-val images by name: bench/recipe_sweep.py validated on them
 ROUND = 4
 
 
@@ -95,7 +96,7 @@ def score(backbone, cfg, sizes: list[int]) -> dict[str, dict[str, float]]:
     for size in sizes:
         sized = cfg.with_overrides({"eval.image_size": size})
         rows = validation_rows(sized)
-        held_out = sorted(r["image_id"] for r in rows)[TUNE_HALF:]
+        _, held_out = sod_val_split(Path(cfg.data.val))
         for key, subset in ((str(size), rows), (f"{size}_held_out", [r for r in rows if r["image_id"] in held_out])):
             scores, _ = score_backbone(backbone, subset, sized)
             out[key] = {k: round(v, ROUND) for k, v in scores.items()}

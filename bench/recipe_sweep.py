@@ -23,17 +23,21 @@ TUNE_HALF = 50  # images of sod-val (sorted by name) the sweep may look at
 OUT = Path(__file__).parent / "results" / "recipe_sweep"
 
 
-def sod_val_halves(root: Path, link_dir: Path) -> tuple[list[str], list[str]]:
-    """(tune stems, held-out stems); the tune half is linked as ``link_dir/{images,masks}``."""
+def sod_val_split(root: Path) -> tuple[list[str], list[str]]:
+    """(tune stems, held-out stems) of a saliency folder: the first ``TUNE_HALF`` image names, sorted, and the rest."""
     stems = sorted(p.stem for p in (root / "images").iterdir())
-    tune = stems[:TUNE_HALF]
+    return stems[:TUNE_HALF], stems[TUNE_HALF:]
+
+
+def link_tune_half(root: Path, link_dir: Path) -> None:
+    """Link the tune half of ``root`` as ``link_dir/{images,masks}`` (the sweep's ``data.val``)."""
+    tune, _ = sod_val_split(root)
     for sub in ("images", "masks"):
         (link_dir / sub).mkdir(parents=True, exist_ok=True)
         for path in (root / sub).iterdir():
             target = link_dir / sub / path.name
             if path.stem in tune and not target.exists():
                 target.symlink_to(path.resolve())
-    return tune, stems[TUNE_HALF:]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"recipe_sweep: no sod-val / bsds-unlabeled under {SHARED} (set DNCUT_SHARED_DATA)", file=sys.stderr)
         raise SystemExit(2)
     tune_dir = Path("outputs/sod-val-tune").resolve()
-    sod_val_halves(SHARED / "sod-val", tune_dir)
+    link_tune_half(SHARED / "sod-val", tune_dir)
 
     from dncut.cli import init_ray
     from dncut.config import load_config

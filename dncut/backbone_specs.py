@@ -65,7 +65,8 @@ class BackboneSpec:
 
     @property
     def pad_rgb(self) -> tuple[int, int, int]:
-        """The uint8 colour that becomes 0 after this backbone's normalisation (padding)."""
+        """The uint8 colour nearest to the weights' mean: ~0 after this backbone's normalisation
+        (within 0.5/255/std, e.g. 0.006 for ImageNet statistics), used for padding."""
         return tuple(int(round(255 * m)) for m in self.mean)  # type: ignore[return-value]
 
 

@@ -75,8 +75,8 @@ def check_images(images: Tensor, stride: int) -> None:
 class Backbone(nn.Module):
     """Base class: ``forward(images (B, 3, H, W) RGB in [0, 1]) -> features (B, channels, H/stride, W/stride)``.
 
-    The input contract of the whole project: callers pass RGB in [0, 1]; ``forward`` applies the
-    weights' normalisation (``normalize``) and then ``forward_features``. Subclasses implement
+    The input contract of the whole project: callers pass RGB in [0, 1] (or uint8, scaled here);
+    ``forward`` applies the weights' normalisation (``normalize``) and then ``forward_features``. Subclasses implement
     ``forward_features`` on input already normalised.
 
     Attributes:
@@ -108,12 +108,14 @@ class Backbone(nn.Module):
     std = property(lambda self: self.spec.std)
 
     def forward(self, images: Tensor) -> Tensor:
-        """RGB in [0, 1] ``(B, 3, H, W)`` -> features ``(B, C, H/s, W/s)``.
+        """RGB ``(B, 3, H, W)``, float in [0, 1] or uint8 in [0, 255] -> features ``(B, C, H/s, W/s)``.
 
         Raises:
             ValueError: not (B, 3, H, W), or H, W not multiples of ``stride``.
         """
         check_images(images, self.stride)
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)  # (B, 3, H, W) in [0, 1]
         return self.forward_features(self.normalize(images))
 
     def normalize(self, images: Tensor) -> Tensor:

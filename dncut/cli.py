@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import typing
 from typing import Sequence
 
 log = logging.getLogger("dncut")
@@ -39,6 +40,7 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     from dncut.backbone_specs import list_backbones
+    from dncut.config import EvalMethod
 
     parser = argparse.ArgumentParser(prog="dncut", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,10 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-saliency", help="unsupervised saliency of one backbone on an images/masks folder pair")
     p.add_argument("--images", required=True, help="folder of images, local or s3://")
     p.add_argument("--masks", required=True, help="folder of masks with the same stems")
-    p.add_argument("--backbone", default="efficientnet_lite0", choices=list_backbones(), metavar="NAME",
-                   help="backbone name (`dncut backbones` lists them); default efficientnet_lite0")
+    p.add_argument("--backbone", default=None, choices=list_backbones(), metavar="NAME",
+                   help="backbone name (`dncut backbones` lists them); default: the config's model.backbone")
     p.add_argument("--checkpoint", default=None, help="backbone weights (local or s3://); default: pretrained")
-    p.add_argument("--method", nargs="+", default=["simple"], choices=["simple", "tokencut"],
+    p.add_argument("--method", nargs="+", default=["simple"], choices=typing.get_args(EvalMethod),
                    help="simple: the paper's Simple NCut (z2 > 0, minority side = foreground); tokencut: "
                         "TokenCut (binary graph tau 0.2, seed + connected component); default simple")
     p.add_argument("--bilateral", action="store_true", help="also score the bilateral-solver refinement")
@@ -146,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dncut.eval.report import format_table
 
         init_ray(args.address)
-        summary = evaluate_saliency(args.images, args.masks, args.backbone, args.checkpoint, args.method,
+        summary = evaluate_saliency(args.images, args.masks, args.backbone or cfg.model.backbone, args.checkpoint, args.method,
                                     args.bilateral, args.out, cfg)
         print(format_table(summary))
         return 0

@@ -98,7 +98,7 @@ class DataConfig(_Section):
     val: str | None = Field(None, description="null = generated scenes; else a saliency folder with images/ and masks/ (local or s3://)")
     num_scenes: int = Field(256, ge=1, description="generated training scenes when train is null; too few overfits")
     val_scenes: int = Field(32, ge=1, description="generated validation scenes when val is null")
-    crop_size: int = Field(224, ge=16, description="224 (paper); must be a multiple of the backbone stride (16, 8 or 32) or maps get cropped")
+    crop_size: int = Field(224, ge=16, description="224 (paper); must be a multiple of the backbone stride (`dncut backbones`), checked on load")
     crop_scale: tuple[float, float] = Field((0.2, 1.0), description="(0.2, 1.0) (paper) RandomResizedCrop area range; small minimum crops give views with little shared object")
     min_overlap: float = Field(0.01, ge=0.0, lt=1.0, description="0.01 (authors): view 2 must overlap view 1 by this fraction of its area; 0 allows empty overlaps")
     photometric: bool = Field(True, description="true: DINO colour jitter / grayscale / blur / solarize; false makes the task trivially consistent")
@@ -310,7 +310,7 @@ class Config(_Section):
 
     run_name: str = Field("dncut", pattern=r"^[A-Za-z0-9._-]+$", description="name of the run folder under output_dir (letters, digits, . _ -)")
     output_dir: str = Field("outputs", description="local folder or s3://bucket/prefix for checkpoints, configs and reports")
-    seed: int = Field(0, description="seeds torch, numpy and data shuffling (per worker: seed + rank)")
+    seed: int = Field(0, ge=0, description="fixes model init (torch, seed + rank), each epoch's file order and every augmentation draw (dncut.data.pipeline)")
     model: ModelConfig = Field(default_factory=ModelConfig, description="encoder + projector + predictor")
     ncut: NCutConfig = Field(default_factory=NCutConfig, description="graph and eigensolver of the NCut layer")
     loss: LossConfig = Field(default_factory=LossConfig, description="mask consistency + regularization")

@@ -119,10 +119,7 @@ class DenseNCutModel(nn.Module):
             flip1, flip2: ``(B,)`` bool, whether each crop was mirrored.
         """
         b = view1.shape[0]
-        images = torch.cat([view1, view2])  # (2B, 3, S, S)
-        if images.dtype == torch.uint8:
-            images = images.float().div_(255.0)  # RGB in [0, 1], the backbone contract
-        feats = self.encoder(images)  # (2B, C, h, w)
+        feats = self.encoder(torch.cat([view1, view2]))  # (2B, 3, S, S) RGB -> (2B, C, h, w)
         target = self.projector(feats)  # (2B, P, h, w)
         online = self.predictor(target)  # (2B, P, h, w)
         overlap = overlap_boxes(box1, box2)  # (B, 4)

@@ -54,6 +54,7 @@ log = logging.getLogger("dncut.train")
 STATE_FILE = "state.pt"
 EXPORT_FILE = "backbone.pth"
 HISTORY_FILE = "metrics_history.jsonl"  # one JSON line per report (rank 0), under run_dir
+PROGRESS_FILE = "progress.json"  # {"step": k} beside state.pt: the driver reads where the data resumes
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -134,11 +135,13 @@ class LoopState:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Run by every Ray Train worker. ``loop_config``: ``{"config": Config dict, "total_steps": int}``."""
+    """Run by every Ray Train worker. ``loop_config``: ``{"config": Config dict, "total_steps": int,
+    "start_step": int}`` (the step the dataset's first row belongs to, see ``build_trainer``)."""
     import ray.train
     import ray.train.torch
 
     cfg, total = Config.model_validate(loop_config["config"]), int(loop_config["total_steps"])
+    start = int(loop_config.get("start_step", 0))
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     device = _setup_worker(cfg, rank)
     model, criterion = build_model(cfg), build_loss(cfg)
@@ -148,16 +151,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     chief = Chief(cfg, device, model, state) if rank == 0 else None  # every rank-0 duty lives there
     shard = ray.train.get_dataset_shard("train")
-    while state.step < total:
-        for batch in shard.iter_batches(batch_size=cfg.train.batch_size // world, batch_format="numpy",
-                                        drop_last=True):
-            train_one_step(model, criterion, optimizer, batch, float(sched[state.step]), state, cfg, device)
-            if _due(state.step, total, cfg):
-                report(model, optimizer, state, total, sched, cfg, chief, device)
-            if state.step >= total:
-                break
-        else:
-            state.epoch += 1  # the seeded rows ran out before total (see dncut.data.pipeline): go again
+    for batch in _batches(shard, cfg.train.batch_size // world, skip=state.step - start):
+        train_one_step(model, criterion, optimizer, batch, float(sched[state.step]), state, cfg, device)
+        if _due(state.step, total, cfg):
+            report(model, optimizer, state, total, sched, cfg, chief, device)
+        if state.step >= total:
+            break
+    else:
+        raise RuntimeError(f"the training rows ran out at step {state.step} of {total} "
+                           "(dncut.data.pipeline.epochs_needed sized them for the whole run)")
     if chief is not None:
         chief.export(model)
 
@@ -213,6 +215,30 @@ def _setup_worker(cfg: Config, rank: int) -> torch.device:
     if not cfg.scaling.use_gpu:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     return ray.train.torch.get_device()
+
+
+def _batches(shard, batch_size: int, skip: int):
+    """This worker's batches (numpy), after ``skip`` already trained ones: a worker group restarted
+    inside one ``fit`` re-reads the dataset from its first row (``start_step``), so it passes over
+    the batches of the steps it resumes after (decoded, not trained)."""
+    if skip < 0:
+        log.warning("the checkpoint (step %d) is older than the data start; continuing without skipping", skip)
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True):
+        if skip > 0:
+            skip -= 1
+            continue
+        yield batch
+
+
+def resume_step(cfg: Config) -> int:
+    """The step a rerun of ``run_dir`` resumes at: the newest checkpoint's ``progress.json`` (0 if none)."""
+    s3 = s3_options(cfg)
+    try:
+        files = storage.list_files(run_dir(cfg), [PROGRESS_FILE], s3)
+    except FileNotFoundError:
+        return 0
+    return max((int(json.loads(storage.read_bytes(f, s3))["step"]) for f in files
+                if f.rsplit("/", 2)[-2].startswith("checkpoint_")), default=0)
 
 
 def resume(model: DenseNCutModel, optimizer: torch.optim.Optimizer, rank: int) -> LoopState:
@@ -287,8 +313,9 @@ def _count_skipped(batch: dict[str, np.ndarray], ok: np.ndarray, state: LoopStat
 
 
 def _due(step: int, total: int, cfg: Config) -> bool:
+    """A report at this step: every ``log_every``, ``checkpoint_every`` and ``val_every`` step, and the last."""
     t = cfg.train
-    return step % t.log_every == 0 or step % t.checkpoint_every == 0 or step >= total
+    return step % t.log_every == 0 or step % t.checkpoint_every == 0 or _val_due(step, total, cfg)
 
 
 def _val_due(step: int, total: int, cfg: Config) -> bool:
@@ -385,6 +412,7 @@ def _save_checkpoint(model: DenseNCutModel, optimizer, state: LoopState, counter
                 "epoch": state.epoch, "counters": dict(counters), "skipped_files": sorted(state.skipped_files)},
                os.path.join(d, STATE_FILE))
     Path(d, "config.yaml").write_text(cfg.to_yaml())
+    Path(d, PROGRESS_FILE).write_text(json.dumps({"step": state.step}))
     return d
 
 
@@ -436,7 +464,8 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     if cfg.data.val is not None:  # a validation folder without masks fails here, before any worker
         saliency_dataset("folder", cfg.data.val, s3_options(cfg))
     total = cfg.train.total_steps(len(uris))
-    ds = train_dataset(cfg, uris, total)
+    start = min(resume_step(cfg), total)  # a rerun continues the seeded row stream where it stopped
+    ds = train_dataset(cfg, uris, total, start)
     storage.write_bytes(storage.join(run_dir(cfg), "config.yaml"), cfg.to_yaml().encode(), s3_options(cfg))
     sc = cfg.scaling
     scaling = ray.train.ScalingConfig(
@@ -444,7 +473,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
         resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})})
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "total_steps": total},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "total_steps": total, "start_step": start},
         scaling_config=scaling,
         run_config=run_config(cfg, callbacks),
         datasets={"train": ds},

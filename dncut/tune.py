@@ -478,7 +478,7 @@ def run_sweep(cfg: Config, *, evaluate: bool | None = None, callbacks: Sequence[
 
     statuses = _tune_statuses(grid)
     rows = sort_rows([trial_row(r, runs_dir=runs_dir, metric=cfg.tune.metric, mode=cfg.tune.mode,
-                                val_every=cfg.train.val_every, tune_status=status, s3=s3)
+                                tune_status=status, s3=s3)
                       for r, status in zip(grid, statuses)], cfg.tune.mode)
     table = format_trials(rows, metric=cfg.tune.metric, root=exp_dir)
     files = {"csv": storage.join(exp_dir, CSV_FILE), "markdown": storage.join(exp_dir, MD_FILE),

@@ -74,22 +74,11 @@ def _float(value) -> float | None:
     return out if math.isfinite(out) else None
 
 
-def validated_at(step: int, total: int, val_every: int | None) -> int:
-    """Step whose weights gave the validation carried by the report at ``step``.
-
-    ``dncut.train`` validates at the start, every ``val_every`` steps and at the end, and
-    carries the last value in every report: ``validated_at(3, 4, 2) == 2``,
-    ``validated_at(1, 4, None) == 0``, ``validated_at(4, 4, 3) == 4``.
-    """
-    if step >= total:
-        return step
-    return (step // val_every) * val_every if val_every else 0
-
-
-def trial_row(result, *, runs_dir: str, metric: str, mode: str, val_every: int | None = None,
-              tune_status: str | None = None, s3: storage.S3Options | None = None) -> dict[str, Any]:
+def trial_row(result, *, runs_dir: str, metric: str, mode: str, tune_status: str | None = None,
+              s3: storage.S3Options | None = None) -> dict[str, Any]:
     """One table row from a Tune ``Result`` (see ``COLUMNS``); ``best_step`` is the step whose
-    weights gave the best ``metric`` (for ``val_*`` metrics, see ``validated_at``).
+    weights gave the best ``metric`` (for ``val_*`` metrics the reported ``val_step``: a report
+    carries the last validation, measured at that step).
 
     ``tune_status`` is Tune's own trial status: anything but TERMINATED / ERROR (the sweep was
     interrupted, e.g. Ctrl-C) makes the row INTERRUPTED."""
@@ -106,9 +95,9 @@ def trial_row(result, *, runs_dir: str, metric: str, mode: str, val_every: int |
         values = df[metric].astype(float)
         if values.notna().any():
             best_idx = values.idxmax() if mode == "max" else values.idxmin()
-            if "step" in df.columns:
-                step, total = int(df.loc[best_idx, "step"]), int(df.loc[best_idx, "total_steps"])
-                row["best_step"] = validated_at(step, total, val_every) if metric.startswith("val_") else step
+            at = "val_step" if metric.startswith("val_") and "val_step" in df.columns else "step"
+            if at in df.columns:
+                row["best_step"] = int(df.loc[best_idx, at])
         for key in ("val_iou", "val_max_fbeta"):
             if key in df.columns and df[key].notna().any():
                 row[f"best_{key}"] = float(df[key].max())

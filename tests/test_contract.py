@@ -170,3 +170,25 @@ def test_same_seed_same_losses_other_seed_other_losses(ray_session, tmp_path: Pa
     first, again, other = losses(0, "a"), losses(0, "b"), losses(1, "c")
     assert first == again, json.dumps([first, again])
     assert first != other
+
+
+@pytest.mark.ray
+def test_a_resumed_run_trains_on_what_the_uninterrupted_run_would(ray_session, tmp_path: Path):
+    """Stopped after step 2 and rerun to step 4 (same run), the per-step losses equal those of one
+    uninterrupted 4-step run bit for bit: the model, the optimizer and the seeded data stream all
+    continue where they stopped (the rerun leaves out the rows already trained)."""
+    from dncut.train import fit, read_history, resume_step, run_dir
+
+    def run(name: str, steps: int) -> list[tuple[int, float]]:
+        cfg = load_config(SMOKE, [f"output_dir={tmp_path}", f"run_name={name}", f"train.max_steps={steps}",
+                                  "train.warmup_steps=2", "train.checkpoint_every=2", "train.val_every=null",
+                                  "data.val_scenes=1"])
+        fit(cfg)
+        assert resume_step(cfg) == steps  # where the driver starts the rows of a rerun
+        return [(m["step"], m["loss"]) for m in read_history(run_dir(cfg))]
+
+    straight = run("straight", 4)
+    run("resumed", 2)
+    resumed = run("resumed", 4)
+    assert [s for s, _ in straight] == [s for s, _ in resumed] == [1, 2, 3, 4]
+    assert resumed == straight

@@ -18,7 +18,7 @@ from dncut.config import ConfigError, load_config
 from dncut.data.datasets import DatasetLayoutError
 from dncut.tune import SweepError, check_sweep, max_concurrent_trials, run_sweep, sweep_dir
 from dncut.tune_results import (COLUMNS, failure_reason, format_trials, plot_iou_vs_alpha, trial_run_name,
-                                trials_csv, validated_at)
+                                trials_csv)
 
 SMOKE = "configs/sweep/smoke.yaml"
 
@@ -48,9 +48,7 @@ def test_max_concurrent_rule_hand_cases(tmp_path):
     assert max_concurrent_trials(fixed, {"CPU": 1.0}) == 3
 
 
-def test_validated_at_and_run_names():
-    assert [validated_at(s, 4, 2) for s in (1, 2, 3, 4)] == [0, 2, 2, 4]
-    assert validated_at(3, 10, None) == 0
+def test_run_names():
     name = trial_run_name("ab12c_00001", {"alpha": 0.05, "lr": 5e-4, "backbone": "vit_small_patch16_224.dino"})
     assert name == "ab12c_00001-vit_small_patch16_224.dino-a0.05-lr0.0005"
 

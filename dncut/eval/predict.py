@@ -9,8 +9,8 @@ the solver, its dtype and tolerance, and the sign rule cannot drift apart::
          (bilinear, PIL); or image_size None: pad bottom / right to a multiple of the stride
          with the backbone's mean colour (0 after its normalisation, as the peers pad tensors)
          -> input (Hc, Wc, 3) uint8, content (2,) = unpadded part
-      -> Predictor: inputs of one size share one backbone call ((g, 3, Hc, Wc) in [0, 1]; the
-         backbone normalises), maps of one node count n = h * w share one NCut call
+      -> Predictor: inputs of one size share one backbone call ((g, 3, Hc, Wc) uint8; the
+         backbone scales and normalises), maps of one node count n = h * w share one NCut call
          (``dncut.eval.methods.ncut_maps``: float32 iterative solver at EVAL_TOL, eigh in float64)
          -> per image {<method>_map (h, w), <method>_mask (h, w) bool, tokencut_box (4,)}
 
@@ -20,6 +20,7 @@ Upsampling to the image and scoring are stage 3 (``dncut.eval.batch.score_row``)
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,7 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-METHODS = ("simple", "tokencut")
+from dncut.config import EvalMethod
+
+METHODS: tuple[str, ...] = typing.get_args(EvalMethod)  # ("simple", "tokencut"), owned by the config
 
 
 def input_geometry(height: int, width: int, *, stride: int, image_size: int | None) -> tuple[int, int, bool]:
@@ -99,9 +102,8 @@ class Predictor:
     def features(self, inputs: list[np.ndarray]) -> list[torch.Tensor]:
         """Same-size uint8 inputs ``(Hc, Wc, 3)`` -> feature maps ``(C, h, w)``, one per input
         (the caller holds eval / inference mode; ``predict`` does)."""
-        x = torch.from_numpy(np.stack(inputs)).to(self.device)  # (g, Hc, Wc, 3)
-        x = x.permute(0, 3, 1, 2).float().div(255.0)  # (g, 3, Hc, Wc) RGB in [0, 1]
-        return list(self.backbone(x).float())  # g x (C, h, w)
+        x = torch.from_numpy(np.stack(inputs)).to(self.device)  # (g, Hc, Wc, 3) uint8
+        return list(self.backbone(x.permute(0, 3, 1, 2)).float())  # (g, 3, Hc, Wc) -> g x (C, h, w)
 
     def _ncut(self, maps: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
         from dncut.eval.methods import ncut_maps

@@ -70,8 +70,9 @@ def score_backbone(backbone: torch.nn.Module, rows: list[dict[str, Any]], cfg: C
         device: where the backbone runs.
 
     Returns:
-        ``({"acc", "iou", "max_fbeta", "mae"}, z2 grid maps (h, w) per row)``; a metric is NaN
-        when every image failed (e.g. non-finite features).
+        ``({"acc", "iou", "max_fbeta", "mae", "failed"}, z2 grid maps (h, w) per row)``: means over
+        the images that succeeded, NaN when every image failed (e.g. non-finite features);
+        ``failed`` counts the images left out (logged with their reasons).
     """
     predictor = Predictor(backbone, [METHOD], cfg.ncut.solver, device)
     acc = Accumulator([METHOD])
@@ -85,5 +86,11 @@ def score_backbone(backbone: torch.nn.Module, rows: list[dict[str, Any]], cfg: C
             maps.append(np.asarray(row[f"{METHOD}_map"]))
             for scored in score_row(row, methods=[METHOD], bilateral=False, discovery=False):
                 acc.add(scored, dataset="val", backbone=backbone.spec.name, checkpoint=None, task="saliency")
-    metrics = acc.summary()["runs"][0]["metrics"]
-    return {k: float("nan") if metrics[k] is None else float(metrics[k]) for k in ("acc", "iou", "max_fbeta", "mae")}, maps
+    (run,) = acc.summary()["runs"]
+    if run["n_failed"]:
+        reasons = [r["error"] for r in acc.rows if r["status"] != "ok"]
+        log.warning("validation: %d of %d images failed and are left out, e.g. %s", run["n_failed"], len(rows),
+                    reasons[:2])
+    scores = {k: float("nan") if run["metrics"][k] is None else float(run["metrics"][k])
+              for k in ("acc", "iou", "max_fbeta", "mae")}
+    return {**scores, "failed": float(run["n_failed"])}, maps

@@ -207,9 +207,12 @@ def _fill_empty(w: Tensor, spare: Tensor) -> Tensor:
 
 
 def _random_columns(lap: Tensor, m: int) -> Tensor:
-    """``(B, n, m)`` standard normal columns from a fixed-seed generator on ``lap``'s device."""
+    """``(B, n, m)`` standard normal columns from a fixed-seed generator on ``lap``'s device, the
+    same ``(n, m)`` block for every graph: a graph's result does not depend on its batch (its
+    size, its neighbours, its position), so batched and one-by-one inference agree."""
     gen = torch.Generator(device=lap.device).manual_seed(SEED)
-    return torch.randn(lap.shape[0], lap.shape[1], m, generator=gen, device=lap.device, dtype=lap.dtype)
+    block = torch.randn(1, lap.shape[1], m, generator=gen, device=lap.device, dtype=lap.dtype)  # (1, n, m)
+    return block.expand(lap.shape[0], -1, -1).contiguous()  # (B, n, m)
 
 
 def _initial_columns(lap: Tensor, init: Tensor | None, k: int, spare: Tensor) -> Tensor:
