@@ -142,6 +142,7 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1, description="steps between metric reports")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (plus one at the end)")
     keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept by Ray Train (CheckpointConfig.num_to_keep)")
+    export: Literal["last", "best_val_iou"] = Field("last", description="which encoder backbone.pth holds: last = the final step; best_val_iou = the validation with the highest val_iou (early stopping: data.val must then be images you do not report on)")
     val_every: int | None = Field(None, ge=1, description="steps between validations (val_iou); null = only at the end")
     max_nan_steps: int = Field(5, ge=0, description="consecutive non-finite losses skipped before the run fails; 0 fails on the first")
     epochs: int | None = Field(None, ge=1, description="2 (paper); if set, replaces max_steps by epochs * floor(dataset size / batch_size)")

@@ -178,12 +178,18 @@ class Chief:
         self.cfg, self.device, self.s3 = cfg, device, s3_options(cfg)
         self.rows = validation_rows(cfg)
         self.history = [m for m in read_history(run_dir(cfg), self.s3) if m["step"] <= state.step]
+        self.best = max((m["val_iou"] for m in self.history if math.isfinite(m.get("val_iou", math.nan))),
+                        default=-math.inf)  # of the exported encoder (train.export: best_val_iou)
         state.last_val = self.validate(model, state.step)
 
     def validate(self, model, step: int) -> dict[str, float]:
         """Simple-NCut saliency of the current encoder (``dncut.eval.validate``): ``val_acc``, ``val_iou``,
-        ``val_max_fbeta``, ``val_mae`` (NaN when every image failed) and ``val_step``."""
+        ``val_max_fbeta``, ``val_mae`` (NaN when every image failed), ``val_failed`` and ``val_step``.
+        With ``train.export: best_val_iou`` a new best is exported at once."""
         scores, _ = score_backbone(_unwrap(model).encoder, self.rows, self.cfg, device=self.device)
+        if self.cfg.train.export == "best_val_iou" and scores["iou"] > self.best:
+            self.best = scores["iou"]
+            self._export(model, f"best val_iou {self.best:.4f} at step {step}")
         return {**{f"val_{k}": v for k, v in scores.items()}, "val_step": step}
 
     def record(self, metrics: dict[str, Any]) -> None:
@@ -201,9 +207,14 @@ class Chief:
         return ray.train.Checkpoint.from_directory(folder)
 
     def export(self, model) -> None:
+        """The end of the run: export the final encoder (``train.export: last``)."""
+        if self.cfg.train.export == "last":
+            self._export(model, "last step")
+
+    def _export(self, model, why: str) -> None:
         uri = storage.join(run_dir(self.cfg), EXPORT_FILE)
         export_backbone(_unwrap(model).encoder, uri, self.s3)
-        log.info("exported the finetuned backbone to %s", uri)
+        log.info("exported the finetuned backbone (%s) to %s", why, uri)
 
 
 def _setup_worker(cfg: Config, rank: int) -> torch.device:

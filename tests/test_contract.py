@@ -192,3 +192,34 @@ def test_a_resumed_run_trains_on_what_the_uninterrupted_run_would(ray_session, t
     resumed = run("resumed", 4)
     assert [s for s, _ in straight] == [s for s, _ in resumed] == [1, 2, 3, 4]
     assert resumed == straight
+
+
+@pytest.mark.ray
+def test_export_best_val_iou_exports_the_best_validated_step(ray_session, tmp_path: Path):
+    """``train.export: best_val_iou``: backbone.pth holds the encoder of the step with the highest
+    val_iou (a checkpoint of every step to compare with; step 0 = the starting weights)."""
+    from dncut.backbones import read_checkpoint
+    from dncut.train import EXPORT_FILE, STATE_FILE, build_model, fit, read_history, run_dir
+
+    cfg = load_config(SMOKE, [f"output_dir={tmp_path}", "train.export=best_val_iou", "train.max_steps=4",
+                              "train.val_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=10",
+                              "train.lr=5.0e-3", "data.val_scenes=3"])
+    fit(cfg)
+    history = read_history(run_dir(cfg))
+    best = max(history, key=lambda m: m["val_iou"])  # the first of equals, as the export keeps it
+    first = {m["val_step"]: m["val_iou"] for m in history}
+    best_step = min(s for s, v in first.items() if v == best["val_iou"])
+    exported = read_checkpoint(str(Path(run_dir(cfg)) / EXPORT_FILE))["state_dict"]
+    states = {int(torch.load(f, weights_only=True)["step"]): torch.load(f, weights_only=True)
+              for f in Path(run_dir(cfg)).glob(f"checkpoint_*/{STATE_FILE}")}
+    if best_step == 0:  # the starting weights: the worker seeds torch with seed + rank, then builds
+        torch.manual_seed(cfg.seed)
+        expected = build_model(cfg).encoder.model.state_dict()
+    else:
+        expected = {k[len("encoder.model."):]: v for k, v in states[best_step]["model"].items()
+                    if k.startswith("encoder.model.")}
+    assert set(expected) == set(exported)
+    assert all(torch.equal(expected[k], exported[k]) for k in expected), f"not the step-{best_step} encoder"
+    others = [s for s in states if s != best_step]
+    assert any(not torch.equal(states[s]["model"]["encoder.model.patch_embed.proj.weight"],
+                               exported["patch_embed.proj.weight"]) for s in others)

@@ -212,6 +212,7 @@ class ColourBackbone(torch.nn.Module):
     spec = COLOUR_SPEC
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.float() / 255 if images.dtype == torch.uint8 else images  # the Backbone contract
         mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (self.spec.mean, self.spec.std))
         return F.avg_pool2d((images - mean) / std, self.spec.stride)  # (B, 3, H/8, W/8)
 

@@ -56,7 +56,8 @@ SCENE_SEED = 1_000_000  # held-out generated scenes (training uses seeds 0..num_
 SCENE_SIZE = 224  # side of a held-out generated scene, px
 _NAN4 = np.full(4, np.nan)
 BackboneFactory = Callable[..., Any]
-"""``(name, *, pretrained, checkpoint) -> nn.Module`` (RGB in [0, 1] -> (B, C, H/s, W/s)) with a
+"""``(name, *, pretrained, checkpoint) -> nn.Module`` (RGB (B, 3, H, W), uint8 or float in [0, 1]
+-> (B, C, H/s, W/s), normalising itself like ``dncut.backbones.Backbone``) with a
 ``spec`` attribute on the FACTORY (a ``BackboneSpec``: stride and padding colour of what it
 builds, for every name): custom feature extractors and tests; pickled to the actors."""
 
