@@ -108,7 +108,7 @@ def test_view_maker_decodes_odd_modes_and_flags_bad_files(tmp_path):
         row = maker({"uri": str(folder / name), "epoch": 0, "index": i})
         assert row["ok"], f"{name}: {row['error']}"
         assert row["view1"].shape == (3, 64, 64) and row["view1"].dtype == np.uint8
-        assert row["view1"].std() > 10, f"{name} decoded to a flat image"
+        assert row["view1"].std() > 2, f"{name} decoded to a flat image"  # uint8 levels; flat = 0
     expected_reason = {"corrupt.jpg": "not a valid image", "truncated.jpg": "truncated",
                        "tiny.jpg": "smaller than min_size=32"}
     for name in BAD:
