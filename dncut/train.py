@@ -151,15 +151,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     chief = Chief(cfg, device, model, state) if rank == 0 else None  # every rank-0 duty lives there
     shard = ray.train.get_dataset_shard("train")
-    for batch in _batches(shard, cfg.train.batch_size // world, skip=state.step - start):
-        train_one_step(model, criterion, optimizer, batch, float(sched[state.step]), state, cfg, device)
-        if _due(state.step, total, cfg):
-            report(model, optimizer, state, total, sched, cfg, chief, device)
-        if state.step >= total:
-            break
-    else:
-        raise RuntimeError(f"the training rows ran out at step {state.step} of {total} "
-                           "(dncut.data.pipeline.epochs_needed sized them for the whole run)")
+    while state.step < total:  # false when a finished run is run again: nothing left to train
+        for batch in _batches(shard, cfg.train.batch_size // world, skip=state.step - start):
+            train_one_step(model, criterion, optimizer, batch, float(sched[state.step]), state, cfg, device)
+            if _due(state.step, total, cfg):
+                report(model, optimizer, state, total, sched, cfg, chief, device)
+            if state.step >= total:
+                break
+        else:
+            raise RuntimeError(f"the training rows ran out at step {state.step} of {total} "
+                               "(dncut.data.pipeline.epochs_needed sized them for the whole run)")
     if chief is not None:
         chief.export(model)
 

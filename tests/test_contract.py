@@ -192,6 +192,7 @@ def test_a_resumed_run_trains_on_what_the_uninterrupted_run_would(ray_session, t
     resumed = run("resumed", 4)
     assert [s for s, _ in straight] == [s for s, _ in resumed] == [1, 2, 3, 4]
     assert resumed == straight
+    assert run("resumed", 4) == straight  # a finished run run again trains nothing and keeps its history
 
 
 @pytest.mark.ray
