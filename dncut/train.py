@@ -249,8 +249,15 @@ def resume_step(cfg: Config) -> int:
         files = storage.list_files(run_dir(cfg), [PROGRESS_FILE], s3)
     except FileNotFoundError:
         return 0
-    return max((int(json.loads(storage.read_bytes(f, s3))["step"]) for f in files
-                if f.rsplit("/", 2)[-2].startswith("checkpoint_")), default=0)
+    steps = []
+    for f in files:
+        if not f.rsplit("/", 2)[-2].startswith("checkpoint_"):
+            continue
+        try:
+            steps.append(int(json.loads(storage.read_bytes(f, s3))["step"]))
+        except (ValueError, KeyError, TypeError) as exc:  # a truncated file: that checkpoint does not count
+            log.warning("ignoring unreadable %s: %s", f, exc)
+    return max(steps, default=0)
 
 
 def resume(model: DenseNCutModel, optimizer: torch.optim.Optimizer, rank: int) -> LoopState:

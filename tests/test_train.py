@@ -106,3 +106,20 @@ def test_train_checkpoint_resume_and_export(ray_session, tmp_path):
     mine = loaded.state_dict()
     common = [k for k in enc if k in mine]
     assert common and all(torch.equal(enc[k], mine[k]) for k in common)
+
+
+def test_resume_step_reads_the_newest_checkpoint_and_skips_a_broken_one(tmp_path, caplog):
+    """The step a rerun's rows start at: the largest readable progress.json of a checkpoint folder;
+    a truncated one is ignored with a warning, a missing run folder means step 0."""
+    from dncut.train import PROGRESS_FILE, resume_step, run_dir
+
+    cfg = smoke_config(tmp_path)
+    assert resume_step(cfg) == 0
+    run = Path(run_dir(cfg))
+    for name, text in (("checkpoint_a", '{"step": 2}'), ("checkpoint_b", '{"step": 4}'), ("checkpoint_c", '{"st')):
+        (run / name).mkdir(parents=True)
+        (run / name / PROGRESS_FILE).write_text(text)
+    (run / PROGRESS_FILE).write_text('{"step": 99}')  # not in a checkpoint folder: not counted
+    with caplog.at_level("WARNING", logger="dncut.train"):
+        assert resume_step(cfg) == 4
+    assert "checkpoint_c" in caplog.text
