@@ -142,6 +142,7 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1, description="steps between metric reports")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (plus one at the end)")
     keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept by Ray Train (CheckpointConfig.num_to_keep)")
+    keep_checkpoints_by: Literal["newest", "val_iou"] = Field("newest", description="newest: the last keep_checkpoints; val_iou: the keep_checkpoints with the highest val_iou (Ray Train always keeps the newest too, for resuming)")
     export: Literal["last", "best_val_iou"] = Field("last", description="which encoder backbone.pth holds: last = the final step; best_val_iou = the validation with the highest val_iou (early stopping: data.val must then be images you do not report on)")
     val_every: int | None = Field(None, ge=1, description="steps between validations (val_iou); null = only at the end")
     max_nan_steps: int = Field(5, ge=0, description="consecutive non-finite losses skipped before the run fails; 0 fails on the first")
@@ -305,6 +306,19 @@ class TuneConfig(_Section):
         return value
 
 
+class TrackingConfig(_Section):
+    """Experiment tracking, written by rank 0 (``dncut.tracking``): ``metrics.jsonl`` always,
+    TensorBoard event files, and MLflow / W&B through their own clients (Ray Train's guide)."""
+
+    tensorboard: bool = Field(True, description="TensorBoard event files under output_dir/run_name/tensorboard (tensorboardX)")
+    mlflow: bool = Field(False, description="log params and metrics to MLflow (pip install mlflow-skinny)")
+    mlflow_tracking_uri: str | None = Field(None, description="null = MLFLOW_TRACKING_URI, else ./mlruns")
+    mlflow_experiment: str = Field("dncut", min_length=1, description="MLflow experiment name")
+    wandb: bool = Field(False, description="log config and metrics to Weights & Biases (pip install wandb; WANDB_API_KEY)")
+    wandb_project: str = Field("dncut", min_length=1, description="W&B project")
+    wandb_mode: Literal["online", "offline"] = Field("online", description="offline writes ./wandb for a later `wandb sync`")
+
+
 # --------------------------------------------------------------------------- root
 class Config(_Section):
     """Everything a run needs; an empty YAML file is a valid (demo) config."""
@@ -321,6 +335,7 @@ class Config(_Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="saliency / discovery evaluation")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Ray Tune sweep")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="metric history, TensorBoard, MLflow, W&B")
 
     @model_validator(mode="after")
     def _check_crop_stride(self) -> Config:
@@ -492,6 +507,46 @@ def parse_config(
     except ValidationError as exc:
         lines = [_format_error(err) for err in exc.errors(include_url=False)]
         raise ConfigError(f"invalid config ({source}):\n  " + "\n  ".join(lines)) from None
+
+
+CONFIG_KINDS = ("train", "sweep", "eval")
+"""Sub-folders of the bundled configs (``configs/`` in the repository, ``dncut/configs`` in the wheel)."""
+
+
+def bundled_configs() -> dict[str, Path]:
+    """``{"train/vits16_dino": path, ...}``: the configs shipped with dncut (the wheel's package
+    data, else the repository's ``configs/`` beside the package)."""
+    here = Path(__file__).resolve().parent
+    for root in (here / "configs", here.parent / "configs"):
+        if root.is_dir():
+            return {f"{p.parent.name}/{p.stem}": p for kind in CONFIG_KINDS for p in sorted((root / kind).glob("*.yaml"))}
+    return {}
+
+
+def resolve_config(name: str | None, kind: str | None = None) -> str | None:
+    """A ``--config`` argument -> the file to read.
+
+    An existing file or a URI (``s3://``) is used as given; otherwise ``name`` is a bundled
+    config: ``vits16_dino``, ``train/vits16_dino`` or ``train/vits16_dino.yaml``, looked up in
+    ``kind``'s folder first (``dncut train --config smoke`` = ``train/smoke``).
+
+    Raises:
+        ConfigError: no such file and no (or more than one) bundled config of that name.
+    """
+    if name is None or "://" in name or Path(name).exists():
+        return name
+    stem = name[:-5] if name.endswith(".yaml") else name
+    stem = stem[len("configs/"):] if stem.startswith("configs/") else stem
+    bundled = bundled_configs()
+    matches = [k for k in bundled if k == stem] or [k for k in bundled if k == f"{kind}/{stem}"] or \
+              [k for k in bundled if k.split("/")[1] == stem]
+    if len(matches) == 1:
+        return str(bundled[matches[0]])
+    if matches:
+        raise ConfigError(f"config {name!r} is ambiguous: {', '.join(matches)}")
+    if "/" in name or name.endswith((".yaml", ".yml")):
+        return name  # a path: load_config names the missing file
+    raise ConfigError(f"no config file {name!r} and no bundled config of that name; bundled: {', '.join(bundled)}")
 
 
 def load_config(

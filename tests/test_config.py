@@ -343,3 +343,20 @@ def test_import_has_no_side_effects():
     code = "import sys, dncut.config; print(any(m in sys.modules for m in ('torch', 'ray', 'timm')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_bundled_configs_resolve_by_name_and_kind(tmp_path):
+    from dncut.config import ConfigError, resolve_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    assert Path(resolve_config("vits16_dino")) == root / "train" / "vits16_dino.yaml"
+    assert Path(resolve_config("smoke", "sweep")) == root / "sweep" / "smoke.yaml"  # the command's folder first
+    assert Path(resolve_config("eval/smoke.yaml", "train")) == root / "eval" / "smoke.yaml"
+    with pytest.raises(ConfigError, match="ambiguous: train/smoke, sweep/smoke, eval/smoke"):
+        resolve_config("smoke")
+    with pytest.raises(ConfigError, match="no bundled config.*train/vits16_dino"):
+        resolve_config("vits16_dinov2")
+    own = tmp_path / "smoke.yaml"
+    own.write_text("seed: 1\n")
+    assert resolve_config(str(own)) == str(own)  # an existing file wins over a bundled name
+    assert resolve_config("missing/dir/x.yaml") == "missing/dir/x.yaml"  # a path: load_config names it

@@ -111,7 +111,11 @@ def test_paper_sweep_config_is_valid():
     _check_combinations(cfg)
     assert grid_size(cfg) == 5 * 7 * 3 and 0.0 in cfg.tune.alpha
     assert set(cfg.tune.checkpoints) <= set(cfg.tune_backbones())
-    assert max_concurrent_trials(cfg, {"CPU": 512.0, "GPU": 64.0}) == 16  # 4 GPUs per trial
+    # set, not derived: on the autoscaling cluster (min_workers 0) the start has no GPU node
+    assert max_concurrent_trials(cfg, {"CPU": 8.0}) == cfg.tune.max_concurrent_trials == 4
+    derived = cfg.with_overrides({"tune.max_concurrent_trials": None})
+    assert max_concurrent_trials(derived, {"CPU": 512.0, "GPU": 64.0}) == 16  # 4 GPUs per trial
+    assert max_concurrent_trials(derived, {"CPU": 8.0}) == 1
 
 
 # ----------------------------------------------------------------------------- bad input, before any trial
