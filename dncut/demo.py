@@ -58,8 +58,9 @@ def format_table(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(cfg: Config) -> dict:
-    """Before/after saliency around one finetuning run; returns the results dict."""
+def run_demo(cfg: Config, *, progress: bool = False) -> dict:
+    """Before/after saliency around one finetuning run; returns the results dict (``progress``:
+    a progress bar for the finetuning on this console)."""
     if storage.is_s3(cfg.output_dir):
         raise ValueError("the demo writes a local figure: set output_dir to a local folder")
     out = run_dir(cfg)
@@ -71,9 +72,10 @@ def run_demo(cfg: Config) -> dict:
                                  s3=s3_options(cfg))
     before, z_before = score_backbone(pretrained, samples, cfg)
     t0 = time.perf_counter()
-    result = fit(cfg)
+    result = fit(cfg, progress=progress)
     train_s = time.perf_counter() - t0
-    finetuned = create_backbone(cfg.model.backbone, pretrained=False, checkpoint=storage.join(out, EXPORT_FILE))
+    finetuned = create_backbone(cfg.model.backbone, pretrained=False, checkpoint=storage.join(out, EXPORT_FILE),
+                                s3=s3_options(cfg))
     after, z_after = score_backbone(finetuned, samples, cfg)
     save_figure(storage.join(out, "figure.png"), samples, z_before, z_after)
     results = {"backbone": cfg.model.backbone, "n_val_images": len(samples), "before": before, "after": after,

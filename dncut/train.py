@@ -7,8 +7,9 @@
            for each batch of the worker's streaming_split shard:
                train_one_step(): drop undecodable rows (counted) -> model -> NCutLoss -> step
                every log_every: report() metrics; every checkpoint_every: with a checkpoint
-           Chief (rank 0 only): validation, progress line, metrics_history.jsonl, checkpoint
-               files, and at the end the export of the finetuned backbone (export_backbone)
+           Chief (rank 0 only): validation, progress line, tracking (metrics.jsonl, TensorBoard,
+               MLflow / W&B: dncut.tracking), checkpoint files, and at the end the export of the
+               finetuned backbone (export_backbone) and the curves figure
 
 Learning-rate rule: the peak lr is ``train.lr * scale(global_batch / base_batch_size)``
 (linear by default, Goyal et al.), warmed up linearly over ``warmup_steps`` then cosine to
@@ -33,27 +34,30 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from dncut import storage
-from dncut.backbones import create_backbone, export_backbone
-from dncut.config import Config
+from dncut.backbones import create_backbone, export_backbone, load_backbone
+from dncut.config import Config, load_config
 from dncut.data.datasets import saliency_dataset
 from dncut.data.pipeline import s3_options, source_uris, train_data_config, train_dataset
 from dncut.eval.validate import score_backbone, validation_rows
 from dncut.losses import NCutLoss
+from dncut.export import ExportFormat, export_hf, push_hf
 from dncut.model import DenseNCutModel
 from dncut.ncut import NonFiniteFeaturesError
+from dncut.tracking import ProgressBar, Tracker
 
 log = logging.getLogger("dncut.train")
 
 STATE_FILE = "state.pt"
+CONFIG_FILE = "config.yaml"  # the resolved config, in the run folder and in every checkpoint
 EXPORT_FILE = "backbone.pth"
-HISTORY_FILE = "metrics_history.jsonl"  # one JSON line per report (rank 0), under run_dir
+LOG_FILE = "train.log"  # the workers' dncut log lines, under a local run_dir
 PROGRESS_FILE = "progress.json"  # {"step": k} beside state.pt: the driver reads where the data resumes
 
 
@@ -178,8 +182,8 @@ class Chief:
     def __init__(self, cfg: Config, device: torch.device, model, state: LoopState) -> None:
         self.cfg, self.device, self.s3 = cfg, device, s3_options(cfg)
         self.rows = validation_rows(cfg)
-        self.history = [m for m in read_history(run_dir(cfg), self.s3) if m["step"] <= state.step]
-        self.best = max((m["val_iou"] for m in self.history if math.isfinite(m.get("val_iou", math.nan))),
+        self.tracker = Tracker(cfg, run_dir(cfg), state.step, self.s3)
+        self.best = max((m["val_iou"] for m in self.tracker.history if math.isfinite(m.get("val_iou", math.nan))),
                         default=-math.inf)  # of the exported encoder (train.export: best_val_iou)
         state.last_val = self.validate(model, state.step)
 
@@ -194,11 +198,9 @@ class Chief:
         return {**{f"val_{k}": v for k, v in scores.items()}, "val_step": step}
 
     def record(self, metrics: dict[str, Any]) -> None:
-        """Progress line + one more line of ``run_dir/metrics_history.jsonl`` (rewritten: local or s3://)."""
+        """Progress line + the run's tracking (``metrics.jsonl``, TensorBoard, MLflow / W&B)."""
         _log_progress(metrics)
-        self.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool, str))})
-        text = "".join(json.dumps(m) + "\n" for m in self.history)
-        storage.write_bytes(storage.join(run_dir(self.cfg), HISTORY_FILE), text.encode(), self.s3)
+        self.tracker.log(metrics, metrics["step"])
 
     def checkpoint(self, model, optimizer, state: LoopState, metrics: dict[str, Any]):
         """A Ray Train checkpoint (state.pt + config.yaml in a temporary folder Ray deletes after upload)."""
@@ -208,21 +210,25 @@ class Chief:
         return ray.train.Checkpoint.from_directory(folder)
 
     def export(self, model) -> None:
-        """The end of the run: export the final encoder (``train.export: last``)."""
+        """The end of the run: export the final encoder (``train.export: last``), close the tracking
+        (writes ``curves.png``)."""
         if self.cfg.train.export == "last":
             self._export(model, "last step")
+        self.tracker.close()
 
     def _export(self, model, why: str) -> None:
-        uri = storage.join(run_dir(self.cfg), EXPORT_FILE)
-        export_backbone(_unwrap(model).encoder, uri, self.s3)
-        log.info("exported the finetuned backbone (%s) to %s", why, uri)
+        """``backbone.pth`` and, beside it, ``model.safetensors`` + ``config.json`` (timm's layout)."""
+        run, encoder = run_dir(self.cfg), _unwrap(model).encoder
+        export_backbone(encoder, storage.join(run, EXPORT_FILE), self.s3)
+        export_hf(encoder, run, self.s3)
+        log.info("exported the finetuned backbone (%s) to %s (%s, model.safetensors)", why, run, EXPORT_FILE)
 
 
 def _setup_worker(cfg: Config, rank: int) -> torch.device:
     """Logging, seed (``seed + rank``), CPU threads; returns the worker's device."""
     import ray.train.torch
 
-    _worker_logging()
+    _worker_logging(cfg, rank)
     torch.manual_seed(cfg.seed + rank)
     if not cfg.scaling.use_gpu:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
@@ -360,24 +366,22 @@ def report(model, optimizer, state: LoopState, total: int, sched: np.ndarray, cf
     ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
 
 
-def read_history(run: str, s3: storage.S3Options | None = None) -> list[dict[str, Any]]:
-    """The metric history of a run folder: one dict per report (``step``, ``loss``, ``val_iou``, ...,
-    ``val_step`` = the step the ``val_*`` values were measured at); ``[]`` when there is none yet."""
-    uri = storage.join(run, HISTORY_FILE)
-    if not storage.exists(uri, s3):
-        return []
-    return [json.loads(line) for line in storage.read_bytes(uri, s3).decode().splitlines() if line.strip()]
-
-
-def _worker_logging() -> None:
-    """dncut's progress lines on the worker's stdout (Ray forwards them to the driver)."""
+def _worker_logging(cfg: Config, rank: int) -> None:
+    """dncut's log lines on the worker's stderr (Ray's worker log files; forwarded to the driver's
+    console only with ``--verbose``) and, for a local run folder, appended to ``run_dir/train.log``."""
     logger = logging.getLogger("dncut")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    if logger.handlers:
+        return
+    fmt = logging.Formatter(f"%(asctime)s rank {rank} %(name)s %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if not storage.is_s3(cfg.output_dir):
+        os.makedirs(run_dir(cfg), exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(run_dir(cfg), LOG_FILE)))
+    for handler in handlers:
+        handler.setFormatter(fmt)
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _metrics(state: LoopState, total: int, sched: np.ndarray, device) -> dict[str, Any]:
@@ -430,7 +434,7 @@ def _save_checkpoint(model: DenseNCutModel, optimizer, state: LoopState, counter
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": state.step,
                 "epoch": state.epoch, "counters": dict(counters), "skipped_files": sorted(state.skipped_files)},
                os.path.join(d, STATE_FILE))
-    Path(d, "config.yaml").write_text(cfg.to_yaml())
+    Path(d, CONFIG_FILE).write_text(cfg.to_yaml())
     Path(d, PROGRESS_FILE).write_text(json.dumps({"step": state.step}))
     return d
 
@@ -463,11 +467,23 @@ def run_config(cfg: Config, callbacks: list | None = None):
     return ray.train.RunConfig(
         name=cfg.run_name,
         failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        checkpoint_config=checkpoint_config(cfg),
         callbacks=callbacks,
         logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # dncut logs the progress
         **kwargs,
     )
+
+
+def checkpoint_config(cfg: Config):
+    """``CheckpointConfig``: the ``train.keep_checkpoints`` newest, or those with the highest
+    ``val_iou`` (``train.keep_checkpoints_by``; Ray Train keeps the newest as well, to resume from)."""
+    import ray.train
+
+    t = cfg.train
+    if t.keep_checkpoints_by == "val_iou":
+        return ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="val_iou",
+                                          checkpoint_score_order="max")
+    return ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)
 
 
 def build_trainer(cfg: Config, callbacks: list | None = None):
@@ -485,7 +501,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     total = cfg.train.total_steps(len(uris))
     start = min(resume_step(cfg), total)  # a rerun continues the seeded row stream where it stopped
     ds = train_dataset(cfg, uris, total, start)
-    storage.write_bytes(storage.join(run_dir(cfg), "config.yaml"), cfg.to_yaml().encode(), s3_options(cfg))
+    storage.write_bytes(storage.join(run_dir(cfg), CONFIG_FILE), cfg.to_yaml().encode(), s3_options(cfg))
     sc = cfg.scaling
     scaling = ray.train.ScalingConfig(
         num_workers=sc.num_workers, use_gpu=sc.use_gpu,
@@ -500,6 +516,45 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     )
 
 
-def fit(cfg: Config):
-    """Train (or resume ``output_dir/run_name``) and return the Ray Train ``Result``."""
-    return build_trainer(cfg).fit()
+def export_run(run: str, fmt: ExportFormat = "hf", out: str | None = None, *,
+               push_to_hub: str | None = None) -> list[str]:
+    """Export the backbone of a training run folder (``output_dir/run_name``: ``backbone.pth`` + ``config.yaml``).
+
+    Args:
+        run: The run folder, local or ``s3://`` (S3 endpoint/region from the run's ``config.yaml``).
+        fmt: ``safetensors``: ``model.safetensors`` + ``config.json``; ``hf``: the same plus ``README.md``
+            (a model card), i.e. a complete Hub repository folder.
+        out: Output folder; default ``RUN/<fmt>``.
+        push_to_hub: Also upload to this Hub repo id (``user/name``) with timm's ``push_to_hf_hub``.
+
+    Returns:
+        The written files (and the commit URL when pushed).
+
+    Raises:
+        ValueError: unknown ``fmt``, an unreadable run, or ``backbone.pth`` of another backbone than the config's.
+        RuntimeError: the push failed.
+    """
+    if fmt not in get_args(ExportFormat):
+        raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(get_args(ExportFormat))}")
+    cfg = load_config(storage.join(run, CONFIG_FILE), reader=storage.read_bytes)
+    s3 = s3_options(cfg)
+    backbone = load_backbone(storage.join(run, EXPORT_FILE), s3)
+    if backbone.name != cfg.model.backbone:
+        raise ValueError(f"{run}: {EXPORT_FILE} holds {backbone.name!r}, {CONFIG_FILE} says "
+                         f"{cfg.model.backbone!r}")
+    uris = export_hf(backbone, out or storage.join(run, fmt), s3, readme=fmt == "hf")
+    if push_to_hub:
+        uris.append(push_hf(backbone, push_to_hub))
+    return uris
+
+
+def fit(cfg: Config, *, progress: bool = False):
+    """Train (or resume ``output_dir/run_name``) and return the Ray Train ``Result``.
+
+    ``progress``: draw a progress bar on this (the driver's) console (``dncut.tracking.ProgressBar``).
+    """
+    trainer = build_trainer(cfg)
+    loop = trainer.train_loop_config
+    with ProgressBar(run_dir(with_absolute_output(cfg)), loop["total_steps"], start=loop["start_step"],
+                     s3=s3_options(cfg), disable=not progress, desc=cfg.run_name):
+        return trainer.fit()

@@ -120,8 +120,8 @@ EXPECTED = {  # name -> (stride, channels), from the papers / timm / torchvision
 
 
 def test_registry_names() -> None:
-    names = bb.list_backbones()
-    assert names == specs.list_backbones() == sorted(SPECS) == sorted(EXPECTED)
+    names = specs.list_backbones()
+    assert names == sorted(SPECS) == sorted(EXPECTED)
     for name in names:
         row = spec(name)
         assert row is SPECS[name] and row.name == name
@@ -133,7 +133,7 @@ def test_spec_normalisation_constants() -> None:
     assert specs.IMAGENET_MEAN == IMNET_MEAN and specs.IMAGENET_STD == IMNET_STD
     assert specs.TF_LITE_MEAN == pytest.approx(LITE_MEAN, abs=1e-12)
     assert specs.TF_LITE_STD == pytest.approx(LITE_STD, abs=1e-12)
-    for name in bb.list_backbones():
+    for name in specs.list_backbones():
         mean, std = _expected_norm(name)
         assert spec(name).mean == pytest.approx(mean, abs=1e-12), name
         assert spec(name).std == pytest.approx(std, abs=1e-12), name
@@ -182,7 +182,7 @@ def test_create_backbone_errors(monkeypatch: pytest.MonkeyPatch) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", bb.list_backbones())
+@pytest.mark.parametrize("name", specs.list_backbones())
 def test_feature_api(name: str) -> None:
     """Random weights: stride/channels as in the table, features (B, C, H/s, W/s) from the real network."""
     m = _backbone(name)
@@ -202,7 +202,7 @@ def test_feature_api(name: str) -> None:
         m(torch.rand(1, 1, 2 * s, 2 * s))
 
 
-@pytest.mark.parametrize("name", bb.list_backbones())
+@pytest.mark.parametrize("name", specs.list_backbones())
 def test_input_reaches_the_network_normalised(name: str) -> None:
     """forward takes RGB in [0, 1]; the first layer receives (x - mean) / std of the weights."""
     m = _backbone(name)
@@ -247,7 +247,7 @@ def test_spec_that_disagrees_with_the_network_is_refused() -> None:
         bb.ViTKeys(vit, dataclasses.replace(spec("vit_tiny_test"), channels=384))
 
 
-@pytest.mark.parametrize("name", bb.list_backbones())
+@pytest.mark.parametrize("name", specs.list_backbones())
 def test_frozen_parameters_are_exactly_the_unused_ones(name: str) -> None:
     """Parameters with requires_grad=False are those that receive no gradient from the features."""
     m = _backbone(name)

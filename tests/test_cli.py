@@ -63,7 +63,8 @@ def test_backbones_table_lists_every_registered_backbone_with_its_facts():
     ("train", ["--config", "--set", "--address", "override a config key"]),
     ("tune", ["--config", "--set"]),
     ("eval", ["--config", "--set"]),
-    ("demo", ["--config", "configs/train/demo.yaml"]),
+    ("demo", ["--config", "train/demo", "--quiet", "--verbose"]),
+    ("report", ["RUN", "--out"]),
     ("eval-maps", ["--masks", "--maps", "--out"]),
     ("eval-saliency", ["--images", "--masks", "--backbone", "--method", "--bilateral"]),
 ])
@@ -147,3 +148,22 @@ def test_bad_config_file(tmp_path, command, content, expected):
     assert all(e in err for e in expected), err
     assert str(cfg) in err  # the file is named
     assert "Traceback" not in err
+
+
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    from dncut.cli import build_parser
+
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, p in action.choices.items():
+                    walk(p, f"{name} {sub}")
+            elif action.dest != "help" and not action.help:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "dncut")
+    assert not missing, missing

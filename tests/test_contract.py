@@ -157,7 +157,8 @@ def test_encoder_batchnorm_policy_through_the_training_loop(ray_session, tmp_pat
 def test_same_seed_same_losses_other_seed_other_losses(ray_session, tmp_path: Path):
     """Two 1-worker CPU runs with one seed give bit-identical per-step losses (file order, shuffle
     and every augmentation are seeded); a third run with another seed differs."""
-    from dncut.train import read_history, fit, run_dir
+    from dncut.train import fit, run_dir
+    from dncut.tracking import read_history
 
     def losses(seed: int, name: str) -> list[float]:
         cfg = load_config(SMOKE, [f"output_dir={tmp_path}", f"run_name={name}", f"seed={seed}", "train.max_steps=4",
@@ -177,7 +178,8 @@ def test_a_resumed_run_trains_on_what_the_uninterrupted_run_would(ray_session, t
     """Stopped after step 2 and rerun to step 4 (same run), the per-step losses equal those of one
     uninterrupted 4-step run bit for bit: the model, the optimizer and the seeded data stream all
     continue where they stopped (the rerun leaves out the rows already trained)."""
-    from dncut.train import fit, read_history, resume_step, run_dir
+    from dncut.train import fit, resume_step, run_dir
+    from dncut.tracking import read_history
 
     def run(name: str, steps: int) -> list[tuple[int, float]]:
         cfg = load_config(SMOKE, [f"output_dir={tmp_path}", f"run_name={name}", f"train.max_steps={steps}",
@@ -200,7 +202,8 @@ def test_export_best_val_iou_exports_the_best_validated_step(ray_session, tmp_pa
     """``train.export: best_val_iou``: backbone.pth holds the encoder of the step with the highest
     val_iou (a checkpoint of every step to compare with; step 0 = the starting weights)."""
     from dncut.backbones import read_checkpoint
-    from dncut.train import EXPORT_FILE, STATE_FILE, build_model, fit, read_history, run_dir
+    from dncut.train import EXPORT_FILE, STATE_FILE, build_model, fit, run_dir
+    from dncut.tracking import read_history
 
     cfg = load_config(SMOKE, [f"output_dir={tmp_path}", "train.export=best_val_iou", "train.max_steps=4",
                               "train.val_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=10",

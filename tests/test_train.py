@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -83,12 +85,21 @@ def test_train_checkpoint_resume_and_export(ray_session, tmp_path):
     from dncut.backbones import create_backbone
     from dncut.train import fit, run_dir
 
+    staged = set(Path(tempfile.gettempdir()).glob("dncut-ckpt-*"))
     cfg = smoke_config(tmp_path, "train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=5")
-    result = fit(cfg)
+    result = fit(cfg, progress=True)
     assert result.error is None if hasattr(result, "error") else True
     run = Path(run_dir(cfg))
     first = _checkpoint_states(run)
     assert sorted(first) == [2, 4]
+    # what a run folder holds besides checkpoints: history, TensorBoard events, curves, worker log
+    from dncut.tracking import read_history
+
+    assert [m["step"] for m in read_history(str(run))] == [1, 2, 3, 4]  # smoke: log_every 1
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "curves.png").read_bytes().startswith(b"\x89PNG")
+    assert "exported the finetuned backbone" in (run / "train.log").read_text()
+    assert set(Path(tempfile.gettempdir()).glob("dncut-ckpt-*")) <= staged, "staged checkpoint folders left behind"
 
     # same run name, longer run: resumes at step 4 with the optimiser state of step 4
     cfg2 = smoke_config(tmp_path, "train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=5")
@@ -123,3 +134,22 @@ def test_resume_step_reads_the_newest_checkpoint_and_skips_a_broken_one(tmp_path
     with caplog.at_level("WARNING", logger="dncut.train"):
         assert resume_step(cfg) == 4
     assert "checkpoint_c" in caplog.text
+
+
+@pytest.mark.ray
+def test_checkpoints_kept_by_val_iou(ray_session, tmp_path):
+    """``train.keep_checkpoints_by: val_iou`` keeps the best-scoring checkpoints (and the newest)."""
+    from dncut.tracking import read_history
+    from dncut.train import PROGRESS_FILE, fit, run_dir
+
+    cfg = smoke_config(tmp_path, "train.max_steps=5", "train.checkpoint_every=1", "train.val_every=1",
+                       "train.keep_checkpoints=2", "train.keep_checkpoints_by=val_iou", "train.lr=0.05")
+    fit(cfg)
+    run = Path(run_dir(cfg))
+    val = {m["step"]: m["val_iou"] for m in read_history(str(run)) if m.get("val_step") == m["step"]}
+    assert sorted(val) == [1, 2, 3, 4, 5]
+    kept = sorted(json.loads(p.read_text())["step"] for p in run.glob(f"checkpoint_*/{PROGRESS_FILE}"))
+    dropped = set(val) - set(kept)
+    assert 5 in kept and len(kept) <= 3 and dropped, (val, kept)  # the newest stays, to resume from
+    for d in dropped:  # every dropped checkpoint scored below two kept ones (ties may go either way)
+        assert sum(val[k] >= val[d] for k in kept) >= 2, (val, kept)

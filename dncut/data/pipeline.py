@@ -160,9 +160,13 @@ def train_dataset(cfg: Config, uris: list[str], total_steps: int, start_step: in
 
 
 def train_data_config():
-    """``ray.train.DataConfig`` that keeps the seeded row order (``preserve_order``)."""
+    """``ray.train.DataConfig`` that keeps the seeded row order (``preserve_order``); otherwise the
+    current DataContext's options, as ``DataConfig.default_ingest_options`` (which is not called:
+    it passes the deprecated ``exclude_resources`` and warns on every run)."""
     import ray.train
+    from ray.data import DataContext, ExecutionOptions
 
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
+    current = DataContext.get_current().execution_options
+    options = ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True,
+                               verbose_progress=current.verbose_progress)
     return ray.train.DataConfig(execution_options=options)

@@ -1,0 +1,187 @@
+"""Standard exports: a backbone as safetensors weights in timm's Hugging Face layout, and back.
+
+A finetuned backbone leaves dncut as the folder timm writes for the Hub (``timm.models._hub.save_for_hf``)::
+
+    export_hf(backbone, "out/hf")  ->  out/hf/model.safetensors   the FULL timm model's state dict
+                                       out/hf/config.json         timm's config: architecture, model_args,
+                                                                  pretrained_cfg (mean/std of the backbone's
+                                                                  row), and a "dncut" block (backbone name,
+                                                                  tap, stride, channels)
+
+which loads without dncut, e.g. ``timm.create_model("local-dir:out/hf", pretrained=True)`` or
+``timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file="out/hf/model.safetensors"),
+**model_args)``, and with dncut: ``load_hf("out/hf")`` (the ``Backbone``) or
+``create_backbone(name, checkpoint="out/hf/model.safetensors")``. ``push_hf`` uploads the same folder
+with timm's ``push_to_hf_hub``.
+
+The timm model is ``dncut.backbones.timm_arch(spec)``: heads dncut builds without (ViT ``head``) are
+absent from it too; layers after the tapped one (frozen, never finetuned) are exported as they are.
+
+``export_run`` exports a training run folder (``dncut export RUN``); it reads the run's layout from
+``dncut.train``, imported when called, so the rest of this module needs no Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from dncut import storage
+from dncut.backbones import (EXPORT_FORMAT, Backbone, _read_uri, _write_uri, create_backbone,
+                             timm_arch)
+
+HF_WEIGHTS_FILE = "model.safetensors"  # timm.models._hub.HF_SAFE_WEIGHTS_NAME
+HF_CONFIG_FILE = "config.json"
+README_FILE = "README.md"
+ExportFormat = Literal["safetensors", "hf"]
+_TASK = "image-feature-extraction"  # the Hub's pipeline tag for backbones
+# pretrained_cfg entries that describe timm's own weights of the architecture, not the exported ones
+_SOURCE_FACTS = ("tag", "license", "origin_url", "paper_ids", "paper_name", "notes")
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbone -> timm model and its Hub metadata
+# ----------------------------------------------------------------------------------------------
+
+
+def timm_model(backbone: Backbone) -> nn.Module:
+    """The full timm model of ``backbone``'s row (``timm_arch``), holding ``backbone``'s weights, in eval mode.
+
+    Raises:
+        ValueError: the backbone's state dict does not load strictly into the timm model (names the keys).
+    """
+    import timm
+
+    arch, kwargs = timm_arch(backbone.spec)
+    model = timm.create_model(arch, pretrained=False, **kwargs)
+    try:
+        model.load_state_dict(backbone.model.state_dict(), strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{backbone.name}: its weights do not fit timm's {arch}({kwargs}): {err}") from err
+    model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in _SOURCE_FACTS}
+    return model.eval()
+
+
+def _save_args(backbone: Backbone) -> dict[str, Any]:
+    """``model_config`` / ``data_config`` for timm's ``save_for_hf`` and ``push_to_hf_hub``."""
+    s = backbone.spec
+    dncut = {"format": EXPORT_FORMAT, "version": 1, "backbone": s.name, "tap": s.tap, "stride": s.stride,
+             "channels": s.channels}
+    return {"model_config": {"dncut": dncut}, "data_config": {"mean": list(s.mean), "std": list(s.std)}}
+
+
+def model_card(backbone: Backbone) -> dict[str, Any]:
+    """The model card fields of timm's ``generate_readme`` for ``backbone``."""
+    s = backbone.spec
+    arch, _ = timm_arch(s)
+    return {
+        "description": f"Dense feature extractor finetuned with dncut (differentiable normalized cuts) from "
+                       f"`{s.name}`. Features: `{s.tap}`, (B, 3, H, W) -> (B, {s.channels}, H/{s.stride}, "
+                       f"W/{s.stride}). The license follows the starting weights.",
+        "details": {"Model Type": "Image feature backbone (dense features)", "Architecture": arch,
+                    "dncut backbone": s.name,
+                    "Input": f"RGB in [0, 1], normalised with mean {list(s.mean)}, std {list(s.std)}"},
+        "tags": [_TASK, "timm", "dncut"],
+        "usage": "```python\nimport timm\nmodel = timm.create_model('local-dir:FOLDER', pretrained=True)"
+                 "  # or 'hf-hub:REPO_ID'\n# dncut: dncut.export.load_hf('FOLDER')\n```",
+        "license": "other",
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Write, push, read
+# ----------------------------------------------------------------------------------------------
+
+
+def _join(folder: str, name: str) -> str:
+    return storage.join(str(folder), name) if "://" in str(folder) else str(Path(folder).expanduser() / name)
+
+
+def export_hf(backbone: Backbone, folder: str, s3: Any = None, *, readme: bool = False) -> list[str]:
+    """Write ``backbone`` in timm's Hugging Face layout with timm's ``save_for_hf``.
+
+    Args:
+        backbone: Any dncut backbone.
+        folder: Local folder or ``s3://`` prefix (created / overwritten file by file).
+        s3: ``dncut.storage.S3Options`` for an ``s3://`` folder.
+        readme: Also write ``README.md``, the model card timm's ``push_to_hf_hub`` would add.
+
+    Returns:
+        The written files: ``model.safetensors``, ``config.json`` (and ``README.md``).
+
+    Raises:
+        ValueError: the weights do not fit the timm architecture (see ``timm_model``).
+    """
+    from timm.models._hub import generate_readme, save_for_hf
+
+    model = timm_model(backbone)
+    names = [HF_WEIGHTS_FILE, HF_CONFIG_FILE] + ([README_FILE] if readme else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        save_for_hf(model, tmp, safe_serialization=True, **_save_args(backbone))
+        if readme:
+            text = generate_readme(model_card(backbone), f"{backbone.name} (dncut)", task_name=_TASK)
+            Path(tmp, README_FILE).write_text(text, encoding="utf-8")
+        uris = [_join(folder, name) for name in names]
+        for name, uri in zip(names, uris):  # weights first: a config.json is never ahead of its weights
+            _write_uri(uri, Path(tmp, name).read_bytes(), s3)
+    return uris
+
+
+def push_hf(backbone: Backbone, repo_id: str, *, token: str | None = None, private: bool = False) -> str:
+    """Upload ``backbone`` to the Hugging Face Hub with timm's ``push_to_hf_hub`` (safetensors only).
+
+    Returns:
+        The commit URL.
+
+    Raises:
+        RuntimeError: the push failed (no network, no or read-only token, bad repo id); names the repo.
+    """
+    from timm.models._hub import push_to_hf_hub
+
+    model = timm_model(backbone)
+    try:
+        commit = push_to_hf_hub(model, repo_id, token=token, private=private, safe_serialization=True,
+                                model_card=model_card(backbone), task_name=_TASK, **_save_args(backbone))
+    except Exception as err:  # the hub client's network/auth errors share no base class across its versions
+        raise RuntimeError(f"could not push {backbone.name} to the Hugging Face Hub repo {repo_id!r}: "
+                           f"{type(err).__name__}: {err} (needs network access to the Hub and a write token: "
+                           f"HF_TOKEN or `hf auth login`)") from err
+    return str(getattr(commit, "commit_url", commit))
+
+
+def load_hf(uri: str, s3: Any = None) -> Backbone:
+    """Rebuild the backbone of an ``export_hf`` folder: its ``config.json`` names it, ``model.safetensors`` fills it.
+
+    Args:
+        uri: The folder (local or ``s3://``), or its ``config.json`` / ``model.safetensors``.
+        s3: ``dncut.storage.S3Options`` for ``s3://``.
+
+    Returns:
+        The backbone (train mode, CPU), as ``create_backbone`` returns it.
+
+    Raises:
+        ValueError: ``config.json`` without a ``dncut`` block, or unreadable/corrupted weights (names the file).
+        FileNotFoundError: a file is missing.
+    """
+    folder = str(uri).rstrip("/")
+    if folder.endswith((HF_CONFIG_FILE, HF_WEIGHTS_FILE)):
+        folder = folder.rsplit("/", 1)[0] if "/" in folder else "."
+    config_uri = _join(folder, HF_CONFIG_FILE)
+    try:
+        cfg = json.loads(_read_uri(config_uri, s3))
+        name = str(cfg["dncut"]["backbone"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{config_uri}: not a dncut export config (needs \"dncut\": {{\"backbone\": NAME}}): "
+                         f"{err!r}") from err
+    backbone = create_backbone(name, checkpoint=_join(folder, HF_WEIGHTS_FILE), s3=s3)
+    norm = cfg.get("pretrained_cfg", {})
+    if (tuple(norm.get("mean", ())), tuple(norm.get("std", ()))) != (backbone.mean, backbone.std):
+        warnings.warn(f"{config_uri}: mean/std {norm.get('mean')}/{norm.get('std')} differ from {name}'s row in "
+                      f"dncut.backbone_specs {backbone.mean}/{backbone.std}; the backbone applies the row's",
+                      stacklevel=2)
+    return backbone
