@@ -4,8 +4,13 @@ One step of ``dncut.train`` (ViT-S/16 ``vit_small_patch16_224.dino`` built with
 ``pretrained=False``: weights do not change the timing) is run in stages so that every phase
 is timed on its own, with ``torch.cuda.synchronize()`` around each timed region on a GPU::
 
-    data       B JPEG files -> dncut.data.pipeline.ViewMaker (decode + two views, one process)
-               -> collate -> device                           view1, view2 (B, 3, S, S), boxes, flips
+    data       the CPU side, per pair, in this process: B JPEG files' bytes (in memory) ->
+               dncut.data.pipeline.ViewMaker (header, crop boxes, draft decode, two uint8 crops,
+               flips, photometric parameters)               B rows
+    transfer   collate -> device (as iter_torch_batches)    view1, view2 (B, 3, S, S) uint8, boxes,
+                                                            flips, aug1, aug2 (B, 13)
+    augment    dncut.train.model_inputs: photometric.apply on the device, both views
+                                                            view1, view2 (B, 3, S, S) float in [0, 1]
     backbone   encoder + projector g + predictor q + RoIAlign onto the overlap, forward
                (bf16 autocast on GPU, as train.py)          aligned maps (2B, P, s, s) x 2 branches
     ncut       normalized_cut of the online maps (autograd) + of the target maps (no grad)
@@ -18,8 +23,18 @@ is timed on its own, with ``torch.cuda.synchronize()`` around each timed region 
 
 The staged step reproduces ``DenseNCutModel.forward`` from its parts; the first step checks
 that its loss equals the model's own forward on the same batch (``staged_loss_matches``).
-``ncut_ms`` = ncut + ncut_bwd; ``ncut_share`` = ncut_ms / step_ms (data excluded: Ray Data
-decodes in parallel CPU tasks while the workers compute; ``step_with_data_ms`` includes it).
+``ncut_ms`` = ncut + ncut_bwd; ``ncut_share`` = ncut_ms / step_ms. ``step`` is what a training
+worker spends per step on its device: augment .. optimizer. ``data`` and ``transfer`` are left
+out (Ray Data decodes and crops in parallel CPU tasks, and its prefetch threads collate and copy,
+while the workers compute); ``step_with_data_ms`` adds them, as if done serially.
+
+CPU cores per GPU: ViewMaker does no torch work (PIL + numpy, one thread; ``data_cpu_per_wall``
+is the process CPU time over the wall time of the data phase, ~1), so the per-core rate is
+``cpu_pairs_per_s_per_core = B / data_s`` (median data phase). The GPU consumes ``B / step_s``
+pairs a second, so it needs ``cpu_cores_per_gpu = (B / step_s) / cpu_pairs_per_s_per_core`` cores
+of decode tasks (``data.decode_cpus = 1``); ``cpu_cores_per_gpu_for_batch_256`` is the same with
+``B = 256`` and this run's step time, i.e. meaningful for a ``--batch 256`` run (the GPU
+default); ``cpu_cores_note`` says when the run's batch is another.
 
 Run::
 
@@ -52,18 +67,21 @@ import numpy as np
 import torch
 
 from dncut.config import Config, load_config
-from dncut.data.pipeline import ViewMaker
+from dncut.data.pipeline import ViewMaker, decode_failure, file_key
 from dncut.data.scenes import make_scene
 from dncut.losses import BranchPair, NCutLoss
 from dncut.model import DenseNCutModel
 from dncut.ncut import SOLVERS, normalized_cut
-from dncut.train import build_loss, build_model, build_optimizer
+from dncut.train import build_loss, build_model, build_optimizer, model_inputs
 from dncut.views import align_to_overlap, overlap_boxes
 
 BACKBONE = "vit_small_patch16_224.dino"
 DEFAULT_BATCH = {"cpu": 8, "cuda": 256}
-PHASES = ("data", "backbone", "ncut", "loss", "loss_bwd", "ncut_bwd", "backbone_bwd", "optimizer")
-BATCH_KEYS = ("view1", "view2", "box1", "box2", "flip1", "flip2")
+PHASES = ("data", "transfer", "augment", "backbone", "ncut", "loss", "loss_bwd", "ncut_bwd", "backbone_bwd",
+          "optimizer")
+OFF_STEP = ("data", "transfer")
+"""Phases that run beside the step in training (CPU tasks, Ray Data's prefetch threads)."""
+BATCH_KEYS = ("view1", "view2", "box1", "box2", "flip1", "flip2", "aug1", "aug2", "ok")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -97,6 +115,14 @@ def write_jpegs(folder: Path, count: int, size: int) -> list[str]:
     return uris
 
 
+def folder_jpegs(folder: str, count: int) -> list[str]:
+    """The first ``count`` JPEGs of ``folder`` (sorted), repeated when it holds fewer."""
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".jpg", ".jpeg")))
+    if not names:
+        raise SystemExit(f"--images {folder}: no JPEG files")
+    return [os.path.join(folder, names[i % len(names)]) for i in range(count)]
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -118,13 +144,19 @@ class Timer:
         self.ms[phase] = self.ms.get(phase, 0.0) + 1e3 * (time.perf_counter() - t0)
 
 
-def load_batch(maker: ViewMaker, uris: list[str], device: torch.device) -> list[torch.Tensor]:
-    """Decode + two views for every URI, collated on ``device`` in ``BATCH_KEYS`` order."""
-    rows = [maker({"uri": u, "epoch": 0, "index": i}) for i, u in enumerate(uris)]
-    bad = [r["error"] for r in rows if not r["ok"]]
+def make_pairs(maker: ViewMaker, rows: list[dict], epoch: int) -> list[dict]:
+    """The CPU side of every pair: ``ViewMaker`` on rows whose bytes are in memory (as Ray Data's
+    file reader hands them to the decode tasks)."""
+    pairs = [maker({**row, "epoch": epoch}) for row in rows]
+    bad = [decode_failure(r["failure"]) for r in pairs if not r["ok"]]
     if bad:
         raise RuntimeError(f"bench images failed to decode: {bad[:3]}")
-    return [torch.from_numpy(np.stack([r[k] for r in rows])).to(device, non_blocking=True) for k in BATCH_KEYS]
+    return pairs
+
+
+def collate(pairs: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
+    """Rows -> a batch of tensors on ``device`` (``BATCH_KEYS``), as ``iter_torch_batches`` gives it."""
+    return {k: torch.from_numpy(np.stack([r[k] for r in pairs])).to(device, non_blocking=True) for k in BATCH_KEYS}
 
 
 # ----------------------------------------------------------------------------- the staged step
@@ -217,13 +249,22 @@ def run(args: argparse.Namespace) -> dict:
         group["lr"] = cfg.train.effective_lr()
     amp = cfg.train.amp and device.type == "cuda"
     maker = ViewMaker(cfg)
-    runs, losses = [], []
+    runs, losses, cpu_per_wall = [], [], []
     with tempfile.TemporaryDirectory(prefix="dncut-bench-") as tmp:
-        uris = write_jpegs(Path(tmp), batch, args.image_size)
+        uris = folder_jpegs(args.images, batch) if args.images else write_jpegs(Path(tmp), batch, args.image_size)
+        rows = [{"uri": u, "bytes": Path(u).read_bytes(), "key": file_key(u)} for u in uris]
         for i in range(args.warmup + args.repeats):
             timer = Timer(device)
+            cpu0 = time.process_time()
             with timer("data"):
-                data = load_batch(maker, uris, device)
+                pairs = make_pairs(maker, rows, epoch=i)  # a new epoch each step: fresh crops and parameters
+            cpu_s = time.process_time() - cpu0
+            with timer("transfer"):
+                batch_tensors = collate(pairs, device)
+            with timer("augment"):
+                data = model_inputs(batch_tensors)  # view1, view2 (augmented), box1, box2, flip1, flip2
+            if i >= args.warmup:
+                cpu_per_wall.append(cpu_s / (timer.ms["data"] / 1e3))
             if i == 0:
                 reference = model_loss(model, criterion, data, amp)
             loss = staged_step(model, criterion, optimizer, data, timer, amp=amp, grad_clip=cfg.train.grad_clip)
@@ -233,12 +274,14 @@ def run(args: argparse.Namespace) -> dict:
             if i >= args.warmup:
                 runs.append(timer.ms)
     for r in runs:
-        r["step"] = sum(r[p] for p in PHASES if p != "data")
-        r["step_with_data"] = r["step"] + r["data"]
+        r["step"] = sum(r[p] for p in PHASES if p not in OFF_STEP)
+        r["step_with_data"] = r["step"] + sum(r[p] for p in OFF_STEP)
         r["ncut_total"] = r["ncut"] + r["ncut_bwd"]
     summary = summarise(runs)
     med = {k: v["median"] for k, v in summary.items()}
     s = model.align_size
+    step_s = med["step"] / 1e3
+    pairs_per_core = batch / (med["data"] / 1e3)  # one thread: PIL + numpy only
     result = {
         "bench": "train_step",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -267,6 +310,17 @@ def run(args: argparse.Namespace) -> dict:
         "ncut_share": round(med["ncut_total"] / med["step"], 4),
         "ncut_share_with_data": round(med["ncut_total"] / med["step_with_data"], 4),
         "data_ms_per_image": round(med["data"] / batch, 2),
+        "images": args.images or f"generated scenes, {args.image_size} px",
+        "data_cpu_per_wall": round(statistics.median(cpu_per_wall), 3),
+        "augment_ms": med["augment"],
+        "cpu_pairs_per_s_per_core": round(pairs_per_core, 2),
+        "device_pairs_per_s": round(batch / step_s, 2),
+        "cpu_cores_per_gpu": round((batch / step_s) / pairs_per_core, 3),
+        "cpu_cores_per_gpu_for_batch_256": round((256 / step_s) / pairs_per_core, 3),
+        "cpu_cores_formula": "(B / step_s) / cpu_pairs_per_s_per_core; _for_batch_256: B = 256, step_s of this run",
+        "cpu_cores_note": None if batch == 256 else
+        f"this run's step is for batch {batch}: cpu_cores_per_gpu_for_batch_256 assumes that step time for 256 pairs "
+        "(only meaningful with --batch 256); cpu_cores_per_gpu uses the run's own batch",
     }
     if device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -279,6 +333,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=None, help="pairs per step (default: 8 on CPU, 256 on GPU)")
     p.add_argument("--crop", type=int, default=224, help="view size (multiple of 16)")
     p.add_argument("--image-size", type=int, default=320, help="side of the generated JPEGs that are decoded")
+    p.add_argument("--images", default=None,
+                   help="folder of JPEGs to decode instead (the first --batch files, repeated when fewer)")
     p.add_argument("--solver", default="eigh", choices=["eigh", "lobpcg"],
                    help="NCut eigensolver (falls back to eigh when lobpcg is not registered)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "lars"])

@@ -101,9 +101,9 @@ class DataConfig(_Section):
     crop_size: int = Field(224, ge=16, description="224 (paper); must be a multiple of the backbone stride (`dncut backbones`), checked on load")
     crop_scale: tuple[float, float] = Field((0.2, 1.0), description="(0.2, 1.0) (paper) RandomResizedCrop area range; small minimum crops give views with little shared object")
     min_overlap: float = Field(0.01, ge=0.0, lt=1.0, description="0.01 (authors): view 2 must overlap view 1 by this fraction of its area; 0 allows empty overlaps")
-    photometric: bool = Field(True, description="true: DINO colour jitter / grayscale / blur / solarize; false makes the task trivially consistent")
+    photometric: bool = Field(True, description="true: DINO colour jitter / grayscale / blur / solarize (drawn on the CPU, applied batched on the training device: dncut.photometric); false makes the task trivially consistent")
     min_image_size: int = Field(32, ge=1, description="images with a shorter side are skipped (corrupt or thumbnails)")
-    decode_cpus: float = Field(1.0, gt=0.0, description="CPUs per Ray Data decode/augment task; too few starves the GPUs")
+    decode_cpus: float = Field(1.0, gt=0.0, description="CPUs per Ray Data decode-and-crop task; too few starves the GPUs (bench/ingest.py: pairs/s per core)")
 
     @field_validator("crop_scale")
     @classmethod

@@ -4,8 +4,10 @@
       -> train_loop_per_worker(loop_config)   every worker, CPU or GPU, 1 or N
            build model (encoder + g + q), optimiser, per-step lr schedule
            resume(): from ray.train.get_checkpoint() (step, optimiser, counters)
-           for each batch of the worker's streaming_split shard:
-               train_one_step(): drop undecodable rows (counted) -> model -> NCutLoss -> step
+           for each batch of the worker's streaming_split shard (iter_torch_batches: on the
+           device, pinned, prefetched):
+               train_one_step(): drop undecodable rows (counted) -> model_inputs (photometric
+               augmentation of both views on the device) -> model -> NCutLoss -> step
                every log_every: report() metrics; every checkpoint_every: with a checkpoint
            Chief (rank 0 only): validation, progress line, tracking (metrics.jsonl, TensorBoard,
                MLflow / W&B: dncut.tracking), checkpoint files, and at the end the export of the
@@ -44,11 +46,13 @@ from dncut import storage
 from dncut.backbones import create_backbone, export_backbone, load_backbone
 from dncut.config import Config, load_config
 from dncut.data.datasets import saliency_dataset
-from dncut.data.pipeline import s3_options, source_uris, train_data_config, train_dataset
+from dncut.data.pipeline import (data_start_step, decode_failure, s3_options, source_uris, train_data_config,
+                                 train_dataset)
 from dncut.eval.validate import score_backbone, validation_rows
 from dncut.losses import NCutLoss
 from dncut.export import ExportFormat, export_hf, push_hf
 from dncut.model import DenseNCutModel
+from dncut import photometric
 from dncut.ncut import NonFiniteFeaturesError
 from dncut.tracking import ProgressBar, Tracker
 
@@ -57,6 +61,7 @@ log = logging.getLogger("dncut.train")
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"  # the resolved config, in the run folder and in every checkpoint
 EXPORT_FILE = "backbone.pth"
+PREFETCH_BATCHES = 2  # batches Ray Data prepares (fetch, collate, pin, copy) while a step runs
 LOG_FILE = "train.log"  # the workers' dncut log lines, under a local run_dir
 PROGRESS_FILE = "progress.json"  # {"step": k} beside state.pt: the driver reads where the data resumes
 
@@ -156,7 +161,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     chief = Chief(cfg, device, model, state) if rank == 0 else None  # every rank-0 duty lives there
     shard = ray.train.get_dataset_shard("train")
     while state.step < total:  # false when a finished run is run again: nothing left to train
-        for batch in _batches(shard, cfg.train.batch_size // world, skip=state.step - start):
+        for batch in _batches(shard, cfg.train.batch_size // world, skip=state.step - start, device=device):
             train_one_step(model, criterion, optimizer, batch, float(sched[state.step]), state, cfg, device)
             if _due(state.step, total, cfg):
                 report(model, optimizer, state, total, sched, cfg, chief, device)
@@ -235,13 +240,14 @@ def _setup_worker(cfg: Config, rank: int) -> torch.device:
     return ray.train.torch.get_device()
 
 
-def _batches(shard, batch_size: int, skip: int):
+def _batches(shard, batch_size: int, skip: int, device: torch.device):
     """This worker's batches (numpy), after ``skip`` already trained ones: a worker group restarted
     inside one ``fit`` re-reads the dataset from its first row (``start_step``), so it passes over
     the batches of the steps it resumes after (decoded, not trained)."""
     if skip < 0:
         log.warning("the checkpoint (step %d) is older than the data start; continuing without skipping", skip)
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True):
+    for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
+                                          pin_memory=device.type == "cuda", prefetch_batches=PREFETCH_BATCHES):
         if skip > 0:
             skip -= 1
             continue
@@ -288,19 +294,26 @@ def resume(model: DenseNCutModel, optimizer: torch.optim.Optimizer, rank: int) -
     return state
 
 
-def train_one_step(model, criterion: NCutLoss, optimizer: torch.optim.Optimizer, batch: dict[str, np.ndarray],
+def model_inputs(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """A batch of two-view rows (on the device) -> the model's arguments: both views photometrically
+    augmented with their own parameters (``dncut.photometric.apply``: ``(b, 3, S, S)`` float in [0, 1];
+    the backbone normalises), then the boxes and flips."""
+    views = [photometric.apply(batch[f"view{v}"], batch[f"aug{v}"]) for v in (1, 2)]
+    return [*views, *(batch[k] for k in ("box1", "box2", "flip1", "flip2"))]
+
+
+def train_one_step(model, criterion: NCutLoss, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                    lr: float, state: LoopState, cfg: Config, device: torch.device) -> None:
     """One optimizer step on a batch of two-view rows; bad rows and non-finite steps are counted."""
-    ok = batch["ok"].astype(bool)
+    ok = batch["ok"].bool()  # (b,)
     _count_skipped(batch, ok, state)
     state.epoch = max(state.epoch, int(batch["epoch"].max()))
-    inputs = [torch.from_numpy(np.ascontiguousarray(batch[k][ok])).to(device)
-              for k in ("view1", "view2", "box1", "box2", "flip1", "flip2")]  # views (b, 3, S, S) uint8
+    inputs = model_inputs({k: v[ok] for k, v in batch.items()})
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss, parts = None, {}
     # DDP's forward broadcasts buffers (BatchNorm): every worker runs it, or none does
-    if _all_reduce([0.0 if ok.sum() >= 2 else 1.0], device)[0] == 0:
+    if _all_reduce([0.0 if int(ok.sum()) >= 2 else 1.0], device)[0] == 0:
         try:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and device.type == "cuda"):
                 out = model(*inputs)
@@ -326,12 +339,13 @@ def train_one_step(model, criterion: NCutLoss, optimizer: torch.optim.Optimizer,
     state.step += 1
 
 
-def _count_skipped(batch: dict[str, np.ndarray], ok: np.ndarray, state: LoopState) -> None:
+def _count_skipped(batch: dict[str, torch.Tensor], ok: torch.Tensor, state: LoopState) -> None:
     """Count rows that failed to decode; log each file the first time."""
-    if ok.all():
+    if bool(ok.all()):
         return
     state.counters["skipped_images"] += float((~ok).sum())
-    for uri, err in zip(batch["uri"][~ok], batch["error"][~ok]):
+    for column in batch["failure"][~ok].cpu().numpy():
+        uri, err = decode_failure(column)
         if uri not in state.skipped_files:
             state.skipped_files.add(str(uri))
             log.warning("skipped %s: %s", uri, err)
@@ -501,6 +515,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     total = cfg.train.total_steps(len(uris))
     start = min(resume_step(cfg), total)  # a rerun continues the seeded row stream where it stopped
     ds = train_dataset(cfg, uris, total, start)
+    start = data_start_step(len(uris), cfg.train.batch_size, start)  # its epoch's first step
     storage.write_bytes(storage.join(run_dir(cfg), CONFIG_FILE), cfg.to_yaml().encode(), s3_options(cfg))
     sc = cfg.scaling
     scaling = ray.train.ScalingConfig(

@@ -1,8 +1,8 @@
 """Two-view geometry: overlapping random crops, DINO augmentations, RoIAlign onto the overlap.
 
 The training views of Sec. 3.3 of the paper: two RandomResizedCrop-style crops of one image
-(the second overlapping the first), each resized to ``S x S``, flipped and photometrically
-augmented per branch. After the encoder, both views' dense feature maps are resampled onto
+(the second overlapping the first), each resized to ``S x S`` and flipped here, on the CPU;
+photometrically augmented per branch on the training device (``dncut.photometric``). After the encoder, both views' dense feature maps are resampled onto
 the region of the original image that both crops cover, so that position ``(i, j)`` of both
 aligned maps shows the same place of the image.
 
@@ -16,7 +16,7 @@ That is the pixel model of ``torchvision.ops.roi_align(..., aligned=True)``.
 Shapes:
     sample_crop_boxes(W, H, rng) -> (box1, box2): two (4,) tuples of floats
     TwoViewTransform()(image PIL RGB, rng) -> {view1, view2: (3, S, S) uint8 RGB,
-        box1, box2: (4,) float32, flip1, flip2: bool}
+        box1, box2: (4,) float32, flip1, flip2: bool, aug1, aug2: (13,) float32 photometric parameters}
     overlap_boxes(box1 (B, 4), box2 (B, 4)) -> (B, 4)
     align_to_overlap(features (B, C, h, w), boxes (B, 4), overlap (B, 4), flipped (B,),
         output_size) -> (B, C, oh, ow)
@@ -29,6 +29,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.ops import roi_align
@@ -193,63 +194,66 @@ def resized_crop(
     return TF.hflip(out) if flip else out
 
 
-def color_jitter(
-    image: Image.Image,
-    rng: np.random.Generator,
-    strength: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
-) -> Image.Image:
-    """torchvision ColorJitter(brightness, contrast, saturation, hue) with draws from ``rng``.
+def reduction_for(boxes: Sequence[Sequence[float]], size: int, max_reduce: int = 8) -> int:
+    """The largest JPEG draft reduction (1, 2, 4 or 8) that still gives every crop box at least
+    ``size`` pixels on its shorter side: decoding at 1/r of the size costs ~1/r^2 of the time and
+    never upsamples a crop that the full image could serve."""
+    shortest = min(min(b[2] - b[0], b[3] - b[1]) for b in boxes)
+    r = 1
+    while r * 2 <= max_reduce and shortest / (r * 2) >= size:
+        r *= 2
+    return r
 
-    Factors: brightness/contrast/saturation uniform in [1 - s, 1 + s], hue uniform in
-    [-s, s]; the four operations are applied in a random order, as torchvision does.
+
+def crop_view(image: Image.Image | torch.Tensor, box: Sequence[float], size: int, flip: bool,
+              scale: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+    """``(3, size, size)`` uint8 RGB: ``box`` (full-size pixel coordinates, integer corners) of
+    ``image``, resized bicubically with antialiasing, mirrored when ``flip``.
+
+    ``image`` is a ``(3, H, W)`` uint8 tensor at full size (torch's uint8 bicubic kernel, the
+    fast path), or a PIL image decoded at ``scale = (width / full width, height / full height)``
+    (a JPEG draft: PIL's ``resize(box=...)`` with the box scaled, corners fractional).
     """
-    b, c, s, h = strength
-    factors = (
-        rng.uniform(max(0.0, 1 - b), 1 + b),
-        rng.uniform(max(0.0, 1 - c), 1 + c),
-        rng.uniform(max(0.0, 1 - s), 1 + s),
-        rng.uniform(-h, h),
-    )
-    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
-    for k in rng.permutation(4):
-        image = ops[k](image, float(factors[k]))
-    return image
+    if isinstance(image, torch.Tensor):
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        crop = image[None, :, y0:y1, x0:x1].contiguous(memory_format=torch.channels_last)  # (1, 3, h, w)
+        view = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]  # (3, S, S) uint8
+        return np.ascontiguousarray((view.flip(-1) if flip else view).numpy())
+    sx, sy = scale
+    out = image.resize((size, size), Image.Resampling.BICUBIC, box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
+    if flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.ascontiguousarray(np.asarray(out).transpose(2, 0, 1))  # (3, S, S)
 
 
-def gaussian_blur(
-    image: Image.Image, rng: np.random.Generator, sigma: tuple[float, float] = (0.1, 2.0)
-) -> Image.Image:
-    """Gaussian blur with sigma uniform in ``sigma`` (DINO's range), kernel 2*ceil(3 sigma)+1."""
-    s = float(rng.uniform(sigma[0], sigma[1]))
-    kernel = 2 * math.ceil(3 * s) + 1
-    largest = 2 * ((min(image.size) - 1) // 2) + 1  # odd and < the image side (reflect pad)
-    kernel = max(1, min(kernel, largest))
-    return TF.gaussian_blur(image, [kernel, kernel], [s, s])
+def _rgb(image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+    """A PIL image in RGB mode, or a ``(3, H, W)`` uint8 tensor as it is."""
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+            raise ValueError(f"expected a (3, H, W) uint8 image tensor, got {tuple(image.shape)} {image.dtype}")
+        return image
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 class TwoViewTransform:
-    """Make the two augmented views of one image, DINO style; the training loop only calls it.
+    """The two views of one image, DINO style: the CPU's share of the augmentation.
 
     Per view: RandomResizedCrop box (the second overlapping the first by ``min_overlap`` of
-    the first's area), bicubic resize to ``size``, horizontal flip with p = ``flip_p``; then,
-    when ``photometric``: colour jitter (0.4, 0.4, 0.2, 0.1) with p = 0.8, grayscale p = 0.2,
-    Gaussian blur (sigma in [0.1, 2]) with p = ``blur_p[view]`` (1.0, 0.1), solarize
-    (threshold 128) with p = ``solarize_p[view]`` (0.0, 0.2). No normalisation: views stay uint8 RGB.
+    the first's area), bicubic resize to ``size``, horizontal flip with p = ``flip_p``, and the
+    parameters of its photometric augmentation (``dncut.photometric.sample_params``: colour
+    jitter, grayscale, blur, solarize), which the training worker applies to the whole batch on
+    its device. No photometric work and no float conversion here: views stay uint8 RGB.
 
-    Every random draw comes from the ``rng`` passed to ``__call__``, in a fixed order, so a
-    given seed gives identical views.
+    Every random draw comes from the ``rng`` passed in, in a fixed order (boxes, then per view:
+    flip, photometric parameters), so a given seed gives identical views.
 
     Args:
         size: side S of each square view (224 in the paper).
         scale: crop-area range as a fraction of the image area ((0.2, 1.0) in the paper).
         ratio: crop aspect-ratio range.
         min_overlap: required overlap of view 2 with view 1, as a fraction of box1's area.
-        photometric: apply the photometric augmentations (off for geometry tests).
+        photometric: draw photometric parameters (false: identity parameters, for geometry tests).
         flip_p: probability of a horizontal flip, per view.
-        jitter_p: probability of the colour jitter, per view.
-        grayscale_p: probability of the grayscale conversion, per view.
-        blur_p: blur probability for (view 1, view 2).
-        solarize_p: solarize probability for (view 1, view 2).
         max_tries: box-2 draws before the documented fallback of ``sample_crop_boxes``.
     """
 
@@ -261,10 +265,6 @@ class TwoViewTransform:
         min_overlap: float = 0.01,
         photometric: bool = True,
         flip_p: float = 0.5,
-        jitter_p: float = 0.8,
-        grayscale_p: float = 0.2,
-        blur_p: tuple[float, float] = (1.0, 0.1),
-        solarize_p: tuple[float, float] = (0.0, 0.2),
         max_tries: int = 100,
     ) -> None:
         if size < 1:
@@ -273,67 +273,55 @@ class TwoViewTransform:
         _check_range("ratio", ratio, 0.0, math.inf)
         if not 0.0 <= min_overlap <= 1.0:
             raise ValueError(f"min_overlap must be in [0, 1], got {min_overlap}")
-        for name, p in (("flip_p", flip_p), ("jitter_p", jitter_p), ("grayscale_p", grayscale_p),
-                        ("blur_p", blur_p[0]), ("blur_p", blur_p[1]),
-                        ("solarize_p", solarize_p[0]), ("solarize_p", solarize_p[1])):
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
-        self.size = size
-        self.scale = tuple(scale)
-        self.ratio = tuple(ratio)
-        self.min_overlap = min_overlap
-        self.photometric = photometric
-        self.flip_p = flip_p
-        self.jitter_p = jitter_p
-        self.grayscale_p = grayscale_p
-        self.blur_p = tuple(blur_p)
-        self.solarize_p = tuple(solarize_p)
-        self.max_tries = max_tries
+        if not 0.0 <= flip_p <= 1.0:
+            raise ValueError(f"flip_p must be a probability in [0, 1], got {flip_p}")
+        self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
+        self.min_overlap, self.photometric, self.flip_p, self.max_tries = min_overlap, photometric, flip_p, max_tries
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, "
                 f"min_overlap={self.min_overlap}, photometric={self.photometric})")
 
-    def _photometric(self, view: Image.Image, rng: np.random.Generator, branch: int) -> Image.Image:
-        """The DINO colour/blur/solarize chain for branch 0 or 1."""
-        if rng.random() < self.jitter_p:
-            view = color_jitter(view, rng)
-        if rng.random() < self.grayscale_p:
-            view = TF.rgb_to_grayscale(view, num_output_channels=3)
-        if rng.random() < self.blur_p[branch]:
-            view = gaussian_blur(view, rng)
-        if rng.random() < self.solarize_p[branch]:
-            view = TF.solarize(view, 128)
-        return view
+    def boxes(self, width: int, height: int, rng: np.random.Generator) -> tuple[Box, Box]:
+        """The two crop boxes for an image of ``width x height`` (the first draws of ``rng``)."""
+        return sample_crop_boxes(width, height, rng, scale=self.scale, ratio=self.ratio,
+                                 min_overlap=self.min_overlap, max_tries=self.max_tries)
 
-
-    def __call__(self, image: Image.Image, rng: np.random.Generator) -> dict:
+    def __call__(self, image: Image.Image, rng: np.random.Generator, *, boxes: tuple[Box, Box] | None = None,
+                 full_size: tuple[int, int] | None = None) -> dict:
         """Make both views of ``image``.
 
         Args:
-            image: PIL image (converted to RGB if needed), W x H.
+            image: PIL image (converted to RGB if needed), possibly decoded at a reduced size,
+                or a ``(3, H, W)`` uint8 tensor at full size (``dncut.data.images.decode_rgb``).
             rng: source of every random draw.
+            boxes: the crop boxes, already drawn with ``self.boxes(*full_size, rng)`` (the
+                caller drew them to choose the decoding size); ``None`` draws them here.
+            full_size: ``(W, H)`` of the image at full size, the frame of the boxes
+                (default ``image.size``).
 
         Returns:
-            dict with ``view1``, ``view2``: uint8 (3, S, S) RGB views (the backbone normalises
-            them, ``dncut.backbones.Backbone``); ``box1``,
-            ``box2``: float32 (4,) crop boxes in original pixel coordinates; ``flip1``,
-            ``flip2``: whether each view was mirrored.
+            dict with ``view1``, ``view2``: uint8 ``(3, S, S)`` RGB arrays; ``box1``, ``box2``:
+            float32 ``(4,)`` crop boxes in full-size pixel coordinates; ``flip1``, ``flip2``:
+            bool; ``aug1``, ``aug2``: float32 ``(dncut.photometric.N_PARAMS,)`` parameters.
         """
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        width, height = image.size
-        boxes = sample_crop_boxes(width, height, rng, scale=self.scale, ratio=self.ratio,
-                                  min_overlap=self.min_overlap, max_tries=self.max_tries)
+        from dncut import photometric
+
+        image = _rgb(image)
+        size = (image.shape[2], image.shape[1]) if isinstance(image, torch.Tensor) else image.size
+        width, height = full_size or size
+        boxes = boxes or self.boxes(width, height, rng)
+        scale = (size[0] / width, size[1] / height)
+        if not isinstance(image, torch.Tensor) and scale == (1.0, 1.0):
+            image = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)  # full size: the fast tensor path
         out: dict = {}
         for branch, box in enumerate(boxes):
             flip = bool(rng.random() < self.flip_p)
-            view = resized_crop(image, box, self.size, flip)
-            if self.photometric:
-                view = self._photometric(view, rng, branch)
-            out[f"view{branch + 1}"] = TF.pil_to_tensor(view)  # (3, S, S) uint8
-            out[f"box{branch + 1}"] = torch.tensor(box, dtype=torch.float32)
+            out[f"view{branch + 1}"] = crop_view(image, box, self.size, flip, scale)
+            out[f"box{branch + 1}"] = np.asarray(box, dtype=np.float32)
             out[f"flip{branch + 1}"] = flip
+            params = photometric.sample_params(rng, branch)  # drawn either way: one rng stream for both settings
+            out[f"aug{branch + 1}"] = params if self.photometric else photometric.identity_params(1)[0]
         return out
 
 

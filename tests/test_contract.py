@@ -67,7 +67,7 @@ def test_first_layer_sees_the_same_normalised_image_on_every_path(name: str, tmp
     from dncut.data.pipeline import ViewMaker
     from dncut.eval.batch import NCutPredictor, dataset_records, load_record
     from dncut.eval.validate import score_backbone, validation_rows
-    from dncut.train import build_model
+    from dncut.train import build_model, model_inputs
 
     layer, norm = FAMILIES[name]
     root = _folder(tmp_path / "val", 1)
@@ -78,13 +78,13 @@ def test_first_layer_sees_the_same_normalised_image_on_every_path(name: str, tmp
                               f"eval.image_size={SIZE}", "ncut.solver=eigh"])
 
     # training: the view maker keeps the pixels (no normalisation); the model's encoder normalises
-    row = ViewMaker(cfg)({"uri": str(root / "images" / "s0.png"), "epoch": 0, "index": 0})
+    row = ViewMaker(cfg)({"uri": str(root / "images" / "s0.png"), "epoch": 0, "key": 0})
     assert row["ok"] and row["view1"].dtype == np.uint8
     view = np.transpose(row["view1"], (1, 2, 0))  # (64, 64, 3)
     assert np.array_equal(view, image[:, ::-1] if row["flip1"] else image)
     model = build_model(cfg)
     train_seen = FirstLayer(model.encoder.model.get_submodule(layer))
-    model(*(torch.from_numpy(np.asarray(row[k])[None]) for k in ("view1", "view2", "box1", "box2", "flip1", "flip2")))
+    model(*model_inputs({k: torch.from_numpy(np.asarray(v)[None]) for k, v in row.items()}))
     train_in = train_seen.seen[0][0]  # (3, 64, 64), view 1
     train_in = train_in.flip(-1) if row["flip1"] else train_in
 

@@ -100,20 +100,21 @@ def fit_recorded(cfg, tmp_path: Path):
 
 def test_view_maker_decodes_odd_modes_and_flags_bad_files(tmp_path):
     """In-process, file by file: the odd modes give two finite views, the bad ones ok=False rows."""
-    from dncut.data.pipeline import ViewMaker
+    from dncut.data.pipeline import ViewMaker, decode_failure
 
     folder = write_messy_folder(tmp_path / "train")
     maker = ViewMaker(smoke_config(tmp_path, f"data.train={folder}"))
     for i, name in enumerate(ODD):
-        row = maker({"uri": str(folder / name), "epoch": 0, "index": i})
-        assert row["ok"], f"{name}: {row['error']}"
+        row = maker({"uri": str(folder / name), "epoch": 0, "key": i})
+        assert row["ok"], f"{name}: {decode_failure(row['failure'])}"
         assert row["view1"].shape == (3, 64, 64) and row["view1"].dtype == np.uint8
         assert row["view1"].std() > 2, f"{name} decoded to a flat image"  # uint8 levels; flat = 0
     expected_reason = {"corrupt.jpg": "not a valid image", "truncated.jpg": "truncated",
                        "tiny.jpg": "smaller than min_size=32"}
     for name in BAD:
-        row = maker({"uri": str(folder / name), "epoch": 0, "index": 0})
-        assert not row["ok"] and expected_reason[name] in row["error"], (name, row["error"])
+        row = maker({"uri": str(folder / name), "epoch": 0, "key": 0})
+        uri, reason = decode_failure(row["failure"])
+        assert not row["ok"] and uri == str(folder / name) and expected_reason[name] in reason, (name, reason)
 
 
 @pytest.mark.ray
@@ -274,6 +275,7 @@ def test_lite0_real_weights_lower_the_loss_without_collapse(ray_session, tmp_pat
 
 def _two_steps(cfg) -> list[dict]:
     """Two optimizer steps of the training building blocks on generated scenes (in-process)."""
+    from dncut import photometric
     from dncut.data.pipeline import ViewMaker
     from dncut.train import build_loss, build_model, build_optimizer
 
@@ -284,9 +286,10 @@ def _two_steps(cfg) -> list[dict]:
     before = [p.detach().clone() for p in model.encoder.parameters() if p.requires_grad]
     out_parts = []
     for step in range(2):
-        rows = [maker({"uri": f"scene://{step * 4 + i}", "epoch": 0, "index": step * 4 + i}) for i in range(4)]
-        batch = [torch.from_numpy(np.stack([r[k] for r in rows])) for k in
-                 ("view1", "view2", "box1", "box2", "flip1", "flip2")]
+        rows = [maker({"uri": f"scene://{step * 4 + i}", "epoch": 0, "key": step * 4 + i}) for i in range(4)]
+        col = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
+        batch = [photometric.apply(col["view1"], col["aug1"]), photometric.apply(col["view2"], col["aug2"]),
+                 *(col[k] for k in ("box1", "box2", "flip1", "flip2"))]
         out = model(*batch)
         loss, parts = criterion.symmetric(out.ab, out.ba, shape=out.shape)
         assert torch.isfinite(loss), parts

@@ -30,11 +30,12 @@ import io
 import struct
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dncut.storage import IMAGE_SUFFIXES
 
-__all__ = ["IMAGE_SUFFIXES", "ImageDecodeError", "decode_image", "load_mask"]
+__all__ = ["IMAGE_SUFFIXES", "ImageDecodeError", "decode_image", "decode_rgb", "image_size", "load_mask"]
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _DECODE_ERRORS = (
@@ -53,12 +54,39 @@ class ImageDecodeError(ValueError):
     """Bytes that are not a usable image; the message says why."""
 
 
-def _open(data: bytes) -> Image.Image:
-    """Open and fully decode ``data``, EXIF orientation applied."""
+_TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """``(W, H)`` of the image as a viewer shows it (EXIF orientation applied), from the header
+    only: nothing is decoded.
+
+    Raises:
+        ImageDecodeError: the bytes are not a recognisable image.
+    """
     if not data:
         raise ImageDecodeError("empty data (0 bytes)")
     try:
         image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        orientation = image.getexif().get(0x0112, 1)
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(f"cannot decode {len(data)} bytes: not a valid image in any known format "
+                               f"(starts with {data[:8]!r})") from exc
+    except _DECODE_ERRORS as exc:
+        raise ImageDecodeError(f"cannot read the header of {len(data)} bytes: {type(exc).__name__}: {exc}") from exc
+    return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
+
+
+def _open(data: bytes, reduce: int = 1) -> Image.Image:
+    """Open and fully decode ``data``, EXIF orientation applied; a JPEG is decoded at about
+    ``1 / reduce`` of its size (``Image.draft``: DCT scaling, never below ``ceil(side / reduce)``)."""
+    if not data:
+        raise ImageDecodeError("empty data (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+        if reduce > 1 and image.format == "JPEG":
+            image.draft("RGB", (-(-image.width // reduce), -(-image.height // reduce)))
         image.load()
         transposed = ImageOps.exif_transpose(image)
     except UnidentifiedImageError as exc:
@@ -111,12 +139,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         raise ImageDecodeError(f"cannot convert image mode {mode!r} to RGB: {exc}") from exc
 
 
-def decode_image(data: bytes, *, min_size: int = 1) -> Image.Image:
+def decode_image(data: bytes, *, min_size: int = 1, reduce: int = 1) -> Image.Image:
     """Decode encoded image bytes into an RGB image (see the module docstring for modes).
 
     Args:
         data: encoded file content (JPEG, PNG, BMP, TIFF, WebP, ...).
-        min_size: smallest accepted width and height, in pixels (after EXIF rotation).
+        min_size: smallest accepted width and height, in pixels (after EXIF rotation), of the
+            image at full size.
+        reduce: 1, 2, 4 or 8: a JPEG is decoded at about 1/reduce of its size (DCT scaling, the
+            cheap way); other formats ignore it. The caller reads the actual size off the result.
 
     Returns:
         A fully loaded ``PIL.Image.Image`` in mode ``"RGB"``: (H, W, 3) uint8.
@@ -126,12 +157,55 @@ def decode_image(data: bytes, *, min_size: int = 1) -> Image.Image:
     """
     if min_size < 1:
         raise ValueError(f"min_size must be >= 1, got {min_size}")
+    if reduce not in (1, 2, 4, 8):
+        raise ValueError(f"reduce must be 1, 2, 4 or 8, got {reduce}")
+    if reduce > 1:
+        width, height = image_size(data)
+        if width < min_size or height < min_size:
+            raise ImageDecodeError(f"image is {width}x{height} (WxH), smaller than min_size={min_size}")
+        return _to_rgb(_open(data, reduce))
     image = _open(data)
     if image.width < min_size or image.height < min_size:
         raise ImageDecodeError(
             f"image is {image.width}x{image.height} (WxH), smaller than min_size={min_size}"
         )
     return _to_rgb(image)
+
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def decode_rgb(data: bytes, *, min_size: int = 1, reduce: int = 1) -> Image.Image | torch.Tensor:
+    """Decode for the training crops, the cheapest way that gives the same pixels.
+
+    A JPEG at full size goes through torchvision's libjpeg-turbo decoder into a ``(3, H, W)``
+    uint8 tensor (EXIF orientation applied; the same pixels as Pillow, measured faster); a JPEG
+    with ``reduce > 1`` through Pillow's draft mode (DCT scaling); anything else, or a JPEG the
+    fast decoder refuses, through :func:`decode_image` (its error messages, its mode handling).
+
+    Args:
+        data: encoded file content.
+        min_size: smallest accepted width and height at full size, in pixels.
+        reduce: 1, 2, 4 or 8 (see :func:`decode_image`).
+
+    Returns:
+        A ``(3, H, W)`` uint8 tensor, or a PIL RGB image (draft / non-JPEG).
+
+    Raises:
+        ImageDecodeError: corrupt, truncated, unreadable, zero-size or too small.
+    """
+    if reduce > 1 or not data.startswith(_JPEG_MAGIC):
+        return decode_image(data, min_size=min_size, reduce=reduce)
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        rgb = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                          apply_exif_orientation=True)  # (3, H, W)
+    except RuntimeError:
+        return decode_image(data, min_size=min_size)  # Pillow says why (truncated, corrupt, ...)
+    if rgb.shape[1] < min_size or rgb.shape[2] < min_size:
+        raise ImageDecodeError(f"image is {rgb.shape[2]}x{rgb.shape[1]} (WxH), smaller than min_size={min_size}")
+    return rgb
 
 
 def _mask_to_unit(image: Image.Image) -> np.ndarray:
