@@ -35,12 +35,11 @@ Parts (``--parts``, default all):
 
 ``bytes``    The numeric columns of one training row (what crosses the object store per pair):
              ``nbytes`` per column and in all, against the old float32 views (2 x 3 x S x S x 4).
-             The mean JPEG size is listed too: Ray Data's file reader hands the encoded bytes to
-             the decode tasks through the object store.
+             The mean JPEG size is listed too (the decode task reads it from storage itself).
 
 ``e2e``      (Ray) ``ray.init(num_cpus=cpus)`` with the process tree pinned to ``cpus`` cores, for
-             each of ``--cpus``: the training pipeline, ``train_dataset(cfg, uris, steps_per_epoch)``
-             (one epoch: Ray lists and reads the folder, shuffles the files, maps ``ViewMaker``),
+             each of ``--cpus``: the training pipeline, ``train_dataset(cfg, uris, steps)`` for
+             ``--e2e-epochs`` epochs (seeded rows -> map ``ViewMaker``, which reads, decodes, crops),
              consumed as ``dncut.train._batches`` does (``iter_torch_batches(batch_size,
              drop_last=True, device="cpu", prefetch_batches=PREFETCH_BATCHES)``, the row order kept
              as ``train_data_config`` keeps it) against ``torch.utils.data.DataLoader(num_workers=cpus,
@@ -57,12 +56,12 @@ Parts (``--parts``, default all):
              ``s3://<bucket>/many/``; the driver's time to a training dataset for 2 epochs at batch
              256 (``total_steps = 2 * floor(N / 256)``), lazily (nothing executes):
 
-             * ``old``: ``source_uris`` + the old ``epoch_rows`` (``{"uri", "epoch", "index"}`` for
-               each epoch in a ``default_rng([seed, 0, epoch])`` permutation) + ``ray.data.from_items
-               (rows, override_num_blocks=200)`` + ``map(ViewMaker)``, as the committed
-               ``train_dataset`` did;
-             * ``new``: ``source_uris`` + ``train_dataset(cfg, uris, total_steps)``
-               (``read_binary_files`` per epoch: Ray lists the prefix again for each).
+             * ``rows``: dncut's ``train_dataset``: ``source_uris`` (one listing) + seeded rows
+               ``{"uri", "epoch", "key"}`` for every epoch + ``from_items`` + ``map(ViewMaker)``;
+             * ``file_reader``: the alternative that was tried and dropped: ``source_uris`` +
+               ``read_binary_files(prefix, shuffle=FileShuffleConfig(seed))`` per epoch + ``union``
+               (Ray lists the prefix again for each epoch; under ``preserve_order`` the union
+               interleaves the epochs' blocks).
 
              ``--rounds`` alternating rounds, seconds median, with the listing part apart.
 
@@ -516,7 +515,7 @@ def e2e_part(args: argparse.Namespace, folder: str, names: list[str], scratch: s
     import ray
     import ray.data
 
-    from dncut.data.pipeline import ViewMaker, source_uris, steps_per_epoch, train_dataset
+    from dncut.data.pipeline import ViewMaker, source_uris, train_dataset
     from dncut.train import PREFETCH_BATCHES
 
     subset = os.path.join(scratch, "e2e")  # exactly the benched images: Ray lists the whole folder
@@ -544,7 +543,9 @@ def e2e_part(args: argparse.Namespace, folder: str, names: list[str], scratch: s
                     cfg = bench_config(roots[source], args.crop_size, args.batch_size,
                                        server.endpoint_url if server and source == "s3" else None)
                     uris = source_uris(cfg)
-                    ds = train_dataset(cfg, uris, total_steps=steps_per_epoch(len(uris), args.batch_size))
+                    # a pass = a run of --e2e-epochs epochs: training streams the whole run through one
+                    # Ray Data execution (its start-up is paid once per run, not per epoch)
+                    ds = train_dataset(cfg, uris, total_steps=args.e2e_epochs * (len(uris) // args.batch_size))
                     loader = torch.utils.data.DataLoader(
                         FileDataset(uris, ViewMaker(cfg)), batch_size=args.batch_size, shuffle=True, drop_last=True,
                         num_workers=cpus, persistent_workers=True, pin_memory=False, worker_init_fn=_one_thread,
@@ -555,7 +556,7 @@ def e2e_part(args: argparse.Namespace, folder: str, names: list[str], scratch: s
                                                      pin_memory=False, prefetch_batches=PREFETCH_BATCHES)
 
                     def loader_pass(loader=loader):
-                        return iter(loader)
+                        return (batch for _ in range(args.e2e_epochs) for batch in loader)
 
                     measured = compare({"ray_data": ray_pass, "dataloader": loader_pass}, args.rounds,
                                        args.e2e_augment)
@@ -579,7 +580,8 @@ def e2e_part(args: argparse.Namespace, folder: str, names: list[str], scratch: s
         if 1 in by_cpu and 2 in by_cpu:
             scaling[source] = {name: round(by_cpu[2][name]["rows_s"] / by_cpu[1][name]["rows_s"], 3)
                                for name in ("ray_data", "dataloader")}
-    return {"batch_size": args.batch_size, "prefetch_batches": PREFETCH_BATCHES, "preserve_order": True,
+    return {"batch_size": args.batch_size, "epochs_per_pass": args.e2e_epochs, "prefetch_batches": PREFETCH_BATCHES,
+            "preserve_order": True,
             "augmentation": "in the consumer, timed (--e2e-augment)" if args.e2e_augment
             else "not timed (runs on the training device, not on these cores)",
             "target_ratio": 0.9, "results": results, "scaling_2_over_1_cpu": scaling,
@@ -587,16 +589,6 @@ def e2e_part(args: argparse.Namespace, folder: str, names: list[str], scratch: s
 
 
 # ----------------------------------------------------------------------------- part startup (Ray + S3)
-
-
-def old_epoch_rows(uris: list[str], seed: int, epochs: int) -> list[dict]:
-    """The committed ``epoch_rows``: every epoch's files in a permutation seeded by ``(seed, 0, epoch)``."""
-    ordered = sorted(uris)
-    rows = []
-    for epoch in range(epochs):
-        for i in np.random.default_rng([seed, 0, epoch]).permutation(len(ordered)):
-            rows.append({"uri": ordered[i], "epoch": epoch, "index": int(i)})
-    return rows
 
 
 def tiny_jpeg() -> bytes:
@@ -629,16 +621,7 @@ def startup_part(args: argparse.Namespace, scratch: str) -> dict[str, Any]:
         ray.data.DataContext.get_current().enable_progress_bars = False
         before = loadavg()
 
-        def old() -> tuple[float, float, int]:
-            t0 = time.perf_counter()
-            uris = source_uris(cfg)
-            listed = time.perf_counter() - t0
-            rows = old_epoch_rows(uris, cfg.seed, STARTUP_EPOCHS)
-            ds = ray.data.from_items(rows, override_num_blocks=200).map(ViewMaker(cfg), num_cpus=cfg.data.decode_cpus)
-            del ds
-            return time.perf_counter() - t0, listed, len(uris)
-
-        def new() -> tuple[float, float, int]:
+        def rows() -> tuple[float, float, int]:  # dncut: list once, seeded rows for every epoch, from_items
             t0 = time.perf_counter()
             uris = source_uris(cfg)
             listed = time.perf_counter() - t0
@@ -646,11 +629,27 @@ def startup_part(args: argparse.Namespace, scratch: str) -> dict[str, Any]:
             del ds
             return time.perf_counter() - t0, listed, len(uris)
 
-        sides = {"old": old, "new": new}
+        def file_reader() -> tuple[float, float, int]:  # the tried alternative: Ray's reader per epoch
+            from ray.data import FileShuffleConfig
+
+            from dncut import storage
+            from dncut.data.pipeline import s3_options
+
+            t0 = time.perf_counter()
+            uris = source_uris(cfg)  # the count sizes the epochs
+            listed = time.perf_counter() - t0
+            fs, path = storage.filesystem(cfg.data.train, s3_options(cfg))
+            epochs = [ray.data.read_binary_files(path, filesystem=fs, include_paths=True,
+                                                 shuffle=FileShuffleConfig(seed=e)) for e in range(STARTUP_EPOCHS)]
+            ds = epochs[0].union(*epochs[1:]).map(ViewMaker(cfg), num_cpus=cfg.data.decode_cpus)
+            del ds
+            return time.perf_counter() - t0, listed, len(uris)
+
+        sides = {"rows": rows, "file_reader": file_reader}
         measured: dict[str, dict[str, list]] = {k: {"s": [], "list_s": [], "uris": []} for k in sides}
         try:
             for r in range(args.rounds):
-                for name in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                for name in (("rows", "file_reader") if r % 2 == 0 else ("file_reader", "rows")):
                     seconds, listed, count = sides[name]()
                     measured[name]["s"].append(round(seconds, 3))
                     measured[name]["list_s"].append(round(listed, 3))
@@ -662,15 +661,16 @@ def startup_part(args: argparse.Namespace, scratch: str) -> dict[str, Any]:
         server.stop()
     out: dict[str, Any] = {"objects": n, "epochs": STARTUP_EPOCHS, "batch_size": STARTUP_BATCH,
                            "total_steps": total_steps, "upload_s": round(upload_s, 1), "ray_cpus": cpus,
-                           "old": "source_uris + old epoch_rows + from_items(200 blocks) + map(ViewMaker)",
-                           "new": "source_uris + train_dataset (read_binary_files per epoch, lazy)",
+                           "rows": "dncut's train_dataset: source_uris (one listing) + seeded epoch rows + from_items + map",
+                           "file_reader": "the alternative: source_uris + read_binary_files(prefix, FileShuffleConfig) "
+                                          "per epoch + union + map (Ray lists the prefix once per epoch)",
                            "loadavg_before": before, "loadavg_after": loadavg()}
     for name, m in measured.items():
         out[f"{name}_s_rounds"] = m["s"]
         out[f"{name}_s"] = median(m["s"])
         out[f"{name}_source_uris_s"] = median(m["list_s"])
         out[f"{name}_uris_listed"] = m["uris"][0]
-    out["ratio_new_over_old"] = round(out["new_s"] / out["old_s"], 3)
+    out["ratio_file_reader_over_rows"] = round(out["file_reader_s"] / out["rows_s"], 3)
     return out
 
 
@@ -720,6 +720,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", type=int, nargs="+", default=[1, 2], help="e2e: cores (and Ray CPUs / loader workers)")
     p.add_argument("--sources", nargs="+", default=["local"], choices=SOURCES, help="e2e image sources")
     p.add_argument("--e2e-augment", action="store_true", help="e2e: time model_inputs in the consumer, both sides")
+    p.add_argument("--e2e-epochs", type=int, default=8,
+                   help="e2e: epochs per timed pass (one Ray Data execution, as one training run; the DataLoader "
+                        "loops its persistent workers over them)")
     p.add_argument("--startup-objects", type=int, default=20_000, help="startup: objects under the S3 prefix")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "ingest.json"))
     args = p.parse_args(argv)

@@ -97,10 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, default=DEMO_CONFIG)
     p = sub.add_parser("report", help="curves figure (losses, pass fraction, template similarities, val IoU vs "
                                       "step) and last metrics of a training run folder")
+    _add_noise_args(p)
     p.add_argument("run", metavar="RUN", help="a training run folder output_dir/run_name (local or s3://)")
     p.add_argument("--out", default=None, help="where to write the PNG (default RUN/curves.png)")
     p = sub.add_parser("export", help="a training run's backbone as safetensors in timm's Hugging Face layout "
                                       "(model.safetensors + config.json): loads with timm alone, or dncut.export.load_hf")
+    _add_noise_args(p)
     p.add_argument("run", metavar="RUN", help="a training run folder output_dir/run_name holding backbone.pth and "
                                               "config.yaml (local or s3://)")
     p.add_argument("--format", default="hf", choices=["safetensors", "hf"],
@@ -110,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
                    help="also upload to this Hugging Face Hub repo (user/name) with timm's push_to_hf_hub; needs "
                         "network access to the Hub and a write token (HF_TOKEN or `hf auth login`)")
-    sub.add_parser("backbones", help="table of the registered backbones: stride, channels, input normalisation, "
+    p = sub.add_parser("backbones", help="table of the registered backbones: stride, channels, input normalisation, "
                                      "tapped layer, BatchNorm, where the weights come from")
+    _add_noise_args(p)
     return parser
 
 

@@ -17,8 +17,9 @@ with timm's ``push_to_hf_hub``.
 The timm model is ``dncut.backbones.timm_arch(spec)``: heads dncut builds without (ViT ``head``) are
 absent from it too; layers after the tapped one (frozen, never finetuned) are exported as they are.
 
-``export_run`` exports a training run folder (``dncut export RUN``); it reads the run's layout from
-``dncut.train``, imported when called, so the rest of this module needs no Ray.
+A training run folder is exported by ``dncut.train.export_run`` (``dncut export RUN``), and at the
+end of every run by ``dncut.train.Chief``. Note: ``pretrained_cfg_overlay=dict(file=...)`` keeps
+timm's default ``pretrained_cfg`` (ImageNet mean/std); ``local-dir:`` reads ``config.json``'s.
 """
 
 from __future__ import annotations

@@ -46,8 +46,7 @@ from dncut import storage
 from dncut.backbones import create_backbone, export_backbone, load_backbone
 from dncut.config import Config, load_config
 from dncut.data.datasets import saliency_dataset
-from dncut.data.pipeline import (data_start_step, decode_failure, s3_options, source_uris, train_data_config,
-                                 train_dataset)
+from dncut.data.pipeline import decode_failure, s3_options, source_uris, train_data_config, train_dataset
 from dncut.eval.validate import score_backbone, validation_rows
 from dncut.losses import NCutLoss
 from dncut.export import ExportFormat, export_hf, push_hf
@@ -241,7 +240,7 @@ def _setup_worker(cfg: Config, rank: int) -> torch.device:
 
 
 def _batches(shard, batch_size: int, skip: int, device: torch.device):
-    """This worker's batches (numpy), after ``skip`` already trained ones: a worker group restarted
+    """This worker's batches (tensors on ``device``), after ``skip`` already trained ones: a worker group restarted
     inside one ``fit`` re-reads the dataset from its first row (``start_step``), so it passes over
     the batches of the steps it resumes after (decoded, not trained)."""
     if skip < 0:
@@ -515,7 +514,6 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     total = cfg.train.total_steps(len(uris))
     start = min(resume_step(cfg), total)  # a rerun continues the seeded row stream where it stopped
     ds = train_dataset(cfg, uris, total, start)
-    start = data_start_step(len(uris), cfg.train.batch_size, start)  # its epoch's first step
     storage.write_bytes(storage.join(run_dir(cfg), CONFIG_FILE), cfg.to_yaml().encode(), s3_options(cfg))
     sc = cfg.scaling
     scaling = ray.train.ScalingConfig(

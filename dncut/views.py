@@ -15,8 +15,8 @@ That is the pixel model of ``torchvision.ops.roi_align(..., aligned=True)``.
 
 Shapes:
     sample_crop_boxes(W, H, rng) -> (box1, box2): two (4,) tuples of floats
-    TwoViewTransform()(image PIL RGB, rng) -> {view1, view2: (3, S, S) uint8 RGB,
-        box1, box2: (4,) float32, flip1, flip2: bool, aug1, aug2: (13,) float32 photometric parameters}
+    TwoViewTransform()(image PIL RGB or (3, H, W) uint8 tensor, rng) -> {view1, view2: (3, S, S) uint8 RGB,
+        box1, box2: (4,) float32, flip1, flip2: bool}
     overlap_boxes(box1 (B, 4), box2 (B, 4)) -> (B, 4)
     align_to_overlap(features (B, C, h, w), boxes (B, 4), overlap (B, 4), flipped (B,),
         output_size) -> (B, C, oh, ow)
@@ -236,23 +236,22 @@ def _rgb(image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
 
 
 class TwoViewTransform:
-    """The two views of one image, DINO style: the CPU's share of the augmentation.
+    """The two crops of one image (the CPU's share of the views): geometry only.
 
     Per view: RandomResizedCrop box (the second overlapping the first by ``min_overlap`` of
-    the first's area), bicubic resize to ``size``, horizontal flip with p = ``flip_p``, and the
-    parameters of its photometric augmentation (``dncut.photometric.sample_params``: colour
-    jitter, grayscale, blur, solarize), which the training worker applies to the whole batch on
-    its device. No photometric work and no float conversion here: views stay uint8 RGB.
+    the first's area), bicubic resize to ``size``, horizontal flip with p = ``flip_p``. No
+    photometric work and no float conversion here: views stay uint8 RGB (the photometric
+    parameters are drawn by the caller, ``dncut.data.pipeline.ViewMaker``, and applied on the
+    training device, ``dncut.photometric``).
 
-    Every random draw comes from the ``rng`` passed in, in a fixed order (boxes, then per view:
-    flip, photometric parameters), so a given seed gives identical views.
+    Every random draw comes from the ``rng`` passed in, in a fixed order (boxes, flip 1, flip 2),
+    so a given seed gives identical views.
 
     Args:
         size: side S of each square view (224 in the paper).
         scale: crop-area range as a fraction of the image area ((0.2, 1.0) in the paper).
         ratio: crop aspect-ratio range.
         min_overlap: required overlap of view 2 with view 1, as a fraction of box1's area.
-        photometric: draw photometric parameters (false: identity parameters, for geometry tests).
         flip_p: probability of a horizontal flip, per view.
         max_tries: box-2 draws before the documented fallback of ``sample_crop_boxes``.
     """
@@ -263,7 +262,6 @@ class TwoViewTransform:
         scale: tuple[float, float] = (0.2, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         min_overlap: float = 0.01,
-        photometric: bool = True,
         flip_p: float = 0.5,
         max_tries: int = 100,
     ) -> None:
@@ -276,19 +274,18 @@ class TwoViewTransform:
         if not 0.0 <= flip_p <= 1.0:
             raise ValueError(f"flip_p must be a probability in [0, 1], got {flip_p}")
         self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
-        self.min_overlap, self.photometric, self.flip_p, self.max_tries = min_overlap, photometric, flip_p, max_tries
+        self.min_overlap, self.flip_p, self.max_tries = min_overlap, flip_p, max_tries
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, "
-                f"min_overlap={self.min_overlap}, photometric={self.photometric})")
+        return f"{type(self).__name__}(size={self.size}, scale={self.scale}, min_overlap={self.min_overlap})"
 
     def boxes(self, width: int, height: int, rng: np.random.Generator) -> tuple[Box, Box]:
         """The two crop boxes for an image of ``width x height`` (the first draws of ``rng``)."""
         return sample_crop_boxes(width, height, rng, scale=self.scale, ratio=self.ratio,
                                  min_overlap=self.min_overlap, max_tries=self.max_tries)
 
-    def __call__(self, image: Image.Image, rng: np.random.Generator, *, boxes: tuple[Box, Box] | None = None,
-                 full_size: tuple[int, int] | None = None) -> dict:
+    def __call__(self, image: Image.Image | torch.Tensor, rng: np.random.Generator, *,
+                 boxes: tuple[Box, Box] | None = None, full_size: tuple[int, int] | None = None) -> dict:
         """Make both views of ``image``.
 
         Args:
@@ -298,20 +295,22 @@ class TwoViewTransform:
             boxes: the crop boxes, already drawn with ``self.boxes(*full_size, rng)`` (the
                 caller drew them to choose the decoding size); ``None`` draws them here.
             full_size: ``(W, H)`` of the image at full size, the frame of the boxes
-                (default ``image.size``).
+                (default the image's size).
 
         Returns:
             dict with ``view1``, ``view2``: uint8 ``(3, S, S)`` RGB arrays; ``box1``, ``box2``:
-            float32 ``(4,)`` crop boxes in full-size pixel coordinates; ``flip1``, ``flip2``:
-            bool; ``aug1``, ``aug2``: float32 ``(dncut.photometric.N_PARAMS,)`` parameters.
-        """
-        from dncut import photometric
+            float32 ``(4,)`` crop boxes in full-size pixel coordinates; ``flip1``, ``flip2``: bool.
 
+        Raises:
+            ValueError: a tensor image whose size is not ``full_size`` (its boxes would not fit).
+        """
         image = _rgb(image)
         size = (image.shape[2], image.shape[1]) if isinstance(image, torch.Tensor) else image.size
         width, height = full_size or size
         boxes = boxes or self.boxes(width, height, rng)
         scale = (size[0] / width, size[1] / height)
+        if isinstance(image, torch.Tensor) and scale != (1.0, 1.0):
+            raise ValueError(f"a tensor image must be at full size {(width, height)}, got {size}")
         if not isinstance(image, torch.Tensor) and scale == (1.0, 1.0):
             image = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)  # full size: the fast tensor path
         out: dict = {}
@@ -320,8 +319,6 @@ class TwoViewTransform:
             out[f"view{branch + 1}"] = crop_view(image, box, self.size, flip, scale)
             out[f"box{branch + 1}"] = np.asarray(box, dtype=np.float32)
             out[f"flip{branch + 1}"] = flip
-            params = photometric.sample_params(rng, branch)  # drawn either way: one rng stream for both settings
-            out[f"aug{branch + 1}"] = params if self.photometric else photometric.identity_params(1)[0]
         return out
 
 

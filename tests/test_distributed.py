@@ -116,63 +116,63 @@ def test_blocks_per_source_size():
     assert [num_blocks(n) for n in (0, 1, 16, 17, 40, 3200, 3201, 1_281_167)] == [1, 1, 1, 2, 3, 200, 200, 200]
 
 
-def _jpeg_folder(folder: Path, n: int) -> list[str]:
-    from PIL import Image
+def test_train_dataset_reshuffles_every_epoch_and_is_seeded(ray_session):
+    """The run's rows hold every URI once per epoch, each epoch in a new order, in the order the
+    seed fixes (Ray Data preserves it), and the same seed gives bit-identical views."""
+    from dncut.data.pipeline import SCENE_SCHEME, epoch_rows, train_dataset
 
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(folder / f"im{i:02d}.jpg")
-    (folder / "_hidden.jpg").write_bytes(b"skipped, as Ray Data's readers do")
-    return sorted(str(p) for p in folder.glob("im*.jpg"))
+    uris = [f"{SCENE_SCHEME}{i}" for i in range(40)]
+    rows = epoch_rows(uris, seed=0, epochs=2)
+    orders = [[r["uri"] for r in rows if r["epoch"] == e] for e in (0, 1)]
+    assert all(sorted(order) == sorted(uris) for order in orders)
+    assert orders[0] != orders[1] and uris not in orders
+    assert epoch_rows(uris, seed=0, epochs=2) == rows and epoch_rows(uris, seed=1, epochs=2) != rows
+
+    cfg = smoke_config("data.crop_size=32", "train.batch_size=4", "train.max_steps=4")
+    ray = ray_session
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    try:
+        runs = [list(train_dataset(cfg, uris[:8], total_steps=4).iter_batches(batch_size=8, batch_format="numpy"))
+                for _ in range(2)]
+    finally:
+        ray.data.DataContext.get_current().execution_options.preserve_order = False
+    a = np.concatenate([b["view1"] for b in runs[0]])
+    b = np.concatenate([b["view1"] for b in runs[1]])
+    assert a.dtype == np.uint8 and a.shape[1:] == (3, 32, 32) and np.array_equal(a, b)
+    assert [int(k) for x in runs[0] for k in x["key"]] == [r["key"] for r in epoch_rows(uris[:8], 0, 2)]
 
 
-def _stream(ds) -> dict[str, np.ndarray]:
-    batches = list(ds.iter_batches(batch_size=4, batch_format="numpy"))
-    return {k: np.concatenate([b[k] for b in batches]) for k in ("key", "epoch", "view1", "aug2")}
+def test_epochs_needed_gives_every_worker_its_steps():
+    """Hand-checked cases: 8 files, global batch 4 over 2 workers, 4 steps = exactly 2 epochs; a
+    remainder that each worker drops costs one more epoch."""
+    from dncut.data.pipeline import epochs_needed
+
+    assert epochs_needed(8, 4, 4, 2) == 2
+    assert epochs_needed(200, 60, 16, 1) == 5  # 960 rows
+    assert epochs_needed(7, 3, 4, 2) == 2  # 14 rows: 7 per worker, 3 batches of 2 each
+    assert epochs_needed(5, 3, 4, 2) == 3  # 10 rows: 5 per worker, only 2 batches; 15 rows: 7 -> 3
+    for n, steps, batch, world in ((8, 4, 4, 2), (7, 3, 4, 2), (5, 3, 4, 2), (13, 9, 6, 3)):
+        e = epochs_needed(n, steps, batch, world)
+        assert (e * n // world) // (batch // world) >= steps > ((e - 1) * n // world) // (batch // world)
 
 
-def test_train_dataset_reads_files_seeded_per_epoch_and_resumes_mid_run(ray_session, tmp_path):
-    """Ray Data's file reader with a seeded shuffle: each epoch holds every file once (cut to whole
-    batches), in its own order, the same seed gives bit-identical views, and a resumed run's
-    dataset is exactly the tail of the full run's from its epoch's first step."""
-    from dncut.data.pipeline import data_start_step, file_key, source_uris, steps_per_epoch, train_dataset
+def test_resumed_dataset_is_the_tail_of_the_run_over_many_blocks(ray_session, tmp_path):
+    """40 files in 3 blocks per epoch, batch 4: the dataset of a run resumed at step 13 holds
+    exactly the full run's rows from row 13 * 4 on (epochs in order, blocks not interleaved)."""
+    from dncut.data.pipeline import SCENE_SCHEME, epoch_rows, num_blocks, train_dataset
 
-    folder = tmp_path / "train"
-    files = _jpeg_folder(folder, 10)
-    cfg = smoke_config(f"data.train={folder}", "data.crop_size=32", "train.batch_size=4", "train.max_steps=6",
-                       "data.min_image_size=16")
-    uris = source_uris(cfg)
-    assert uris == files  # "_hidden.jpg" left out here as by Ray's reader
-    assert steps_per_epoch(10, 4) == 2  # 8 of 10 files per epoch: 3 epochs for 6 steps
+    uris = [f"{SCENE_SCHEME}{i}" for i in range(40)]
+    cfg = smoke_config("data.crop_size=32", "train.batch_size=4", "train.max_steps=25")
     ctx = ray_session.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     try:
-        full, again = (_stream(train_dataset(cfg, uris, total_steps=6)) for _ in range(2))
-        other = _stream(train_dataset(cfg.with_overrides({"seed": 1}), uris, total_steps=6))
-        resumed = _stream(train_dataset(cfg, uris, total_steps=6, start_step=5))
+        full, resumed = ([int(k) for b in train_dataset(cfg, uris, 25, start).iter_batches(batch_size=8)
+                          for k in b["key"]] for start in (0, 13))
     finally:
         ctx.execution_options.preserve_order = False
-    keys = {file_key(u) for u in files}
-    assert full["view1"].dtype == np.uint8 and full["view1"].shape == (24, 3, 32, 32)
-    assert list(full["epoch"]) == [0] * 8 + [1] * 8 + [2] * 8
-    orders = [list(full["key"][e * 8:(e + 1) * 8]) for e in range(3)]
-    assert all(len(set(o)) == 8 and set(o) <= keys for o in orders) and len({tuple(o) for o in orders}) == 3
-    for k in full:
-        np.testing.assert_array_equal(full[k], again[k])
-    assert list(other["key"]) != list(full["key"])
-    start = data_start_step(10, 4, 5)
-    assert start == 4  # step 5 lies in epoch 2, whose first step is 4
-    for k in full:
-        np.testing.assert_array_equal(resumed[k], full[k][start * 4:])
-
-
-def test_steps_per_epoch_and_data_start():
-    """Hand-checked: every epoch drops its last partial global batch (DataLoader(drop_last=True))."""
-    from dncut.data.pipeline import data_start_step, steps_per_epoch
-
-    assert [steps_per_epoch(n, 16) for n in (15, 16, 200, 1_281_167)] == [0, 1, 12, 80_072]
-    assert [data_start_step(200, 16, s) for s in (0, 11, 12, 13, 59)] == [0, 0, 12, 12, 48]
+    expected = [r["key"] for r in epoch_rows(uris, 0, 3)]  # 25 steps x 4 = 100 rows: 3 epochs
+    assert num_blocks(120) > 3 and full == expected
+    assert resumed == expected[13 * 4:]
 
 
 # ----------------------------------------------------------------------------- 2 workers, s3 -> s3

@@ -54,7 +54,7 @@ def test_model_forward_backward_shapes(tmp_path):
 
     cfg = smoke_config(tmp_path, "loss.min_pass=1")
     model = build_model(cfg)
-    t = TwoViewTransform(size=cfg.data.crop_size, photometric=False)
+    t = TwoViewTransform(size=cfg.data.crop_size)
     rows = [t(make_scene(i, size=128)[0], np.random.default_rng(i)) for i in range(3)]
     batch = {k: torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in rows[0]}
     out = model(batch["view1"], batch["view2"], batch["box1"], batch["box2"], batch["flip1"], batch["flip2"])

@@ -117,8 +117,6 @@ def test_overlap_boxes_hand_made():
 
 
 def test_transform_shapes_dtypes_and_determinism():
-    from dncut.photometric import N_PARAMS
-
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8))
     t = TwoViewTransform(size=32)
     a = t(img, np.random.default_rng(3))
@@ -128,8 +126,8 @@ def test_transform_shapes_dtypes_and_determinism():
         # uint8 RGB: photometric work and normalisation happen on the training device, not here
         assert a[k].shape == (3, 32, 32) and a[k].dtype == np.uint8
         np.testing.assert_array_equal(a[k], b[k])
-    for k in ("box1", "box2", "aug1", "aug2"):
-        assert a[k].dtype == np.float32 and a[k].shape == ((4,) if k.startswith("box") else (N_PARAMS,))
+    for k in ("box1", "box2"):
+        assert a[k].dtype == np.float32 and a[k].shape == (4,)
         np.testing.assert_array_equal(a[k], b[k])
     assert isinstance(a["flip1"], bool) and isinstance(a["flip2"], bool)
     assert not np.array_equal(a["view1"], c["view1"])
@@ -142,7 +140,7 @@ def test_transform_photometric_off_views_carry_the_right_pixels():
     its pixels sit where the box says (coordinate image)."""
     img = coord_pil()
     S = 48
-    t = TwoViewTransform(size=S, photometric=False)
+    t = TwoViewTransform(size=S)
     seen_flip = set()
     for seed in range(12):
         out = t(img, np.random.default_rng(seed))
@@ -168,19 +166,24 @@ def test_transform_photometric_off_views_carry_the_right_pixels():
     assert seen_flip == {True, False}
 
 
-def test_photometric_parameters_leave_the_geometry_alone():
-    """The CPU draws the photometric parameters after the crops and flips: the same seed gives
-    the same views and boxes with photometric on or off; applying the parameters on the device
-    changes view 1's pixels (blur p = 1) but not its size."""
-    from dncut.photometric import apply, identity_params
+def test_photometric_parameters_leave_the_geometry_alone(tmp_path):
+    """The view maker draws the photometric parameters after the crops and flips: the same seed
+    gives the same views and boxes with ``data.photometric`` on or off; applying the parameters
+    on the device changes view 1's pixels (blur p = 1) but not its size."""
+    from dncut.config import load_config
+    from dncut.data.pipeline import ViewMaker
+    from dncut.photometric import N_PARAMS, apply, identity_params
 
-    img = coord_pil()
-    plain = TwoViewTransform(size=32, photometric=False)(img, np.random.default_rng(5))
-    aug = TwoViewTransform(size=32, photometric=True)(img, np.random.default_rng(5))
-    for k in ("view1", "view2", "box1", "box2"):
+    path = tmp_path / "coords.png"
+    coord_pil().save(path)
+    row = {"uri": str(path), "epoch": 0, "key": 7}
+    cfg = load_config(None, ["data.crop_size=32", "data.min_image_size=16"])
+    plain, aug = (ViewMaker(cfg.with_overrides({"data.photometric": p}))(row) for p in (False, True))
+    assert plain["ok"] and aug["ok"]
+    for k in ("view1", "view2", "box1", "box2", "flip1", "flip2"):
         np.testing.assert_array_equal(plain[k], aug[k])
-    assert plain["flip1"] == aug["flip1"] and plain["flip2"] == aug["flip2"]
     np.testing.assert_array_equal(plain["aug1"], identity_params(1)[0])
+    assert aug["aug1"].shape == (N_PARAMS,) and aug["aug1"].dtype == np.float32
     view = torch.from_numpy(aug["view1"])[None]
     out = apply(view, torch.from_numpy(aug["aug1"])[None])
     assert out.shape == (1, 3, 32, 32) and not torch.allclose(out, view.float() / 255)
@@ -255,7 +258,7 @@ def test_align_end_to_end_through_transform_batched():
     """TwoViewTransform output (uint8 coordinate image), batched, stride 8 features."""
     img = coord_pil()
     S, stride, out = 64, 8, 8
-    t = TwoViewTransform(size=S, photometric=False)
+    t = TwoViewTransform(size=S)
     samples = [t(img, np.random.default_rng(100 + s)) for s in range(6)]
     v1 = torch.stack([torch.from_numpy(s["view1"][:2]) for s in samples]).float() + 0.5  # (B, 2, S, S) coords
     v2 = torch.stack([torch.from_numpy(s["view2"][:2]) for s in samples]).float() + 0.5

@@ -35,7 +35,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dncut.storage import IMAGE_SUFFIXES
 
-__all__ = ["IMAGE_SUFFIXES", "ImageDecodeError", "decode_image", "decode_rgb", "image_size", "load_mask"]
+__all__ = ["IMAGE_SUFFIXES", "ImageDecodeError", "decode_image", "decode_rgb", "image_size", "is_jpeg", "load_mask"]
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _DECODE_ERRORS = (
@@ -58,8 +58,8 @@ _TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swa
 
 
 def image_size(data: bytes) -> tuple[int, int]:
-    """``(W, H)`` of the image as a viewer shows it (EXIF orientation applied), from the header
-    only: nothing is decoded.
+    """``(W, H)`` of the image as a viewer shows it (EXIF orientation applied), from the header:
+    nothing is decoded for a JPEG (other formats may load to read their metadata).
 
     Raises:
         ImageDecodeError: the bytes are not a recognisable image.
@@ -85,7 +85,7 @@ def _open(data: bytes, reduce: int = 1) -> Image.Image:
         raise ImageDecodeError("empty data (0 bytes)")
     try:
         image = Image.open(io.BytesIO(data))
-        if reduce > 1 and image.format == "JPEG":
+        if reduce > 1 and image.format in ("JPEG", "MPO"):
             image.draft("RGB", (-(-image.width // reduce), -(-image.height // reduce)))
         image.load()
         transposed = ImageOps.exif_transpose(image)
@@ -175,11 +175,16 @@ def decode_image(data: bytes, *, min_size: int = 1, reduce: int = 1) -> Image.Im
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
+def is_jpeg(data: bytes) -> bool:
+    """Whether ``data`` starts like a JPEG (JFIF, EXIF, MPO camera files)."""
+    return data.startswith(_JPEG_MAGIC)
+
+
 def decode_rgb(data: bytes, *, min_size: int = 1, reduce: int = 1) -> Image.Image | torch.Tensor:
     """Decode for the training crops, the cheapest way that gives the same pixels.
 
     A JPEG at full size goes through torchvision's libjpeg-turbo decoder into a ``(3, H, W)``
-    uint8 tensor (EXIF orientation applied; the same pixels as Pillow, measured faster); a JPEG
+    uint8 tensor (EXIF orientation applied; the same pixels as Pillow, faster: bench/ingest.py); a JPEG
     with ``reduce > 1`` through Pillow's draft mode (DCT scaling); anything else, or a JPEG the
     fast decoder refuses, through :func:`decode_image` (its error messages, its mode handling).
 
@@ -194,7 +199,7 @@ def decode_rgb(data: bytes, *, min_size: int = 1, reduce: int = 1) -> Image.Imag
     Raises:
         ImageDecodeError: corrupt, truncated, unreadable, zero-size or too small.
     """
-    if reduce > 1 or not data.startswith(_JPEG_MAGIC):
+    if reduce > 1 or not is_jpeg(data):
         return decode_image(data, min_size=min_size, reduce=reduce)
     from torchvision.io import ImageReadMode, decode_jpeg
 
