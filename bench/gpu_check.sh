@@ -6,7 +6,9 @@
 #      small sweep of the solver's options and tol, the graph's own cost, a profile (in the JSON);
 #   2. bench/ncut_layer.py --device cuda at (512, 196) and (128, 784): baseline eigh + autograd,
 #      dncut eigh, dncut lobpcg side by side;
-#   3. bench/train_step.py --device cuda --solver lobpcg: the NCut share of a ViT-S/16 step, batch 256.
+#   3. bench/train_step.py --device cuda --solver lobpcg: the NCut share of a ViT-S/16 step, batch 256
+#      (its data stage: CPU pairs/s per core, and the CPU cores per GPU they imply);
+#   4. bench/ingest.py --parts gpu_aug --device cuda: the device augmentation of 256 pairs.
 # Run it with timeout_s 420 (the device tool), then give the machine back.
 # Usage: bash bench/gpu_check.sh        JSON goes to $OUT (if set) else bench/results/.
 set -uo pipefail
@@ -192,3 +194,8 @@ echo "=== 3. bench/train_step.py --device cuda --solver lobpcg (ViT-S/16, batch 
 timeout 150 "$PY" bench/train_step.py --device cuda --solver lobpcg --out "$OUT_DIR/train_step_cuda_lobpcg.json" \
     | grep -E '"(ncut_share|ncut_ms|step)"' | head -5
 echo "train_step exit code: $?"
+
+echo "=== 4. bench/ingest.py --parts gpu_aug --device cuda: DINO photometric augmentation of 256 pairs (target <= 10 ms) ==="
+timeout 120 "$PY" bench/ingest.py --parts gpu_aug --device cuda --out "$OUT_DIR/ingest_gpu_aug.json" \
+    | grep -E '"(ms_median|device)"' | head -3
+echo "ingest exit code: $?"
