@@ -34,6 +34,7 @@ log = logging.getLogger("dncut.tracking")
 
 HISTORY_FILE = "metrics.jsonl"  # one JSON line per report, under output_dir/run_name
 CURVES_FILE = "curves.png"
+RUN_IDS_FILE = "tracking_runs.json"  # {"mlflow": run id, "wandb": run id}: a resumed run continues them
 TENSORBOARD_DIR = "tensorboard"
 CURVE_PANELS = (  # (title, metric keys) of plot_curves
     ("losses", ("loss", "l_consistency", "l_reg")),
@@ -89,8 +90,24 @@ class Tracker:
         self._tb_local = None if not t.tensorboard else (
             tempfile.mkdtemp(prefix="dncut-tb-") if storage.is_s3(run) else storage.join(run, TENSORBOARD_DIR))
         self._tb = _tensorboard(self._tb_local) if self._tb_local else None
-        self._mlflow = _start_mlflow(cfg) if t.mlflow else None
-        self._wandb = _start_wandb(cfg) if t.wandb else None
+        self._mlflow = _start_mlflow(cfg, self._run_id("mlflow")) if t.mlflow else None
+        if self._mlflow is not None:
+            self._save_run_id("mlflow", self._mlflow.active_run().info.run_id)
+        self._wandb = _start_wandb(cfg, self._run_id("wandb")) if t.wandb else None
+        if self._wandb is not None:
+            self._save_run_id("wandb", self._wandb.id)
+
+    def _run_id(self, sink: str) -> str | None:
+        """The MLflow / W&B run id of an earlier launch of this run folder (a resume continues it)."""
+        uri = storage.join(self.run, RUN_IDS_FILE)
+        if not storage.exists(uri, self.s3):
+            return None
+        return json.loads(storage.read_bytes(uri, self.s3)).get(sink)
+
+    def _save_run_id(self, sink: str, run_id: str) -> None:
+        uri = storage.join(self.run, RUN_IDS_FILE)
+        ids = json.loads(storage.read_bytes(uri, self.s3)) if storage.exists(uri, self.s3) else {}
+        storage.write_bytes(uri, json.dumps({**ids, sink: run_id}).encode(), self.s3)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """One report: appended to ``metrics.jsonl`` (rewritten whole: S3 has no append) and sent to
@@ -146,8 +163,9 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _start_mlflow(cfg: Config):
-    """``mlflow.start_run`` named after the run, with the whole config as params."""
+def _start_mlflow(cfg: Config, run_id: str | None = None):
+    """``mlflow.start_run`` named after the run, with the whole config as params; ``run_id``: the
+    earlier launch's run, continued."""
     try:
         import mlflow
     except ImportError as exc:
@@ -156,21 +174,25 @@ def _start_mlflow(cfg: Config):
     if t.mlflow_tracking_uri:
         mlflow.set_tracking_uri(t.mlflow_tracking_uri)
     mlflow.set_experiment(t.mlflow_experiment)
+    if run_id is not None:
+        mlflow.start_run(run_id=run_id)
+        return mlflow  # params were logged by the first launch (MLflow refuses to change them)
     mlflow.start_run(run_name=cfg.run_name)
     params = {k: str(v)[:500] for k, v in _flat(cfg.model_dump(mode="json")).items()}  # MLflow caps value length
     mlflow.log_params(params)
     return mlflow
 
 
-def _start_wandb(cfg: Config):
-    """``wandb.init`` named after the run, with the whole config."""
+def _start_wandb(cfg: Config, run_id: str | None = None):
+    """``wandb.init`` named after the run, with the whole config; ``run_id``: the earlier launch's
+    run, resumed."""
     try:
         import wandb
     except ImportError as exc:
         raise RuntimeError("tracking.wandb is true but wandb is not installed: pip install wandb") from exc
     t = cfg.tracking
     run = wandb.init(project=t.wandb_project, name=cfg.run_name, mode=t.wandb_mode,
-                     config=cfg.model_dump(mode="json"))
+                     config=cfg.model_dump(mode="json"), id=run_id, resume="allow" if run_id else None)
     return run
 
 

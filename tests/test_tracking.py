@@ -107,6 +107,13 @@ def test_mlflow_receives_params_and_every_metric(tmp_path, monkeypatch):
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [(h.step, h.value) for h in history] == [(m["step"], pytest.approx(m["loss"])) for m in _reports(3)]
 
+    resumed = Tracker(cfg, str(tmp_path / "run"), resume_step=3)  # a resume continues the same MLflow run
+    resumed.log({"step": 4, "loss": 0.125}, 4)
+    resumed.close()
+    (again,) = client.search_runs([client.get_experiment_by_name("dncut-test").experiment_id])
+    assert again.info.run_id == run.info.run_id
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+
 
 def test_wandb_enabled_without_its_client_is_a_clear_error(tmp_path):
     try:
