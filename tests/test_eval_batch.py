@@ -312,3 +312,32 @@ def test_predictor_fails_only_the_bad_image_of_a_batch():
         np.testing.assert_array_equal(out[key][0], alone[key][0])
     np.testing.assert_array_equal(out["tokencut_mask"][1], out["tokencut_mask"][0].T)
     assert out["tokencut_mask"][0].any() and out["tokencut_box"][0].dtype == np.int64
+
+
+@pytest.mark.ray
+def test_eval_maps_reads_class_colour_masks_and_flags_empty_ones(ray_session, tmp_path: Path):
+    """A (128, 0, 0) class-colour mask (RGB and palette) against a perfect map scores IoU 1, maxFβ 1,
+    MAE 0; an all-background mask is a failed row with its reason, counted, not averaged in."""
+    from PIL import Image
+
+    fg = np.zeros((40, 60), bool)
+    fg[10:30, 15:45] = True
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "maps" / "perfect").mkdir(parents=True)
+    rgb = np.zeros((40, 60, 3), np.uint8)
+    rgb[fg] = (128, 0, 0)
+    Image.fromarray(rgb).save(tmp_path / "masks" / "rgb.png")
+    palette = Image.fromarray(fg.astype(np.uint8), mode="P")
+    palette.putpalette([0, 0, 0, 128, 0, 0] + [0] * (254 * 3))
+    palette.save(tmp_path / "masks" / "pal.png")
+    Image.fromarray(np.zeros((40, 60), np.uint8)).save(tmp_path / "masks" / "empty.png")
+    for stem in ("rgb", "pal", "empty"):
+        Image.fromarray((fg * 255).astype(np.uint8)).save(tmp_path / "maps" / "perfect" / f"{stem}.png")
+    summary = evaluate_maps(str(tmp_path / "masks"), [str(tmp_path / "maps")], str(tmp_path / "out"))
+    (run,) = summary["runs"]
+    assert run["n_images"] == 3 and run["n_failed"] == 1
+    m = run["metrics"]
+    assert m["iou"] == 1.0 and m["mae"] == 0.0 and m["max_fbeta"] == pytest.approx(1.0) and m["acc"] == 1.0
+    rows = pq.read_table(tmp_path / "out" / "per_image.parquet").to_pylist()
+    (flagged,) = [r for r in rows if r["status"] == "failed"]
+    assert flagged["image_id"] == "empty" and "no foreground pixel" in flagged["error"]

@@ -202,3 +202,61 @@ def test_real_sod_images_and_masks():
         mask = load_mask(open(f"{SOD}/masks/{stem}.png", "rb").read())
         assert mask.shape == (image.height, image.width)
         assert 0 < mask.mean() < 1
+
+
+# ----------------------------------------------------------------------------- mask encodings (the peers' layouts)
+
+
+def _forty_by_sixty() -> np.ndarray:
+    """(40, 60) bool with 600 foreground pixels (a 20 x 30 block)."""
+    fg = np.zeros((40, 60), bool)
+    fg[10:30, 15:45] = True
+    assert fg.sum() == 600
+    return fg
+
+
+def test_class_colour_masks_read_as_their_foreground():
+    """VOC / DAVIS label 1 is (128, 0, 0): stored as RGB and as a palette PNG, 600 pixels each."""
+    fg = _forty_by_sixty()
+    rgb = np.zeros((40, 60, 3), np.uint8)
+    rgb[fg] = (128, 0, 0)
+    palette = Image.fromarray(fg.astype(np.uint8), mode="P")
+    palette.putpalette([0, 0, 0, 128, 0, 0] + [0] * (254 * 3))
+    for encoded in (_encode(Image.fromarray(rgb)), _encode(palette)):
+        mask = load_mask(encoded)
+        assert mask.sum() == 600 and np.array_equal(mask, fg)
+
+
+def test_label_grey_sixteen_bit_and_void_encodings():
+    fg = _forty_by_sixty()
+    labels = fg.astype(np.uint8)  # a 0/1 label PNG
+    assert np.array_equal(load_mask(_encode(Image.fromarray(labels, mode="L"))), fg)
+    classes = (fg * 15).astype(np.uint8)  # class id 15 (VOC "person") as a grey label image
+    assert np.array_equal(load_mask(_encode(Image.fromarray(classes, mode="L"))), fg)
+    grey = (fg * 255).astype(np.uint8)
+    assert np.array_equal(load_mask(_encode(Image.fromarray(grey, mode="L"))), fg)
+    wide = (fg * 65535).astype(np.uint16)
+    assert np.array_equal(load_mask(_encode(Image.fromarray(wide))), fg)
+    wide_labels = fg.astype(np.uint16)  # 16-bit 0/1 labels
+    assert np.array_equal(load_mask(_encode(Image.fromarray(wide_labels))), fg)
+    voc = np.zeros((40, 60, 3), np.uint8)
+    voc[fg] = (192, 128, 128)  # VOC person
+    voc[9, :] = (224, 224, 192)  # void boundary: background
+    assert np.array_equal(load_mask(_encode(Image.fromarray(voc))), fg)
+
+
+def test_grey_mask_saved_as_rgb_jpeg_stays_grey():
+    """A 0/255 mask through JPEG as RGB: chroma noise must not turn near-black into foreground."""
+    fg = _forty_by_sixty()
+    grey = np.repeat((fg * 255).astype(np.uint8)[..., None], 3, axis=2)
+    mask = load_mask(_encode(Image.fromarray(grey), "JPEG"))
+    assert abs(int(mask.sum()) - 600) <= 40 and mask[15:25, 20:40].all() and not mask[:5].any()
+
+
+def test_empty_mask_is_flagged_not_scored():
+    from dncut.data.images import check_mask_foreground
+
+    empty = load_mask(_encode(Image.fromarray(np.zeros((40, 60), np.uint8), mode="L")))
+    assert not empty.any()
+    with pytest.raises(ValueError, match="no foreground pixel"):
+        check_mask_foreground(empty)

@@ -19,9 +19,9 @@ Corrupt, truncated or unreadable data, a zero-size image, or one smaller than
 Truncated files always raise: ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is not
 enabled here (and must not be enabled elsewhere).
 
-``load_mask``: bytes -> (H, W) bool, ground truth binarised as
-``value / max_value > 0.5`` after converting to one channel (luminance for
-colour / palette masks, alpha ignored; 1-bit, 8-bit and 16-bit supported).
+``load_mask``: bytes -> (H, W) bool, ground truth binarised by its encoding: label images
+(0/1, class ids) and class-colour / palette masks by "not zero / not black", grey masks
+that use their range by "above half of it" (see :func:`load_mask`).
 """
 
 from __future__ import annotations
@@ -213,32 +213,64 @@ def decode_rgb(data: bytes, *, min_size: int = 1, reduce: int = 1) -> Image.Imag
     return rgb
 
 
-def _mask_to_unit(image: Image.Image) -> np.ndarray:
-    """Any-mode mask image -> (H, W) float64 in [0, 1]."""
+GREY_TOLERANCE = 16
+"""An RGB mask whose three channels agree within this many levels everywhere is a grey mask stored
+as colour (JPEG chroma noise included); otherwise it is a class-colour mask."""
+VOID_COLOUR = (224, 224, 192)
+"""PASCAL VOC's void / boundary colour (palette index 255): not an object, read as background."""
+
+
+def _grey_foreground(values: np.ndarray, full_range: float) -> np.ndarray:
+    """Grey levels ``(H, W)``: label values (all below half of ``full_range``, e.g. a 0/1 PNG)
+    -> any non-zero value; an image using the range (0/255 saliency masks) -> above half of it."""
+    half = full_range / 2.0
+    return values != 0 if values.max() < half else values > half
+
+
+def _colour_foreground(rgb: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` uint8: grey stored as colour -> the grey rule; class colours (VOC, DAVIS:
+    (128, 0, 0) is label 1) -> any colour but black and the VOC void colour."""
+    rgb = rgb.astype(np.int32)
+    if int((rgb.max(axis=2) - rgb.min(axis=2)).max()) <= GREY_TOLERANCE:
+        return _grey_foreground(rgb.mean(axis=2), 255.0)
+    return rgb.any(axis=2) & ~(rgb == VOID_COLOUR).all(axis=2)
+
+
+def mask_foreground(image: Image.Image) -> np.ndarray:
+    """Any-mode decoded mask -> ``(H, W)`` bool foreground (rules in :func:`load_mask`)."""
     mode = image.mode
     if mode == "1":
-        return np.asarray(image, dtype=np.float64)  # (H, W)
-    if mode.startswith("I;16"):
-        return np.asarray(image).astype(np.float64) / 65535.0
-    if mode == "I":
-        values = np.asarray(image).astype(np.float64)  # (H, W)
-        return values / (65535.0 if values.max() > 255 else 255.0)
+        return np.asarray(image, dtype=bool)
     if mode == "F":
-        return np.asarray(image).astype(np.float64)
-    if mode != "L":
-        image = image.convert("L")  # luminance; alpha and palette resolved by Pillow
-    return np.asarray(image).astype(np.float64) / 255.0
+        return np.asarray(image, dtype=np.float64) > 0.5
+    if mode.startswith("I"):  # I;16* and I: 16-bit range (8-bit when no value exceeds 255)
+        values = np.asarray(image).astype(np.float64)
+        return _grey_foreground(values, 65535.0 if mode.startswith("I;16") or values.max() > 255 else 255.0)
+    if mode == "L":
+        return _grey_foreground(np.asarray(image).astype(np.float64), 255.0)
+    if mode == "LA":
+        return _grey_foreground(np.asarray(image.getchannel("L")).astype(np.float64), 255.0)
+    return _colour_foreground(np.asarray(image.convert("RGB")))  # RGB(A), P (palette colours), CMYK, ...
 
 
 def load_mask(data: bytes) -> np.ndarray:
-    """Decode a ground-truth mask and binarise it.
+    """Decode a ground-truth mask and binarise it, whatever its encoding.
 
-    Values are scaled to [0, 1] (1-bit as is, 8-bit / 255, 16-bit / 65535;
-    32-bit ``I`` masks by 65535 when any value exceeds 255, else by 255; colour
-    and palette masks via luminance) and thresholded at ``> 0.5``.
+    * 1-bit: as stored. Float (``F``): > 0.5.
+    * Grey (8-bit ``L``, 16-bit ``I;16``, 32-bit ``I``): a **label** image (every value below half
+      of the type's range, e.g. a 0/1 PNG or class ids) is foreground wherever non-zero; a mask
+      that uses the range (0/255, 0/65535, a soft or JPEG-compressed map) is foreground strictly
+      above half of it (128 of 255, 32768 of 65535).
+    * Colour (``RGB``/``RGBA``, alpha ignored) and palette (``P``, read through its colours): grey
+      stored as colour (channels within ``GREY_TOLERANCE`` levels) follows the grey rule; a
+      class-colour mask (VOC / DAVIS: label 1 is (128, 0, 0)) is foreground wherever the colour is
+      not black, except VOC's void colour ``VOID_COLOUR``.
+
+    A mask with no foreground is returned as such: the evaluation flags and counts that image
+    (``dncut.eval.batch``) instead of averaging it in.
 
     Args:
-        data: encoded mask file content (PNG, BMP, JPEG, ...).
+        data: encoded mask file content (PNG, BMP, TIFF, JPEG, ...).
 
     Returns:
         (H, W) bool array, True = foreground.
@@ -246,11 +278,20 @@ def load_mask(data: bytes) -> np.ndarray:
     Raises:
         ImageDecodeError: the bytes are not a decodable image.
     """
-    return _mask_to_unit(_open(data)) > 0.5
+    return mask_foreground(_open(data))
 
 
 def check_mask_size(image: Image.Image, mask: np.ndarray) -> np.ndarray:
     """``mask (H, W)`` if it matches ``image``'s size; ``ValueError`` naming both sizes otherwise."""
     if mask.shape != (image.height, image.width):
         raise ValueError(f"mask size {mask.shape[::-1]} (WxH) differs from image size {image.size}")
+    return mask
+
+
+def check_mask_foreground(mask: np.ndarray) -> np.ndarray:
+    """``mask (H, W)`` if it has a foreground pixel; ``ValueError`` otherwise: an empty ground truth
+    makes IoU and maxFβ meaningless, so the image is flagged and counted, not averaged in."""
+    if not mask.any():
+        raise ValueError(f"the ground-truth mask ({mask.shape[1]}x{mask.shape[0]}) has no foreground pixel "
+                         "(see dncut.data.images.load_mask for how each encoding is read)")
     return mask

@@ -41,7 +41,7 @@ from dncut.backbone_specs import BackboneSpec, spec as backbone_spec
 from dncut.config import Config, EvalDataset
 from dncut.data.datasets import (DatasetLayoutError, coco20k_dataset, pair_by_stem, saliency_dataset,
                                  voc_dataset)
-from dncut.data.images import IMAGE_SUFFIXES, check_mask_size, decode_image, load_mask
+from dncut.data.images import IMAGE_SUFFIXES, check_mask_foreground, check_mask_size, decode_image, load_mask
 from dncut.data.pipeline import s3_options
 from dncut.eval import metrics
 from dncut.eval.bilateral import refine_mask
@@ -141,7 +141,7 @@ def load_record(record: dict, *, spec: BackboneSpec, image_size: int | None,
             pil = decode_image(storage.read_bytes(uri, s3))
             gt = load_mask(storage.read_bytes(record["mask_uri"], s3)) if record["mask_uri"] else None
         if gt is not None:
-            check_mask_size(pil, gt)
+            check_mask_foreground(check_mask_size(pil, gt))
         image = np.asarray(pil.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
         net, content = network_input(image, stride=spec.stride, image_size=image_size, pad_rgb=spec.pad_rgb)
         row.update(status="ok", error="", image=image, input=net, content=np.asarray(content, np.int64),
@@ -465,7 +465,7 @@ def score_map(record: dict, *, s3: storage.S3Options | None = None) -> dict:
     try:
         if not record["map_uri"]:
             raise FileNotFoundError(f"no map named {record['image_id']}.* in {record['maps_dir']}")
-        gt = load_mask(storage.read_bytes(record["mask_uri"], s3))
+        gt = check_mask_foreground(load_mask(storage.read_bytes(record["mask_uri"], s3)))
         pred = _read_map(storage.read_bytes(record["map_uri"], s3), gt.shape)
         row = _result_row(record["image_id"], record["method"], scores=metrics.score_saliency(pred, gt))
     except Exception as exc:  # noqa: BLE001
