@@ -30,7 +30,7 @@ from pydantic import ValidationError, ValidationInfo, field_validator, model_val
 from dncut.backbone_specs import spec
 
 EvalKind = Literal[
-    "folder", "ecssd", "duts_te", "dut_omron", "sod", "voc07", "voc12", "coco20k", "scenes"
+    "folder", "ecssd", "duts_te", "dut_omron", "sod", "voc07", "voc12", "coco20k", "coco", "scenes"
 ]
 EvalMethod = Literal["simple", "tokencut"]
 
@@ -198,11 +198,12 @@ class EvalDataset(_Section):
     """One evaluation set; ``kind`` selects the layout reader (REFERENCE §3)."""
 
     name: str = Field(description="label in tables and output folders, unique per config")
-    kind: EvalKind = Field(description="layout: folder (images/ + masks/), ecssd, duts_te, dut_omron, sod (saliency); voc07, voc12, coco20k (discovery, CorLoc); scenes (generated)")
+    kind: EvalKind = Field(description="layout: folder (images/ + masks/), ecssd, duts_te, dut_omron, sod (saliency); voc07, voc12, coco20k, coco (images + an instances JSON, e.g. coco-mini) (discovery, CorLoc); scenes (generated)")
     root: str | None = Field(None, description="dataset root, local or s3://; required unless kind is scenes")
     annotations: str | None = Field(None, description="annotation file/folder when not at its usual place under root (e.g. COCO20k json)")
     image_list: str | None = Field(None, description="text file of image ids (COCO20k's 19,817, VOC trainval); null = the kind's default")
     limit: int | None = Field(None, ge=1, description="first N images only (quick checks); for scenes the number generated (null = data.val_scenes)")
+    include_crowd: bool = Field(False, description="COCO layouts: keep iscrowd=1 regions as ground-truth boxes; false (default) drops them, as LOST, TokenCut, FOUND and MOST do")
 
     @model_validator(mode="after")
     def _check_root(self) -> EvalDataset:

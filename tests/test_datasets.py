@@ -160,8 +160,8 @@ def test_voc_layouts_and_minus_one_shift(tmp_path, where):
     samples = voc_dataset(str(tmp_path), "2007")
     expected_boxes = [(47.0, 239.0, 195.0, 371.0), (7.0, 11.0, 352.0, 498.0)]  # difficult one kept
     assert samples == [
-        DiscoverySample("000009", os.path.join(folder, "JPEGImages", "000009.jpg"), expected_boxes),
-        DiscoverySample("000005", os.path.join(folder, "JPEGImages", "000005.jpg"), expected_boxes),
+        DiscoverySample("000009", os.path.join(folder, "JPEGImages", "000009.jpg"), expected_boxes, (353, 500)),
+        DiscoverySample("000005", os.path.join(folder, "JPEGImages", "000005.jpg"), expected_boxes, (353, 500)),
     ]
 
 
@@ -216,16 +216,16 @@ def test_coco20k_xywh_to_corners(tmp_path):
     _write_coco(tmp_path)
     images = str(tmp_path / "images")
     samples = coco20k_dataset(images, str(tmp_path / "instances.json"), str(tmp_path / "list.txt"))
-    assert samples == [
+    assert samples == [  # crowd regions dropped by default, as the peers; sizes from the JSON
         DiscoverySample("COCO_train2014_000000000025", f"{images}/COCO_train2014_000000000025.jpg",
-                        [(1.5, 2.5, 4.5, 6.5)]),
+                        [(1.5, 2.5, 4.5, 6.5)], (640, 426)),
         DiscoverySample("COCO_train2014_000000000009", f"{images}/COCO_train2014_000000000009.jpg",
-                        [(10.0, 20.0, 40.0, 60.0), (0.0, 0.0, 640.0, 480.0)]),
-        DiscoverySample("COCO_train2014_000000000030", f"{images}/COCO_train2014_000000000030.jpg", []),
+                        [(10.0, 20.0, 40.0, 60.0)], (640, 480)),
+        DiscoverySample("COCO_train2014_000000000030", f"{images}/COCO_train2014_000000000030.jpg", [], (640, 428)),
     ]
-    no_crowd = coco20k_dataset(images, str(tmp_path / "instances.json"), str(tmp_path / "list.txt"),
-                               include_crowd=False)
-    assert no_crowd[1].boxes == [(10.0, 20.0, 40.0, 60.0)]
+    with_crowd = coco20k_dataset(images, str(tmp_path / "instances.json"), str(tmp_path / "list.txt"),
+                                 include_crowd=True)
+    assert with_crowd[1].boxes == [(10.0, 20.0, 40.0, 60.0), (0.0, 0.0, 640.0, 480.0)]
 
 
 def test_coco20k_unknown_name(tmp_path):

@@ -86,11 +86,14 @@ class DiscoverySample:
         image_id: VOC id (``"000005"``) or COCO file stem.
         image_uri: full URI of the image.
         boxes: ground-truth boxes ``(x0, y0, x1, y1)`` in pixels (possibly empty).
+        size: ``(W, H)`` declared by the annotation (COCO ``width``/``height``, VOC ``<size>``);
+            the evaluation refuses an image decoded to another size.
     """
 
     image_id: str
     image_uri: str
     boxes: list[Box]
+    size: tuple[int, int] | None = None  # (W, H) the annotation declares: the stored pixel frame
 
 
 # ----------------------------------------------------------------------------- saliency
@@ -232,6 +235,14 @@ def parse_voc_boxes(xml_text: str | bytes) -> list[Box]:
     return boxes
 
 
+def parse_voc_size(xml_text: str | bytes) -> tuple[int, int] | None:
+    """``(W, H)`` of a VOC annotation's ``<size>`` (the frame its boxes are in), ``None`` if absent."""
+    size = ET.fromstring(xml_text).find("size")
+    if size is None or size.findtext("width") is None or size.findtext("height") is None:
+        return None
+    return int(float(size.findtext("width"))), int(float(size.findtext("height")))
+
+
 def _read_many(uris: Sequence[str], s3: S3Options | None) -> list[bytes | None]:
     """Read files concurrently (S3 latency); ``None`` where a file does not exist."""
 
@@ -281,7 +292,7 @@ def voc_dataset(
                 f"VOC{year} {split} at {folder}: {len(bad)} of {len(ids)} ids have no {what} "
                 f"(e.g. {', '.join(bad[:_EXAMPLES_IN_WARNING])})"
             )
-    samples = [DiscoverySample(i, image_uris[i], parse_voc_boxes(x)) for i, x in zip(ids, xml_data)]
+    samples = [DiscoverySample(i, image_uris[i], parse_voc_boxes(x), parse_voc_size(x)) for i, x in zip(ids, xml_data)]
     _warn_unmatched("VOC images without objects", [s.image_id for s in samples if not s.boxes], folder)
     return samples
 
@@ -289,12 +300,13 @@ def voc_dataset(
 # ----------------------------------------------------------------------------- COCO20k
 
 
-def coco_boxes(annotations: Sequence[dict], include_crowd: bool = True) -> dict[int, list[Box]]:
+def coco_boxes(annotations: Sequence[dict], include_crowd: bool = False) -> dict[int, list[Box]]:
     """Group COCO ``bbox`` entries ``[x, y, w, h]`` by image id as ``(x, y, x + w, y + h)``.
 
     Args:
         annotations: the ``"annotations"`` list of a COCO instances JSON.
-        include_crowd: keep ``iscrowd=1`` regions as ground truth.
+        include_crowd: keep ``iscrowd=1`` regions as ground truth (false, the default, drops
+            them, as LOST, TokenCut, FOUND and MOST do).
 
     Returns:
         image id -> boxes in annotation order.
@@ -313,13 +325,13 @@ def coco20k_dataset(
     annotations_json: str,
     image_list: str,
     s3: S3Options | None = None,
-    include_crowd: bool = True,
+    include_crowd: bool = False,
 ) -> list[DiscoverySample]:
     """COCO20k: the images named in a list file with their boxes from an instances JSON.
 
     Each line of ``image_list`` names one image; only its base name is used and
     matched to the JSON's ``file_name`` (e.g. ``COCO_train2014_000000000009.jpg``).
-    Crowd regions are kept by default, like the peers' ground truth.
+    Crowd regions (``iscrowd=1``) are dropped by default, as the peers' ground truth does.
 
     Args:
         root: folder holding the images (``file_name`` is joined onto it).
@@ -329,7 +341,8 @@ def coco20k_dataset(
         include_crowd: keep ``iscrowd=1`` boxes.
 
     Returns:
-        One sample per listed image, in list order; ``image_id`` is the file stem.
+        One sample per listed image, in list order; ``image_id`` is the file stem, ``size`` the
+        JSON's ``width``/``height``.
 
     Raises:
         DatasetLayoutError: listed names missing from the JSON, or an empty list.
@@ -340,6 +353,7 @@ def coco20k_dataset(
         raise DatasetLayoutError(f"COCO image list {image_list} is empty")
     coco = json.loads(storage.read_bytes(annotations_json, s3))
     by_name = {img["file_name"]: int(img["id"]) for img in coco["images"]}
+    sizes = _coco_sizes(coco)
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise DatasetLayoutError(
@@ -348,8 +362,60 @@ def coco20k_dataset(
         )
     boxes = coco_boxes(coco.get("annotations", []), include_crowd)
     samples = [
-        DiscoverySample(posixpath.splitext(n)[0], storage.join(root, n), boxes.get(by_name[n], []))
+        DiscoverySample(posixpath.splitext(n)[0], storage.join(root, n), boxes.get(by_name[n], []), sizes.get(by_name[n]))
         for n in names
     ]
     _warn_unmatched("COCO images without boxes", [s.image_id for s in samples if not s.boxes], image_list)
+    return samples
+
+
+def _coco_sizes(coco: dict) -> dict[int, tuple[int, int]]:
+    return {int(img["id"]): (int(img["width"]), int(img["height"])) for img in coco["images"]
+            if "width" in img and "height" in img}
+
+
+def coco_dataset(
+    root: str, annotations_json: str | None = None, s3: S3Options | None = None, include_crowd: bool = False
+) -> list[DiscoverySample]:
+    """Plain COCO instances: every image of an instances JSON, under ``root``, with its boxes.
+
+    Layout (``coco-mini``, MS-COCO itself): ``root/<split>/<file_name>`` with
+    ``root/annotations/instances_<split>.json``, or ``annotations_json`` given and the images
+    in ``root`` itself.
+
+    Args:
+        root: folder holding the images, or the COCO root (with ``annotations/``).
+        annotations_json: the instances JSON; ``None`` = the only ``annotations/instances_*.json``.
+        s3: S3 options.
+        include_crowd: keep ``iscrowd=1`` boxes (default: dropped, as the peers).
+
+    Returns:
+        One sample per JSON image, in JSON order (``size`` = its ``width``/``height``).
+
+    Raises:
+        DatasetLayoutError: no (or several) instances JSON, or JSON images missing on disk.
+    """
+    if annotations_json is None:
+        found = [f for f in storage.list_files(storage.join(root, "annotations"), (".json",), s3)
+                 if posixpath.basename(f).startswith("instances_")] if storage.exists(storage.join(root, "annotations"), s3) else []
+        if len(found) != 1:
+            raise DatasetLayoutError(f"COCO root {root}: expected one annotations/instances_<split>.json, found "
+                                     f"{[posixpath.basename(f) for f in found]}; set 'annotations'")
+        annotations_json = found[0]
+        split = posixpath.basename(annotations_json)[len("instances_"):-len(".json")]
+        image_dir = storage.join(root, split)
+    else:
+        image_dir = root
+    coco = json.loads(storage.read_bytes(annotations_json, s3))
+    boxes, sizes = coco_boxes(coco.get("annotations", []), include_crowd), _coco_sizes(coco)
+    present = set(storage.list_files(image_dir, IMAGE_SUFFIXES, s3)) if storage.exists(image_dir, s3) else set()
+    samples = [DiscoverySample(posixpath.splitext(img["file_name"])[0], storage.join(image_dir, img["file_name"]),
+                               boxes.get(int(img["id"]), []), sizes.get(int(img["id"])))
+               for img in coco["images"]]
+    missing = [smp.image_id for smp in samples if smp.image_uri not in present]
+    if missing:
+        raise DatasetLayoutError(f"{len(missing)} of {len(samples)} images of {annotations_json} are not in "
+                                 f"{image_dir} (e.g. {', '.join(missing[:_EXAMPLES_IN_WARNING])})")
+    _warn_unmatched("COCO images without a non-crowd box", [smp.image_id for smp in samples if not smp.boxes],
+                    annotations_json)
     return samples

@@ -78,9 +78,10 @@ def image_size(data: bytes) -> tuple[int, int]:
     return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
 
 
-def _open(data: bytes, reduce: int = 1) -> Image.Image:
-    """Open and fully decode ``data``, EXIF orientation applied; a JPEG is decoded at about
-    ``1 / reduce`` of its size (``Image.draft``: DCT scaling, never below ``ceil(side / reduce)``)."""
+def _open(data: bytes, reduce: int = 1, exif_transpose: bool = True) -> Image.Image:
+    """Open and fully decode ``data``, EXIF orientation applied (unless ``exif_transpose`` is false:
+    the stored pixel frame); a JPEG is decoded at about ``1 / reduce`` of its size
+    (``Image.draft``: DCT scaling, never below ``ceil(side / reduce)``)."""
     if not data:
         raise ImageDecodeError("empty data (0 bytes)")
     try:
@@ -88,7 +89,7 @@ def _open(data: bytes, reduce: int = 1) -> Image.Image:
         if reduce > 1 and image.format in ("JPEG", "MPO"):
             image.draft("RGB", (-(-image.width // reduce), -(-image.height // reduce)))
         image.load()
-        transposed = ImageOps.exif_transpose(image)
+        transposed = ImageOps.exif_transpose(image) if exif_transpose else image
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(
             f"cannot decode {len(data)} bytes: not a valid image in any known format "
@@ -139,7 +140,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         raise ImageDecodeError(f"cannot convert image mode {mode!r} to RGB: {exc}") from exc
 
 
-def decode_image(data: bytes, *, min_size: int = 1, reduce: int = 1) -> Image.Image:
+def decode_image(data: bytes, *, min_size: int = 1, reduce: int = 1, exif_transpose: bool = True) -> Image.Image:
     """Decode encoded image bytes into an RGB image (see the module docstring for modes).
 
     Args:
@@ -148,6 +149,8 @@ def decode_image(data: bytes, *, min_size: int = 1, reduce: int = 1) -> Image.Im
             image at full size.
         reduce: 1, 2, 4 or 8: a JPEG is decoded at about 1/reduce of its size (DCT scaling, the
             cheap way); other formats ignore it. The caller reads the actual size off the result.
+        exif_transpose: apply the EXIF orientation (false: the stored pixel frame, the frame COCO
+            and VOC annotations describe).
 
     Returns:
         A fully loaded ``PIL.Image.Image`` in mode ``"RGB"``: (H, W, 3) uint8.
@@ -164,7 +167,7 @@ def decode_image(data: bytes, *, min_size: int = 1, reduce: int = 1) -> Image.Im
         if width < min_size or height < min_size:
             raise ImageDecodeError(f"image is {width}x{height} (WxH), smaller than min_size={min_size}")
         return _to_rgb(_open(data, reduce))
-    image = _open(data)
+    image = _open(data, exif_transpose=exif_transpose)
     if image.width < min_size or image.height < min_size:
         raise ImageDecodeError(
             f"image is {image.width}x{image.height} (WxH), smaller than min_size={min_size}"

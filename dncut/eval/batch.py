@@ -39,8 +39,8 @@ import numpy as np
 from dncut import storage
 from dncut.backbone_specs import BackboneSpec, spec as backbone_spec
 from dncut.config import Config, EvalDataset
-from dncut.data.datasets import (DatasetLayoutError, coco20k_dataset, pair_by_stem, saliency_dataset,
-                                 voc_dataset)
+from dncut.data.datasets import (DatasetLayoutError, coco20k_dataset, coco_dataset, pair_by_stem,
+                                 saliency_dataset, voc_dataset)
 from dncut.data.images import IMAGE_SUFFIXES, check_mask_foreground, check_mask_size, decode_image, load_mask
 from dncut.data.pipeline import s3_options
 from dncut.eval import metrics
@@ -51,7 +51,7 @@ from dncut.eval.report import Accumulator, example_payload, write_report
 
 log = logging.getLogger(__name__)
 
-DISCOVERY_KINDS = ("voc07", "voc12", "coco20k")
+DISCOVERY_KINDS = ("voc07", "voc12", "coco20k", "coco")
 SCENE_SEED = 1_000_000  # held-out generated scenes (training uses seeds 0..num_scenes-1)
 SCENE_SIZE = 224  # side of a held-out generated scene, px
 _NAN4 = np.full(4, np.nan)
@@ -66,10 +66,12 @@ builds, for every name): custom feature extractors and tests; pickled to the act
 _s3 = s3_options  # the one config -> S3Options mapping (dncut.data.pipeline)
 
 
-def _record(image_id: str, image_uri: str, mask_uri: str = "", gt_boxes: str = "[]", missing: str = "") -> dict:
-    """One pipeline record; ``missing`` (a reason) makes the image a failed row without reading it."""
+def _record(image_id: str, image_uri: str, mask_uri: str = "", gt_boxes: str = "[]", missing: str = "",
+            gt_size: tuple[int, int] | None = None) -> dict:
+    """One pipeline record; ``missing`` (a reason) makes the image a failed row without reading it;
+    ``gt_size`` (W, H) is the frame the annotation declares (``[0, 0]``: none declared)."""
     return {"image_id": image_id, "image_uri": image_uri, "mask_uri": mask_uri, "gt_boxes": gt_boxes,
-            "missing": missing}
+            "missing": missing, "gt_size": list(gt_size) if gt_size else [0, 0]}
 
 
 def dataset_records(spec: EvalDataset, s3: storage.S3Options | None = None, default_scenes: int = 16) -> list[dict]:
@@ -95,11 +97,13 @@ def dataset_records(spec: EvalDataset, s3: storage.S3Options | None = None, defa
             if not spec.annotations or not spec.image_list:
                 raise DatasetLayoutError(f"dataset {spec.name!r} (coco20k) needs 'annotations' (instances "
                                          "JSON) and 'image_list' (file of the 19,817 image names)")
-            samples = coco20k_dataset(spec.root, spec.annotations, spec.image_list, s3)
+            samples = coco20k_dataset(spec.root, spec.annotations, spec.image_list, s3, spec.include_crowd)
+        elif spec.kind == "coco":
+            samples = coco_dataset(spec.root, spec.annotations, s3, spec.include_crowd)
         else:
             split = posixpath.splitext(posixpath.basename(spec.image_list))[0] if spec.image_list else "trainval"
             samples = voc_dataset(spec.root, "2007" if spec.kind == "voc07" else "2012", split, s3)
-        records = [_record(s.image_id, s.image_uri, gt_boxes=json.dumps([list(b) for b in s.boxes]))
+        records = [_record(s.image_id, s.image_uri, gt_boxes=json.dumps([list(b) for b in s.boxes]), gt_size=s.size)
                    for s in samples]
     else:
         records = [_record(s.image_id, s.image_uri, s.mask_uri) for s in saliency_dataset(spec.kind, spec.root, s3)]
@@ -138,7 +142,12 @@ def load_record(record: dict, *, spec: BackboneSpec, image_size: int | None,
 
             pil, gt = make_scene(int(uri[len("scene://"):]), size=SCENE_SIZE)
         else:
-            pil = decode_image(storage.read_bytes(uri, s3))
+            declared = tuple(int(v) for v in record.get("gt_size", (0, 0)))
+            # boxes describe the stored pixel frame: an annotated image is not EXIF-rotated
+            pil = decode_image(storage.read_bytes(uri, s3), exif_transpose=not any(declared))
+            if any(declared) and pil.size != declared:
+                raise ValueError(f"the annotation declares {declared[0]}x{declared[1]} (WxH), the image decodes "
+                                 f"to {pil.width}x{pil.height}: not scored in another frame")
             gt = load_mask(storage.read_bytes(record["mask_uri"], s3)) if record["mask_uri"] else None
         if gt is not None:
             check_mask_foreground(check_mask_size(pil, gt))
@@ -280,6 +289,8 @@ def score_row(row: dict, *, methods: Sequence[str], bilateral: bool, discovery: 
                 box = row["tokencut_box"] if m == "tokencut" else largest_component_box(grid_mask)
                 px = box_to_pixels(box, int(row["stride"]), geometry["content"])
                 gt_boxes = np.asarray(json.loads(row["gt_boxes"]), np.float64).reshape(-1, 4)
+                if not len(gt_boxes):
+                    raise ValueError("no ground-truth box (crowd regions left out): flagged, not scored as a miss")
                 hit = float(metrics.corloc_hit(px, gt_boxes))
                 ex = example_payload(image, heat, mask, None, None, gt_boxes, px) if keep else b""
                 out.append(_result_row(image_id, m, pred_box=px, hit=hit, example=ex))
