@@ -66,6 +66,10 @@ def test_an_image_decoded_in_another_frame_is_a_failed_row(tmp_path):
     bad = load_record({"image_id": "small", "image_uri": str(tmp_path / "small.jpg"), "mask_uri": "", "gt_boxes": "[]",
                        "missing": "", "gt_size": [100, 80]}, spec=lite, image_size=None, s3=None)
     assert bad["status"] == "failed" and "declares 100x80" in bad["error"] and "64x64" in bad["error"]
+    Image.new("RGB", (12, 40)).save(tmp_path / "tiny.png")
+    tiny = load_record({"image_id": "tiny", "image_uri": str(tmp_path / "tiny.png"), "mask_uri": "", "gt_boxes": "[]",
+                        "missing": "", "gt_size": [0, 0]}, spec=lite, image_size=320, s3=None)
+    assert tiny["status"] == "failed" and "smaller than one patch (16 px)" in tiny["error"]
 
 
 def test_plain_coco_instances_layout_on_coco_mini():

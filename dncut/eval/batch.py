@@ -152,6 +152,9 @@ def load_record(record: dict, *, spec: BackboneSpec, image_size: int | None,
         if gt is not None:
             check_mask_foreground(check_mask_size(pil, gt))
         image = np.asarray(pil.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+        if min(image.shape[:2]) < spec.stride:
+            raise ValueError(f"the image ({image.shape[1]}x{image.shape[0]}) is smaller than one patch "
+                             f"({spec.stride} px): no patch grid to cut")
         net, content = network_input(image, stride=spec.stride, image_size=image_size, pad_rgb=spec.pad_rgb)
         row.update(status="ok", error="", image=image, input=net, content=np.asarray(content, np.int64),
                    gt_mask=np.zeros((1, 1), bool) if gt is None else gt)
