@@ -32,7 +32,8 @@ from dncut.backbone_specs import spec
 EvalKind = Literal[
     "folder", "ecssd", "duts_te", "dut_omron", "sod", "voc07", "voc12", "coco20k", "coco", "scenes"
 ]
-EvalMethod = Literal["simple", "tokencut"]
+EvalMethod = Literal["simple", "tokencut", "most"]
+DISCOVERY_ONLY_METHODS = ("most",)  # multi-object boxes: scored on discovery sets only
 
 
 class ConfigError(ValueError):

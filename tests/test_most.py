@@ -34,3 +34,32 @@ def test_box_rules_drop_tiny_and_whole_image_boxes():
     f = _two_objects()
     tiny = most_boxes(f, 12, 12, 4, (48, 48))  # 3 x 3 patches of 4 px: 12 px sides, not > 16
     assert len(tiny.boxes) == 0 and tiny.single_box() is None
+
+
+def test_most_in_the_eval_job_stages_two_corloc_rows():
+    """ncut_maps (the actors' stage) then score_row (stage 3): ``most`` = any box hits (the peers'),
+    ``most-single`` = the largest cluster's box only."""
+    import json
+
+    import torch
+
+    from dncut.eval.batch import score_row
+    from dncut.eval.methods import ncut_maps
+
+    feats = torch.from_numpy(_two_objects()).T.reshape(3, 12, 12).float()  # (C, h, w)
+    (pred,) = ncut_maps([feats], ["most"], solver="eigh")
+    assert sorted(map(tuple, pred["most_boxes"].tolist())) == [(2.0, 2.0, 5.0, 5.0), (7.0, 7.0, 10.0, 10.0)]
+    row = {"image_id": "two", "status": "ok", "error": "", "image": np.zeros((192, 192, 3), np.uint8),
+           "content": np.array([192, 192]), "stride": 16, "most_map": pred["most_map"], "most_mask": pred["most_mask"],
+           "most_boxes": json.dumps(pred["most_boxes"].tolist())}
+    second = [112.0, 112.0, 160.0, 160.0]  # only the second object is annotated
+    first_is_largest = tuple(pred["most_boxes"][0]) == (2.0, 2.0, 5.0, 5.0)
+    rows = {r["method"]: r for r in score_row({**row, "gt_boxes": json.dumps([second])}, methods=["most"],
+                                              bilateral=False, discovery=True)}
+    assert rows["most"]["corloc_hit"] == 1.0 and rows["most"]["pred_box"].tolist() == second
+    assert rows["most-single"]["corloc_hit"] == (0.0 if first_is_largest else 1.0)
+    saliency = score_row({**row, "gt_mask": np.ones((192, 192), bool)}, methods=["most"], bilateral=False,
+                         discovery=False)
+    assert saliency == []  # a discovery-only method gives no saliency rows
+    empty = score_row({**row, "gt_boxes": "[]"}, methods=["most"], bilateral=False, discovery=True)
+    assert [r["status"] for r in empty] == ["failed", "failed"] and "no ground-truth box" in empty[0]["error"]

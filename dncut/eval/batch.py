@@ -38,7 +38,7 @@ import numpy as np
 
 from dncut import storage
 from dncut.backbone_specs import BackboneSpec, spec as backbone_spec
-from dncut.config import Config, EvalDataset
+from dncut.config import DISCOVERY_ONLY_METHODS, Config, EvalDataset
 from dncut.data.datasets import (DatasetLayoutError, coco20k_dataset, coco_dataset, pair_by_stem,
                                  saliency_dataset, voc_dataset)
 from dncut.data.images import IMAGE_SUFFIXES, check_mask_foreground, check_mask_size, decode_image, load_mask
@@ -237,10 +237,33 @@ def predict_batch(predictor: Predictor, batch: dict[str, Any]) -> dict[str, Any]
         out[f"{m}_mask"] = [r[f"{m}_mask"] if r else np.zeros((1, 1), bool) for r in results]
     if "tokencut" in predictor.methods:
         out["tokencut_box"] = [r["tokencut_box"] if r else np.zeros(4, np.int64) for r in results]
+    if "most" in predictor.methods:  # a variable number of boxes: one JSON list per image
+        out["most_boxes"] = np.asarray([json.dumps(r["most_boxes"].tolist()) if r else "[]" for r in results])
     return out
 
 
 # --------------------------------------------------------------------------- stage 3: scoring
+def _most_rows(row: dict, image_id: str, image: np.ndarray, heat: np.ndarray, mask: np.ndarray,
+               geometry: dict, keep: bool) -> list[dict]:
+    """MOST's two CorLoc rows: ``most`` (the peers' protocol: any box with IoU >= 0.5; its box is
+    the first that hits, else the largest cluster's) and ``most-single`` (the largest cluster's box
+    only). An image where no box survived MOST's size rules has no prediction: a miss."""
+    from dncut.eval.most import pixel_boxes
+
+    gt_boxes = np.asarray(json.loads(row["gt_boxes"]), np.float64).reshape(-1, 4)
+    if not len(gt_boxes):
+        raise ValueError("no ground-truth box (crowd regions left out): flagged, not scored as a miss")
+    grid = np.asarray(json.loads(row["most_boxes"]), np.float64).reshape(-1, 4)
+    boxes = pixel_boxes(grid, int(row["stride"]), geometry["content"])  # (k, 4), largest cluster first
+    hits = [metrics.corloc_hit(b, gt_boxes) for b in boxes]
+    single = boxes[0] if len(boxes) else _NAN4
+    shown = boxes[hits.index(True)] if any(hits) else single
+    ex = example_payload(image, heat, mask, None, None, gt_boxes, shown) if keep and len(boxes) else b""
+    return [_result_row(image_id, "most", pred_box=shown, hit=float(any(hits)), example=ex),
+            _result_row(image_id, "most-single", pred_box=single, hit=float(bool(hits) and hits[0]))]
+
+
+
 def _result_row(image_id: str, method: str, *, status: str = "ok", error: str = "",
                 scores: metrics.ImageScores | None = None, binary: tuple[float, float] | None = None,
                 pred_box: np.ndarray = _NAN4, hit: float = math.nan, example: bytes = b"") -> dict:
@@ -275,7 +298,12 @@ def score_row(row: dict, *, methods: Sequence[str], bilateral: bool, discovery: 
     simple: the largest component) in pixels, and whether it hits a GT box (CorLoc).
     """
     image_id = str(row["image_id"])
-    names = [*methods, *([f"{m}+bs" for m in methods] if bilateral and not discovery else [])]
+    if not discovery:
+        methods = [m for m in methods if m not in DISCOVERY_ONLY_METHODS]
+    names = [*methods, *([f"{m}+bs" for m in methods] if bilateral and not discovery else []),
+             *(["most-single"] if discovery and "most" in methods else [])]
+    if not methods:
+        return []
     if row["status"] != "ok":
         return [_result_row(image_id, m, status="failed", error=str(row["error"])) for m in names]
     image, size = row["image"], row["image"].shape[:2]
@@ -288,6 +316,9 @@ def score_row(row: dict, *, methods: Sequence[str], bilateral: bool, discovery: 
             heat = upsample_map(row[f"{m}_map"], size, **geometry)  # (H, W)
             mask = upsample_mask(grid_mask, size, **geometry)  # (H, W)
             keep = image_id in example_ids
+            if discovery and m == "most":
+                out += _most_rows(row, image_id, image, heat, mask, geometry, keep)
+                continue
             if discovery:
                 box = row["tokencut_box"] if m == "tokencut" else largest_component_box(grid_mask)
                 px = box_to_pixels(box, int(row["stride"]), geometry["content"])
@@ -312,7 +343,7 @@ def score_row(row: dict, *, methods: Sequence[str], bilateral: bool, discovery: 
                                        binary=_binary_scores(cleaned, gt)))
         except Exception as exc:  # noqa: BLE001 - a failed post-processing step fails this image only
             err = f"{type(exc).__name__}: {exc}"
-            out.extend(_result_row(image_id, n, status="failed", error=err) for n in (m, f"{m}+bs")
+            out.extend(_result_row(image_id, n, status="failed", error=err) for n in (m, f"{m}+bs", f"{m}-single")
                        if n in names)
     return out
 

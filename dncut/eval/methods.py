@@ -220,12 +220,14 @@ def ncut_maps(maps: Sequence[Tensor], methods: Sequence[str], *, solver: str,
 
     Args:
         maps: ``(C, h_i, w_i)`` feature maps, one per image.
-        methods: subset of ``("simple", "tokencut")``.
+        methods: subset of ``("simple", "tokencut", "most")``.
         solver, tol: as :func:`simple_ncut`.
 
     Returns:
         Per image ``{<method>_map (h, w) float, <method>_mask (h, w) bool}`` plus
-        ``tokencut_box (4,) int64`` (patch units), as :func:`simple_ncut` / :func:`tokencut` give.
+        ``tokencut_box (4,) int64`` (patch units), as :func:`simple_ncut` / :func:`tokencut` give,
+        and ``most_boxes (k, 4)`` (patch units, largest cluster first; ``most_map`` / ``most_mask``
+        are its seeds), as :func:`dncut.eval.most.most_clusters` gives.
     """
     for m in maps:
         _check_features(m.unsqueeze(0))
@@ -246,6 +248,12 @@ def ncut_maps(maps: Sequence[Tensor], methods: Sequence[str], *, solver: str,
             for k, i in enumerate(idx):
                 component, box = seed_component(part[k].reshape(grids[k]), int(seeds[k]))
                 out[i].update(tokencut_map=y[k].reshape(grids[k]), tokencut_mask=component, tokencut_box=box)
+        if "most" in methods:
+            from dncut.eval.most import most_clusters
+
+            for k, i in enumerate(idx):
+                boxes, _, seeds_grid = most_clusters(tokens[k].cpu().numpy(), *grids[k])
+                out[i].update(most_map=seeds_grid.astype(np.float32), most_mask=seeds_grid, most_boxes=boxes)
     return out
 
 

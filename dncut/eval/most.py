@@ -72,17 +72,16 @@ def _entropy_bits(values: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def most_boxes(keys: np.ndarray, h: int, w: int, patch: int, image_hw: tuple[int, int]) -> MostResult:
-    """MOST on one image.
+def most_clusters(keys: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MOST on one image's patch grid, before the pixel-size rules.
 
     Args:
         keys: ``(n, C)`` patch features, ``n = h * w`` (not normalised: A = K K^T).
         h, w: the patch grid.
-        patch: pixels per patch (the backbone stride).
-        image_hw: ``(H, W)`` of the image, for clipping and the area rule.
 
     Returns:
-        ``MostResult`` (boxes of the largest clusters first).
+        ``(boxes (k, 4) in patch units (x0, y0, x1, y1), cluster sizes (k,), seeds (h, w) bool)``,
+        largest cluster first.
 
     Raises:
         ValueError: ``keys`` is not ``(h * w, C)``.
@@ -96,36 +95,51 @@ def most_boxes(keys: np.ndarray, h: int, w: int, patch: int, image_hw: tuple[int
     seeds = token_entropy_seeds(a, h, w)
     rows, cols = np.nonzero(seeds)
     if not len(rows):
-        return MostResult(np.zeros((0, 4)), np.zeros(0, np.int64), seeds)
+        return np.zeros((0, 4)), np.zeros(0, np.int64), seeds
     labels = DBSCAN(eps=DBSCAN_EPS, min_samples=1, metric="manhattan").fit_predict(np.stack([rows, cols], 1))
     found = []
     for label in np.unique(labels):
         members = rows[labels == label] * w + cols[labels == label]  # token indices
-        box = _cluster_box(a, members, h, w, patch, image_hw)
+        box = _cluster_box(a, members, h, w)
         if box is not None:
             found.append((len(members), box))
     found.sort(key=lambda t: -t[0])
-    boxes = np.array([b for _, b in found], np.float64).reshape(-1, 4)
-    return MostResult(boxes, np.array([s for s, _ in found], np.int64), seeds)
+    return (np.array([b for _, b in found], np.float64).reshape(-1, 4), np.array([n for n, _ in found], np.int64),
+            seeds)
 
 
-def _cluster_box(a: np.ndarray, members: np.ndarray, h: int, w: int, patch: int,
-                 image_hw: tuple[int, int]) -> tuple[float, float, float, float] | None:
+def pixel_boxes(grid_boxes: np.ndarray, patch: int, image_hw: tuple[int, int]) -> np.ndarray:
+    """Patch-unit boxes ``(k, 4)`` -> pixel boxes ``(k', 4)``, clipped to the image, keeping those
+    wider and taller than ``MIN_SIDE`` with ``MIN_AREA < area < MAX_AREA_FRACTION`` of the image."""
+    height, width = image_hw
+    out = []
+    for x0, y0, x1, y1 in np.asarray(grid_boxes, np.float64).reshape(-1, 4) * patch:
+        x1, y1 = min(x1, width), min(y1, height)
+        bw, bh = x1 - x0, y1 - y0
+        if bw > MIN_SIDE and bh > MIN_SIDE and MIN_AREA < bw * bh < MAX_AREA_FRACTION * width * height:
+            out.append((x0, y0, x1, y1))
+    return np.array(out, np.float64).reshape(-1, 4)
+
+
+def most_boxes(keys: np.ndarray, h: int, w: int, patch: int, image_hw: tuple[int, int]) -> MostResult:
+    """MOST on one image: :func:`most_clusters` then :func:`pixel_boxes` (``patch`` = the backbone
+    stride in px, ``image_hw`` = ``(H, W)``)."""
+    grid, sizes, seeds = most_clusters(keys, h, w)
+    kept = [i for i, b in enumerate(grid) if len(pixel_boxes(b[None], patch, image_hw))]
+    return MostResult(pixel_boxes(grid[kept], patch, image_hw), sizes[kept], seeds)
+
+
+def _cluster_box(a: np.ndarray, members: np.ndarray, h: int, w: int) -> tuple[float, float, float, float] | None:
+    """The patch-unit box of the 4-connected component, holding the cluster's seed, of the
+    summed affinity rows of the members similar to the seed."""
     seed = members[np.argmin((a[members] > 0).sum(axis=1))]
     similar = members[a[seed, members] > 0]
     summed = a[similar].sum(axis=0).reshape(h, w) > 0  # (h, w)
-    components, _ = ndimage.label(summed)  # 4-connected
-    own = components == components.flat[seed]
     if not summed.flat[seed]:
         return None
-    ys, xs = np.nonzero(own)
-    height, width = image_hw
-    x0, y0 = xs.min() * patch, ys.min() * patch
-    x1, y1 = min((xs.max() + 1) * patch, width), min((ys.max() + 1) * patch, height)
-    bw, bh = x1 - x0, y1 - y0
-    if bw <= MIN_SIDE or bh <= MIN_SIDE or not MIN_AREA < bw * bh < MAX_AREA_FRACTION * width * height:
-        return None
-    return float(x0), float(y0), float(x1), float(y1)
+    components, _ = ndimage.label(summed)  # 4-connected
+    ys, xs = np.nonzero(components == components.flat[seed])
+    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
 
 
 def corloc_any(boxes: np.ndarray, gt_boxes: np.ndarray) -> bool:
