@@ -7,6 +7,7 @@ value is read as YAML) and validates the result before anything starts::
     dncut eval  --config configs/eval/smoke.yaml
     dncut eval-maps --masks DIR --maps DIR [DIR ...] --out DIR
     dncut eval-saliency --images DIR --masks DIR --backbone efficientnet_lite0 --method simple --out DIR
+    dncut predict --images DIR --out DIR [--backbone NAME] [--checkpoint URI]   masks, maps, boxes
     dncut tune  --config configs/sweep/smoke.yaml
     dncut demo
     dncut report RUN         curves figure and last metrics of a training run folder
@@ -30,7 +31,8 @@ from typing import Sequence
 log = logging.getLogger("dncut")
 
 DEMO_CONFIG = "train/demo"  # a bundled config (dncut.config.resolve_config)
-CONFIG_KIND = {"train": "train", "demo": "train", "tune": "sweep", "eval": "eval", "eval-saliency": "eval"}
+CONFIG_KIND = {"train": "train", "demo": "train", "tune": "sweep", "eval": "eval", "eval-saliency": "eval",
+               "predict": "eval"}
 """The bundled-config folder a command looks in first (``dncut train --config smoke`` = ``train/smoke``)."""
 
 
@@ -90,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "TokenCut (binary graph tau 0.2, seed + connected component); default simple")
     p.add_argument("--bilateral", action="store_true", help="also score the bilateral-solver refinement")
     p.add_argument("--out", required=True, help="output folder")
+    _add_config_args(p)
+
+    p = sub.add_parser("predict", help="masks, heat maps and boxes for a folder of unlabelled images (the eval "
+                                       "job's pipeline; eval.methods, eval.image_size from the config)")
+    p.add_argument("--images", required=True, help="folder or s3:// prefix of images")
+    p.add_argument("--out", required=True, help="output folder: masks/<method>/, z2/<method>/, predictions.parquet")
+    p.add_argument("--backbone", default=None, choices=list_backbones(), metavar="NAME",
+                   help="backbone name (`dncut backbones`); default: the config's model.backbone")
+    p.add_argument("--checkpoint", default=None, help="backbone weights (local or s3://); default: pretrained")
     _add_config_args(p)
 
     p = sub.add_parser("demo", help="the main job on the embedded default: finetune EfficientNet-Lite0 on generated "
@@ -243,6 +254,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = evaluate_saliency(args.images, args.masks, args.backbone or cfg.model.backbone, args.checkpoint, args.method,
                                     args.bilateral, args.out, cfg)
         print(format_table(summary))
+        return 0
+    if args.command == "predict":
+        from dncut.eval.infer import predict_folder
+
+        init_ray(args.address, args.verbose)
+        print(json.dumps(predict_folder(args.images, args.out, cfg, backbone=args.backbone,
+                                        checkpoint=args.checkpoint), indent=2))
         return 0
     if args.command == "tune":
         from dncut.tune import run_sweep

@@ -341,3 +341,33 @@ def test_eval_maps_reads_class_colour_masks_and_flags_empty_ones(ray_session, tm
     rows = pq.read_table(tmp_path / "out" / "per_image.parquet").to_pylist()
     (flagged,) = [r for r in rows if r["status"] == "failed"]
     assert flagged["image_id"] == "empty" and "no foreground pixel" in flagged["error"]
+
+
+@pytest.mark.ray
+def test_predict_writes_masks_maps_boxes_and_failed_rows(ray_session, scene_folder: Path, tmp_path: Path):
+    """``dncut predict`` on unlabelled images: a mask and a map PNG per image and method, boxes,
+    one Parquet row per (image, method), the corrupt file a failed row; eval-maps scores the masks."""
+    from dncut.eval.infer import predict_folder
+
+    images = tmp_path / "unlabelled"
+    images.mkdir()
+    for stem in ("s0", "s1", "s2"):
+        (images / f"{stem}.jpg").write_bytes((scene_folder / "images" / f"{stem}.jpg").read_bytes())
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    cfg = load_config("configs/eval/smoke.yaml", ["eval.methods=[simple, tokencut]", "eval.image_size=128",
+                                                  "ncut.solver=eigh", "model.backbone=vit_tiny_test"])
+    out = tmp_path / "pred"
+    summary = predict_folder(str(images), str(out), cfg)
+    assert summary == {"images": 4, "rows": 8, "failed": 1, "out": str(out)}
+    rows = pq.read_table(out / "predictions.parquet").to_pylist()
+    broken = [r for r in rows if r["image_id"] == "broken"]
+    assert [r["status"] for r in broken] == ["failed", "failed"] and "cannot decode" in broken[0]["error"]
+    for r in (r for r in rows if r["status"] == "ok"):
+        mask = np.asarray(Image.open(r["mask"]))
+        image = Image.open(images / f"{r['image_id']}.jpg")
+        assert mask.shape == (image.height, image.width) and set(np.unique(mask)) <= {0, 255}
+        assert Image.open(r["map"]).size == image.size
+        (box,) = json.loads(r["boxes"])
+        assert 0 <= box[0] < box[2] <= image.width and 0 <= box[1] < box[3] <= image.height
+    scored = evaluate_maps(str(scene_folder / "masks"), [str(out / "masks")], str(tmp_path / "scored"))
+    assert {run["method"] for run in scored["runs"]} == {"simple", "tokencut"}
