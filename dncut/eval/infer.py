@@ -46,17 +46,22 @@ def _to_levels(values: np.ndarray) -> np.ndarray:
     return np.zeros(values.shape, np.uint8) if hi <= lo else np.round((values - lo) * 255.0 / (hi - lo)).astype(np.uint8)
 
 
-def image_boxes(row: dict, method: str, geometry: dict) -> list[list[float]]:
-    """A method's pixel boxes for one predicted row (patch units -> pixels, clipped)."""
+def image_boxes(row: dict, method: str, geometry: dict, size: tuple[int, int]) -> list[list[float]]:
+    """A method's boxes for one predicted row: patch units -> network-input pixels (clipped to the
+    content) -> image pixels (``size`` = (H, W); the input was resized to ``eval.image_size``)."""
     from dncut.eval.methods import box_to_pixels, largest_component_box
     from dncut.eval.most import pixel_boxes
 
     stride, content = int(row["stride"]), geometry["content"]
     if method == "most":
         grid = np.asarray(json.loads(row["most_boxes"]), np.float64).reshape(-1, 4)
-        return pixel_boxes(grid, stride, content).tolist()
-    grid_box = row["tokencut_box"] if method == "tokencut" else largest_component_box(np.asarray(row[f"{method}_mask"], bool))
-    return [box_to_pixels(grid_box, stride, content).tolist()]
+        boxes = pixel_boxes(grid, stride, content)  # (k, 4)
+    else:
+        mask = np.asarray(row[f"{method}_mask"], bool)
+        grid_box = row["tokencut_box"] if method == "tokencut" else largest_component_box(mask)
+        boxes = box_to_pixels(grid_box, stride, content)[None]  # (1, 4)
+    scale = np.array([size[1] / content[1], size[0] / content[0]] * 2)  # x, y, x, y
+    return (boxes * scale).round(2).tolist()
 
 
 def write_outputs(row: dict, *, methods: list[str], out_dir: str, s3: storage.S3Options | None) -> list[dict]:
@@ -80,7 +85,7 @@ def write_outputs(row: dict, *, methods: list[str], out_dir: str, s3: storage.S3
             map_uri = storage.join(out_dir, "z2", m, f"{image_id}.png")
             storage.write_bytes(mask_uri, _png(mask.astype(np.uint8) * 255), s3)
             storage.write_bytes(map_uri, _png(_to_levels(heat)), s3)
-            boxes = image_boxes(row, m, geometry)
+            boxes = image_boxes(row, m, geometry, size)
             out.append({"image_id": image_id, "method": m, "status": "ok", "error": "", "mask": mask_uri,
                         "map": map_uri, "boxes": json.dumps(boxes)})
         except Exception as exc:  # noqa: BLE001 - one image's failure is its row
