@@ -183,7 +183,7 @@ def test_evaluate_saliency_missing_folder_names_path_and_layout(ray_session, sce
     with pytest.raises(DatasetLayoutError, match=r"images folder .*does_not_exist.*expected layout: --images DIR"):
         evaluate_saliency(str(tmp_path / "does_not_exist"), str(scene_folder / "masks"), "efficientnet_lite0",
                           None, "simple", False, str(tmp_path / "o"))
-    with pytest.raises(ValueError, match=r"invalid; valid choices: \['simple', 'tokencut'\]"):
+    with pytest.raises(ValueError, match=r"invalid; valid choices: \['simple', 'tokencut', 'most'\]"):
         evaluate_saliency(str(scene_folder / "images"), str(scene_folder / "masks"), "efficientnet_lite0",
                           None, "lost", False, str(tmp_path / "o"))
 

@@ -298,7 +298,7 @@ def test_cli_export_options_have_help_and_the_library_formats() -> None:
     parser = cli.build_parser()
     export = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "export")[1]
     options = [a for a in export._actions if a.dest != "help"]
-    assert {a.dest for a in options} == {"run", "format", "out", "push_to_hub"}
+    assert {a.dest for a in options} == {"run", "format", "out", "push_to_hub", "quiet", "verbose"}
     assert all(a.help for a in options)
     assert tuple(next(a for a in options if a.dest == "format").choices) == get_args(ex.ExportFormat)
 
