@@ -128,6 +128,11 @@ class Backbone(nn.Module):
         """Features of images already in this backbone's own normalisation (``mean``/``std``)."""
         raise NotImplementedError
 
+    def features_and_attention(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``forward`` plus the last block's CLS->patch attention ``(B, heads, h*w)`` where the
+        backbone has one (a ViT), else ``None`` (FOUND's background seed, ``dncut.eval.found``)."""
+        return self(images), None
+
     def used_state_keys(self) -> list[str]:
         """``model`` state-dict keys that influence the features (BatchNorm counters excluded)."""
         return [
@@ -167,27 +172,42 @@ class ViTKeys(Backbone):
         self.num_prefix_tokens = int(model.num_prefix_tokens)
 
     def forward_features(self, images: Tensor) -> Tensor:
+        return self._keys(images, with_attention=False)[0]
+
+    def features_and_attention(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        check_images(images, self.stride)
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+        return self._keys(self.normalize(images), with_attention=True)
+
+    def _keys(self, images: Tensor, with_attention: bool) -> tuple[Tensor, Tensor | None]:
+        """Keys ``(B, C, h, w)`` and, if asked, the CLS->patch attention ``(B, heads, h*w)`` of the
+        last block: softmax over all tokens of ``q_cls . k / sqrt(C / heads)``, prefix tokens dropped."""
         b, _, h, w = images.shape
         attn = self.model.blocks[-1].attn
         fused = getattr(attn, "qkv", None) is not None
-        layer = attn.qkv if fused else attn.k_proj
-        captured: list[Tensor] = []
-        handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        layers = [attn.qkv] if fused else [attn.k_proj, *([attn.q_proj] if with_attention else [])]
+        captured: dict[nn.Module, list[Tensor]] = {m: [] for m in layers}
+        handles = [m.register_forward_hook(lambda mod, _i, out: captured[mod].append(out)) for m in layers]
         try:
             self.model.forward_features(images)
         finally:
-            handle.remove()
-        if len(captured) != 1:
-            raise RuntimeError(f"expected one call of the key projection, saw {len(captured)}")
-        out = captured[0]  # (B, N, 3C) fused, else (B, N, C)
-        c = self.channels
-        keys = out[..., c:2 * c] if fused else out  # (B, N, C), heads concatenated
-        if not isinstance(attn.k_norm, nn.Identity):
-            n = keys.shape[1]
-            heads = keys.reshape(b, n, attn.num_heads, c // attn.num_heads)  # (B, N, heads, C/heads)
-            keys = attn.k_norm(heads).reshape(b, n, c)  # (B, N, C)
-        keys = keys[:, self.num_prefix_tokens:]  # (B, h*w, C)
-        return keys.transpose(1, 2).reshape(b, c, h // self.stride, w // self.stride)  # (B, C, h, w)
+            for handle in handles:
+                handle.remove()
+        if any(len(v) != 1 for v in captured.values()):
+            raise RuntimeError(f"expected one call of each projection, saw {[len(v) for v in captured.values()]}")
+        c, heads = self.channels, attn.num_heads
+        out = captured[layers[0]][0]  # (B, N, 3C) fused, else (B, N, C)
+        n = out.shape[1]
+        keys = attn.k_norm((out[..., c:2 * c] if fused else out).reshape(b, n, heads, c // heads))  # (B, N, heads, d)
+        maps = keys.reshape(b, n, c)[:, self.num_prefix_tokens:]  # (B, h*w, C), heads concatenated
+        maps = maps.transpose(1, 2).reshape(b, c, h // self.stride, w // self.stride)  # (B, C, h, w)
+        if not with_attention:
+            return maps, None
+        q = out[..., :c] if fused else captured[attn.q_proj][0]  # (B, N, C)
+        q_cls = attn.q_norm(q.reshape(b, n, heads, c // heads))[:, 0]  # (B, heads, d)
+        logits = torch.einsum("bhd,bnhd->bhn", q_cls, keys) * (c // heads) ** -0.5  # (B, heads, N)
+        return maps, logits.softmax(-1)[..., self.num_prefix_tokens:]  # (B, heads, h*w)
 
 
 class ResNetFeatures(Backbone):

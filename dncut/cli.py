@@ -32,7 +32,7 @@ log = logging.getLogger("dncut")
 
 DEMO_CONFIG = "train/demo"  # a bundled config (dncut.config.resolve_config)
 CONFIG_KIND = {"train": "train", "demo": "train", "tune": "sweep", "eval": "eval", "eval-saliency": "eval",
-               "predict": "eval"}
+               "predict": "eval", "found-train": "found"}
 """The bundled-config folder a command looks in first (``dncut train --config smoke`` = ``train/smoke``)."""
 
 
@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="self-supervised dense finetuning on Ray Train (resumes a run of the same name)")
+    _add_config_args(p)
+    p = sub.add_parser("found-train", help="FOUND's 1x1-conv head on the frozen model.backbone features of the "
+                                           "data.train images, on Ray Train (resumes a run of the same name); "
+                                           "writes <output_dir>/<run_name>/found_head.safetensors for eval.found_heads")
     _add_config_args(p)
     p = sub.add_parser("tune", help="Ray Tune sweep over loss.alpha x train.lr x model.backbone")
     _add_config_args(p)
@@ -238,6 +242,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = fit(cfg, progress=not args.quiet)
         print(json.dumps({"metrics": result.metrics, "checkpoint": str(result.checkpoint.path if result.checkpoint else None),
                           "run_dir": run_dir(cfg)}, indent=2, default=str))
+        return 0
+    if args.command == "found-train":
+        from dncut import storage
+        from dncut.config import ConfigError
+        from dncut.found_train import HEAD_FILE, fit_found
+        from dncut.train import run_dir
+
+        init_ray(args.address, args.verbose)
+        try:
+            result = fit_found(cfg, progress=not args.quiet)
+        except ConfigError as exc:
+            raise SystemExit(f"dncut: config error: {exc}") from None
+        print(json.dumps({"metrics": result.metrics, "head": storage.join(run_dir(cfg), HEAD_FILE)}, indent=2,
+                         default=str))
         return 0
     if args.command == "eval":
         from dncut.eval.batch import run_evaluation

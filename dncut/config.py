@@ -32,7 +32,7 @@ from dncut.backbone_specs import spec
 EvalKind = Literal[
     "folder", "ecssd", "duts_te", "dut_omron", "sod", "voc07", "voc12", "coco20k", "coco", "scenes"
 ]
-EvalMethod = Literal["simple", "tokencut", "most"]
+EvalMethod = Literal["simple", "tokencut", "most", "found"]
 DISCOVERY_ONLY_METHODS = ("most",)  # multi-object boxes: scored on discovery sets only
 
 
@@ -55,7 +55,7 @@ def _non_empty(values: list) -> list:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # NaN passes unbounded fields, inf passes gt=0
 
 
 # --------------------------------------------------------------------------- model / ncut / loss
@@ -217,7 +217,8 @@ class EvalConfig(_Section):
     """Saliency (IoU, accuracy, maxFβ) and discovery (CorLoc) evaluation (REFERENCE §3)."""
 
     datasets: list[EvalDataset] = Field(default_factory=lambda: [EvalDataset(name="scenes", kind="scenes")], description="sets to evaluate; default one generated-scenes set")
-    methods: Annotated[list[EvalMethod], AfterValidator(_non_empty)] = Field(default_factory=lambda: ["simple"], description="simple (paper, z2 > 0) and/or tokencut (seed + connected component)")
+    methods: Annotated[list[EvalMethod], AfterValidator(_non_empty)] = Field(default_factory=lambda: ["simple"], description="simple (paper, z2 > 0), tokencut (seed + connected component), most (multi-object boxes, discovery sets only), found (a trained 1x1 head: eval.found_heads)")
+    found_heads: list[str] = Field(default_factory=list, description="FOUND head files (dncut found-train writes <run>/found_head.safetensors), local or s3://; each (backbone, checkpoint) evaluated with method found uses the head trained on exactly those weights")
     bilateral: bool = Field(False, description="also score the bilateral-solver refinement (slow on CPU)")
     checkpoints: Annotated[list[str | None], AfterValidator(_non_empty)] = Field(default_factory=lambda: [None], description="checkpoints to compare, local or s3://; null = the backbone's pretrained weights")
     backbones: Annotated[list[Backbone], AfterValidator(_non_empty)] | None = Field(None, description="null = [model.backbone]")
@@ -227,6 +228,13 @@ class EvalConfig(_Section):
     gpus_per_actor: float = Field(0.0, ge=0.0, description="0 on CPU; fractional (e.g. 0.25) packs actors on one GPU")
     examples: int = Field(8, ge=0, description="images in the PNG example grid; 0 = none")
 
+    @model_validator(mode="after")
+    def _check_found(self) -> EvalConfig:
+        if "found" in self.methods and not self.found_heads:
+            raise ValueError("method found needs eval.found_heads: the head files `dncut found-train` writes "
+                             "(<output_dir>/<run_name>/found_head.safetensors)")
+        return self
+
     @field_validator("datasets")
     @classmethod
     def _check_names(cls, value: list[EvalDataset]) -> list[EvalDataset]:
@@ -234,6 +242,29 @@ class EvalConfig(_Section):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"dataset names must be unique, repeated: {dupes}")
+        return value
+
+
+class FoundConfig(_Section):
+    """FOUND's head (``dncut found-train``, REFERENCE §7): one 1x1 convolution trained on the frozen
+    ``model.backbone`` / ``model.checkpoint`` features of the unlabelled ``data.train`` images;
+    defaults are FOUND's recipe."""
+
+    steps: int = Field(500, ge=1, description="500 (FOUND) optimizer steps")
+    batch_size: int = Field(50, ge=1, description="50 (FOUND) GLOBAL batch, split across scaling.num_workers")
+    lr: float = Field(0.05, gt=0.0, description="0.05 (FOUND, AdamW)")
+    lr_step: int = Field(50, ge=1, description="50 (FOUND): StepLR period in steps")
+    lr_gamma: float = Field(0.95, gt=0.0, le=1.0, description="0.95 (FOUND): StepLR factor")
+    bkg_steps: int = Field(100, ge=0, description="100 (FOUND): steps that learn from the background pseudo-mask; later steps learn from the head's own mask")
+    crop_size: int = Field(224, ge=16, description="224 (FOUND); a multiple of the backbone stride")
+    crop_scale: tuple[float, float] = Field((0.1, 3.0), description="(0.1, 3.0) (FOUND) RandomResizedCrop area range; draws above 1 do not fit and are redrawn, as in torchvision")
+    blur_p: float = Field(0.5, ge=0.0, le=1.0, description="0.5 (FOUND): probability of a Gaussian blur, sigma U(0.1, 2)")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _check_scale(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < value[0] <= value[1]:
+            raise ValueError(f"crop_scale must be (a, b) with 0 < a <= b, got {tuple(value)}")
         return value
 
 
@@ -336,6 +367,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation and checkpointing")
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="saliency / discovery evaluation")
+    found: FoundConfig = Field(default_factory=FoundConfig, description="FOUND head training (dncut found-train)")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Ray Tune sweep")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="metric history, TensorBoard, MLflow, W&B")
 
@@ -345,6 +377,14 @@ class Config(_Section):
         if self.data.crop_size % stride:
             raise ValueError(f"data.crop_size={self.data.crop_size} must be a multiple of the {self.model.backbone} "
                              f"stride {stride} (e.g. {max(stride, self.data.crop_size // stride * stride)})")
+        return self
+
+    @model_validator(mode="after")
+    def _check_found_crop(self) -> Config:
+        stride = spec(self.model.backbone).stride
+        if self.found.crop_size % stride:
+            raise ValueError(f"found.crop_size={self.found.crop_size} must be a multiple of the {self.model.backbone} "
+                             f"stride {stride}")
         return self
 
     @model_validator(mode="after")
@@ -511,7 +551,7 @@ def parse_config(
         raise ConfigError(f"invalid config ({source}):\n  " + "\n  ".join(lines)) from None
 
 
-CONFIG_KINDS = ("train", "sweep", "eval")
+CONFIG_KINDS = ("train", "sweep", "eval", "found")
 """Sub-folders of the bundled configs (``configs/`` in the repository, ``dncut/configs`` in the wheel)."""
 
 

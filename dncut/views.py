@@ -235,6 +235,52 @@ def _rgb(image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def _frame(image: Image.Image | torch.Tensor,
+           full_size: tuple[int, int] | None) -> tuple[Image.Image | torch.Tensor, tuple[int, int], tuple[float, float]]:
+    """``(image, (W, H) full size, scale = decoded / full size)``; a full-size image as a ``(3, H, W)``
+    uint8 tensor (the fast crop path), a reduced JPEG draft as PIL."""
+    image = _rgb(image)
+    size = (image.shape[2], image.shape[1]) if isinstance(image, torch.Tensor) else image.size
+    width, height = full_size or size
+    scale = (size[0] / width, size[1] / height)
+    if isinstance(image, torch.Tensor) and scale != (1.0, 1.0):
+        raise ValueError(f"a tensor image must be at full size {(width, height)}, got {size}")
+    if not isinstance(image, torch.Tensor) and scale == (1.0, 1.0):
+        image = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)  # full size: the fast tensor path
+    return image, (width, height), scale
+
+
+class ResizedCropTransform:
+    """One RandomResizedCrop view, no flip (FOUND's training view, ``dncut.found_train``); the
+    interface of :class:`TwoViewTransform` (``boxes`` then ``__call__``), so the same reader
+    (``dncut.data.pipeline.ViewMaker``) decodes for both.
+
+    Args:
+        size: side S of the square view (FOUND: 224).
+        scale: crop-area range as a fraction of the image area (FOUND: (0.1, 3.0); draws above
+            1 do not fit and are redrawn, as in torchvision's RandomResizedCrop).
+        ratio: crop aspect-ratio range.
+    """
+
+    def __init__(self, size: int = 224, scale: tuple[float, float] = (0.1, 3.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        _check_range("scale", scale, 0.0, math.inf)
+        self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
+
+    def boxes(self, width: int, height: int, rng: np.random.Generator) -> tuple[Box]:
+        """The crop box for an image of ``width x height`` (the first draws of ``rng``)."""
+        return (sample_resized_crop_box(width, height, rng, scale=self.scale, ratio=self.ratio),)
+
+    def __call__(self, image: Image.Image | torch.Tensor, rng: np.random.Generator, *,
+                 boxes: tuple[Box, ...] | None = None, full_size: tuple[int, int] | None = None) -> dict:
+        """``{"view": (3, S, S) uint8, "box": (4,) float32}`` (arguments as :class:`TwoViewTransform`)."""
+        image, (width, height), scale = _frame(image, full_size)
+        box = (boxes or self.boxes(width, height, rng))[0]
+        return {"view": crop_view(image, box, self.size, False, scale), "box": np.asarray(box, dtype=np.float32)}
+
+
 class TwoViewTransform:
     """The two crops of one image (the CPU's share of the views): geometry only.
 
@@ -285,7 +331,7 @@ class TwoViewTransform:
                                  min_overlap=self.min_overlap, max_tries=self.max_tries)
 
     def __call__(self, image: Image.Image | torch.Tensor, rng: np.random.Generator, *,
-                 boxes: tuple[Box, Box] | None = None, full_size: tuple[int, int] | None = None) -> dict:
+                 boxes: tuple[Box, ...] | None = None, full_size: tuple[int, int] | None = None) -> dict:
         """Make both views of ``image``.
 
         Args:
@@ -304,15 +350,8 @@ class TwoViewTransform:
         Raises:
             ValueError: a tensor image whose size is not ``full_size`` (its boxes would not fit).
         """
-        image = _rgb(image)
-        size = (image.shape[2], image.shape[1]) if isinstance(image, torch.Tensor) else image.size
-        width, height = full_size or size
+        image, (width, height), scale = _frame(image, full_size)
         boxes = boxes or self.boxes(width, height, rng)
-        scale = (size[0] / width, size[1] / height)
-        if isinstance(image, torch.Tensor) and scale != (1.0, 1.0):
-            raise ValueError(f"a tensor image must be at full size {(width, height)}, got {size}")
-        if not isinstance(image, torch.Tensor) and scale == (1.0, 1.0):
-            image = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)  # full size: the fast tensor path
         out: dict = {}
         for branch, box in enumerate(boxes):
             flip = bool(rng.random() < self.flip_p)

@@ -38,7 +38,7 @@ from dncut.data.images import IMAGE_SUFFIXES, decode_image, decode_rgb, image_si
 from dncut.data.scenes import make_scene
 from dncut import photometric
 
-from dncut.views import TwoViewTransform, reduction_for
+from dncut.views import ResizedCropTransform, TwoViewTransform, reduction_for
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,41 @@ class ViewMaker:
             return self.empty_row(row, f"{type(exc).__name__}: {exc}")
         return {"epoch": row["epoch"], "key": row["key"], **views, "ok": True,
                 "failure": np.zeros(FAILURE_BYTES, np.uint8)}
+
+
+class FoundViewMaker(ViewMaker):
+    """Row function for FOUND's head training (``dncut.found_train``): ``{"uri", "epoch", "key"}``
+    -> one RandomResizedCrop view ``(3, S, S)`` uint8 (``found.crop_size``, ``found.crop_scale``)
+    and its blur ``sigma`` (float32: 0 = no blur, else U(0.1, 2) with p = ``found.blur_p``,
+    applied on the worker's device), read and decoded as :class:`ViewMaker` does."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        f = cfg.found
+        self.size, self.blur_p = f.crop_size, f.blur_p
+        self.transform = ResizedCropTransform(size=f.crop_size, scale=tuple(f.crop_scale))
+
+    def empty_row(self, row: dict, error: str) -> dict:
+        return {"epoch": row["epoch"], "key": row["key"], "view": np.zeros((3, self.size, self.size), np.uint8),
+                "sigma": np.float32(0.0), "ok": False, "failure": encode_failure(row["uri"], error)}
+
+    def views(self, row: dict, rng: np.random.Generator) -> dict:
+        view = self._crops(row["uri"], rng)["view"]
+        blur = rng.random() < self.blur_p
+        sigma = rng.uniform(*photometric.BLUR_SIGMA)
+        return {"view": view, "sigma": np.float32(sigma if blur else 0.0)}
+
+
+def found_dataset(cfg: Config, uris: list[str], start_step: int = 0):
+    """The Ray Dataset of FOUND training rows for ``found.steps`` steps (as :func:`train_dataset`,
+    one view per row, ``found.batch_size`` rows per step)."""
+    import ray.data
+
+    f = cfg.found
+    epochs = epochs_needed(len(uris), f.steps, f.batch_size, cfg.scaling.num_workers, start_step)
+    rows = epoch_rows(uris, cfg.seed, epochs)[start_step * f.batch_size:]
+    ds = ray.data.from_items(rows, override_num_blocks=num_blocks(len(rows)))
+    return ds.map(FoundViewMaker(cfg), num_cpus=cfg.data.decode_cpus)
 
 
 def num_blocks(num_rows: int) -> int:

@@ -45,7 +45,7 @@ from dncut.data.images import IMAGE_SUFFIXES, check_mask_foreground, check_mask_
 from dncut.data.pipeline import s3_options
 from dncut.eval import metrics
 from dncut.eval.bilateral import refine_mask
-from dncut.eval.methods import box_to_pixels, clean_binary, largest_component_box, upsample_map, upsample_mask
+from dncut.eval.methods import box_to_pixels, clean_binary, image_mask, largest_component_box, upsample_map
 from dncut.eval.predict import METHODS, Predictor, network_input
 from dncut.eval.report import Accumulator, example_payload, write_report
 
@@ -199,18 +199,22 @@ class NCutPredictor:
         s3: S3 options for an ``s3://`` checkpoint.
         factory: ``(name, *, pretrained, checkpoint) -> backbone`` replacing
             ``dncut.backbones.create_backbone`` (see ``BackboneFactory``).
+        found_head: the FOUND head file's bytes for this backbone and checkpoint (``found_head_for``).
     """
 
     def __init__(self, backbone: str, checkpoint: str | None, pretrained: bool, methods: Sequence[str],
                  solver: str, use_gpu: bool = False, s3: storage.S3Options | None = None,
-                 factory: BackboneFactory | None = None) -> None:
+                 factory: BackboneFactory | None = None, found_head: bytes | None = None) -> None:
         import torch
+
+        from dncut.eval.found import load_head
 
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if device.type == "cpu":
             retain_freed_memory()
         model = _load_backbone(factory, backbone, pretrained, checkpoint, s3).to(device)
-        self.predictor = Predictor(model, methods, solver, device)
+        head = load_head(found_head)[0] if found_head is not None else None
+        self.predictor = Predictor(model, methods, solver, device, found_head=head)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         return predict_batch(self.predictor, batch)
@@ -314,7 +318,7 @@ def score_row(row: dict, *, methods: Sequence[str], bilateral: bool, discovery: 
         try:
             grid_mask = np.asarray(row[f"{m}_mask"], bool)
             heat = upsample_map(row[f"{m}_map"], size, **geometry)  # (H, W)
-            mask = upsample_mask(grid_mask, size, **geometry)  # (H, W)
+            mask = image_mask(m, row[f"{m}_map"], grid_mask, size, **geometry)  # (H, W)
             keep = image_id in example_ids
             if discovery and m == "most":
                 out += _most_rows(row, image_id, image, heat, mask, geometry, keep)
@@ -379,6 +383,30 @@ def _load_backbone(factory: BackboneFactory | None, backbone: str, pretrained: b
                            f"(pretrained={pretrained}): {exc}") from exc
 
 
+def found_head_for(cfg: Config, backbone: str, checkpoint: str | None) -> bytes | None:
+    """The bytes of the ``eval.found_heads`` file trained on ``backbone`` with ``checkpoint``
+    (``None`` when method found is not asked for).
+
+    Raises:
+        ValueError: method found is asked for and no head was trained on these weights (the
+            message lists what each head was trained on), or a head file is unreadable.
+    """
+    from dncut.eval.found import load_head, same_weights
+
+    if "found" not in cfg.eval.methods:
+        return None
+    seen = []
+    for uri in cfg.eval.found_heads:
+        data = storage.read_bytes(uri, _s3(cfg))
+        info = load_head(data, uri)[1]
+        if info.backbone == backbone and same_weights(info.checkpoint, checkpoint):
+            return data
+        seen.append(f"{uri}: {info.backbone} @ {info.checkpoint or 'pretrained'}")
+    raise ValueError(f"method found: no head in eval.found_heads was trained on {backbone} @ "
+                     f"{checkpoint or 'pretrained'} (`dncut found-train --set model.backbone={backbone}"
+                     f"{f' --set model.checkpoint={checkpoint}' if checkpoint else ''}`); heads: {seen}")
+
+
 def _check_checkpoint(checkpoint: str | None, s3: storage.S3Options | None) -> None:
     """Fail on the driver, before any actor starts, when a checkpoint does not exist."""
     if checkpoint is not None and not storage.exists(checkpoint, s3):
@@ -389,6 +417,8 @@ def _run_pipeline(records: list[dict], *, cfg: Config, dataset: str, discovery: 
                   checkpoint: str | None, acc: Accumulator, factory: BackboneFactory | None = None) -> None:
     """One (dataset, backbone, checkpoint): streams its scored rows into ``acc``."""
     import ray
+
+    found_head = found_head_for(cfg, backbone, checkpoint)
 
     ev = cfg.eval
     methods = list(dict.fromkeys(ev.methods))
@@ -408,7 +438,7 @@ def _run_pipeline(records: list[dict], *, cfg: Config, dataset: str, discovery: 
                      fn_constructor_kwargs={"backbone": backbone, "checkpoint": checkpoint,
                                             "pretrained": cfg.model.pretrained, "methods": methods,
                                             "solver": cfg.ncut.solver, "use_gpu": ev.gpus_per_actor > 0,
-                                            "s3": _s3(cfg), "factory": factory})
+                                            "s3": _s3(cfg), "factory": factory, "found_head": found_head})
         .flat_map(score_row, fn_kwargs={"methods": methods, "bilateral": ev.bilateral, "discovery": discovery,
                                         "example_ids": example_ids}, num_cpus=score_cpus)
     )
@@ -440,6 +470,9 @@ def run_evaluation(cfg: Config, *, backbone_factory: BackboneFactory | None = No
     s3 = _s3(cfg)
     # every dataset's layout is checked before any Ray work
     specs = [(spec, dataset_records(spec, s3, cfg.data.val_scenes)) for spec in cfg.eval.datasets]
+    for backbone in cfg.eval_backbones():  # and every FOUND head is found before any Ray work
+        for checkpoint in cfg.eval.checkpoints:
+            found_head_for(cfg, backbone, checkpoint)
     _ensure_ray()
     acc = Accumulator(cfg.eval.methods)
     for spec, records in specs:
@@ -484,9 +517,11 @@ def evaluate_saliency(images_dir: str, masks_dir: str, backbone: str, checkpoint
     layout = "--images DIR of <stem>.jpg|png images and --masks DIR of <stem>.png masks (same stems)"
     images = _stems(images_dir, "images", layout, s3)
     masks = _stems(masks_dir, "masks", layout, s3)
-    samples, lonely, _ = pair_by_stem(images, masks)
+    samples, lonely, lonely_masks = pair_by_stem(images, masks)
     records = [_record(s.image_id, s.image_uri, s.mask_uri) for s in samples]
     records += [_record(s, images[s], missing=f"no mask named {s}.* in {masks_dir}") for s in lonely]
+    records += [_record(s, "", masks[s], missing=f"no image named {s}.* in {images_dir} (image suffixes: "
+                        f"{' '.join(IMAGE_SUFFIXES)})") for s in lonely_masks]  # every input is a row
     _ensure_ray()
     acc = Accumulator(methods)
     _run_pipeline(records, cfg=cfg, dataset=_dataset_name(images_dir), discovery=False, backbone=backbone,

@@ -66,7 +66,7 @@ def image_boxes(row: dict, method: str, geometry: dict, size: tuple[int, int]) -
 
 def write_outputs(row: dict, *, methods: list[str], out_dir: str, s3: storage.S3Options | None) -> list[dict]:
     """Stage 3 (CPU task): one predicted row -> its PNGs, and one output row per method."""
-    from dncut.eval.methods import upsample_map, upsample_mask
+    from dncut.eval.methods import image_mask, upsample_map
 
     image_id = str(row["image_id"])
     if row["status"] != "ok":
@@ -79,7 +79,7 @@ def write_outputs(row: dict, *, methods: list[str], out_dir: str, s3: storage.S3
     for m in methods:
         try:
             # grid -> image: the map as a heat map; a grid mask, as the eval job scores it
-            mask = upsample_mask(np.asarray(row[f"{m}_mask"], bool), size, **geometry)  # (H, W) bool
+            mask = image_mask(m, row[f"{m}_map"], np.asarray(row[f"{m}_mask"], bool), size, **geometry)  # (H, W)
             heat = upsample_map(np.asarray(row[f"{m}_map"], np.float32), size, **geometry)  # (H, W)
             mask_uri = storage.join(out_dir, "masks", m, f"{image_id}.png")
             map_uri = storage.join(out_dir, "z2", m, f"{image_id}.png")
@@ -119,12 +119,14 @@ def predict_folder(images: str, out_dir: str, cfg: Config, *, backbone: str | No
     from dncut.backbone_specs import spec as backbone_spec
     from dncut.data.images import IMAGE_SUFFIXES
     from dncut.data.pipeline import s3_options
-    from dncut.eval.batch import NCutPredictor, _check_checkpoint, _cpu_split, _ensure_ray, _record, load_record
+    from dncut.eval.batch import (NCutPredictor, _check_checkpoint, _cpu_split, _ensure_ray, _record, found_head_for,
+                                  load_record)
 
     s3, ev = s3_options(cfg), cfg.eval
     backbone = backbone or cfg.model.backbone
     uris = storage.check_source(images, s3, IMAGE_SUFFIXES)
     _check_checkpoint(checkpoint, s3)
+    found_head = found_head_for(cfg, backbone, checkpoint)
     prefix = images.rstrip("/") + "/"
     records = [_record(posixpath.splitext(u[len(prefix):] if u.startswith(prefix) else posixpath.basename(u))[0]
                        .replace("/", "_"), u) for u in uris]
@@ -140,7 +142,8 @@ def predict_folder(images: str, out_dir: str, cfg: Config, *, backbone: str | No
                      num_gpus=ev.gpus_per_actor or None,
                      fn_constructor_kwargs={"backbone": backbone, "checkpoint": checkpoint,
                                             "pretrained": cfg.model.pretrained, "methods": methods,
-                                            "solver": cfg.ncut.solver, "use_gpu": ev.gpus_per_actor > 0, "s3": s3})
+                                            "solver": cfg.ncut.solver, "use_gpu": ev.gpus_per_actor > 0, "s3": s3,
+                                            "found_head": found_head})
         .flat_map(write_outputs, fn_kwargs={"methods": methods, "out_dir": out_dir, "s3": s3}, num_cpus=write_cpus)
     )
     rows = sorted(ds.iter_rows(), key=lambda r: (r["image_id"], r["method"]))

@@ -50,6 +50,7 @@ SIMPLE_TAU = 0.0  # relu graph threshold of the Simple protocol (authors)
 TOKENCUT_TAU = 0.2  # TokenCut's binary graph threshold
 TOKENCUT_EPS = 1e-5  # TokenCut's weight of the removed edges
 EVAL_TOL = 1e-5  # iterative solvers' residual tolerance here: masks need z2's sign pattern, not gradients
+CONSTANT_TOL = 1e-5  # patches whose unit features all agree this closely: no graph to cut (error)
 EXACT_SOLVERS = ("eigh",)  # the float64 references; iterative solvers run in float32 here (inference)
 
 
@@ -63,6 +64,11 @@ def _check_features(features: Tensor) -> None:
         raise ValueError(f"features must be a (B, C, h, w) tensor, got {shape}")
     if features.shape[2] * features.shape[3] < 2:
         raise ValueError(f"the patch grid needs at least 2 cells, got {tuple(features.shape[2:])}")
+    unit = F.normalize(features.detach().flatten(2).float(), dim=1)  # (B, C, n): what the graph compares
+    same = (unit - unit[:, :, :1]).abs().amax(dim=(1, 2)) <= CONSTANT_TOL  # (B,); NaN: False (the NCut raises)
+    if bool(same.any()):
+        raise ValueError(f"features are the same for every patch (after L2 normalisation) in batch items "
+                         f"{torch.nonzero(same).flatten().tolist()}: the graph has no cut, any mask would be arbitrary")
 
 
 def _tokens(features: Tensor) -> Tensor:
@@ -200,6 +206,11 @@ def _tokencut_y(tokens: Tensor, tau: float, eps: float, solver: str,
                 tol: float | None) -> tuple[Tensor, Tensor, Tensor]:
     """TokenCut's NCut on tokens ``(B, n, C)`` (any grid): oriented y2 ``(B, n)``, bipartition
     ``(B, n)`` bool (seed side True) and seeds ``(B,)``."""
+    unit = F.normalize(tokens.detach().float(), dim=-1)  # (B, n, C)
+    complete = (unit @ unit.transpose(1, 2)).flatten(1).amin(-1) > tau  # (B,): every pair above tau
+    if bool(complete.any()):
+        raise ValueError(f"TokenCut: every patch pair is more similar than tau={tau} in batch items "
+                         f"{torch.nonzero(complete).flatten().tolist()}: the binary graph is complete, no cut")
     result = normalized_cut(tokens, normalize=True, tau=tau, affinity="binary", laplacian="normalized",
                             solver=solver, eps=eps, tol=tol, solver_dtype=_solver_dtype(solver))
     y = result.gen_eigvec  # (B, n)
@@ -312,6 +323,16 @@ def upsample_mask(mask: np.ndarray, size: tuple[int, int], *, canvas: tuple[int,
         ``(H, W)`` bool mask.
     """
     return upsample_map(np.asarray(mask, dtype=np.float32), size, canvas=canvas, content=content) > 0.5
+
+
+def image_mask(method: str, grid_map: np.ndarray, grid_mask: np.ndarray, size: tuple[int, int], *,
+               canvas: tuple[int, int] | None = None, content: tuple[int, int] | None = None) -> np.ndarray:
+    """A method's foreground mask at the image's size ``(H, W)`` bool, as that method's authors
+    upsample it: ``found``: its logits ``grid_map`` bilinearly upsampled, > 0 (sigmoid > 0.5, FOUND);
+    every other method: its grid mask upsampled and thresholded at 0.5 (:func:`upsample_mask`)."""
+    if method == "found":
+        return upsample_map(grid_map, size, canvas=canvas, content=content) > 0
+    return upsample_mask(grid_mask, size, canvas=canvas, content=content)
 
 
 def clean_binary(mask: np.ndarray) -> np.ndarray:

@@ -80,13 +80,15 @@ class Predictor:
     Args:
         backbone: a ``dncut.backbones.Backbone`` (RGB in [0, 1] -> (B, C, H/s, W/s)); used in
             eval mode, on ``device``.
-        methods: subset of ``("simple", "tokencut")``.
+        methods: subset of ``METHODS`` (``dncut.config.EvalMethod``).
         solver: NCut eigensolver (``cfg.ncut.solver``).
         device: where the backbone and the NCut run.
+        found_head: FOUND's head (``dncut.eval.found.FoundHead``) trained on this backbone's
+            features; required with method ``found``.
     """
 
     def __init__(self, backbone: torch.nn.Module, methods: Sequence[str], solver: str,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", found_head: torch.nn.Module | None = None) -> None:
         from dncut.ncut import SOLVERS
 
         bad = [m for m in methods if m not in METHODS]
@@ -94,10 +96,13 @@ class Predictor:
             raise ValueError(f"methods {bad or list(methods)} invalid; valid choices: {list(METHODS)}")
         if solver not in SOLVERS:
             raise ValueError(f"unknown NCut solver {solver!r}; registered: {sorted(SOLVERS)}")
+        if "found" in methods and found_head is None:
+            raise ValueError("method found needs a FOUND head (eval.found_heads, `dncut found-train`)")
         self.backbone = backbone
         self.methods = tuple(dict.fromkeys(methods))
         self.solver = solver
         self.device = torch.device(device)
+        self.found_head = found_head.eval().to(self.device) if found_head is not None else None
 
     def features(self, inputs: list[np.ndarray]) -> list[torch.Tensor]:
         """Same-size uint8 inputs ``(Hc, Wc, 3)`` -> feature maps ``(C, h, w)``, one per input
@@ -106,9 +111,15 @@ class Predictor:
         return list(self.backbone(x.permute(0, 3, 1, 2)).float())  # (g, 3, Hc, Wc) -> g x (C, h, w)
 
     def _ncut(self, maps: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
+        """NCut methods (``ncut_maps``) and FOUND's head (logits ``found_map``, ``found_mask`` = logits > 0)."""
         from dncut.eval.methods import ncut_maps
 
-        return ncut_maps(maps, self.methods, solver=self.solver)
+        out = ncut_maps(maps, [m for m in self.methods if m != "found"], solver=self.solver)
+        if self.found_head is not None and "found" in self.methods:
+            for found, m in zip(out, maps):
+                logits = self.found_head(m.unsqueeze(0))[0].float().cpu().numpy()  # (h, w)
+                found.update(found_map=logits, found_mask=logits > 0)
+        return out
 
     @staticmethod
     def _each(fn: Callable, items: dict[int, Any], results: dict[int, Any], errors: dict[int, str]) -> None:
