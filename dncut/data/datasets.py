@@ -19,6 +19,12 @@ are counted and logged as a warning; they are never dropped silently.
 Discovery: :func:`voc_dataset` (VOC07 / VOC12, boxes shifted by -1 on xmin and
 ymin as the peers do) and :func:`coco20k_dataset` (COCO instances JSON + a
 file list, boxes xywh -> x0 y0 x1 y1). Boxes are in pixels of the original image.
+
+Bad annotations: an annotation file that does not parse (malformed XML / JSON, a coordinate that
+is not a number, a missing key) raises :class:`DatasetLayoutError` naming the file; a box of zero
+or negative area, with a non-finite coordinate, or entirely outside the image size the annotation
+declares is dropped, counted and logged as one warning (an image left without a box is then
+flagged by the evaluation, never scored as a miss).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import posixpath
 import xml.etree.ElementTree as ET
@@ -273,7 +280,8 @@ def voc_dataset(
 
     Raises:
         ValueError: unknown ``year``.
-        DatasetLayoutError: missing split file, annotations or JPEG images (counted and named).
+        DatasetLayoutError: missing split file, annotations or JPEG images (counted and named), or an
+            annotation that does not parse (named).
     """
     _check_choice("year", year, get_args(VocYear))
     folder = _voc_folder(root, year, split, s3)
@@ -292,9 +300,59 @@ def voc_dataset(
                 f"VOC{year} {split} at {folder}: {len(bad)} of {len(ids)} ids have no {what} "
                 f"(e.g. {', '.join(bad[:_EXAMPLES_IN_WARNING])})"
             )
-    samples = [DiscoverySample(i, image_uris[i], parse_voc_boxes(x), parse_voc_size(x)) for i, x in zip(ids, xml_data)]
+    samples = [_voc_sample(i, image_uris[i], x, storage.join(folder, "Annotations", f"{i}.xml"))
+               for i, x in zip(ids, xml_data)]
+    samples = drop_bad_boxes(samples, folder)
     _warn_unmatched("VOC images without objects", [s.image_id for s in samples if not s.boxes], folder)
     return samples
+
+
+def _voc_sample(image_id: str, image_uri: str, xml_data: bytes, xml_uri: str) -> DiscoverySample:
+    """One VOC sample; an annotation that does not parse raises ``DatasetLayoutError`` naming it."""
+    try:
+        return DiscoverySample(image_id, image_uri, parse_voc_boxes(xml_data), parse_voc_size(xml_data))
+    except (ET.ParseError, ValueError) as exc:
+        raise DatasetLayoutError(f"VOC annotation {xml_uri}: {type(exc).__name__}: {exc}") from None
+
+
+def drop_bad_boxes(samples: Sequence[DiscoverySample], source: str) -> list[DiscoverySample]:
+    """The samples without their unusable boxes, dropped with one warning that counts them.
+
+    A box is dropped when a coordinate is not finite, its area is zero or negative (x1 <= x0 or
+    y1 <= y0), or it lies entirely outside the ``size`` the annotation declares (when it declares one).
+    """
+    out, dropped = [], {"zero or negative area / not finite": [], "outside the image": []}
+    for smp in samples:
+        keep = []
+        for box in smp.boxes:
+            x0, y0, x1, y1 = box
+            if not all(math.isfinite(v) for v in box) or x1 <= x0 or y1 <= y0:
+                dropped["zero or negative area / not finite"].append(f"{smp.image_id} {list(box)}")
+            elif smp.size is not None and (x1 <= 0 or y1 <= 0 or x0 >= smp.size[0] or y0 >= smp.size[1]):
+                dropped["outside the image"].append(f"{smp.image_id} {list(box)} (image {smp.size[0]}x{smp.size[1]})")
+            else:
+                keep.append(box)
+        out.append(smp if len(keep) == len(smp.boxes) else dataclasses.replace(smp, boxes=keep))
+    for why, items in dropped.items():
+        if items:
+            examples = ", ".join(items[:_EXAMPLES_IN_WARNING]) + (", ..." if len(items) > _EXAMPLES_IN_WARNING else "")
+            logger.warning("%s: dropped %d boxes of %s (e.g. %s)", source, len(items), why, examples)
+    return out
+
+
+def _read_json(uri: str, s3: S3Options | None) -> dict:
+    """A COCO instances JSON; ``DatasetLayoutError`` naming the file when it is not a JSON object."""
+    try:
+        data = json.loads(storage.read_bytes(uri, s3))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetLayoutError(f"COCO annotations {uri}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DatasetLayoutError(f"COCO annotations {uri}: expected an object with an 'images' list")
+    return data
+
+
+def _malformed(uri: str, exc: Exception) -> DatasetLayoutError:
+    return DatasetLayoutError(f"COCO annotations {uri}: malformed entry: {type(exc).__name__}: {exc}")
 
 
 # ----------------------------------------------------------------------------- COCO20k
@@ -315,6 +373,8 @@ def coco_boxes(annotations: Sequence[dict], include_crowd: bool = False) -> dict
     for ann in annotations:
         if not include_crowd and ann.get("iscrowd", 0):
             continue
+        if not isinstance(ann.get("bbox"), (list, tuple)) or len(ann["bbox"]) != 4:
+            raise ValueError(f"annotation {ann.get('id')}: bbox must be [x, y, w, h], got {ann.get('bbox')!r}")
         x, y, w, h = (float(v) for v in ann["bbox"])
         boxes.setdefault(int(ann["image_id"]), []).append((x, y, x + w, y + h))
     return boxes
@@ -345,26 +405,29 @@ def coco20k_dataset(
         JSON's ``width``/``height``.
 
     Raises:
-        DatasetLayoutError: listed names missing from the JSON, or an empty list.
+        DatasetLayoutError: listed names missing from the JSON, an empty list, or a malformed JSON.
     """
     names = [posixpath.basename(line.strip()) for line in
              storage.read_bytes(image_list, s3).decode("utf-8").splitlines() if line.strip()]
     if not names:
         raise DatasetLayoutError(f"COCO image list {image_list} is empty")
-    coco = json.loads(storage.read_bytes(annotations_json, s3))
-    by_name = {img["file_name"]: int(img["id"]) for img in coco["images"]}
-    sizes = _coco_sizes(coco)
+    coco = _read_json(annotations_json, s3)
+    try:
+        by_name = {img["file_name"]: int(img["id"]) for img in coco["images"]}
+        sizes = _coco_sizes(coco)
+        boxes = coco_boxes(coco.get("annotations", []), include_crowd)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _malformed(annotations_json, exc) from None
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise DatasetLayoutError(
             f"{len(unknown)} of {len(names)} names in {image_list} are not in {annotations_json} "
             f"(e.g. {', '.join(unknown[:_EXAMPLES_IN_WARNING])})"
         )
-    boxes = coco_boxes(coco.get("annotations", []), include_crowd)
-    samples = [
+    samples = drop_bad_boxes([
         DiscoverySample(posixpath.splitext(n)[0], storage.join(root, n), boxes.get(by_name[n], []), sizes.get(by_name[n]))
         for n in names
-    ]
+    ], annotations_json)
     _warn_unmatched("COCO images without boxes", [s.image_id for s in samples if not s.boxes], image_list)
     return samples
 
@@ -393,7 +456,7 @@ def coco_dataset(
         One sample per JSON image, in JSON order (``size`` = its ``width``/``height``).
 
     Raises:
-        DatasetLayoutError: no (or several) instances JSON, or JSON images missing on disk.
+        DatasetLayoutError: no (or several) instances JSON, a malformed one, or JSON images missing on disk.
     """
     if annotations_json is None:
         found = [f for f in storage.list_files(storage.join(root, "annotations"), (".json",), s3)
@@ -406,12 +469,16 @@ def coco_dataset(
         image_dir = storage.join(root, split)
     else:
         image_dir = root
-    coco = json.loads(storage.read_bytes(annotations_json, s3))
-    boxes, sizes = coco_boxes(coco.get("annotations", []), include_crowd), _coco_sizes(coco)
+    coco = _read_json(annotations_json, s3)
+    try:
+        boxes, sizes = coco_boxes(coco.get("annotations", []), include_crowd), _coco_sizes(coco)
+        samples = [DiscoverySample(posixpath.splitext(img["file_name"])[0], storage.join(image_dir, img["file_name"]),
+                                   boxes.get(int(img["id"]), []), sizes.get(int(img["id"])))
+                   for img in coco["images"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _malformed(annotations_json, exc) from None
     present = set(storage.list_files(image_dir, IMAGE_SUFFIXES, s3)) if storage.exists(image_dir, s3) else set()
-    samples = [DiscoverySample(posixpath.splitext(img["file_name"])[0], storage.join(image_dir, img["file_name"]),
-                               boxes.get(int(img["id"]), []), sizes.get(int(img["id"])))
-               for img in coco["images"]]
+    samples = drop_bad_boxes(samples, annotations_json)
     missing = [smp.image_id for smp in samples if smp.image_uri not in present]
     if missing:
         raise DatasetLayoutError(f"{len(missing)} of {len(samples)} images of {annotations_json} are not in "
