@@ -41,6 +41,7 @@ from typing import Any, get_args
 import numpy as np
 import torch
 import torch.distributed as dist
+from pyarrow import fs as pafs
 
 from dncut import storage
 from dncut.backbones import create_backbone, export_backbone, load_backbone
@@ -62,7 +63,8 @@ CONFIG_FILE = "config.yaml"  # the resolved config, in the run folder and in eve
 EXPORT_FILE = "backbone.pth"
 PREFETCH_BATCHES = 2  # batches Ray Data prepares (fetch, collate, pin, copy) while a step runs
 LOG_FILE = "train.log"  # the workers' dncut log lines, under a local run_dir
-PROGRESS_FILE = "progress.json"  # {"step": k} beside state.pt: the driver reads where the data resumes
+PROGRESS_FILE = "progress.json"  # {"step": k, "state_bytes": n} beside state.pt: where the data resumes
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of the run's checkpoints
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -253,22 +255,82 @@ def _batches(shard, batch_size: int, skip: int, device: torch.device):
         yield batch
 
 
-def resume_step(cfg: Config) -> int:
-    """The step a rerun of ``run_dir`` resumes at: the newest checkpoint's ``progress.json`` (0 if none)."""
+def intact_checkpoints(cfg: Config) -> dict[str, int]:
+    """``{checkpoint folder name: step}`` of the run's intact checkpoints: ``progress.json`` readable and
+    ``state.pt`` present with the byte count ``progress.json`` recorded (a truncated, half-uploaded or
+    deleted one is left out with a warning). Storage failures (an unreachable endpoint) raise."""
     s3 = s3_options(cfg)
+    fs, root = storage.filesystem(run_dir(cfg), s3)
     try:
-        files = storage.list_files(run_dir(cfg), [PROGRESS_FILE], s3)
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except FileNotFoundError:
-        return 0
-    steps = []
-    for f in files:
-        if not f.rsplit("/", 2)[-2].startswith("checkpoint_"):
-            continue
-        try:
-            steps.append(int(json.loads(storage.read_bytes(f, s3))["step"]))
-        except (ValueError, KeyError, TypeError) as exc:  # a truncated file: that checkpoint does not count
-            log.warning("ignoring unreadable %s: %s", f, exc)
-    return max(steps, default=0)
+        return {}
+    sizes: dict[str, dict[str, int]] = {}
+    for info in infos:
+        parts = info.path[len(root):].strip("/").split("/")
+        if info.type == pafs.FileType.File and len(parts) == 2 and parts[0].startswith("checkpoint_"):
+            sizes.setdefault(parts[0], {})[parts[1]] = info.size
+    intact = {}
+    for name, files in sorted(sizes.items()):
+        why = None
+        if PROGRESS_FILE not in files:
+            why = f"no {PROGRESS_FILE}"
+        else:
+            try:
+                progress = json.loads(storage.read_bytes(storage.join(run_dir(cfg), name, PROGRESS_FILE), s3))
+                step, expected = int(progress["step"]), progress.get("state_bytes")
+            except (ValueError, KeyError, TypeError) as exc:  # a truncated file
+                why = f"unreadable {PROGRESS_FILE} ({exc})"
+            else:
+                if expected is not None and STATE_FILE not in files:  # (older checkpoints: no byte count)
+                    why = f"no {STATE_FILE}"
+                elif expected is not None and files[STATE_FILE] != expected:
+                    why = f"{STATE_FILE} holds {files[STATE_FILE]} of {expected} bytes"
+        if why is None:
+            intact[name] = step
+        else:
+            log.warning("ignoring the incomplete checkpoint %s: %s", storage.join(run_dir(cfg), name), why)
+    return intact
+
+
+def resume_step(cfg: Config) -> int:
+    """The step a rerun of ``run_dir`` resumes at: the newest intact checkpoint's ``progress.json`` (0 if none)."""
+    return max(intact_checkpoints(cfg).values(), default=0)
+
+
+def drop_broken_checkpoints(cfg: Config) -> None:
+    """Before a rerun: remove the checkpoints that are no longer intact (truncated, deleted) from Ray
+    Train's run snapshot, so that the run resumes from the newest intact one instead of failing on a
+    missing folder or an unreadable ``state.pt``; says which one it resumes from. The broken folders
+    stay where they are."""
+    s3 = s3_options(cfg)
+    uri = storage.join(run_dir(cfg), SNAPSHOT_FILE)
+    try:
+        snap = json.loads(storage.read_bytes(uri, s3))
+    except FileNotFoundError:
+        return
+    intact = intact_checkpoints(cfg)
+    results = snap.get("checkpoint_results", [])
+    good = [i for i, r in enumerate(results) if r["checkpoint_dir_name"] in intact]
+    latest = snap.get("latest_checkpoint_result")
+    if len(good) == len(results) and (latest is None or latest["checkpoint_dir_name"] in intact):
+        return
+    dropped = [r["checkpoint_dir_name"] for r in results if r["checkpoint_dir_name"] not in intact]
+    snap["checkpoint_results"] = [results[i] for i in good]
+    snap["checkpoint_report_indices"] = [snap["checkpoint_report_indices"][i] for i in good]
+    pending = [(r, v) for r, v in zip(snap.get("pending_training_results", []), snap.get("pending_validation_specs", []))
+               if r["checkpoint_dir_name"] in intact]
+    snap["pending_training_results"], snap["pending_validation_specs"] = [p[0] for p in pending], [p[1] for p in pending]
+    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                "failed_validation_checkpoint_dir_names"):
+        snap[key] = [n for n in snap.get(key, []) if n in intact]
+    kept = snap["checkpoint_results"]
+    snap["latest_checkpoint_result"] = max(kept, key=lambda r: intact[r["checkpoint_dir_name"]]) if kept else None
+    storage.write_bytes(uri, json.dumps(snap).encode(), s3)
+    new = snap["latest_checkpoint_result"]
+    log.warning("run %s: dropped the incomplete checkpoint(s) %s; resuming from %s", run_dir(cfg), ", ".join(dropped),
+                f"{new['checkpoint_dir_name']} (step {intact[new['checkpoint_dir_name']]})" if new else
+                "the start (no intact checkpoint left)")
 
 
 def resume(model: DenseNCutModel, optimizer: torch.optim.Optimizer, rank: int) -> LoopState:
@@ -448,7 +510,8 @@ def _save_checkpoint(model: DenseNCutModel, optimizer, state: LoopState, counter
                 "epoch": state.epoch, "counters": dict(counters), "skipped_files": sorted(state.skipped_files)},
                os.path.join(d, STATE_FILE))
     Path(d, CONFIG_FILE).write_text(cfg.to_yaml())
-    Path(d, PROGRESS_FILE).write_text(json.dumps({"step": state.step}))
+    Path(d, PROGRESS_FILE).write_text(json.dumps({"step": state.step,
+                                                  "state_bytes": os.path.getsize(os.path.join(d, STATE_FILE))}))
     return d
 
 
@@ -512,6 +575,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     if cfg.data.val is not None:  # a validation folder without masks fails here, before any worker
         saliency_dataset("folder", cfg.data.val, s3_options(cfg))
     total = cfg.train.total_steps(len(uris))
+    drop_broken_checkpoints(cfg)
     start = min(resume_step(cfg), total)  # a rerun continues the seeded row stream where it stopped
     ds = train_dataset(cfg, uris, total, start)
     storage.write_bytes(storage.join(run_dir(cfg), CONFIG_FILE), cfg.to_yaml().encode(), s3_options(cfg))

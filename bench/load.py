@@ -1,0 +1,235 @@
+"""Load bench: memory of the evaluation job against the number of images, and of a long training run.
+
+``eval``   ``run_evaluation`` (``configs/eval/smoke.yaml``: vit_tiny_test, simple + tokencut, one
+           inference actor) on ``kind: scenes`` datasets of ``--limits`` generated images (default
+           250, 500, 1000, 2000), each in a fresh local Ray (4 logical CPUs). A thread samples every
+           ``--interval`` s the driver and every process under it (the Ray processes the driver
+           started: GCS, raylet, workers, actors): RSS and PSS (``psutil.memory_full_info``; PSS
+           splits shared pages, so PSS sums do not count the object store's shared memory once
+           per process). Reported per size: wall time, images/s, the driver's peak RSS, each Ray
+           worker process's peak RSS (max over processes, and which one), the peak of the summed
+           PSS of all processes, and the slope of each against the number of images.
+``train``  ``dncut train`` (``configs/train/smoke.yaml``, ``train.max_steps=--steps``, default
+           1000; checkpoint every 100, log every 10, no intermediate validation) in-process; the
+           RayTrainWorker's RSS sampled from outside (psutil) with the step (``metrics.jsonl``).
+           Reported: RSS at step 100 and at the last step, the least-squares slope (MiB per 1000
+           steps) over steps >= 100, the driver's too.
+
+Writes ``bench/results/load.json``.
+
+    flock /tmp/dncut-ray.lock nice -n 5 .venv/bin/python bench/load.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+MIB = 2 ** 20
+
+
+class Sampler:
+    """Samples the RSS / PSS of this process and every process under it, every ``interval`` s."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval, self.me = interval, psutil.Process()
+        self.samples: list[dict] = []
+        self.peak_rss: dict[int, tuple[str, float]] = {}  # pid -> (title, peak RSS MiB)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t = time.monotonic()
+            rec = {"t": t, "driver_rss": self.me.memory_info().rss / MIB, "pss_sum": 0.0, "workers_rss_sum": 0.0}
+            for p in [self.me, *self.me.children(recursive=True)]:
+                try:
+                    full = p.memory_full_info()
+                    title = " ".join(p.cmdline())[:80] if p.pid != self.me.pid else "driver"
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+                rss = full.rss / MIB
+                rec["pss_sum"] += full.pss / MIB
+                if title.startswith("ray::"):
+                    rec["workers_rss_sum"] += rss
+                if rss > self.peak_rss.get(p.pid, ("", 0.0))[1]:
+                    self.peak_rss[p.pid] = (title, rss)
+            self.samples.append(rec)
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - t)))
+
+    def summary(self) -> dict:
+        workers = {pid: v for pid, v in self.peak_rss.items() if v[0].startswith("ray::")}
+        top = max(workers.items(), key=lambda kv: kv[1][1]) if workers else (None, ("", 0.0))
+        return {"samples": len(self.samples),
+                "driver_peak_rss_mib": round(max(s["driver_rss"] for s in self.samples), 1),
+                "worker_peak_rss_mib": round(top[1][1], 1), "worker_peak_process": top[1][0],
+                "worker_processes": len(workers),
+                "workers_rss_sum_peak_mib": round(max(s["workers_rss_sum"] for s in self.samples), 1),
+                "pss_sum_peak_mib": round(max(s["pss_sum"] for s in self.samples), 1),
+                "per_process_peak_rss_mib": sorted(((v[0], round(v[1], 1)) for v in workers.values()),
+                                                   key=lambda x: -x[1])[:8]}
+
+
+def start_ray() -> None:
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+
+
+def slope(xs, ys) -> float:
+    return float(np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)[0]) if len(xs) > 1 else float("nan")
+
+
+def bench_eval(limits: list[int], interval: float, workdir: Path) -> dict:
+    import ray
+
+    from dncut.config import load_config
+    from dncut.eval.batch import run_evaluation
+
+    runs = []
+    for n in limits:
+        cfg = load_config(str(ROOT / "configs/eval/smoke.yaml"),
+                          [f"output_dir={workdir / 'eval'}", f"run_name=load_{n}", f"eval.datasets.0.limit={n}",
+                           "eval.examples=0", "data.val_scenes=4"])
+        start_ray()
+        try:
+            with Sampler(interval) as sampler:
+                t0 = time.monotonic()
+                summary = run_evaluation(cfg)
+                wall = time.monotonic() - t0
+        finally:
+            ray.shutdown()
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(next((workdir / "eval").rglob(f"load_{n}/**/per_image.parquet")))
+        run = {"images": n, "wall_s": round(wall, 1), "images_per_s": round(n / wall, 2),
+               "rows": table.num_rows, "failed_rows": int(sum(s != "ok" for s in table.column("status").to_pylist())),
+               **sampler.summary()}
+        print(json.dumps({k: v for k, v in run.items() if k != "per_process_peak_rss_mib"}), flush=True)
+        runs.append(run)
+        del summary
+    xs = [r["images"] for r in runs]
+    fit = {f"{k}_slope_mib_per_1000_images": round(1000 * slope(xs, [r[k] for r in runs]), 2)
+           for k in ("driver_peak_rss_mib", "worker_peak_rss_mib", "pss_sum_peak_mib")}
+    return {"runs": runs, **fit}
+
+
+def bench_train(steps: int, interval: float, workdir: Path) -> dict:
+    import ray
+    from ray._private import state
+
+    from dncut.config import load_config
+    from dncut.tracking import read_history
+    from dncut.train import fit, run_dir
+
+    cfg = load_config(str(ROOT / "configs/train/smoke.yaml"),
+                      [f"output_dir={workdir / 'train'}", "run_name=load_train", f"train.max_steps={steps}",
+                       "train.checkpoint_every=100", "train.log_every=10", "train.val_every=null",
+                       "data.val_scenes=2", "tracking.tensorboard=false"])
+    run = Path(run_dir(cfg))
+    start_ray()
+    samples: list[dict] = []
+    outcome: dict = {}
+    try:
+        thread = threading.Thread(target=lambda: outcome.update(result=fit(cfg)), daemon=True)
+        t0 = time.monotonic()
+        thread.start()
+        me, worker = psutil.Process(), None
+        while thread.is_alive():
+            if worker is None:
+                pids = [a["Pid"] for a in state.actors(actor_state_name="ALIVE").values()
+                        if a["ActorClassName"] == "RayTrainWorker" and a.get("Pid")]
+                worker = psutil.Process(pids[0]) if pids else None
+            step = 0
+            metrics = run / "metrics.jsonl"
+            if metrics.exists():
+                with open(metrics, "rb") as handle:  # the last line only
+                    handle.seek(max(0, metrics.stat().st_size - 4096))
+                    lines = handle.read().decode(errors="replace").strip().splitlines()
+                    try:
+                        step = int(json.loads(lines[-1])["step"]) if lines else 0
+                    except (ValueError, KeyError):
+                        step = samples[-1]["step"] if samples else 0
+            try:
+                rec = {"t": round(time.monotonic() - t0, 1), "step": step,
+                       "driver_rss_mib": round(me.memory_info().rss / MIB, 1),
+                       "worker_rss_mib": round(worker.memory_info().rss / MIB, 1) if worker else None,
+                       "worker_pss_mib": round(worker.memory_full_info().pss / MIB, 1) if worker else None}
+            except psutil.Error:
+                worker = None
+                continue
+            samples.append(rec)
+            time.sleep(interval)
+        wall = time.monotonic() - t0
+    finally:
+        ray.shutdown()
+    final = int(outcome["result"].metrics["step"]) if "result" in outcome else None
+    history = [m["step"] for m in read_history(str(run))]
+    tail = [s for s in samples if s["step"] >= 100 and s["worker_rss_mib"] is not None]
+
+    def at(step: int, key: str):
+        near = [s for s in samples if s[key] is not None and s["step"] >= step]
+        return near[0][key] if near else None
+
+    return {"steps": steps, "final_step": final, "wall_s": round(wall, 1), "steps_per_s": round(steps / wall, 2),
+            "reports": len(history),
+            "worker_rss_at_step_100_mib": at(100, "worker_rss_mib"),
+            "worker_rss_at_last_step_mib": tail[-1]["worker_rss_mib"] if tail else None,
+            "worker_rss_max_mib": max((s["worker_rss_mib"] for s in tail), default=None),
+            "worker_rss_slope_mib_per_1000_steps": round(1000 * slope([s["step"] for s in tail],
+                                                                      [s["worker_rss_mib"] for s in tail]), 2),
+            "worker_pss_slope_mib_per_1000_steps": round(1000 * slope([s["step"] for s in tail],
+                                                                      [s["worker_pss_mib"] for s in tail]), 2),
+            "driver_rss_at_step_100_mib": at(100, "driver_rss_mib"),
+            "driver_rss_at_last_step_mib": tail[-1]["driver_rss_mib"] if tail else None,
+            "driver_rss_slope_mib_per_1000_steps": round(1000 * slope([s["step"] for s in tail],
+                                                                      [s["driver_rss_mib"] for s in tail]), 2),
+            "samples": samples[:: max(1, len(samples) // 200)]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--parts", nargs="+", choices=["eval", "train"], default=["eval", "train"])
+    p.add_argument("--limits", nargs="+", type=int, default=[250, 500, 1000, 2000])
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--interval", type=float, default=0.5)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.json"))
+    args = p.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="dncut-load-"))
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result["meta"] = {"when": time.strftime("%Y-%m-%d %H:%M"), "host": f"{os.uname().nodename}, {os.cpu_count()} cores",
+                      "command": " ".join(sys.argv)}
+    if "eval" in args.parts:
+        result["eval"] = bench_eval(args.limits, args.interval, workdir)
+    if "train" in args.parts:
+        result["train"] = bench_train(args.steps, max(args.interval, 1.0), workdir)
+        print(json.dumps({k: v for k, v in result["train"].items() if k != "samples"}), flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
