@@ -210,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.quiet, args.verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    for name in ("botocore", "boto3", "s3transfer", "urllib3"):  # their DEBUG lines print request headers (key ids)
+        logging.getLogger(name).setLevel(max(level, logging.INFO))
     if args.quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
         import ray.data
