@@ -237,6 +237,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"dncut export: {exc}") from None
         return 0
     cfg = load(args)
+    from dncut.config import ConfigError
+    from dncut.data.datasets import DatasetLayoutError
+    from dncut.storage import StorageError
+
+    try:
+        return run_command(args, cfg)
+    except (ConfigError, DatasetLayoutError, StorageError) as exc:  # bad input: the message, no traceback
+        raise SystemExit(f"dncut {args.command}: {exc}") from None
+
+
+def run_command(args: argparse.Namespace, cfg) -> int:
+    """The Ray commands (``train``, ``found-train``, ``eval``, ...) on a loaded config."""
     if args.command == "train":
         from dncut.train import fit, run_dir
 
@@ -247,15 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "found-train":
         from dncut import storage
-        from dncut.config import ConfigError
         from dncut.found_train import HEAD_FILE, fit_found
         from dncut.train import run_dir
 
         init_ray(args.address, args.verbose)
-        try:
-            result = fit_found(cfg, progress=not args.quiet)
-        except ConfigError as exc:
-            raise SystemExit(f"dncut: config error: {exc}") from None
+        result = fit_found(cfg, progress=not args.quiet)
         print(json.dumps({"metrics": result.metrics, "head": storage.join(run_dir(cfg), HEAD_FILE)}, indent=2,
                          default=str))
         return 0

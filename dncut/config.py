@@ -205,12 +205,24 @@ class EvalDataset(_Section):
     image_list: str | None = Field(None, description="text file of image ids (COCO20k's 19,817, VOC trainval); null = the kind's default")
     limit: int | None = Field(None, ge=1, description="first N images only (quick checks); for scenes the number generated (null = data.val_scenes)")
     include_crowd: bool = Field(False, description="COCO layouts: keep iscrowd=1 regions as ground-truth boxes; false (default) drops them, as LOST, TokenCut, FOUND and MOST do")
+    task: Literal["segmentation"] | None = Field(None, description="null = the kind's task (saliency, or discovery for voc07/voc12/coco20k/coco); segmentation (coco kind, needs annotations): unsupervised semantic segmentation (Table 3 protocol, eval.segmentation) of the polygons rasterised to the 21 PASCAL VOC classes")
 
     @model_validator(mode="after")
     def _check_root(self) -> EvalDataset:
         if self.kind != "scenes" and self.root is None:
             raise ValueError(f"dataset {self.name!r} of kind {self.kind!r} needs a root")
+        if self.task == "segmentation" and (self.kind != "coco" or not self.annotations):
+            raise ValueError(f"dataset {self.name!r}: task segmentation needs kind coco and 'annotations' "
+                             f"(an instances JSON with polygons), got kind {self.kind!r}")
         return self
+
+
+class SegmentationEval(_Section):
+    """Unsupervised semantic segmentation (paper Table 3; Leopart's protocol, REFERENCE §7)."""
+
+    image_size: int = Field(448, ge=16, description="448 (protocol): images resized to image_size x image_size, bilinear")
+    overcluster_k: int = Field(500, ge=2, description="500 (protocol) clusters for the majority-vote score; 100 suits a few hundred images")
+    seeds: Annotated[list[int], AfterValidator(_non_empty)] = Field(default_factory=lambda: [0, 1, 2, 3, 4], description="k-means seeds, mean reported (protocol: 5)")
 
 
 class EvalConfig(_Section):
@@ -227,6 +239,7 @@ class EvalConfig(_Section):
     num_actors: int = Field(1, ge=1, description="Ray Data inference actors (backbone + NCut): one per GPU; on CPU, CPUs beyond the actors decode and score in parallel tasks (2 cores: 1 actor beats 2)")
     gpus_per_actor: float = Field(0.0, ge=0.0, description="0 on CPU; fractional (e.g. 0.25) packs actors on one GPU")
     examples: int = Field(8, ge=0, description="images in the PNG example grid; 0 = none")
+    segmentation: SegmentationEval = Field(default_factory=SegmentationEval, description="datasets with task: segmentation")
 
     @model_validator(mode="after")
     def _check_found(self) -> EvalConfig:

@@ -9,7 +9,9 @@
                train_found_step(): drop undecodable rows (counted) -> blur on the device ->
                features (+ CLS attention) -> background pseudo-mask -> logits upsampled to the
                view -> bilateral-refined targets -> found_loss -> step
-               every train.log_every: report(); every train.checkpoint_every: with a checkpoint
+               every train.log_every: report() (loss, lr, fg_fraction of the head's masks and of the
+               pseudo-masks; a collapse to near-constant masks is a warning); every
+               train.checkpoint_every: with a checkpoint
            rank 0: metrics.jsonl / TensorBoard (dncut.tracking), and at the end
                <run>/found_head.safetensors (dncut.eval.found.save_head: the head plus the
                backbone and checkpoint it was trained on)
@@ -40,12 +42,15 @@ from dncut.data.pipeline import decode_failure, found_dataset, s3_options, sourc
 from dncut.eval.found import (FoundHead, HeadInfo, found_loss, pseudo_masks, refine_targets, save_head,
                               upsample_logits)
 from dncut.tracking import ProgressBar, Tracker
-from dncut.train import (CONFIG_FILE, PROGRESS_FILE, STATE_FILE, _batches, _setup_worker, resume_step, run_config,
-                         run_dir, with_absolute_output)
+from dncut.train import (CONFIG_FILE, PROGRESS_FILE, STATE_FILE, _batches, _setup_worker, drop_broken_checkpoints,
+                         resume_step, run_config, run_dir, with_absolute_output)
 
 log = logging.getLogger("dncut.found")
 
 HEAD_FILE = "found_head.safetensors"
+COLLAPSE = (0.02, 0.98)
+"""A head that marks less / more than this fraction of a batch's pixels as foreground has collapsed
+to a near-constant mask (logged as a warning; ``fg_fraction`` in metrics.jsonl)."""
 
 
 def frozen_backbone(cfg: Config, device: torch.device):
@@ -122,7 +127,8 @@ def train_found_step(backbone, head, optimizer, scheduler, batch: dict[str, torc
     optimizer.step()
     scheduler.step()
     state["step"] += 1
-    return {**parts, "loss": float(loss), "lr": scheduler.get_last_lr()[0]}
+    return {**parts, "loss": float(loss), "lr": scheduler.get_last_lr()[0],
+            "fg_fraction": float(targets["own"].mean()), "bkg_fg_fraction": float(bkg.float().mean())}
 
 
 def view_targets(views: torch.Tensor, logits: torch.Tensor, bkg: torch.Tensor, with_bkg: bool) -> dict[str, torch.Tensor]:
@@ -166,8 +172,13 @@ def report(head, optimizer, scheduler, state: dict, parts: dict[str, float], cfg
     checkpoint = None
     if tracker is not None:
         tracker.log(metrics, state["step"])
-        log.info("FOUND step %d/%d loss %.4f lr %.2e skipped %d", state["step"], cfg.found.steps, metrics["loss"],
-                 metrics["lr"], state["skipped"])
+        log.info("FOUND step %d/%d loss %.4f lr %.2e foreground %.2f (pseudo-mask %.2f) skipped %d", state["step"],
+                 cfg.found.steps, metrics["loss"], metrics["lr"], metrics["fg_fraction"], metrics["bkg_fg_fraction"],
+                 state["skipped"])
+        if not COLLAPSE[0] < metrics["fg_fraction"] < COLLAPSE[1]:
+            log.warning("FOUND head collapse: it marks %.0f%% of the pixels as foreground (the background "
+                        "pseudo-mask: %.0f%%); its masks will be near-constant", 100 * metrics["fg_fraction"],
+                        100 * metrics["bkg_fg_fraction"])
         if state["step"] % cfg.train.checkpoint_every == 0 or state["step"] >= cfg.found.steps:
             checkpoint = ray.train.Checkpoint.from_directory(_save(head, optimizer, scheduler, state, cfg))
     ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
@@ -179,7 +190,8 @@ def _save(head, optimizer, scheduler, state: dict, cfg: Config) -> str:
                 "scheduler": scheduler.state_dict(), "step": state["step"], "skipped": state["skipped"]},
                os.path.join(d, STATE_FILE))
     Path(d, CONFIG_FILE).write_text(cfg.to_yaml())
-    Path(d, PROGRESS_FILE).write_text(json.dumps({"step": state["step"]}))
+    Path(d, PROGRESS_FILE).write_text(json.dumps({"step": state["step"],
+                                                  "state_bytes": os.path.getsize(os.path.join(d, STATE_FILE))}))
     return d
 
 
@@ -195,6 +207,7 @@ def build_found_trainer(cfg: Config):
                           f"scaling.num_workers={cfg.scaling.num_workers}")
     cfg = with_absolute_output(cfg).with_overrides({"train.keep_checkpoints_by": "newest"})
     uris = source_uris(cfg)
+    drop_broken_checkpoints(cfg)  # a truncated / deleted newest checkpoint: resume from the one before
     start = min(resume_step(cfg), cfg.found.steps)
     storage.write_bytes(storage.join(run_dir(cfg), CONFIG_FILE), cfg.to_yaml().encode(), s3_options(cfg))
     sc = cfg.scaling

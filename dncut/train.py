@@ -524,10 +524,10 @@ def run_dir(cfg: Config) -> str:
 
 
 def with_absolute_output(cfg: Config) -> Config:
-    """Workers run in their own directories: make a local ``output_dir`` absolute."""
-    if storage.is_s3(cfg.output_dir):
-        return cfg
-    return cfg.with_overrides({"output_dir": os.path.abspath(os.path.expanduser(cfg.output_dir))})
+    """Workers run in their own directories: make a local ``output_dir`` and ``model.checkpoint`` absolute."""
+    local = {k: v for k, v in (("output_dir", cfg.output_dir), ("model.checkpoint", cfg.model.checkpoint))
+             if v and not storage.is_s3(v)}
+    return cfg.with_overrides({k: os.path.abspath(os.path.expanduser(v)) for k, v in local.items()}) if local else cfg
 
 
 def run_config(cfg: Config, callbacks: list | None = None):

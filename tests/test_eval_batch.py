@@ -183,7 +183,7 @@ def test_evaluate_saliency_missing_folder_names_path_and_layout(ray_session, sce
     with pytest.raises(DatasetLayoutError, match=r"images folder .*does_not_exist.*expected layout: --images DIR"):
         evaluate_saliency(str(tmp_path / "does_not_exist"), str(scene_folder / "masks"), "efficientnet_lite0",
                           None, "simple", False, str(tmp_path / "o"))
-    with pytest.raises(ValueError, match=r"invalid; valid choices: \['simple', 'tokencut', 'most'\]"):
+    with pytest.raises(ValueError, match=r"invalid; valid choices: \['simple', 'tokencut', 'most', 'found'\]"):
         evaluate_saliency(str(scene_folder / "images"), str(scene_folder / "masks"), "efficientnet_lite0",
                           None, "lost", False, str(tmp_path / "o"))
 
@@ -371,3 +371,20 @@ def test_predict_writes_masks_maps_boxes_and_failed_rows(ray_session, scene_fold
         assert 0 <= box[0] < box[2] <= image.width and 0 <= box[1] < box[3] <= image.height
     scored = evaluate_maps(str(scene_folder / "masks"), [str(out / "masks")], str(tmp_path / "scored"))
     assert {run["method"] for run in scored["runs"]} == {"simple", "tokencut"}
+
+
+def test_summary_order_and_labels_follow_the_evaluation():
+    """Checkpoints in the order evaluated (pretrained first when listed first), most-single next to
+    most, natural order for numbered names, run folders instead of generic weight file names."""
+    from dncut.eval.batch import _result_row
+    from dncut.eval.report import Accumulator
+
+    acc = Accumulator(["simple", "most", "found"])
+    for ckpt in (None, "/runs/ft_seed0/backbone.pth"):
+        for method in ("found", "most-single", "most", "simple", "kmeans-k100", "kmeans-k21"):
+            acc.add(_result_row("img", method, hit=1.0), dataset="d", backbone="b", checkpoint=ckpt, task="discovery")
+    order = [(r["checkpoint"], r["method"]) for r in acc.summary()["runs"]]
+    methods = ["simple", "most", "most-single", "found", "kmeans-k21", "kmeans-k100"]
+    assert order == [(None, m) for m in methods] + [("/runs/ft_seed0/backbone.pth", m) for m in methods]
+    table = format_table(acc.summary())
+    assert "| simple · pretrained |" in table and "| simple · ft_seed0 |" in table

@@ -55,3 +55,84 @@ def test_rasterise_coco_polygons_into_voc_classes():
     assert out[10, 45] == IGNORE  # a non-VOC category is not background
     assert out[35, 4] == IGNORE  # a crowd RLE region is left out
     assert out[2, 2] == 0 and set(np.unique(out)) == {0, 15, IGNORE}
+
+
+# --------------------------------------------------------------------------- the Ray batch job
+def _coco_tree(root) -> None:
+    """Six 64 x 64 photos-to-be: a cat (left half) or a dog (right half) polygon on a flat
+    background, plus one image whose annotation declares another size (a failed row)."""
+    import json
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir()
+    images, anns = [], []
+    for i in range(7):
+        pixels = np.full((64, 64, 3), 40, np.uint8)
+        cls, x0 = (1, 0) if i % 2 == 0 else (2, 32)
+        pixels[8:56, x0 + 4:x0 + 28] = (200, 60, 60) if cls == 1 else (60, 200, 60)
+        pixels = np.clip(pixels + rng.integers(0, 8, pixels.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / "images" / f"{i:03d}.png")
+        images.append({"id": i, "file_name": f"{i:03d}.png", "width": 64 if i < 6 else 80, "height": 64})
+        poly = [x0 + 4, 8, x0 + 28, 8, x0 + 28, 56, x0 + 4, 56]
+        anns.append({"id": i, "image_id": i, "category_id": cls, "segmentation": [poly], "iscrowd": 0,
+                     "bbox": [x0 + 4, 8, 24, 48], "area": 24 * 48})
+    (root / "instances.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": [
+        {"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]}))
+
+
+def test_segmentation_job_on_ray_matches_the_protocol_in_process(ray_session, tmp_path):
+    """The Ray batch job (features in actors, clustering on the driver) gives the mIoU that the
+    protocol functions give on the same backbone in this process; a bad image is a failed row."""
+    import torch
+    from PIL import Image
+
+    from dncut.backbones import create_backbone, export_backbone
+    from dncut.config import load_config
+    from dncut.eval.batch import run_evaluation
+    from dncut.eval.predict import Predictor
+    from dncut.eval.report import format_table
+
+    _coco_tree(tmp_path)
+    torch.manual_seed(0)
+    weights = str(tmp_path / "backbone.pth")
+    backbone = create_backbone("vit_tiny_test").eval()
+    export_backbone(backbone, weights)
+    cfg = load_config("configs/eval/smoke.yaml", [
+        f"output_dir={tmp_path / 'out'}", f"eval.checkpoints=[{weights}]",
+        f"eval.datasets=[{{name: seg, kind: coco, task: segmentation, root: {tmp_path / 'images'}, "
+        f"annotations: {tmp_path / 'instances.json'}}}]",
+        "eval.segmentation.image_size=64", "eval.segmentation.overcluster_k=4", "eval.segmentation.seeds=[0, 1]"])
+    summary = run_evaluation(cfg)
+    runs = {r["method"]: r for r in summary["runs"]}
+    assert set(runs) == {"kmeans-k21", "kmeans-k4"}
+    assert all(r["n_images"] == 7 and r["n_failed"] == 1 for r in runs.values())
+
+    # the same protocol in process: resize, features, tokens, clustering, confusion at 100 x 100
+    predictor = Predictor(backbone, ["simple"], "eigh")
+    tokens, labels = [], []
+    for i in range(6):
+        image = np.asarray(Image.open(tmp_path / "images" / f"{i:03d}.png").convert("RGB"))
+        with torch.inference_mode():
+            tokens.append(predictor.features([image])[0].flatten(1).T.numpy())
+        x0 = 0 if i % 2 == 0 else 32
+        poly = [x0 + 4, 8, x0 + 28, 8, x0 + 28, 56, x0 + 4, 56]  # rasterise_coco is tested above
+        gt = rasterise_coco([{"category_id": 1, "segmentation": [poly], "iscrowd": 0}], {1: "cat" if i % 2 == 0 else "dog"},
+                            (64, 64))
+        assert set(np.unique(gt)) == {0, 8 if i % 2 == 0 else 12}  # VOC ids: cat 8, dog 12
+        labels.append(np.asarray(Image.fromarray(gt).resize((100, 100), Image.NEAREST)))
+    for k, how, method in ((21, "hungarian", "kmeans-k21"), (4, "majority", "kmeans-k4")):
+        scores = []
+        for seed in (0, 1):
+            ids = cluster_tokens(np.concatenate(tokens), k, seed=seed).reshape(6, 8, 8)
+            conf = sum(confusion(np.asarray(Image.fromarray(g.astype(np.int32)).resize((100, 100), Image.NEAREST)),
+                                 lab, k, 21) for g, lab in zip(ids, labels))
+            scores.append(miou(conf, assign(conf, how))[0])
+        assert runs[method]["metrics"]["miou"] == pytest.approx(np.mean(scores), abs=1e-6)
+    rows = __import__("pyarrow.parquet", fromlist=["x"]).read_table(tmp_path / "out" / "eval_smoke" /
+                                                                      "per_image.parquet").to_pylist()
+    failed = [r for r in rows if r["status"] != "ok"]
+    assert len(failed) == 2 and all("80x64" in r["error"] for r in failed)  # one image x two scores
+    table = format_table(summary)
+    assert "Unsupervised semantic segmentation, mIoU" in table and "kmeans-k4" in table

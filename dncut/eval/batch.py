@@ -1,4 +1,5 @@
-"""Evaluation service: unsupervised saliency and object discovery as Ray Data batch jobs.
+"""Evaluation service: unsupervised saliency, object discovery and semantic segmentation as Ray
+Data batch jobs (segmentation: ``dncut.eval.segment_job``, for datasets with ``task: segmentation``).
 
 One pipeline per (dataset, backbone, checkpoint); all methods share the backbone pass::
 
@@ -6,7 +7,8 @@ One pipeline per (dataset, backbone, checkpoint); all methods share the backbone
       -> map (CPU task)        read bytes (dncut.storage), decode, network_input (dncut.eval.predict:
                                saliency resizes, discovery or image_size null pads)
                                rows {image (H, W, 3) uint8, input (Hc, Wc, 3) uint8, content (2,), gt_mask (H, W)}
-      -> map_batches (actors)  dncut.eval.predict.Predictor: backbone per input size, NCut per node count
+      -> map_batches (actors)  dncut.eval.predict.Predictor: backbone per input size, NCut per node count,
+                               FOUND's head (method found: the eval.found_heads file trained on these weights)
                                adds {<method>_map (h, w) float32, <method>_mask (h, w) bool, tokencut_box (4,)}
       -> flat_map (CPU task)   upsample, bilateral solver, per-image metrics;
                                one row per (image, method) and (image, method+bs)
@@ -38,7 +40,7 @@ import numpy as np
 
 from dncut import storage
 from dncut.backbone_specs import BackboneSpec, spec as backbone_spec
-from dncut.config import DISCOVERY_ONLY_METHODS, Config, EvalDataset
+from dncut.config import DISCOVERY_ONLY_METHODS, Config, ConfigError, EvalDataset
 from dncut.data.datasets import (DatasetLayoutError, coco20k_dataset, coco_dataset, pair_by_stem,
                                  saliency_dataset, voc_dataset)
 from dncut.data.images import IMAGE_SUFFIXES, check_mask_foreground, check_mask_size, decode_image, load_mask
@@ -89,6 +91,10 @@ def dataset_records(spec: EvalDataset, s3: storage.S3Options | None = None, defa
     Raises:
         DatasetLayoutError: missing folders / files, naming the path and the expected layout.
     """
+    if spec.task == "segmentation":
+        from dncut.eval.segment_job import segmentation_records
+
+        return segmentation_records(spec, s3)
     if spec.kind == "scenes":
         n = spec.limit or default_scenes
         return [_record(f"scene_{i:05d}", f"scene://{SCENE_SEED + i}") for i in range(n)]
@@ -388,7 +394,7 @@ def found_head_for(cfg: Config, backbone: str, checkpoint: str | None) -> bytes 
     (``None`` when method found is not asked for).
 
     Raises:
-        ValueError: method found is asked for and no head was trained on these weights (the
+        ConfigError: method found is asked for and no head was trained on these weights (the
             message lists what each head was trained on), or a head file is unreadable.
     """
     from dncut.eval.found import load_head, same_weights
@@ -397,12 +403,19 @@ def found_head_for(cfg: Config, backbone: str, checkpoint: str | None) -> bytes 
         return None
     seen = []
     for uri in cfg.eval.found_heads:
-        data = storage.read_bytes(uri, _s3(cfg))
-        info = load_head(data, uri)[1]
+        try:
+            data = storage.read_bytes(uri, _s3(cfg))
+        except (OSError, storage.StorageError) as exc:
+            raise ConfigError(f"eval.found_heads: cannot read {uri} ({type(exc).__name__}: {exc}); "
+                             "`dncut found-train` writes <output_dir>/<run_name>/found_head.safetensors") from None
+        try:
+            info = load_head(data, uri)[1]
+        except ValueError as exc:
+            raise ConfigError(f"eval.found_heads: {exc}") from None
         if info.backbone == backbone and same_weights(info.checkpoint, checkpoint):
             return data
         seen.append(f"{uri}: {info.backbone} @ {info.checkpoint or 'pretrained'}")
-    raise ValueError(f"method found: no head in eval.found_heads was trained on {backbone} @ "
+    raise ConfigError(f"method found: no head in eval.found_heads was trained on {backbone} @ "
                      f"{checkpoint or 'pretrained'} (`dncut found-train --set model.backbone={backbone}"
                      f"{f' --set model.checkpoint={checkpoint}' if checkpoint else ''}`); heads: {seen}")
 
@@ -467,6 +480,8 @@ def run_evaluation(cfg: Config, *, backbone_factory: BackboneFactory | None = No
     Raises:
         DatasetLayoutError: a dataset root is missing or malformed (before any Ray work).
     """
+    from dncut.eval.segment_job import run_segmentation
+
     s3 = _s3(cfg)
     # every dataset's layout is checked before any Ray work
     specs = [(spec, dataset_records(spec, s3, cfg.data.val_scenes)) for spec in cfg.eval.datasets]
@@ -478,6 +493,10 @@ def run_evaluation(cfg: Config, *, backbone_factory: BackboneFactory | None = No
     for spec, records in specs:
         for backbone in cfg.eval_backbones():
             for checkpoint in cfg.eval.checkpoints:
+                if spec.task == "segmentation":
+                    run_segmentation(records, cfg=cfg, dataset=spec.name, backbone=backbone, checkpoint=checkpoint,
+                                     acc=acc, factory=backbone_factory)
+                    continue
                 _run_pipeline(records, cfg=cfg, dataset=spec.name, discovery=spec.kind in DISCOVERY_KINDS,
                               backbone=backbone, checkpoint=checkpoint, acc=acc, factory=backbone_factory)
     return _finish(acc, storage.join(cfg.output_dir, cfg.run_name), cfg, s3)

@@ -5,7 +5,7 @@
       -> stage 3 write_outputs (CPU task), per image and method:
            <out>/masks/<method>/<stem>.png   foreground mask, 0 / 255, image size
            <out>/z2/<method>/<stem>.png      the method's map (z2 for simple, y2 for tokencut,
-                                             MOST's seeds), min-max scaled to 0..255
+                                             MOST's seeds, FOUND's logits), min-max scaled to 0..255
            boxes                             pixel boxes (x0, y0, x1, y1): simple's largest
                                              component, tokencut's seed component, MOST's clusters
     -> <out>/predictions.parquet: one row per image and method (status, error, mask and map

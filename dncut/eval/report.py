@@ -19,6 +19,7 @@ import io
 import json
 import math
 import pickle
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,11 +28,12 @@ import numpy as np
 
 from dncut import storage
 
+GENERIC_WEIGHT_FILES = ("backbone.pth", "model.safetensors", "checkpoint.pth", "state.pt")
 THUMB = 160  # longest side of example thumbnails, pixels
 SALIENCY_METRICS = ("acc", "iou", "max_fbeta")  # paper Tab. 1 columns, in this order
 _LABELS = {"acc": "Acc", "iou": "IoU", "max_fbeta": "maxFβ", "mae": "MAE", "acc_binary": "Acc (bin)",
            "iou_binary": "IoU (bin)", "max_fbeta_pysod": "maxFβ (pysod)", "mae_pysod": "MAE (pysod)",
-           "corloc": "CorLoc"}
+           "corloc": "CorLoc", "miou": "mIoU", "miou_std": "mIoU std"}
 _MEANS = ("acc", "iou", "mae", "acc_binary", "iou_binary", "pysod_mae", "corloc_hit")
 
 
@@ -52,6 +54,7 @@ class _RunStats:
     counts: dict[str, int] = field(default_factory=dict)
     fbeta: np.ndarray | None = None
     pysod_fbeta: np.ndarray | None = None
+    fixed: dict[str, Any] | None = None  # dataset-level metrics (segmentation's mIoU), set once
 
     def add(self, row: dict) -> None:
         self.n_images += 1
@@ -72,6 +75,8 @@ class _RunStats:
 
     def metrics(self) -> dict[str, float | None]:
         """Means over the images that succeeded; ``None`` when none did."""
+        if self.fixed is not None:
+            return dict(self.fixed)
         if self.task == "discovery":
             return {"corloc": self.mean("corloc_hit")}
         n_ok = self.n_images - self.n_failed
@@ -100,12 +105,14 @@ class Accumulator:
         self.rows: list[dict[str, Any]] = []
         self.examples: dict[tuple[str, str, str | None], list[tuple[str, str, bytes]]] = {}
         self._dataset_order: dict[str, int] = {}
+        self._checkpoint_order: dict[str | None, int] = {}
 
     def add(self, row: dict, *, dataset: str, backbone: str, checkpoint: str | None, task: str,
             pysod: bool = False) -> None:
         """Add one scored row (see ``dncut.eval.batch.score_row``)."""
         method = str(row["method"])
         self._dataset_order.setdefault(dataset, len(self._dataset_order))
+        self._checkpoint_order.setdefault(checkpoint, len(self._checkpoint_order))
         key = (dataset, method, backbone, checkpoint)
         self.runs.setdefault(key, _RunStats(task, pysod)).add(row)
         clean = lambda v: float(v) if _finite(v) else None  # noqa: E731
@@ -122,11 +129,19 @@ class Accumulator:
             self.examples.setdefault((dataset, backbone, checkpoint), []).append(
                 (str(row["image_id"]), method, bytes(row["example"])))
 
+    def set_metrics(self, key: tuple[str, str, str, str | None], metrics: dict[str, Any]) -> None:
+        """Dataset-level metrics of a run whose rows were added (segmentation: ``miou``, ``miou_std``, ``seeds``)."""
+        self.runs[key].fixed = dict(metrics)
+
     def _sort_key(self, key: tuple[str, str, str, str | None]) -> tuple:
+        """Datasets and checkpoints in the order they were evaluated, then methods in ``method_order``
+        (``most-single`` after ``most``; other names in natural order: ``kmeans-k21`` before ``kmeans-k100``)."""
         dataset, method, backbone, checkpoint = key
-        base = method.removesuffix("+bs")
+        base = method.removesuffix("+bs").removesuffix("-single")
         rank = self.method_order.index(base) if base in self.method_order else len(self.method_order)
-        return (self._dataset_order[dataset], backbone, str(checkpoint), method.endswith("+bs"), rank, method)
+        natural = tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", method))
+        return (self._dataset_order[dataset], backbone, self._checkpoint_order[checkpoint], method.endswith("+bs"),
+                rank, natural)
 
     def summary(self) -> dict:
         """``{"runs": [{dataset, method, backbone, checkpoint, n_images, n_failed, metrics}]}``."""
@@ -163,7 +178,10 @@ def _row_label(run: dict, multi_backbone: bool, multi_checkpoint: bool) -> str:
         parts.append(str(run["backbone"]))
     if multi_checkpoint:
         ckpt = run["checkpoint"]
-        name = "pretrained" if ckpt is None else str(ckpt).rstrip("/").rsplit("/", 1)[-1]
+        parts_of = str(ckpt).rstrip("/").rsplit("/", 2)
+        # a generic file name (backbone.pth, model.safetensors) says less than its run folder
+        name = "pretrained" if ckpt is None else (
+            parts_of[-2] if len(parts_of) > 1 and parts_of[-1] in GENERIC_WEIGHT_FILES else parts_of[-1])
         if name != run["method"]:  # maps: the folder is named after the method
             parts.append(name)
     return " · ".join(parts)
@@ -203,8 +221,9 @@ def format_table(summary: dict) -> str:
     if not runs:
         return "_no evaluation runs_"
     out: list[str] = []
-    saliency = [r for r in runs if "corloc" not in r["metrics"]]
+    saliency = [r for r in runs if "corloc" not in r["metrics"] and "miou" not in r["metrics"]]
     discovery = [r for r in runs if "corloc" in r["metrics"]]
+    segmentation = [r for r in runs if "miou" in r["metrics"]]
     if saliency:
         datasets, cells = _grid(saliency)
         pysod = any("max_fbeta_pysod" in r["metrics"] for r in saliency)  # precomputed maps
@@ -226,6 +245,11 @@ def format_table(summary: dict) -> str:
         rows = [[label] + [_pct(cells[label].get(d, {}).get("corloc")) for d in datasets] for label in cells]
         out += ([""] if out else []) + ["**Object discovery, CorLoc** (%)", ""]
         out += _markdown(["Method"] + datasets, rows)
+    if segmentation:
+        datasets, cells = _grid(segmentation)
+        rows = [[label] + [_pct(cells[label].get(d, {}).get("miou")) for d in datasets] for label in cells]
+        out += ([""] if out else []) + ["**Unsupervised semantic segmentation, mIoU** (%, mean over k-means seeds)", ""]
+        out += _markdown(["Clustering"] + datasets, rows)
     return "\n".join(out)
 
 
