@@ -225,3 +225,23 @@ def test_found_train_resume_and_evaluate(ray_session, tmp_path):
     assert len(found) == 1 and found[0]["n_failed"] == 0 and found[0]["metrics"]["iou"] is not None
     with pytest.raises(ValueError, match="no head in eval.found_heads was trained on vit_tiny_test @ pretrained"):
         run_evaluation(ev.with_overrides({"eval.checkpoints": [None]}))
+
+    # dncut predict: the head's mask = its logits upsampled, > 0, as the eval job scores it
+    from PIL import Image
+
+    from dncut.data.scenes import make_scene
+    from dncut.eval.infer import predict_folder
+
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    make_scene(7, size=64)[0].save(folder / "s7.png")
+    out = tmp_path / "pred"
+    assert predict_folder(str(folder), str(out), ev, checkpoint=weights)["failed"] == 0
+    backbone = create_backbone("vit_tiny_test", checkpoint=weights).eval()
+    head = load_head((run / HEAD_FILE).read_bytes())[0]  # the 6-step head
+    with torch.no_grad():
+        logits = head(backbone(torch.from_numpy(np.asarray(Image.open(folder / "s7.png").convert("RGB")).copy())
+                               .permute(2, 0, 1)[None]))  # (1, 8, 8)
+    expected = F.interpolate(logits[:, None], size=(64, 64), mode="bilinear", align_corners=False)[0, 0] > 0
+    written = np.asarray(Image.open(out / "masks" / "found" / "s7.png")) > 127
+    assert (written == expected.numpy()).all()
