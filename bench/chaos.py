@@ -18,8 +18,11 @@ others):
 ``ckpt_delete``      deleted; then the run is continued (max_steps raised): it must resume from the
                      previous intact checkpoint and say so (a WARNING of dncut.train).
 ``eval_actor_kill``  SIGKILL of the inference actor (``MapWorker(MapBatches(NCutPredictor))``) at a
-                     random moment of the evaluation job: every image must still have exactly one
-                     row per method in per_image.parquet (rows lost and duplicated count as lost).
+                     random moment of the evaluation job (vit_tiny_test with fixed weights from a
+                     file): every image must still have exactly one row per method in
+                     per_image.parquet (rows lost and duplicated count as lost), each equal (status,
+                     IoU) to a clean run's. ``eval_actor_kill_random_weights``: the same with the smoke
+                     config's random weights (``pretrained: false``, no checkpoint; 1 trial).
 ``sweep_worker_kill`` a 2-trial smoke sweep; one trial's RayTrainWorker SIGKILLed mid-run: that trial
                      resumes (or is ERROR with its reason), the other finishes.
 ``node_remove``      a two-node ``ray.cluster_utils.Cluster``: the node running the Train worker
@@ -72,7 +75,7 @@ QUIET = ("train.val_every=null", "data.val_scenes=2", "tracking.tensorboard=fals
 CKPT_EVERY = 3
 OUTAGE_S = 5.0
 RESULTS = ROOT / "bench" / "results"
-DEFAULT_TRIALS = {"worker_kill": 10}
+DEFAULT_TRIALS = {"worker_kill": 10, "eval_actor_kill_random_weights": 1}
 
 log = logging.getLogger("chaos")
 
@@ -195,7 +198,7 @@ def ensure_ray(num_cpus: int = 4) -> None:
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
 
 
@@ -283,7 +286,7 @@ def trial_driver_kill(workdir: Path, trial: int, rng: random.Random, fault: bool
     """``dncut train`` as a subprocess (its own local Ray), SIGKILLed at a random step, then run again."""
     import psutil
 
-    from dncut.train import resume_step, run_dir
+    from dncut.train import run_dir
 
     overrides = ["run_name=dk", f"train.max_steps={total}", f"train.checkpoint_every={CKPT_EVERY}",
                  "train.keep_checkpoints=2"]
@@ -312,8 +315,12 @@ def trial_driver_kill(workdir: Path, trial: int, rng: random.Random, fault: bool
                     p.kill()
             res["ray_processes_left_after_kill"] = len(leftovers)
             reached = _max_history_step(run)
-            resumed = resume_step(train_config(workdir, *overrides))
-            res.update(killed_after_step=reached, resume_checkpoint=resumed, steps_lost=reached - resumed)
+            snap = run / "checkpoint_manager_snapshot.json"
+            res["at_kill"] = {"snapshot_latest": (json.loads(snap.read_text())["latest_checkpoint_result"] or {}).get(
+                                  "checkpoint_dir_name") if snap.exists() else None,
+                              "folders": {p.parent.name: json.loads(p.read_text())["step"]
+                                          for p in run.glob("checkpoint_*/progress.json")}}
+            res["killed_after_step"] = reached
             logs.close()
             logs = open(workdir / "driver2.log", "wb")
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logs, stderr=subprocess.STDOUT,
@@ -333,10 +340,15 @@ def trial_driver_kill(workdir: Path, trial: int, rng: random.Random, fault: bool
         res.update(survived=res["outcome"] == "finished", steps_lost=0, message="clean run")
         return res
     train_log = (run / "train.log").read_text(errors="replace") if (run / "train.log").exists() else ""
-    said = f"at step {res['resume_checkpoint']} " in train_log and "resumed from" in train_log
-    res["survived"] = res["outcome"] == "finished" and said and res["steps_lost"] <= CKPT_EVERY
+    resumed = [int(line.split("at step")[1].split()[0]) for line in train_log.splitlines()
+               if "resumed from" in line and "at step" in line]  # only the rerun resumes
+    res["resume_checkpoint"] = resumed[-1] if resumed else 0
+    res["steps_lost"] = res["killed_after_step"] - res["resume_checkpoint"]
+    res["rerun_warnings"] = [line.strip()[:300] for line in out.splitlines() if "resuming from" in line]
+    res["survived"] = res["outcome"] == "finished" and bool(resumed) and res["steps_lost"] <= CKPT_EVERY
     res["message"] = (f"driver killed after step {res['killed_after_step']}; rerun resumed from checkpoint "
-                      f"{res['resume_checkpoint']} ({'logged' if said else 'NOT logged'}), finished at {final}"
+                      f"{res['resume_checkpoint']} ({'logged' if resumed else 'NOT resumed'}), finished at {final}"
+                      + (f"; {res['rerun_warnings'][0]}" if res["rerun_warnings"] else "")
                       if rc == 0 else f"rerun exited {rc}: {out[-600:]}")
     return res
 
@@ -366,8 +378,6 @@ def s3_endpoint():
 
 
 def _s3_trial(kind: str, workdir: Path, trial: int, rng: random.Random, fault: bool, total: int = 12) -> dict:
-    import ray
-
     from dncut.train import build_trainer, intact_checkpoints, run_dir, STATE_FILE
 
     server, client, images = s3_endpoint()  # first: Ray workers inherit the credentials set here
@@ -397,12 +407,19 @@ def _s3_trial(kind: str, workdir: Path, trial: int, rng: random.Random, fault: b
             else:  # the step before a checkpoint: the outage covers its upload
                 target = rng.choice([k - 1 for k in range(2 * CKPT_EVERY, total, CKPT_EVERY)])
                 wait_for(lambda: last_step(read_events(events)) >= target, 300, f"step {target}", thread.is_alive)
+            log_size = os.path.getsize(server.log_path)
             os.kill(server.process.pid, signal.SIGSTOP)
             stopped = True
             res["outage_after_step"] = target
             time.sleep(OUTAGE_S)
             os.kill(server.process.pid, signal.SIGCONT)
             stopped = False
+            time.sleep(0.5)  # the requests that waited in the socket backlog are served first
+            with open(server.log_path, "rb") as handle:
+                handle.seek(log_size)
+                held = handle.read().decode(errors="replace").splitlines()
+            wanted = images.split("//")[1].split("/")[0] if kind == "s3_reads" else bucket
+            res["requests_held_by_outage"] = sum(wanted in line for line in held)
         thread.join(timeout=600)
     finally:
         if stopped:
@@ -437,6 +454,7 @@ def _s3_trial(kind: str, workdir: Path, trial: int, rng: random.Random, fault: b
         res["survived"] = res["steps_lost"] <= CKPT_EVERY
         res["message"] = ("clean run" if not fault else
                           f"endpoint stopped {OUTAGE_S:.0f} s after step {res['outage_after_step']}; "
+                          + f"{res.get('requests_held_by_outage')} requests to it held until it came back; "
                           + (f"{res['failures']} worker failure(s) ({'; '.join(errors)[:300]}), restarted from "
                              f"checkpoint {ckpt}; " if res["failures"] else "retried in place; ")
                           + f"finished at {final}")
@@ -449,12 +467,12 @@ def _s3_trial(kind: str, workdir: Path, trial: int, rng: random.Random, fault: b
     return res
 
 
-def trial_s3_reads(workdir: Path, trial: int, rng: random.Random, fault: bool = True) -> dict:
-    return _s3_trial("s3_reads", workdir, trial, rng, fault)
+def trial_s3_reads(workdir: Path, trial: int, rng: random.Random, fault: bool = True, total: int = 12) -> dict:
+    return _s3_trial("s3_reads", workdir, trial, rng, fault, total)
 
 
-def trial_s3_uploads(workdir: Path, trial: int, rng: random.Random, fault: bool = True) -> dict:
-    return _s3_trial("s3_uploads", workdir, trial, rng, fault)
+def trial_s3_uploads(workdir: Path, trial: int, rng: random.Random, fault: bool = True, total: int = 12) -> dict:
+    return _s3_trial("s3_uploads", workdir, trial, rng, fault, total)
 
 
 # ----------------------------------------------------------------------------- broken checkpoints
@@ -525,57 +543,100 @@ def trial_ckpt_delete(workdir: Path, trial: int, rng: random.Random, fault: bool
 # ============================================================================= evaluation
 
 
-def trial_eval_actor_kill(workdir: Path, trial: int, rng: random.Random, fault: bool = True, n_images: int = 48) -> dict:
-    """SIGKILL the inference actor at a random moment; count rows per (image, method) in per_image.parquet."""
+def _eval_job(cfg, kill: bool, rng: random.Random) -> dict:
+    """Run the evaluation job in a thread, SIGKILLing its inference actor a random moment after it started
+    when ``kill``; returns ``{table (pandas, per_image.parquet) or None, error, killed_after_s, wall_s}``."""
     import pyarrow.parquet as pq
     import ray
 
-    from dncut.config import load_config
     from dncut.eval.batch import run_evaluation
 
-    ensure_ray()
-    cfg = load_config(EVAL_SMOKE, [f"output_dir={workdir / 'eval'}", "run_name=ek", f"eval.datasets.0.limit={n_images}",
-                                   "eval.examples=0"])
-    res = _result("eval_actor_kill", trial, images=n_images)
     job = ray.get_runtime_context().get_job_id()
     start = time.monotonic()
     thread, outcome = run_in_thread(lambda: run_evaluation(cfg))
-    if fault:
+    killed = None
+    if kill:
         actors = wait_for(lambda: {k: a for k, a in live_actors("MapWorker").items()
                                    if a["JobID"] == job and "NCutPredictor" in a["ActorClassName"]},
                           300, "the inference actor", thread.is_alive)
-        delay = rng.uniform(0.5, 4.0)
-        time.sleep(delay)
+        time.sleep(rng.uniform(0.2, 2.5))  # the actor loads its model, then takes batches: somewhere in between
         if thread.is_alive():
-            pid = next(iter(actors.values()))["Pid"]
-            sigkill(pid, "MapWorker")
-            res["killed_after_s"] = round(time.monotonic() - start, 2)
-        else:
-            res["killed_after_s"] = None
-    thread.join(timeout=600)
-    res["wall_s"] = round(time.monotonic() - start, 2)
-    err = outcome.get("error") or (None if not thread.is_alive() else TimeoutError("the job did not end in 600 s"))
-    files = list((workdir / "eval").rglob("per_image.parquet"))
-    methods = list(cfg.eval.methods)
-    if err is None and files:
-        table = pq.read_table(files[0]).to_pandas()
-        counts = table.groupby(["image_id", "method"]).size()
-        ids = set(table["image_id"])
-        per_method = {m: set(table.loc[table["method"] == m, "image_id"]) for m in methods}
-        missing = sum(n_images - len(per_method[m]) for m in methods)
-        duplicated = int((counts - 1).clip(lower=0).sum())
-        failed = int((table["status"] != "ok").sum()) if "status" in table else 0
-        res.update(rows=len(table), images_seen=len(ids), duplicated_rows=duplicated, failed_rows=failed,
-                   rows_lost=missing + duplicated)
-        res["outcome"] = "finished"
-        res["survived"] = res["rows_lost"] == 0 and failed == 0 and (not fault or res["killed_after_s"] is not None)
-        res["message"] = ("clean run" if not fault else
-                          f"actor killed {res['killed_after_s']} s into the job; {len(table)} rows for {n_images} images "
-                          f"x {len(methods)} methods, {missing} missing, {duplicated} duplicated, {failed} failed")
-    else:
+            sigkill(next(iter(actors.values()))["Pid"], "MapWorker")
+            killed = round(time.monotonic() - start, 2)
+    thread.join(timeout=240)  # a clean job of 160 images: ~20 s
+    wall = round(time.monotonic() - start, 2)
+    err = outcome.get("error") or (None if not thread.is_alive() else TimeoutError("the job did not end in 240 s"))
+    files = list(Path(cfg.output_dir).rglob(f"{cfg.run_name}/**/per_image.parquet"))
+    table = pq.read_table(files[0]).to_pandas() if err is None and files else None
+    return {"table": table, "error": err, "killed_after_s": killed, "wall_s": wall}
+
+
+def trial_eval_actor_kill(workdir: Path, trial: int, rng: random.Random, fault: bool = True, n_images: int = 160,
+                          random_weights: bool = False) -> dict:
+    """SIGKILL the inference actor at a random moment; count rows per (image, method) in per_image.parquet and
+    compare every row with a clean run of the same job (status, IoU).
+
+    The backbone is vit_tiny_test with fixed weights from a checkpoint file, as a real evaluation has
+    (pretrained or finetuned). ``random_weights``: the smoke config as it is (``pretrained: false``, no
+    checkpoint): every actor process draws its own random weights (torch seeds itself from the OS), so a
+    restarted actor is another model and the rows after the restart differ from a clean run."""
+    import numpy as np
+    import torch
+
+    from dncut.backbones import create_backbone, export_backbone
+    from dncut.config import load_config
+
+    ensure_ray()
+    weights = []
+    if not random_weights:
+        ckpt = workdir / "vit_tiny_test.pth"
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            export_backbone(create_backbone("vit_tiny_test", pretrained=False), str(ckpt), None)
+        weights = [f"eval.checkpoints=[{ckpt}]"]
+
+    def config(name: str):
+        return load_config(EVAL_SMOKE, [f"output_dir={workdir / 'eval'}", f"run_name={name}",
+                                        f"eval.datasets.0.limit={n_images}", "eval.examples=0", *weights])
+
+    kind = "eval_actor_kill_random_weights" if random_weights else "eval_actor_kill"
+    res = _result(kind, trial, images=n_images)
+    clean = _eval_job(config("clean"), False, rng) if fault else None
+    run = _eval_job(config("killed"), fault, rng)
+    res.update(wall_s=run["wall_s"], killed_after_s=run["killed_after_s"])
+    methods = list(config("x").eval.methods)
+    table = run["table"]
+    if table is None:
+        err = run["error"]
         res.update(outcome="failed", rows_lost=n_images * len(methods),
                    message=f"{type(err).__name__}: {str(err)[:600]}" if err else "no per_image.parquet")
+        return res
+    counts = table.groupby(["image_id", "method"]).size()
+    per_method = {m: set(table.loc[table["method"] == m, "image_id"]) for m in methods}
+    missing = sum(n_images - len(per_method[m]) for m in methods)
+    duplicated = int((counts - 1).clip(lower=0).sum())
+    failed = int((table["status"] != "ok").sum())
+    changed = 0
+    if clean is not None and clean["table"] is not None:
+        a = table.drop_duplicates(["image_id", "method"]).set_index(["image_id", "method"])
+        b = clean["table"].set_index(["image_id", "method"]).reindex(a.index)
+        same_iou = np.isclose(a["iou"].astype(float), b["iou"].astype(float), rtol=0, atol=1e-6, equal_nan=True)
+        changed = int(((a["status"] != b["status"]) | ~same_iou).sum())
+        res["clean_failed_rows"] = int((clean["table"]["status"] != "ok").sum())
+        res["clean_wall_s"] = clean["wall_s"]
+    res.update(rows=len(table), duplicated_rows=duplicated, failed_rows=failed, rows_changed_vs_clean=changed,
+               failed_errors=sorted({f"{r.method}: {r.error}"[:200] for r in table.itertuples() if r.status != "ok"})[:3],
+               rows_lost=missing + duplicated, outcome="finished")
+    res["survived"] = res["rows_lost"] == 0 and changed == 0 and (not fault or res["killed_after_s"] is not None)
+    res["message"] = ("clean run" if not fault else
+                      f"actor killed {res['killed_after_s']} s into the job; {len(table)} rows for {n_images} images "
+                      f"x {len(methods)} methods: {missing} missing, {duplicated} duplicated, {changed} differing from "
+                      f"a clean run ({failed} failed rows, clean run: {res.get('clean_failed_rows')})")
     return res
+
+
+def trial_eval_actor_kill_random_weights(workdir: Path, trial: int, rng: random.Random, fault: bool = True) -> dict:
+    return trial_eval_actor_kill(workdir, trial, rng, fault, random_weights=True)
 
 
 # ============================================================================= sweep
@@ -621,14 +682,25 @@ def trial_sweep_worker_kill(workdir: Path, trial: int, rng: random.Random, fault
         return res
     rows = outcome["result"].rows
     res["trials"] = [{k: r.get(k) for k in ("trial_id", "alpha", "status", "final_step", "reason")} for r in rows]
+    for log_file in runs.rglob("runs/*/train.log"):  # the killed trial: "resumed from ... at step N" in its log
+        reached, resumed = 0, None
+        for line in log_file.read_text(errors="replace").splitlines():
+            if "resumed from" in line and "at step" in line and resumed is None:
+                resumed = int(line.split("at step")[1].split()[0])
+            elif resumed is None and " INFO: step " in line:
+                reached = max(reached, int(line.split(" INFO: step ")[1].split("/")[0]))
+        if resumed is not None:
+            res.update(killed_trial=log_file.parent.name, resumed_at=resumed, steps_lost=reached - resumed)
     done = [r for r in rows if r.get("status") == "TERMINATED" and r.get("final_step") == total]
     errored = [r for r in rows if r.get("status") == "ERROR"]
     res["outcome"] = "finished"
-    res["steps_lost"] = None
-    res["survived"] = len(rows) == 2 and (len(done) == 2 or (len(done) == 1 and errored and errored[0].get("reason")))
+    resumed_ok = not fault or (res.get("resumed_at") is not None and res["steps_lost"] <= CKPT_EVERY)
+    res["survived"] = len(rows) == 2 and ((len(done) == 2 and resumed_ok)
+                                          or (len(done) == 1 and bool(errored) and bool(errored[0].get("reason"))))
     res["message"] = ("clean run" if not fault else
-                      "; ".join(f"{r.get('trial_id')}: {r.get('status')} at step {r.get('final_step')}"
-                                + (f" ({str(r.get('reason'))[:200]})" if r.get("reason") else "") for r in rows))
+                      (f"trial {res.get('killed_trial', '?')} resumed at step {res.get('resumed_at')}; " if fault else "")
+                      + "; ".join(f"{r.get('trial_id')}: {r.get('status')} at step {r.get('final_step')}"
+                                  + (f" ({str(r.get('reason'))[:200]})" if r.get("reason") else "") for r in rows))
     return res
 
 
@@ -720,6 +792,7 @@ KINDS: dict[str, Callable[..., dict]] = {
     "ckpt_truncate": trial_ckpt_truncate,
     "ckpt_delete": trial_ckpt_delete,
     "eval_actor_kill": trial_eval_actor_kill,
+    "eval_actor_kill_random_weights": trial_eval_actor_kill_random_weights,
     "sweep_worker_kill": trial_sweep_worker_kill,
     "node_remove": trial_node_remove,
 }
@@ -788,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baseline", action="store_true", help="skip the clean run per kind")
     p.add_argument("--out", default=str(RESULTS), help="folder for chaos.json / chaos.md")
     p.add_argument("--keep", action="store_true", help="keep the trials' run folders")
+    p.add_argument("--merge", action="store_true", help="keep the other kinds' trials of an existing chaos.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for name in ("dncut", "ray"):
@@ -811,11 +885,19 @@ def main(argv: list[str] | None = None) -> int:
                      res["survived"], res["steps_lost"], res["rows_lost"], res["wall_s"] or -1, res["message"][:300])
     if "server" in _S3:
         _S3["server"].stop()
+    out = Path(args.out)
+    runs = [{"kinds": kinds, "seconds": round(time.monotonic() - t0, 1), "command": " ".join(sys.argv)}]
+    if args.merge and (out / "chaos.json").exists():
+        old = json.loads((out / "chaos.json").read_text())
+        trials = [t for t in old["trials"] if t["kind"] not in kinds] + trials
+        baselines = {**{r["kind"]: r["clean_wall_s"] for r in old["summary"] if r["kind"] not in kinds}, **baselines}
+        runs = old["meta"].get("runs", []) + runs
+    trials.sort(key=lambda t: list(KINDS).index(t["kind"]))
     summary = summarise(trials, baselines)
     meta = {"when": time.strftime("%Y-%m-%d %H:%M"), "host": f"{os.uname().nodename}, {os.cpu_count()} cores",
             "seed": args.seed, "total_s": round(time.monotonic() - t0, 1), "checkpoint_every": CKPT_EVERY,
-            "outage_s": OUTAGE_S, "command": " ".join(sys.argv)}
-    out = Path(args.out)
+            "outage_s": OUTAGE_S, "runs": runs}
+    meta["total_s"] = round(sum(r["seconds"] for r in runs), 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "chaos.json").write_text(json.dumps({"meta": meta, "summary": summary, "trials": trials}, indent=1,
                                                default=str))

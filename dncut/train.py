@@ -294,41 +294,84 @@ def intact_checkpoints(cfg: Config) -> dict[str, int]:
 
 
 def resume_step(cfg: Config) -> int:
-    """The step a rerun of ``run_dir`` resumes at: the newest intact checkpoint's ``progress.json`` (0 if none)."""
-    return max(intact_checkpoints(cfg).values(), default=0)
-
-
-def drop_broken_checkpoints(cfg: Config) -> None:
-    """Before a rerun: remove the checkpoints that are no longer intact (truncated, deleted) from Ray
-    Train's run snapshot, so that the run resumes from the newest intact one instead of failing on a
-    missing folder or an unreadable ``state.pt``; says which one it resumes from. The broken folders
-    stay where they are."""
-    s3 = s3_options(cfg)
-    uri = storage.join(run_dir(cfg), SNAPSHOT_FILE)
-    try:
-        snap = json.loads(storage.read_bytes(uri, s3))
-    except FileNotFoundError:
-        return
+    """The step a rerun of ``run_dir`` resumes at: that of the checkpoint Ray Train hands the workers, the
+    latest one of its run snapshot (or, if that one is broken, the newest intact one it lists; see
+    ``reconcile_checkpoints``). 0 without a snapshot: Ray Train then starts from scratch. A checkpoint
+    folder the snapshot does not list is not resumed from (``build_trainer`` adopts a newer intact one
+    into the snapshot first), so the data must not start after it either."""
+    snap = _read_snapshot(cfg)
+    if snap is None:
+        return 0
     intact = intact_checkpoints(cfg)
-    results = snap.get("checkpoint_results", [])
+    latest = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    if latest in intact:
+        return intact[latest]
+    return max((intact[r["checkpoint_dir_name"]] for r in snap.get("checkpoint_results", [])
+                if r["checkpoint_dir_name"] in intact), default=0)
+
+
+def _read_snapshot(cfg: Config) -> dict | None:
+    """Ray Train's ``checkpoint_manager_snapshot.json`` of the run (None if there is none)."""
+    try:
+        return json.loads(storage.read_bytes(storage.join(run_dir(cfg), SNAPSHOT_FILE), s3_options(cfg)))
+    except FileNotFoundError:
+        return None
+
+
+def reconcile_checkpoints(cfg: Config) -> None:
+    """Before a (re)run: make Ray Train's run snapshot agree with the checkpoint folders, so that the run
+    resumes from the newest intact checkpoint, and say which one that is.
+
+    * A listed checkpoint that is no longer intact (truncated ``state.pt``, deleted folder) is dropped:
+      Ray Train would fail on the missing folder or hand the workers an unreadable ``state.pt``.
+    * An intact checkpoint newer than every listed one is adopted: it was uploaded, but the driver died
+      before the controller registered it (that happens a poll interval after the upload).
+
+    The broken folders stay where they are."""
+    import ray
+
+    intact = intact_checkpoints(cfg)
+    snap = _read_snapshot(cfg)
+    if snap is None and not intact:
+        return
+    snap = snap or {"ray_version": ray.__version__, "checkpoint_results": [], "checkpoint_report_indices": [],
+                    "latest_checkpoint_result": None, "pending_training_results": [], "pending_validation_specs": [],
+                    "current_report_index": 0, "validated_checkpoint_dir_names": [],
+                    "timed_out_validation_checkpoint_dir_names": [], "failed_validation_checkpoint_dir_names": []}
+    results = snap["checkpoint_results"]
     good = [i for i, r in enumerate(results) if r["checkpoint_dir_name"] in intact]
     latest = snap.get("latest_checkpoint_result")
-    if len(good) == len(results) and (latest is None or latest["checkpoint_dir_name"] in intact):
-        return
     dropped = [r["checkpoint_dir_name"] for r in results if r["checkpoint_dir_name"] not in intact]
+    if latest is not None and latest["checkpoint_dir_name"] not in intact and latest["checkpoint_dir_name"] not in dropped:
+        dropped.append(latest["checkpoint_dir_name"])
+    newest = max(intact[r["checkpoint_dir_name"]] for r in (results[i] for i in good)) if good else -1
+    orphans = {n: k for n, k in intact.items() if k > newest and n not in {r["checkpoint_dir_name"] for r in results}}
+    if not dropped and not orphans:
+        return
     snap["checkpoint_results"] = [results[i] for i in good]
     snap["checkpoint_report_indices"] = [snap["checkpoint_report_indices"][i] for i in good]
-    pending = [(r, v) for r, v in zip(snap.get("pending_training_results", []), snap.get("pending_validation_specs", []))
+    pending = [(r, v) for r, v in zip(snap["pending_training_results"], snap["pending_validation_specs"])
                if r["checkpoint_dir_name"] in intact]
     snap["pending_training_results"], snap["pending_validation_specs"] = [p[0] for p in pending], [p[1] for p in pending]
     for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
                 "failed_validation_checkpoint_dir_names"):
-        snap[key] = [n for n in snap.get(key, []) if n in intact]
+        snap[key] = [n for n in snap[key] if n in intact]
+    adopted = max(orphans, key=orphans.get) if orphans else None
+    if adopted is not None:
+        from dncut.tracking import read_history
+
+        metrics = next((m for m in reversed(read_history(run_dir(cfg), s3_options(cfg)))
+                        if m.get("step") == orphans[adopted]), {"step": orphans[adopted]})
+        snap["checkpoint_results"].append({"checkpoint_dir_name": adopted, "metrics": metrics})
+        snap["checkpoint_report_indices"].append(snap["current_report_index"])
+        snap["current_report_index"] += 1
     kept = snap["checkpoint_results"]
     snap["latest_checkpoint_result"] = max(kept, key=lambda r: intact[r["checkpoint_dir_name"]]) if kept else None
-    storage.write_bytes(uri, json.dumps(snap).encode(), s3)
+    storage.write_bytes(storage.join(run_dir(cfg), SNAPSHOT_FILE), json.dumps(snap).encode(), s3_options(cfg))
     new = snap["latest_checkpoint_result"]
-    log.warning("run %s: dropped the incomplete checkpoint(s) %s; resuming from %s", run_dir(cfg), ", ".join(dropped),
+    log.warning("run %s:%s%s resuming from %s", run_dir(cfg),
+                f" dropped the incomplete checkpoint(s) {', '.join(dropped)};" if dropped else "",
+                f" adopted {adopted}, uploaded but not registered when the last run stopped;" if adopted else "",
                 f"{new['checkpoint_dir_name']} (step {intact[new['checkpoint_dir_name']]})" if new else
                 "the start (no intact checkpoint left)")
 
@@ -575,7 +618,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     if cfg.data.val is not None:  # a validation folder without masks fails here, before any worker
         saliency_dataset("folder", cfg.data.val, s3_options(cfg))
     total = cfg.train.total_steps(len(uris))
-    drop_broken_checkpoints(cfg)
+    reconcile_checkpoints(cfg)
     start = min(resume_step(cfg), total)  # a rerun continues the seeded row stream where it stopped
     ds = train_dataset(cfg, uris, total, start)
     storage.write_bytes(storage.join(run_dir(cfg), CONFIG_FILE), cfg.to_yaml().encode(), s3_options(cfg))

@@ -120,20 +120,39 @@ def test_train_checkpoint_resume_and_export(ray_session, tmp_path):
 
 
 def test_resume_step_reads_the_newest_checkpoint_and_skips_a_broken_one(tmp_path, caplog):
-    """The step a rerun's rows start at: the largest readable progress.json of a checkpoint folder;
-    a truncated one is ignored with a warning, a missing run folder means step 0."""
-    from dncut.train import PROGRESS_FILE, resume_step, run_dir
+    """The step a rerun's rows start at: that of the checkpoint Ray Train resumes from, the latest of
+    its run snapshot; a broken latest one (truncated progress.json, state.pt shorter than recorded)
+    is skipped with a warning for the newest intact one the snapshot lists; a checkpoint folder the
+    snapshot does not list (uploaded, then the driver died) is not resumed from; no snapshot = 0."""
+    from dncut.train import PROGRESS_FILE, SNAPSHOT_FILE, STATE_FILE, resume_step, run_dir
 
     cfg = smoke_config(tmp_path)
     assert resume_step(cfg) == 0
     run = Path(run_dir(cfg))
-    for name, text in (("checkpoint_a", '{"step": 2}'), ("checkpoint_b", '{"step": 4}'), ("checkpoint_c", '{"st')):
+    for name, text in (("checkpoint_a", '{"step": 2}'), ("checkpoint_b", '{"step": 4, "state_bytes": 3}'),
+                       ("checkpoint_c", '{"st'), ("checkpoint_d", '{"step": 6, "state_bytes": 5}'),
+                       ("checkpoint_e", '{"step": 8}')):
         (run / name).mkdir(parents=True)
         (run / name / PROGRESS_FILE).write_text(text)
+    (run / "checkpoint_b" / STATE_FILE).write_bytes(b"abc")
+    (run / "checkpoint_d" / STATE_FILE).write_bytes(b"ab")  # truncated: 2 of 5 bytes
     (run / PROGRESS_FILE).write_text('{"step": 99}')  # not in a checkpoint folder: not counted
-    with caplog.at_level("WARNING", logger="dncut.train"):
-        assert resume_step(cfg) == 4
-    assert "checkpoint_c" in caplog.text
+    assert resume_step(cfg) == 0, "no snapshot: Ray Train starts from scratch"
+
+    def snapshot(latest: str) -> None:
+        results = [{"checkpoint_dir_name": n, "metrics": {}} for n in ("checkpoint_a", "checkpoint_b", "checkpoint_c",
+                                                                        "checkpoint_d")]
+        (run / SNAPSHOT_FILE).write_text(json.dumps({"checkpoint_results": results, "latest_checkpoint_result":
+                                                     {"checkpoint_dir_name": latest, "metrics": {}}}))
+
+    snapshot("checkpoint_b")
+    assert resume_step(cfg) == 4
+    for broken in ("checkpoint_c", "checkpoint_d"):
+        snapshot(broken)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="dncut.train"):
+            assert resume_step(cfg) == 4  # not 6 (d: truncated state.pt), not 8 (e: not in the snapshot)
+        assert "checkpoint_c" in caplog.text and "checkpoint_d: state.pt holds 2 of 5 bytes" in caplog.text
 
 
 @pytest.mark.ray
