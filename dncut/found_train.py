@@ -42,7 +42,7 @@ from dncut.data.pipeline import decode_failure, found_dataset, s3_options, sourc
 from dncut.eval.found import (FoundHead, HeadInfo, found_loss, pseudo_masks, refine_targets, save_head,
                               upsample_logits)
 from dncut.tracking import ProgressBar, Tracker
-from dncut.train import (CONFIG_FILE, PROGRESS_FILE, STATE_FILE, _batches, _setup_worker, drop_broken_checkpoints,
+from dncut.train import (CONFIG_FILE, PROGRESS_FILE, STATE_FILE, _batches, _setup_worker, reconcile_checkpoints,
                          resume_step, run_config, run_dir, with_absolute_output)
 
 log = logging.getLogger("dncut.found")
@@ -207,7 +207,7 @@ def build_found_trainer(cfg: Config):
                           f"scaling.num_workers={cfg.scaling.num_workers}")
     cfg = with_absolute_output(cfg).with_overrides({"train.keep_checkpoints_by": "newest"})
     uris = source_uris(cfg)
-    drop_broken_checkpoints(cfg)  # a truncated / deleted newest checkpoint: resume from the one before
+    reconcile_checkpoints(cfg)  # a truncated / deleted newest checkpoint: resume from the one before
     start = min(resume_step(cfg), cfg.found.steps)
     storage.write_bytes(storage.join(run_dir(cfg), CONFIG_FILE), cfg.to_yaml().encode(), s3_options(cfg))
     sc = cfg.scaling
