@@ -387,17 +387,10 @@ class Config(_Section):
     @model_validator(mode="after")
     def _check_crop_stride(self) -> Config:
         stride = spec(self.model.backbone).stride
-        if self.data.crop_size % stride:
-            raise ValueError(f"data.crop_size={self.data.crop_size} must be a multiple of the {self.model.backbone} "
-                             f"stride {stride} (e.g. {max(stride, self.data.crop_size // stride * stride)})")
-        return self
-
-    @model_validator(mode="after")
-    def _check_found_crop(self) -> Config:
-        stride = spec(self.model.backbone).stride
-        if self.found.crop_size % stride:
-            raise ValueError(f"found.crop_size={self.found.crop_size} must be a multiple of the {self.model.backbone} "
-                             f"stride {stride}")
+        for key, size in (("data.crop_size", self.data.crop_size), ("found.crop_size", self.found.crop_size)):
+            if size % stride:
+                raise ValueError(f"{key}={size} must be a multiple of the {self.model.backbone} stride {stride} "
+                                 f"(e.g. {max(stride, size // stride * stride)})")
         return self
 
     @model_validator(mode="after")
