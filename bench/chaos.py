@@ -151,6 +151,7 @@ def live_actors(class_part: str) -> dict[str, dict]:
 
 def sigkill(pid: int, title_part: str) -> None:
     """SIGKILL ``pid`` after checking that its process title names ``title_part``."""
+    import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path)
     import psutil
 
     title = " ".join(psutil.Process(pid).cmdline())
@@ -284,6 +285,7 @@ def _max_history_step(run: Path) -> int:
 
 def trial_driver_kill(workdir: Path, trial: int, rng: random.Random, fault: bool = True, total: int = 12) -> dict:
     """``dncut train`` as a subprocess (its own local Ray), SIGKILLed at a random step, then run again."""
+    import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path)
     import psutil
 
     from dncut.train import run_dir

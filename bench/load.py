@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path)
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]

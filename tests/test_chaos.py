@@ -8,8 +8,9 @@ test and ``python bench/chaos.py`` (the repeated trials, the table) run the same
                             trained twice <= checkpoint_every
     newest checkpoint       state.pt truncated before a continued run: resumes from the previous
     truncated               intact checkpoint and says so (a dncut.train WARNING)
-    eval actor SIGKILL      the inference actor killed mid-job: every image has exactly one row per
-                            method in per_image.parquet, none failed
+    eval actor SIGKILL      the inference actor killed mid-job (fixed weights from a file): every
+                            image has exactly one row per method in per_image.parquet, each with the
+                            status and IoU of a clean run of the same job
     driver SIGKILL + rerun  ``python -m dncut.cli train`` killed at a random step, run again: resumes
                             from the newest checkpoint (the worker log says so) and finishes
 
@@ -17,6 +18,7 @@ In-process trials use the session Ray (``ray_session``); the driver trial runs `
 subprocess that starts its own local Ray (a second cluster on free ports; the session one, if any,
 stays up and idle), as ``tests/test_jobs.py`` does with its own ``ray start``.
 
+``test_reconcile_checkpoints...`` checks the snapshot repair on hand-made run folders (no Ray).
 The other kinds (deleted checkpoint, S3 endpoint stopped during reads / uploads, a sweep trial's
 worker, a node of a two-node cluster) take a minute or more each: ``python bench/chaos.py --kinds ...``.
 """
