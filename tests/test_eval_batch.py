@@ -388,3 +388,23 @@ def test_summary_order_and_labels_follow_the_evaluation():
     assert order == [(None, m) for m in methods] + [("/runs/ft_seed0/backbone.pth", m) for m in methods]
     table = format_table(acc.summary())
     assert "| simple · pretrained |" in table and "| simple · ft_seed0 |" in table
+
+
+def test_randomly_initialised_backbones_are_the_same_network_in_every_actor():
+    """pretrained: false without a checkpoint: two actors (or one Ray restarts) build identical weights,
+    whatever the process's torch RNG state."""
+    import torch
+
+    from dncut.eval.batch import NCutPredictor
+
+    torch.manual_seed(1)
+    first = NCutPredictor("vit_tiny_test", None, False, ["simple"], solver="eigh").predictor.backbone
+    torch.manual_seed(2)
+    second = NCutPredictor("vit_tiny_test", None, False, ["simple"], solver="eigh").predictor.backbone
+    a, b = first.state_dict(), second.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(3)
+    expected = torch.rand(1)
+    torch.manual_seed(3)
+    NCutPredictor("vit_tiny_test", None, False, ["simple"], solver="eigh")
+    assert torch.equal(torch.rand(1), expected)  # the caller's RNG is left alone

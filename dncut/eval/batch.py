@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 DISCOVERY_KINDS = ("voc07", "voc12", "coco20k", "coco")
 SCENE_SEED = 1_000_000  # held-out generated scenes (training uses seeds 0..num_scenes-1)
 SCENE_SIZE = 224  # side of a held-out generated scene, px
+RANDOM_INIT_SEED = 0  # torch seed of randomly initialised backbones in the actors (_load_backbone)
 _NAN4 = np.full(4, np.nan)
 BackboneFactory = Callable[..., Any]
 """``(name, *, pretrained, checkpoint) -> nn.Module`` (RGB (B, 3, H, W), uint8 or float in [0, 1]
@@ -377,13 +378,20 @@ def _cpu_split(num_actors: int) -> tuple[float, float, float]:
 
 def _load_backbone(factory: BackboneFactory | None, backbone: str, pretrained: bool, checkpoint: str | None,
                    s3: storage.S3Options | None = None):
-    """Build the backbone in an actor, with a message naming what failed."""
-    try:
-        if factory is not None:
-            return factory(backbone, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint)
-        from dncut.backbones import create_backbone
+    """Build the backbone in an actor, with a message naming what failed. Weights that are neither
+    pretrained nor loaded (random init: tests, smoke runs) are drawn from torch seed
+    ``RANDOM_INIT_SEED``, so every actor, and an actor Ray restarts, holds the same network."""
+    import torch
 
-        return create_backbone(backbone, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint, s3=s3)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            if factory is not None:
+                return factory(backbone, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint)
+            from dncut.backbones import create_backbone
+
+            return create_backbone(backbone, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint,
+                                   s3=s3)
     except Exception as exc:
         raise RuntimeError(f"cannot build backbone {backbone!r} with checkpoint {checkpoint!r} "
                            f"(pretrained={pretrained}): {exc}") from exc
