@@ -129,6 +129,10 @@ def test_head_file_round_trip_and_clear_errors():
     x = torch.randn(2, 6, 3, 5)
     expected = torch.einsum("bchw,c->bhw", x, head.conv.weight[0, :, 0, 0]) + head.conv.bias
     assert torch.allclose(loaded(x), expected, atol=1e-5)
+    with torch.no_grad():
+        head.conv.bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match="diverged.safetensors: the FOUND head has non-finite weights"):
+        load_head(save_head(head, HeadInfo("vit_tiny_test", "", 6, 40)), "diverged.safetensors")
     with pytest.raises(ValueError, match="junk.bin: not a safetensors FOUND head"):
         load_head(b"not a file", "junk.bin")
     from safetensors.torch import save

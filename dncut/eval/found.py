@@ -26,7 +26,6 @@ so the evaluation job pairs each (backbone, checkpoint) with its own head.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 
@@ -140,7 +139,7 @@ def load_head(data: bytes, source: str = "<memory>") -> tuple[FoundHead, HeadInf
     """Safetensors bytes from :func:`save_head` -> ``(head in eval mode, info)``.
 
     Raises:
-        ValueError: not a FOUND head file (names ``source``).
+        ValueError: not a FOUND head file, or non-finite weights (names ``source``).
     """
     from safetensors.torch import load
 
@@ -153,6 +152,8 @@ def load_head(data: bytes, source: str = "<memory>") -> tuple[FoundHead, HeadInf
         raise ValueError(f"{source}: not a FOUND head (format {meta.get('format')!r}, tensors {sorted(tensors)}); "
                          "make one with `dncut found-train`")
     info = HeadInfo(meta["backbone"], meta.get("checkpoint", ""), int(meta["channels"]), int(meta.get("steps", 0)))
+    if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+        raise ValueError(f"{source}: the FOUND head has non-finite weights (its training diverged)")
     head = FoundHead(info.channels)
     head.conv.load_state_dict(tensors)
     return head.eval(), info
@@ -226,9 +227,3 @@ def refine_targets(images: np.ndarray, masks: np.ndarray, min_iou: float = 0.5) 
 def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
     """``(B, h, w) -> (B, H, W)`` bilinear (align_corners=False), FOUND's upsampling."""
     return F.interpolate(logits.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
-
-
-def check_finite_head(head: FoundHead, source: str) -> None:
-    """Raise ValueError when a head's weights are not finite (a diverged run)."""
-    if not all(math.isfinite(float(v)) for p in head.parameters() for v in p.detach().flatten()):
-        raise ValueError(f"{source}: the FOUND head has non-finite weights (the run diverged)")
