@@ -10,7 +10,9 @@
 #      (its data stage: CPU pairs/s per core, and the CPU cores per GPU they imply);
 #   4. bench/ingest.py --parts gpu_aug --device cuda: the device augmentation of 256 pairs.
 # Run it with timeout_s 420 (the device tool), then give the machine back.
-# Usage: bash bench/gpu_check.sh        JSON goes to $OUT (if set) else bench/results/.
+# Steps run in the order 4, 3, 2, 1 (the data-path figures first: they are the shortest).
+# Usage: [IMAGES=folder-of-jpegs] bash bench/gpu_check.sh    JSON goes to $OUT (if set) else bench/results/.
+#   IMAGES: real photos for steps 3 and 4 (generated scenes otherwise).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-bench/results}"
@@ -18,6 +20,21 @@ mkdir -p "$OUT_DIR"
 if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+echo "=== 4. bench/ingest.py --parts gpu_aug --device cuda: DINO photometric augmentation of 256 pairs (target <= 10 ms) ==="
+timeout 120 "$PY" bench/ingest.py --parts gpu_aug --device cuda ${IMAGES:+--images "$IMAGES"} --out "$OUT_DIR/ingest_gpu_aug.json" \
+    | grep -E '"(ms_median|device)"' | head -3
+echo "ingest exit code: $?"
+
+echo "=== 3. bench/train_step.py --device cuda --solver lobpcg (ViT-S/16, batch 256): NCut share ==="
+timeout 150 "$PY" bench/train_step.py --device cuda --solver lobpcg ${IMAGES:+--images "$IMAGES"} --out "$OUT_DIR/train_step_cuda_lobpcg.json" \
+    | grep -E '"(ncut_share|ncut_ms|step)"' | head -5
+echo "train_step exit code: $?"
+
+echo "=== 2. bench/ncut_layer.py --device cuda ==="
+timeout 200 "$PY" bench/ncut_layer.py --device cuda --sizes 512x196 128x784 --repeats 10 --max-seconds 3 \
+    --out "$OUT_DIR/ncut_layer_cuda.json" | grep '^{"B"'
+echo "bench exit code: $?"
 
 echo "=== 1. lobpcg vs eigh on CUDA ==="
 timeout 200 "$PY" - "$OUT_DIR/lobpcg_check_cuda.json" <<'PYEOF'
@@ -184,18 +201,3 @@ print("\n".join(table.splitlines()[-2:]))  # self CPU / CUDA totals; the tables 
 json.dump(report, open(sys.argv[1], "w"), indent=2)
 PYEOF
 echo "check exit code: $?"
-
-echo "=== 2. bench/ncut_layer.py --device cuda ==="
-timeout 200 "$PY" bench/ncut_layer.py --device cuda --sizes 512x196 128x784 --repeats 10 --max-seconds 3 \
-    --out "$OUT_DIR/ncut_layer_cuda.json" | grep '^{"B"'
-echo "bench exit code: $?"
-
-echo "=== 3. bench/train_step.py --device cuda --solver lobpcg (ViT-S/16, batch 256): NCut share ==="
-timeout 150 "$PY" bench/train_step.py --device cuda --solver lobpcg --out "$OUT_DIR/train_step_cuda_lobpcg.json" \
-    | grep -E '"(ncut_share|ncut_ms|step)"' | head -5
-echo "train_step exit code: $?"
-
-echo "=== 4. bench/ingest.py --parts gpu_aug --device cuda: DINO photometric augmentation of 256 pairs (target <= 10 ms) ==="
-timeout 120 "$PY" bench/ingest.py --parts gpu_aug --device cuda --out "$OUT_DIR/ingest_gpu_aug.json" \
-    | grep -E '"(ms_median|device)"' | head -3
-echo "ingest exit code: $?"

@@ -360,7 +360,9 @@ def sample_views(folder: str, names: list[str], crop_size: int, count: int) -> d
     return {"view1": torch.from_numpy(np.stack([made[i]["view1"] for i in index])),  # (B, 3, S, S) uint8
             "view2": torch.from_numpy(np.stack([made[i]["view2"] for i in index])),
             "aug1": torch.from_numpy(np.stack([ph.sample_params(rng, 0) for _ in index])),  # (B, 13)
-            "aug2": torch.from_numpy(np.stack([ph.sample_params(rng, 1) for _ in index]))}
+            "aug2": torch.from_numpy(np.stack([ph.sample_params(rng, 1) for _ in index])),
+            "box1": torch.zeros(count, 4), "box2": torch.zeros(count, 4),  # model_inputs passes them on
+            "flip1": torch.zeros(count, dtype=torch.bool), "flip2": torch.zeros(count, dtype=torch.bool)}
 
 
 def _sync(device: torch.device) -> None:
@@ -368,8 +370,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def op_times(batch: dict[str, torch.Tensor], device: torch.device, repeats: int) -> dict[str, float]:
+    """Median ms of each photometric operation on all 2 x 256 views at once (where the time goes),
+    and of moving a quarter of them out and back (index_select + index_copy_)."""
+    from dncut import photometric as ph
+
+    x = torch.cat([batch["view1"], batch["view2"]]).float().div_(255)  # (512, 3, S, S)
+    f = torch.full((len(x),), 1.2, device=device)
+    idx = torch.arange(0, len(x), 4, device=device)
+    ops = {**{f"blend_{name}": (lambda k=k: ph.blend(x, torch.full((len(x),), k, device=device), f))
+              for k, name in enumerate(("brightness", "contrast", "saturation"))},
+           "hue": lambda: ph.hue(x, f - 1.15),
+           "gray": lambda: ph._gray(x).expand_as(x).contiguous(), "blur": lambda: ph.gaussian_blur(x, f),
+           "solarize": lambda: ph.solarize(x), "quarter_select_copy": lambda: x.clone().index_copy_(0, idx, x.index_select(0, idx))}
+    out = {}
+    for name, op in ops.items():
+        times = []
+        for i in range(2 + repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            op()
+            _sync(device)
+            if i >= 2:
+                times.append(1e3 * (time.perf_counter() - t0))
+        out[name] = median(times, 3)
+    return out
+
+
 def gpu_aug_part(args: argparse.Namespace, folder: str, names: list[str]) -> dict[str, Any]:
     from dncut import photometric as ph
+    from dncut.train import model_inputs
 
     note = None
     device = torch.device(args.device)
@@ -398,7 +428,7 @@ def gpu_aug_part(args: argparse.Namespace, folder: str, names: list[str]) -> dic
         for i in range(args.aug_warmup + args.aug_repeats):
             _sync(device)
             t0 = time.perf_counter()
-            views = [ph.apply(batch[f"view{v}"], batch[f"aug{v}"]) for v in (1, 2)]  # as model_inputs
+            views = model_inputs(batch)[:2]  # the training step's own call
             _sync(device)
             if i >= args.aug_warmup:
                 times.append(1e3 * (time.perf_counter() - t0))
@@ -410,7 +440,7 @@ def gpu_aug_part(args: argparse.Namespace, folder: str, names: list[str]) -> dic
     out: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "device_type": device.type, "note": note, "torch_threads": threads if device.type == "cpu" else None,
-        "pairs": AUG_BATCH, "calls": "two apply calls of 256 views each (view 1, view 2), as model_inputs",
+        "pairs": AUG_BATCH, "calls": "dncut.train.model_inputs: one apply call on both views (2 x 256)",
         "crop_size": args.crop_size, "warmup": args.aug_warmup, "repeats": args.aug_repeats,
         "ms_rounds": [round(t, 3) for t in times], "ms_median": ms, "ms_min": round(min(times), 3),
         "pairs_s": round(AUG_BATCH / (ms / 1e3), 1),
@@ -422,6 +452,8 @@ def gpu_aug_part(args: argparse.Namespace, folder: str, names: list[str]) -> dic
     }
     if h2d_ms:
         out["h2d_uint8_views_and_params_ms_median"] = median(h2d_ms, 3)
+    if device.type == "cuda":
+        out["op_ms_all_512_views"] = op_times(batch, device, args.aug_repeats)
     return out
 
 

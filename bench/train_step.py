@@ -28,8 +28,8 @@ worker spends per step on its device: augment .. optimizer. ``data`` and ``trans
 out (Ray Data decodes and crops in parallel CPU tasks, and its prefetch threads collate and copy,
 while the workers compute); ``step_with_data_ms`` adds them, as if done serially.
 
-CPU cores per GPU: ViewMaker does no torch work (PIL + numpy, one thread; ``data_cpu_per_wall``
-is the process CPU time over the wall time of the data phase, ~1), so the per-core rate is
+CPU cores per GPU: the data phase runs on one torch thread, as a Ray Data decode task does
+(``data_cpu_per_wall``, the process CPU time over the wall time of the data phase, ~1), so the per-core rate is
 ``cpu_pairs_per_s_per_core = B / data_s`` (median data phase). The GPU consumes ``B / step_s``
 pairs a second, so it needs ``cpu_cores_per_gpu = (B / step_s) / cpu_pairs_per_s_per_core`` cores
 of decode tasks (``data.decode_cpus = 1``); ``cpu_cores_per_gpu_for_batch_256`` is the same with
@@ -121,6 +121,19 @@ def folder_jpegs(folder: str, count: int) -> list[str]:
     if not names:
         raise SystemExit(f"--images {folder}: no JPEG files")
     return [os.path.join(folder, names[i % len(names)]) for i in range(count)]
+
+
+@contextmanager
+def one_thread():
+    """torch on one CPU thread, as in a Ray Data decode task (Ray sets ``OMP_NUM_THREADS`` to the
+    task's CPUs, at least 1): ViewMaker's decode and resize are torch ops, and intra-op threads would
+    spread one task's work over cores the per-core rate does not count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def sync(device: torch.device) -> None:
@@ -256,7 +269,7 @@ def run(args: argparse.Namespace) -> dict:
         for i in range(args.warmup + args.repeats):
             timer = Timer(device)
             cpu0 = time.process_time()
-            with timer("data"):
+            with timer("data"), one_thread():
                 pairs = make_pairs(maker, rows, epoch=i)  # a new epoch each step: fresh crops and parameters
             cpu_s = time.process_time() - cpu0
             with timer("transfer"):

@@ -44,6 +44,7 @@ SOLARIZE_THRESHOLD = 128 / 255  # PIL ImageOps.solarize(threshold=128): pixels >
 # one view's row: [jitter?, brightness, contrast, saturation, hue, order x4, grayscale?, blur?, sigma, solarize?]
 JITTER, FACTORS, ORDER, GRAY, BLUR, SIGMA, SOLARIZE = 0, slice(1, 5), slice(5, 9), 9, 10, 11, 12
 N_PARAMS = 13
+HUE = 3  # the hue's index among the jitter factors and in ORDER (brightness, contrast, saturation, hue)
 MAX_KERNEL = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1  # 13: every blur kernel fits, zero-padded
 
 
@@ -80,55 +81,46 @@ def identity_params(batch: int = 1) -> np.ndarray:
 
 def _gray(x: Tensor) -> Tensor:
     """ITU-R 601-2 luma (torchvision's ``rgb_to_grayscale``): (B, 3, H, W) -> (B, 1, H, W)."""
-    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    luma = torch.add(0.2989 * x[:, 0], x[:, 1], alpha=0.587)
+    return torch.add(luma, x[:, 2], alpha=0.114).unsqueeze(1)
 
 
-def _blend(a: Tensor, b: Tensor, ratio: Tensor) -> Tensor:
-    """``ratio * a + (1 - ratio) * b`` clamped to [0, 1]; ``ratio`` (B,)."""
-    r = ratio.view(-1, 1, 1, 1)
-    return (r * a + (1 - r) * b).clamp_(0, 1)
+def blend(x: Tensor, op: Tensor, factor: Tensor) -> Tensor:
+    """Brightness, contrast or saturation, each image its own, in one pass over the batch.
 
+    torchvision's three ops are one blend ``clamp(f x + (1 - f) base, 0, 1)`` with ``base`` black
+    (brightness), the image's mean luma (contrast) or its luma (saturation)::
 
-def brightness(x: Tensor, f: Tensor) -> Tensor:
-    return _blend(x, torch.zeros_like(x), f)
+        x (B, 3, H, W) in [0, 1], op (B,) long: 0 brightness, 1 contrast, 2 saturation, any other
+        value leaves the image unchanged; factor (B,) -> (B, 3, H, W)
 
-
-def contrast(x: Tensor, f: Tensor) -> Tensor:
-    return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), f)
-
-
-def saturation(x: Tensor, f: Tensor) -> Tensor:
-    return _blend(x, _gray(x), f)
+    ``torch.lerp(base, x, f)`` is ``x`` exactly at ``f = 1`` (the unchanged images).
+    """
+    gray = _gray(x)  # (B, 1, H, W)
+    m = op.view(-1, 1, 1, 1)
+    base = torch.where(m == 2, gray, gray.mean(dim=(2, 3), keepdim=True) * (m == 1))  # (B, 1, H, W)
+    f = torch.where((op >= 0) & (op <= 2), factor, torch.ones_like(factor)).view(-1, 1, 1, 1)
+    return torch.lerp(base, x, f).clamp_(0, 1)
 
 
 def hue(x: Tensor, f: Tensor) -> Tensor:
-    """Rotate the hue by ``f`` (B,) turns, in HSV (torchvision's ``adjust_hue``)."""
-    h, s, v = _rgb_to_hsv(x)
-    h = torch.remainder(h + f.view(-1, 1, 1), 1.0)
-    return _hsv_to_rgb(h, s, v)
+    """Rotate the hue by ``f`` (B,) turns (torchvision's ``adjust_hue``): (B, 3, H, W) -> (B, 3, H, W).
 
-
-def _rgb_to_hsv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(B, 3, H, W) RGB in [0, 1] -> hue, saturation, value, each (B, H, W), hue in [0, 1)."""
-    r, g, b = x.unbind(1)
-    maxc, minc = x.max(dim=1).values, x.min(dim=1).values
-    chroma = maxc - minc
-    safe_max = torch.where(maxc == 0, torch.ones_like(maxc), maxc)
-    safe_chroma = torch.where(chroma == 0, torch.ones_like(chroma), chroma)
-    s = chroma / safe_max
-    rc, gc, bc = (maxc - r) / safe_chroma, (maxc - g) / safe_chroma, (maxc - b) / safe_chroma
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(chroma == 0, torch.zeros_like(h), h)
-    return torch.remainder(h / 6.0, 1.0), s, maxc
-
-
-def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
-    """hue, saturation, value (B, H, W) -> (B, 3, H, W) RGB, elementwise: channel n in (5, 3, 1)
-    is ``v - v s clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + 6 h) mod 6`` (the closed form of the
-    six-sector table torchvision gathers from)."""
-    n = torch.tensor([5.0, 3.0, 1.0], device=h.device, dtype=h.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)  # (B, 3, H, W)
-    return v.unsqueeze(1) * (1.0 - s.unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
+    Closed form of torchvision's HSV round trip: with ``v = max``, chroma ``c = max - min`` and the
+    hue in sixths ``h6`` (``(g - b) / c``, ``2 + (b - r) / c`` or ``4 + (r - g) / c`` for a red,
+    green or blue maximum, first maximum wins as in torchvision), channel n of (r, g, b) is
+    ``v - c clamp(min(k, 4 - k), 0, 1)`` with ``k = (5 - 2n + h6 + 6 f) mod 6``; grey pixels
+    (``c = 0``) stay ``v``.
+    """
+    v, top = x.max(dim=1, keepdim=True)  # (B, 1, H, W) value, index of the first maximum
+    c = v - x.amin(dim=1, keepdim=True)  # (B, 1, H, W) chroma
+    after, before = x.gather(1, (top + 1) % 3), x.gather(1, (top + 2) % 3)  # (g, b) | (b, r) | (r, g)
+    h6 = (after - before) / c.clamp_min(torch.finfo(x.dtype).tiny) + 2.0 * top  # (B, 1, H, W) sixths
+    h6 += 6.0 * f.view(-1, 1, 1, 1)  # rotated
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1
+    k = torch.remainder(n + h6, 6.0)  # (B, 3, H, W)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)  # (B, 3, H, W)
+    return torch.addcmul(v, c, ramp, value=-1.0)  # v - c * ramp
 
 
 def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
@@ -152,23 +144,45 @@ def solarize(x: Tensor) -> Tensor:
     return torch.where(x >= SOLARIZE_THRESHOLD, 1.0 - x, x)
 
 
-_JITTER_OPS = (brightness, contrast, saturation, hue)
+def _subsets(rows: Tensor, device: torch.device) -> dict[int | str, Tensor]:
+    """The images each subset operation applies to, decided on the host from the ``(B, N_PARAMS)``
+    CPU rows: ``{slot: idx}`` for the hue in jitter slot 0..3, and ``"gray"``, ``"blur"``,
+    ``"solarize"``, each a ``(k,)`` long index on ``device`` (empty subsets left out). One pinned
+    host-to-device copy for all of them, so applying the batch needs no device-to-host sync (a
+    boolean mask on the device would need one per operation to size its result)."""
+    jitter, order = rows[:, JITTER] > 0.5, rows[:, ORDER].long()  # (B,), (B, 4)
+    masks: dict[int | str, Tensor] = {slot: jitter & (order[:, slot] == HUE) for slot in range(4)}
+    masks.update(gray=rows[:, GRAY] > 0.5, blur=rows[:, BLUR] > 0.5, solarize=rows[:, SOLARIZE] > 0.5)
+    found = {key: m.nonzero().flatten() for key, m in masks.items() if bool(m.any())}
+    if not found:
+        return {}
+    flat = torch.cat(list(found.values()))  # (total,) on the host
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    return dict(zip(found, flat.split([len(v) for v in found.values()])))
 
 
-def _where(mask: Tensor, op, x: Tensor, *args: Tensor) -> Tensor:
-    """``op`` on the images selected by ``mask`` (B,) bool, the others unchanged."""
-    if not bool(mask.any()):
-        return x
-    out = x.clone()
-    out[mask] = op(x[mask], *(a[mask] for a in args))
-    return out
+def _on(x: Tensor, idx: Tensor | None, op, *args: Tensor) -> None:
+    """``x[idx] = op(x[idx], *(a[idx] for a in args))`` in place; all of ``x`` when ``idx`` covers it."""
+    if idx is None:
+        return
+    if len(idx) == len(x):  # every image: no gather / scatter
+        x.copy_(op(x, *args))
+        return
+    x.index_copy_(0, idx, op(x.index_select(0, idx), *(a.index_select(0, idx) for a in args)))
 
 
 def apply(views: Tensor, params: Tensor) -> Tensor:
     """Augment a batch of views on their device.
 
+    Each jitter slot is one ``blend`` pass over the whole batch (brightness, contrast and
+    saturation; factor 1 elsewhere) and a ``hue`` on the images whose slot holds it. Grayscale,
+    blur and solarize run on their images only. Which images those are is read from ``params`` on
+    the host once (one small copy when they are on the device); the batch then runs with no host
+    syncs.
+
     Args:
-        views: ``(B, 3, S, S)`` RGB, uint8 or float in [0, 1].
+        views: ``(B, 3, S, S)`` RGB, uint8 or float in [0, 1]; not modified.
         params: ``(B, N_PARAMS)`` rows of ``sample_params`` (any device / float dtype).
 
     Returns:
@@ -180,12 +194,17 @@ def apply(views: Tensor, params: Tensor) -> Tensor:
     if views.ndim != 4 or views.shape[1] != 3 or params.shape != (views.shape[0], N_PARAMS):
         raise ValueError(f"expected views (B, 3, S, S) and params (B, {N_PARAMS}), got "
                          f"{tuple(views.shape)} and {tuple(params.shape)}")
-    x = views.float().div_(255.0) if views.dtype == torch.uint8 else views.float()  # (B, 3, S, S)
-    p = params.to(device=x.device, dtype=torch.float32)  # (B, N_PARAMS)
-    jitter, order = p[:, JITTER] > 0.5, p[:, ORDER].long()  # (B,), (B, 4)
+    # (B, 3, S, S) float32, our own copy (changed in place below); uint8 converted and scaled in one kernel
+    x = torch.div(views, 255.0) if views.dtype == torch.uint8 else views.to(torch.float32, copy=True)
+    p = params.to(device=x.device, dtype=torch.float32)  # (B, N_PARAMS) on the device
+    subsets = _subsets(params.detach().to("cpu", torch.float32), x.device)
+    factors = p[:, FACTORS]  # (B, 4)
+    slot_ops = torch.where(p[:, JITTER:JITTER + 1] > 0.5, p[:, ORDER], -1.0).long()  # (B, 4), -1: no jitter
     for slot in range(4):  # each image runs its four jitter operations in its own order
-        for k, op in enumerate(_JITTER_OPS):
-            x = _where(jitter & (order[:, slot] == k), op, x, p[:, FACTORS][:, k])
-    x = torch.where((p[:, GRAY] > 0.5).view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
-    x = _where(p[:, BLUR] > 0.5, gaussian_blur, x, p[:, SIGMA])
-    return torch.where((p[:, SOLARIZE] > 0.5).view(-1, 1, 1, 1), solarize(x), x)
+        op = slot_ops[:, slot]  # (B,)
+        x = blend(x, op, factors.gather(1, op.clamp(0, HUE).unsqueeze(1)).squeeze(1))
+        _on(x, subsets.get(slot), hue, factors[:, HUE])
+    _on(x, subsets.get("gray"), lambda v: _gray(v).expand_as(v))
+    _on(x, subsets.get("blur"), gaussian_blur, p[:, SIGMA])
+    _on(x, subsets.get("solarize"), solarize)
+    return x

@@ -402,8 +402,10 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """A batch of two-view rows (on the device) -> the model's arguments: both views photometrically
     augmented with their own parameters (``dncut.photometric.apply``: ``(b, 3, S, S)`` float in [0, 1];
     the backbone normalises), then the boxes and flips."""
-    views = [photometric.apply(batch[f"view{v}"], batch[f"aug{v}"]) for v in (1, 2)]
-    return [*views, *(batch[k] for k in ("box1", "box2", "flip1", "flip2"))]
+    b = batch["view1"].shape[0]
+    views = photometric.apply(torch.cat([batch["view1"], batch["view2"]]),  # (2b, 3, S, S): one call, half the launches
+                              torch.cat([batch["aug1"], batch["aug2"]]))  # (2b, N_PARAMS)
+    return [views[:b], views[b:], *(batch[k] for k in ("box1", "box2", "flip1", "flip2"))]
 
 
 def train_one_step(model, criterion: NCutLoss, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
@@ -567,9 +569,11 @@ def run_dir(cfg: Config) -> str:
 
 
 def with_absolute_output(cfg: Config) -> Config:
-    """Workers run in their own directories: make a local ``output_dir`` and ``model.checkpoint`` absolute."""
-    local = {k: v for k, v in (("output_dir", cfg.output_dir), ("model.checkpoint", cfg.model.checkpoint))
-             if v and not storage.is_s3(v)}
+    """Workers run in their own directories: make the local paths of a config absolute
+    (``output_dir``, ``model.checkpoint``, ``data.train``, ``data.val``; s3:// and null stay)."""
+    paths = (("output_dir", cfg.output_dir), ("model.checkpoint", cfg.model.checkpoint),
+             ("data.train", cfg.data.train), ("data.val", cfg.data.val))
+    local = {k: v for k, v in paths if v and not storage.is_s3(v)}
     return cfg.with_overrides({k: os.path.abspath(os.path.expanduser(v)) for k, v in local.items()}) if local else cfg
 
 

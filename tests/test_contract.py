@@ -108,14 +108,16 @@ def test_first_layer_sees_the_same_normalised_image_on_every_path(name: str, tmp
 
 
 @pytest.mark.ray
-def test_val_iou_equals_eval_saliency_on_the_same_weights(ray_session, tmp_path: Path):
+def test_val_iou_equals_eval_saliency_on_the_same_weights(ray_session, tmp_path: Path, monkeypatch):
     """The last training-time validation and ``dncut eval-saliency`` on the exported backbone score
-    the same images with the same weights: the same numbers."""
+    the same images with the same weights: the same numbers. ``data.val`` is given relative to the
+    driver's directory, as a user types it (the workers run elsewhere)."""
     from dncut.eval.batch import evaluate_saliency
     from dncut.train import EXPORT_FILE, fit, run_dir
 
     root = _folder(tmp_path / "val", 4)
-    cfg = load_config(SMOKE, [f"output_dir={tmp_path / 'runs'}", f"data.val={root}", "train.max_steps=2",
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(SMOKE, [f"output_dir={tmp_path / 'runs'}", "data.val=val", "train.max_steps=2",
                               "train.val_every=null", "train.checkpoint_every=2", "eval.batch_size=4"])
     metrics = fit(cfg).metrics
     summary = evaluate_saliency(str(root / "images"), str(root / "masks"), cfg.model.backbone,

@@ -77,6 +77,42 @@ def test_grayscale_blur_and_solarize_equal_torchvision():
         torch.testing.assert_close(sol[i], expected, atol=1e-6, rtol=0)
 
 
+def _torchvision_pipeline(image: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """One view through torchvision's per-image functional ops, as ``row`` says (the reference)."""
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    y = image.float() / 255
+    if row[ph.JITTER] > 0.5:
+        for k in row[ph.ORDER].long().tolist():
+            y = ops[k](y, float(row[ph.FACTORS][k]))
+    if row[ph.GRAY] > 0.5:
+        y = TF.rgb_to_grayscale(y, 3)
+    if row[ph.BLUR] > 0.5:
+        sigma = float(row[ph.SIGMA])
+        k = 2 * int(np.ceil(3 * sigma)) + 1
+        y = TF.gaussian_blur(y, [k, k], [sigma, sigma])
+    if row[ph.SOLARIZE] > 0.5:
+        y = torch.where(y >= ph.SOLARIZE_THRESHOLD, 1 - y, y)
+    return y
+
+
+@pytest.mark.parametrize("branch", [0, 1])
+def test_mixed_batch_equals_torchvision_per_image(branch):
+    """A batch where each image draws its own operations (DINO's law, both branches): every image
+    equals torchvision's ops applied to it alone, and the input batch is left unchanged."""
+    x = _images(24, seed=branch)
+    rng = np.random.default_rng(7 + branch)
+    params = torch.from_numpy(np.stack([ph.sample_params(rng, branch) for _ in range(24)]))
+    kept = x.clone()
+    out = ph.apply(x, params)
+    assert torch.equal(x, kept)
+    assert len({tuple(r.tolist()) for r in params[:, [ph.JITTER, ph.GRAY, ph.BLUR]] > 0.5}) > 2  # mixed subsets
+    for i in range(24):
+        torch.testing.assert_close(out[i], _torchvision_pipeline(x[i], params[i]), atol=2e-5, rtol=0)
+    floats = x.float() / 255
+    ph.apply(floats, params)
+    assert torch.equal(floats, kept.float() / 255)
+
+
 def test_identity_params_change_nothing_and_bad_shapes_are_refused():
     x = _images()
     torch.testing.assert_close(ph.apply(x, torch.from_numpy(ph.identity_params(6))), x.float() / 255)
