@@ -116,9 +116,9 @@ def test_val_iou_equals_eval_saliency_on_the_same_weights(ray_session, tmp_path:
     from dncut.train import EXPORT_FILE, fit, run_dir
 
     root = _folder(tmp_path / "val", 4)
-    monkeypatch.chdir(tmp_path)
     cfg = load_config(SMOKE, [f"output_dir={tmp_path / 'runs'}", "data.val=val", "train.max_steps=2",
                               "train.val_every=null", "train.checkpoint_every=2", "eval.batch_size=4"])
+    monkeypatch.chdir(tmp_path)
     metrics = fit(cfg).metrics
     summary = evaluate_saliency(str(root / "images"), str(root / "masks"), cfg.model.backbone,
                                 str(Path(run_dir(cfg)) / EXPORT_FILE), "simple", False, str(tmp_path / "eval"), cfg)
