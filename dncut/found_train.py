@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -42,8 +43,9 @@ from dncut.data.pipeline import decode_failure, found_dataset, s3_options, sourc
 from dncut.eval.found import (FoundHead, HeadInfo, found_loss, pseudo_masks, refine_targets, save_head,
                               upsample_logits)
 from dncut.tracking import ProgressBar, Tracker
-from dncut.train import (CONFIG_FILE, PROGRESS_FILE, STATE_FILE, _batches, _setup_worker, reconcile_checkpoints,
-                         resume_step, run_config, run_dir, with_absolute_output)
+from dncut.train import (CONFIG_FILE, PROGRESS_FILE, STATE_FILE, _all_reduce, _batches, _setup_worker,
+                         checkpoint_state, reconcile_checkpoints, resume_step, run_config, run_dir,
+                         with_absolute_output)
 
 log = logging.getLogger("dncut.found")
 
@@ -106,12 +108,23 @@ def _unwrap(head: torch.nn.Module) -> FoundHead:
 
 def train_found_step(backbone, head, optimizer, scheduler, batch: dict[str, torch.Tensor], state: dict,
                      cfg: Config) -> dict[str, float]:
-    """One FOUND step on a batch of rows (``view (b, 3, S, S)`` uint8, ``sigma (b,)``, ``ok``)."""
+    """One FOUND step on a batch of rows (``view (b, 3, S, S)`` uint8, ``sigma (b,)``, ``ok``).
+
+    A batch in which some worker has no decodable row is a step without an update on every worker
+    (DDP needs all or none; the step still counts, so the data and the schedule stay aligned): its
+    metrics are NaN and it is counted in ``empty_steps``."""
     ok = batch["ok"].bool()
     for row in batch["failure"][~ok]:
         uri, reason = decode_failure(row.cpu())
         state["skipped"] += 1
         log.warning("skipped %s: %s", uri, reason)
+    if _all_reduce([0.0 if bool(ok.any()) else 1.0], ok.device)[0] > 0:
+        scheduler.step()
+        state["step"] += 1
+        state["empty_steps"] = state.get("empty_steps", 0) + 1
+        log.warning("FOUND step %d: no decodable row on some worker; no update", state["step"])
+        nan = float("nan")
+        return {"loss": nan, "lr": scheduler.get_last_lr()[0], "fg_fraction": nan, "bkg_fg_fraction": nan}
     views = batch["view"][ok].float().div_(255.0)  # (b, 3, S, S) in [0, 1]
     sigma = batch["sigma"][ok].float()  # (b,)
     views = torch.where((sigma > 0)[:, None, None, None], photometric.gaussian_blur(views, sigma.clamp(min=0.1)), views)
@@ -146,19 +159,16 @@ def view_targets(views: torch.Tensor, logits: torch.Tensor, bkg: torch.Tensor, w
 
 def resume(head: FoundHead, optimizer, scheduler) -> dict:
     """Load ``ray.train.get_checkpoint()`` (head, optimiser, scheduler, step); a fresh state without one."""
-    import ray.train
-
     state = {"step": 0, "skipped": 0, "t0": time.perf_counter()}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
+    found = checkpoint_state()
+    if found is None:
         return state
-    with ckpt.as_directory() as d:
-        saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    saved, path = found
     head.load_state_dict(saved["head"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     state.update(step=int(saved["step"]), skipped=int(saved.get("skipped", 0)))
-    log.info("resumed FOUND head training from %s at step %d", ckpt.path, state["step"])
+    log.info("resumed FOUND head training from %s at step %d", path, state["step"])
     return state
 
 
@@ -168,6 +178,7 @@ def report(head, optimizer, scheduler, state: dict, parts: dict[str, float], cfg
     import ray.train
 
     metrics = {"step": state["step"], "total_steps": cfg.found.steps, "skipped_rows": state["skipped"],
+               "empty_steps": state.get("empty_steps", 0),
                "elapsed_s": round(time.perf_counter() - state["t0"], 2), **parts}
     checkpoint = None
     if tracker is not None:
@@ -175,7 +186,7 @@ def report(head, optimizer, scheduler, state: dict, parts: dict[str, float], cfg
         log.info("FOUND step %d/%d loss %.4f lr %.2e foreground %.2f (pseudo-mask %.2f) skipped %d", state["step"],
                  cfg.found.steps, metrics["loss"], metrics["lr"], metrics["fg_fraction"], metrics["bkg_fg_fraction"],
                  state["skipped"])
-        if not COLLAPSE[0] < metrics["fg_fraction"] < COLLAPSE[1]:
+        if math.isfinite(metrics["fg_fraction"]) and not COLLAPSE[0] < metrics["fg_fraction"] < COLLAPSE[1]:
             log.warning("FOUND head collapse: it marks %.0f%% of the pixels as foreground (the background "
                         "pseudo-mask: %.0f%%); its masks will be near-constant", 100 * metrics["fg_fraction"],
                         100 * metrics["bkg_fg_fraction"])

@@ -376,16 +376,25 @@ def reconcile_checkpoints(cfg: Config) -> None:
                 "the start (no intact checkpoint left)")
 
 
-def resume(model: DenseNCutModel, optimizer: torch.optim.Optimizer, rank: int) -> LoopState:
-    """Load ``ray.train.get_checkpoint()`` into ``model`` and ``optimizer``; a fresh state without one."""
+def checkpoint_state() -> tuple[dict[str, Any], str] | None:
+    """``(state.pt dict on the CPU, checkpoint path)`` of the checkpoint Ray Train hands this worker;
+    None without one."""
     import ray.train
 
-    state = LoopState()
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return state
+        return None
     with ckpt.as_directory() as d:
-        saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True), ckpt.path
+
+
+def resume(model: DenseNCutModel, optimizer: torch.optim.Optimizer, rank: int) -> LoopState:
+    """Load ``ray.train.get_checkpoint()`` into ``model`` and ``optimizer``; a fresh state without one."""
+    state = LoopState()
+    found = checkpoint_state()
+    if found is None:
+        return state
+    saved, path = found
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     state.step, state.epoch = int(saved["step"]), int(saved["epoch"])
@@ -394,7 +403,7 @@ def resume(model: DenseNCutModel, optimizer: torch.optim.Optimizer, rank: int) -
     state.counters["nan_steps"] = float(totals.get("nan_steps", 0.0))  # the same on every worker
     if rank == 0:  # per-worker counters are summed at each report: the old totals count once
         state.counters.update(totals)
-        log.info("resumed from %s at step %d (epoch %d)", ckpt.path, state.step, state.epoch)
+        log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
     return state
 
 

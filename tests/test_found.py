@@ -184,6 +184,37 @@ def test_found_view_maker_rows(tmp_path):
     assert not bad["ok"] and bad["view"].shape == (3, 32, 32)
 
 
+def _found_batch(ok: list[bool], size: int = 32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    from dncut.data.pipeline import FAILURE_BYTES
+
+    return {"view": torch.randint(0, 256, (len(ok), 3, size, size), generator=g, dtype=torch.uint8),
+            "sigma": torch.zeros(len(ok)), "ok": torch.tensor(ok),
+            "failure": torch.zeros(len(ok), FAILURE_BYTES, dtype=torch.uint8)}
+
+
+def test_found_step_without_a_decodable_row_updates_nothing():
+    """A batch whose every row failed: no update (no NaN from an empty loss reaches the head), the
+    step and the schedule still advance, the step is counted; a good batch then trains."""
+    from dncut.found_train import frozen_backbone, train_found_step
+
+    cfg = load_config(SMOKE, ["found.crop_size=32"])
+    backbone = frozen_backbone(cfg, torch.device("cpu"))
+    head = FoundHead(backbone.channels)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    state = {"step": 0, "skipped": 0}
+    parts = train_found_step(backbone, head, optimizer, scheduler, _found_batch([False, False]), state, cfg)
+    assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())
+    assert state == {"step": 1, "skipped": 2, "empty_steps": 1} and math.isnan(parts["loss"])
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.05)
+    parts = train_found_step(backbone, head, optimizer, scheduler, _found_batch([True, False]), state, cfg)
+    assert math.isfinite(parts["loss"]) and state["step"] == 2
+    assert any(not torch.equal(before[k], v) for k, v in head.state_dict().items())
+    assert all(torch.isfinite(v).all() for v in head.state_dict().values())
+
+
 # --------------------------------------------------------------------------- on Ray
 def _found_config(tmp_path, checkpoint: str, *overrides: str):
     return load_config(SMOKE, [f"output_dir={tmp_path}", "run_name=found", f"model.checkpoint={checkpoint}",

@@ -437,6 +437,35 @@ def _coco_sizes(coco: dict) -> dict[int, tuple[int, int]]:
             if "width" in img and "height" in img}
 
 
+@dataclasses.dataclass(frozen=True)
+class CocoInstances:
+    """A COCO instances JSON as read: its path, the folder of its images and its parsed content."""
+
+    path: str
+    image_dir: str
+    data: dict
+
+
+def read_coco(root: str, annotations_json: str | None = None, s3: S3Options | None = None) -> CocoInstances:
+    """Find and read the instances JSON of a COCO layout (see ``coco_dataset``).
+
+    Raises:
+        DatasetLayoutError: no (or several) ``annotations/instances_*.json``, or an unreadable one.
+    """
+    if annotations_json is None:
+        found = [f for f in storage.list_files(storage.join(root, "annotations"), (".json",), s3)
+                 if posixpath.basename(f).startswith("instances_")] if storage.exists(storage.join(root, "annotations"), s3) else []
+        if len(found) != 1:
+            raise DatasetLayoutError(f"COCO root {root}: expected one annotations/instances_<split>.json, found "
+                                     f"{[posixpath.basename(f) for f in found]}; set 'annotations'")
+        annotations_json = found[0]
+        split = posixpath.basename(annotations_json)[len("instances_"):-len(".json")]
+        image_dir = storage.join(root, split)
+    else:
+        image_dir = root
+    return CocoInstances(annotations_json, image_dir, _read_json(annotations_json, s3))
+
+
 def coco_dataset(
     root: str, annotations_json: str | None = None, s3: S3Options | None = None, include_crowd: bool = False
 ) -> list[DiscoverySample]:
@@ -458,18 +487,13 @@ def coco_dataset(
     Raises:
         DatasetLayoutError: no (or several) instances JSON, a malformed one, or JSON images missing on disk.
     """
-    if annotations_json is None:
-        found = [f for f in storage.list_files(storage.join(root, "annotations"), (".json",), s3)
-                 if posixpath.basename(f).startswith("instances_")] if storage.exists(storage.join(root, "annotations"), s3) else []
-        if len(found) != 1:
-            raise DatasetLayoutError(f"COCO root {root}: expected one annotations/instances_<split>.json, found "
-                                     f"{[posixpath.basename(f) for f in found]}; set 'annotations'")
-        annotations_json = found[0]
-        split = posixpath.basename(annotations_json)[len("instances_"):-len(".json")]
-        image_dir = storage.join(root, split)
-    else:
-        image_dir = root
-    coco = _read_json(annotations_json, s3)
+    return coco_samples(read_coco(root, annotations_json, s3), s3, include_crowd)
+
+
+def coco_samples(instances: CocoInstances, s3: S3Options | None = None,
+                 include_crowd: bool = False) -> list[DiscoverySample]:
+    """The samples of an instances JSON already read (``coco_dataset``'s result and errors)."""
+    coco, annotations_json, image_dir = instances.data, instances.path, instances.image_dir
     try:
         boxes, sizes = coco_boxes(coco.get("annotations", []), include_crowd), _coco_sizes(coco)
         samples = [DiscoverySample(posixpath.splitext(img["file_name"])[0], storage.join(image_dir, img["file_name"]),

@@ -40,10 +40,10 @@ def segmentation_records(spec: EvalDataset, s3: storage.S3Options | None) -> lis
     """Records of a ``task: segmentation`` dataset: the images of its instances JSON (through
     ``dncut.data.datasets.coco_dataset``: URIs, declared sizes, missing files) with each image's
     annotations as JSON (category name, polygons, crowd flag, box)."""
-    from dncut.data.datasets import _read_json, coco_dataset
+    from dncut.data.datasets import coco_samples, read_coco
 
-    samples = coco_dataset(spec.root, spec.annotations, s3, include_crowd=True)
-    coco = _read_json(spec.annotations, s3)
+    instances = read_coco(spec.root, spec.annotations, s3)  # read once
+    samples, coco = coco_samples(instances, s3, include_crowd=True), instances.data
     names = {int(c["id"]): c["name"] for c in coco.get("categories", [])}
     by_file: dict[str, list[dict]] = {}
     ids = {int(img["id"]): img["file_name"].rsplit(".", 1)[0] for img in coco["images"]}
