@@ -16,6 +16,13 @@
            Reported: RSS at step 100 and at the last step, the least-squares slope (MiB per 1000
            steps) over steps >= 100, the driver's too.
 
+``step``   the same training step (``dncut.train.train_one_step``, same config and crop) in this
+           process, without Ray: four fixed batches of ``ViewMaker`` rows cycled for ``--steps``
+           steps; RSS every 50 steps, the slope over steps >= 100 and the largest Python
+           allocation growths (tracemalloc) between step 100 and the end. Against ``train``, it
+           says whether a growth of the Ray Train worker is dncut's step or the Ray machinery
+           around it (the data iterator, ``ray.train.report``).
+
 Writes ``bench/results/load.json``.
 
     flock /tmp/dncut-ray.lock nice -n 5 .venv/bin/python bench/load.py
@@ -209,9 +216,59 @@ def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32) -> d
             "samples": samples[:: max(1, len(samples) // 200)]}
 
 
+def bench_step(steps: int, workdir: Path, crop: int = 32) -> dict:
+    import gc
+    import tracemalloc
+
+    import psutil
+    import torch
+
+    from dncut.config import load_config
+    from dncut.data.pipeline import ViewMaker, file_key
+    from dncut.data.scenes import make_scene
+    from dncut.train import LoopState, build_loss, build_model, build_optimizer, train_one_step
+
+    torch.set_num_threads(1)  # as a worker with scaling.cpus_per_worker = 1
+    cfg = load_config(str(ROOT / "configs/train/smoke.yaml"), [f"data.crop_size={crop}", "train.val_every=null"])
+    maker, b = ViewMaker(cfg), cfg.train.batch_size
+    folder = workdir / "step_scenes"
+    folder.mkdir(parents=True, exist_ok=True)
+    batches = []
+    for k in range(4):
+        rows = []
+        for i in range(k * b, (k + 1) * b):
+            make_scene(i, size=96)[0].save(folder / f"{i}.jpg")
+            rows.append(maker({"uri": str(folder / f"{i}.jpg"), "epoch": 0, "key": file_key(str(i))}))
+        batches.append({key: torch.from_numpy(np.stack([r[key] for r in rows])) for key in rows[0]
+                        if not isinstance(rows[0][key], str)})  # as iter_torch_batches collates them
+    model, criterion = build_model(cfg), build_loss(cfg)
+    optimizer, state = build_optimizer(model, cfg), LoopState()
+    me, samples, t0 = psutil.Process(), [], time.monotonic()
+    for i in range(steps + 1):
+        if i == 100:
+            gc.collect()
+            tracemalloc.start(10)
+            first = tracemalloc.take_snapshot()
+        if i % 50 == 0:
+            samples.append({"step": i, "rss_mib": round(me.memory_info().rss / MIB, 2)})
+        if i < steps:
+            train_one_step(model, criterion, optimizer, batches[i % 4], cfg.train.effective_lr(), state, cfg,
+                           torch.device("cpu"))
+    gc.collect()
+    growth = tracemalloc.take_snapshot().compare_to(first, "lineno")[:5]
+    tracemalloc.stop()
+    tail = [s for s in samples if s["step"] >= 100]
+    return {"steps": steps, "crop_size": crop, "wall_s": round(time.monotonic() - t0, 1),
+            "nan_steps": int(state.counters["nan_steps"]),
+            "rss_at_step_100_mib": tail[0]["rss_mib"], "rss_at_last_step_mib": tail[-1]["rss_mib"],
+            "rss_slope_mib_per_1000_steps": round(1000 * slope([s["step"] for s in tail], [s["rss_mib"] for s in tail]), 2),
+            "python_growth_top": [{"where": str(g.traceback[0]), "kib": round(g.size_diff / 1024, 1)} for g in growth],
+            "samples": samples}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--parts", nargs="+", choices=["eval", "train"], default=["eval", "train"])
+    p.add_argument("--parts", nargs="+", choices=["eval", "train", "step"], default=["eval", "train", "step"])
     p.add_argument("--limits", nargs="+", type=int, default=[250, 500, 1000, 2000])
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--interval", type=float, default=0.5)
@@ -221,13 +278,17 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="dncut-load-"))
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
-    result["meta"] = {"when": time.strftime("%Y-%m-%d %H:%M"), "host": f"{os.uname().nodename}, {os.cpu_count()} cores",
-                      "command": " ".join(sys.argv)}
+    result.pop("meta", None)  # each part carries its own (parts are rerun separately)
+    meta = {"when": time.strftime("%Y-%m-%d %H:%M"), "host": f"{os.uname().nodename}, {os.cpu_count()} cores",
+            "command": " ".join(sys.argv)}
     if "eval" in args.parts:
-        result["eval"] = bench_eval(args.limits, args.interval, workdir)
+        result["eval"] = {"meta": meta, **bench_eval(args.limits, args.interval, workdir)}
     if "train" in args.parts:
-        result["train"] = bench_train(args.steps, max(args.interval, 1.0), workdir, args.crop)
+        result["train"] = {"meta": meta, **bench_train(args.steps, max(args.interval, 1.0), workdir, args.crop)}
         print(json.dumps({k: v for k, v in result["train"].items() if k != "samples"}), flush=True)
+    if "step" in args.parts:
+        result["step"] = {"meta": meta, **bench_step(args.steps, workdir, args.crop)}
+        print(json.dumps({k: v for k, v in result["step"].items() if k != "samples"}), flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
