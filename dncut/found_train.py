@@ -159,7 +159,7 @@ def view_targets(views: torch.Tensor, logits: torch.Tensor, bkg: torch.Tensor, w
 
 def resume(head: FoundHead, optimizer, scheduler) -> dict:
     """Load ``ray.train.get_checkpoint()`` (head, optimiser, scheduler, step); a fresh state without one."""
-    state = {"step": 0, "skipped": 0, "t0": time.perf_counter()}
+    state = {"step": 0, "skipped": 0, "empty_steps": 0, "t0": time.perf_counter()}
     found = checkpoint_state()
     if found is None:
         return state
@@ -167,7 +167,8 @@ def resume(head: FoundHead, optimizer, scheduler) -> dict:
     head.load_state_dict(saved["head"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    state.update(step=int(saved["step"]), skipped=int(saved.get("skipped", 0)))
+    state.update(step=int(saved["step"]), skipped=int(saved.get("skipped", 0)),
+                 empty_steps=int(saved.get("empty_steps", 0)))
     log.info("resumed FOUND head training from %s at step %d", path, state["step"])
     return state
 
@@ -198,7 +199,8 @@ def report(head, optimizer, scheduler, state: dict, parts: dict[str, float], cfg
 def _save(head, optimizer, scheduler, state: dict, cfg: Config) -> str:
     d = tempfile.mkdtemp(prefix="dncut-found-ckpt-")
     torch.save({"head": _unwrap(head).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": state["step"], "skipped": state["skipped"]},
+                "scheduler": scheduler.state_dict(), "step": state["step"], "skipped": state["skipped"],
+                "empty_steps": state.get("empty_steps", 0)},
                os.path.join(d, STATE_FILE))
     Path(d, CONFIG_FILE).write_text(cfg.to_yaml())
     Path(d, PROGRESS_FILE).write_text(json.dumps({"step": state["step"],

@@ -148,8 +148,9 @@ def _subsets(rows: Tensor, device: torch.device) -> dict[int | str, Tensor]:
     """The images each subset operation applies to, decided on the host from the ``(B, N_PARAMS)``
     CPU rows: ``{slot: idx}`` for the hue in jitter slot 0..3, and ``"gray"``, ``"blur"``,
     ``"solarize"``, each a ``(k,)`` long index on ``device`` (empty subsets left out). One pinned
-    host-to-device copy for all of them, so applying the batch needs no device-to-host sync (a
-    boolean mask on the device would need one per operation to size its result)."""
+    host-to-device copy for all of them; with the rows copied to the host once (``apply``), the
+    operations need no further device-to-host sync (a boolean mask on the device would need one
+    per operation to size its result)."""
     jitter, order = rows[:, JITTER] > 0.5, rows[:, ORDER].long()  # (B,), (B, 4)
     masks: dict[int | str, Tensor] = {slot: jitter & (order[:, slot] == HUE) for slot in range(4)}
     masks.update(gray=rows[:, GRAY] > 0.5, blur=rows[:, BLUR] > 0.5, solarize=rows[:, SOLARIZE] > 0.5)
@@ -195,7 +196,10 @@ def apply(views: Tensor, params: Tensor) -> Tensor:
         raise ValueError(f"expected views (B, 3, S, S) and params (B, {N_PARAMS}), got "
                          f"{tuple(views.shape)} and {tuple(params.shape)}")
     # (B, 3, S, S) float32, our own copy (changed in place below); uint8 converted and scaled in one kernel
-    x = torch.div(views, 255.0) if views.dtype == torch.uint8 else views.to(torch.float32, copy=True)
+    if views.dtype == torch.uint8:
+        x = torch.div(views, 255.0, out=torch.empty(views.shape, dtype=torch.float32, device=views.device))
+    else:
+        x = views.to(torch.float32, copy=True)
     p = params.to(device=x.device, dtype=torch.float32)  # (B, N_PARAMS) on the device
     subsets = _subsets(params.detach().to("cpu", torch.float32), x.device)
     factors = p[:, FACTORS]  # (B, 4)

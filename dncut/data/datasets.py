@@ -450,7 +450,9 @@ def read_coco(root: str, annotations_json: str | None = None, s3: S3Options | No
     """Find and read the instances JSON of a COCO layout (see ``coco_dataset``).
 
     Raises:
-        DatasetLayoutError: no (or several) ``annotations/instances_*.json``, or an unreadable one.
+        DatasetLayoutError: no (or several) ``annotations/instances_*.json``, or one that is not a
+            JSON object with an ``images`` list.
+        FileNotFoundError: the given ``annotations_json`` does not exist.
     """
     if annotations_json is None:
         found = [f for f in storage.list_files(storage.join(root, "annotations"), (".json",), s3)
