@@ -50,7 +50,10 @@ Parts (``--parts``, default all):
              device augmentation is left out of the timing on both sides (it runs on the GPU in
              training, not on these cores); ``--e2e-augment`` puts ``model_inputs`` on the consumer
              for both. A cold pass each, then ``--rounds`` alternating timed passes: rows/s median
-             and ``ratio = ray_data / dataloader`` (target >= 0.9).
+             and ``ratio = ray_data / dataloader`` (target >= 0.9). Variants of the Ray side, same
+             rounds: ``ray_data_reserved`` (Ray Data's default operator resource reservation, which
+             ``train_dataset`` turns off) and ``ray_data_<N>_rows_per_block`` for each
+             ``--e2e-rows-per-block`` (decode-task sizes other than ``ROWS_PER_BLOCK``).
 
 ``startup``  (Ray, local S3 server) ``--startup-objects`` (20,000) copies of a 1-pixel JPEG under
              ``s3://<bucket>/many/``; the driver's time to a training dataset for 2 epochs at batch
@@ -547,7 +550,8 @@ def e2e_part(args: argparse.Namespace, folder: str, names: list[str], scratch: s
     import ray
     import ray.data
 
-    from dncut.data.pipeline import ViewMaker, source_uris, train_dataset
+    from dncut.data import pipeline
+    from dncut.data.pipeline import ROWS_PER_BLOCK, ViewMaker, source_uris, train_dataset
     from dncut.train import PREFETCH_BATCHES
 
     subset = os.path.join(scratch, "e2e")  # exactly the benched images: Ray lists the whole folder
@@ -590,12 +594,22 @@ def e2e_part(args: argparse.Namespace, folder: str, names: list[str], scratch: s
                     def loader_pass(loader=loader):
                         return (batch for _ in range(args.e2e_epochs) for batch in loader)
 
-                    measured = compare({"ray_data": ray_pass, "dataloader": loader_pass}, args.rounds,
-                                       args.e2e_augment)
+                    passes = {"ray_data": ray_pass, "dataloader": loader_pass}
+                    for rows in args.e2e_rows_per_block:  # the same pipeline with other decode-task sizes
+                        pipeline.ROWS_PER_BLOCK = rows
+                        try:
+                            other = train_dataset(cfg, uris, total_steps=args.e2e_epochs * (len(uris) // args.batch_size))
+                        finally:
+                            pipeline.ROWS_PER_BLOCK = ROWS_PER_BLOCK
+                        passes[f"ray_data_{rows}_rows_per_block"] = lambda ds=other: ray_pass(ds)
+                    reserved = train_dataset(cfg, uris, total_steps=args.e2e_epochs * (len(uris) // args.batch_size))
+                    reserved.context.op_resource_reservation_enabled = True  # Ray Data's default
+                    passes["ray_data_reserved"] = lambda ds=reserved: ray_pass(ds)
+                    measured = compare(passes, args.rounds, args.e2e_augment)
                     del loader  # stops the DataLoader's worker processes
                     rd, dl = measured["ray_data"], measured["dataloader"]
                     row = {"source": source, "cpus": cpus, "cores": cores, "images": len(uris),
-                           "rows_per_pass": rd["rows"], "ray_data": rd, "dataloader": dl,
+                           "rows_per_pass": rd["rows"], "rows_per_block": ROWS_PER_BLOCK, **measured,
                            "ratio_ray_over_dataloader": round(rd["rows_s"] / dl["rows_s"], 3),
                            "meets_target": rd["rows_s"] / dl["rows_s"] >= 0.9}
                     print(json.dumps(row), file=sys.stderr, flush=True)
@@ -752,6 +766,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", type=int, nargs="+", default=[1, 2], help="e2e: cores (and Ray CPUs / loader workers)")
     p.add_argument("--sources", nargs="+", default=["local"], choices=SOURCES, help="e2e image sources")
     p.add_argument("--e2e-augment", action="store_true", help="e2e: time model_inputs in the consumer, both sides")
+    p.add_argument("--e2e-rows-per-block", type=int, nargs="*", default=[16],
+                   help="e2e: also time Ray Data with these decode-task sizes (rows per block)")
     p.add_argument("--e2e-epochs", type=int, default=8,
                    help="e2e: epochs per timed pass (one Ray Data execution, as one training run; the DataLoader "
                         "loops its persistent workers over them)")

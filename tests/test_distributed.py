@@ -112,8 +112,8 @@ def even_image_bucket(s3_server) -> str:
 def test_blocks_per_source_size():
     from dncut.data.pipeline import MAX_BLOCKS, ROWS_PER_BLOCK, num_blocks
 
-    assert (ROWS_PER_BLOCK, MAX_BLOCKS) == (16, 200)
-    assert [num_blocks(n) for n in (0, 1, 16, 17, 40, 3200, 3201, 1_281_167)] == [1, 1, 1, 2, 3, 200, 200, 200]
+    assert (ROWS_PER_BLOCK, MAX_BLOCKS) == (64, 200)
+    assert [num_blocks(n) for n in (0, 1, 64, 65, 160, 12_800, 12_801, 1_281_167)] == [1, 1, 1, 2, 3, 200, 200, 200]
 
 
 def test_train_dataset_reshuffles_every_epoch_and_is_seeded(ray_session):
@@ -156,10 +156,14 @@ def test_epochs_needed_gives_every_worker_its_steps():
         assert (e * n // world) // (batch // world) >= steps > ((e - 1) * n // world) // (batch // world)
 
 
-def test_resumed_dataset_is_the_tail_of_the_run_over_many_blocks(ray_session, tmp_path):
-    """40 files in 3 blocks per epoch, batch 4: the dataset of a run resumed at step 13 holds
-    exactly the full run's rows from row 13 * 4 on (epochs in order, blocks not interleaved)."""
+def test_resumed_dataset_is_the_tail_of_the_run_over_many_blocks(ray_session, tmp_path, monkeypatch):
+    """40 files, 16 rows per block (3 blocks per epoch), batch 4: the dataset of a run resumed at
+    step 13 holds exactly the full run's rows from row 13 * 4 on (epochs in order, blocks not
+    interleaved)."""
+    from dncut.data import pipeline
     from dncut.data.pipeline import SCENE_SCHEME, epoch_rows, num_blocks, train_dataset
+
+    monkeypatch.setattr(pipeline, "ROWS_PER_BLOCK", 16)
 
     uris = [f"{SCENE_SCHEME}{i}" for i in range(40)]
     cfg = smoke_config("data.crop_size=32", "train.batch_size=4", "train.max_steps=25")

@@ -43,14 +43,15 @@ from dncut.views import ResizedCropTransform, TwoViewTransform, reduction_for
 log = logging.getLogger(__name__)
 
 SCENE_SCHEME = "scene://"
-ROWS_PER_BLOCK = 16
-"""URIs per Ray Data block, i.e. per decode task: a task per image costs more than the image
-(bench/ingest.py: 1 URI per block ran at ~0.3x a torch DataLoader, 16 per block at ~1x)."""
+ROWS_PER_BLOCK = 64
+"""URIs per Ray Data block, i.e. per decode task (~2 ms of decode and crops a row): each task
+costs the driver and the scheduler a fixed amount, so short tasks leave cores idle
+(``bench/ingest.py --parts e2e``: ``ray_data`` vs ``ray_data_16_rows_per_block`` in ``bench/results/ingest.json``)."""
 ORDER_STREAM, AUGMENT_STREAM = 0, 1
 """Tags that keep the file-order and augmentation random streams apart (a SeedSequence pads
 short entropy with zeros, so untagged [seed, epoch] and [seed, epoch, 0] would coincide)."""
 MAX_BLOCKS = 200
-"""Cap for huge sources (above 3,200 files a block holds more than ``ROWS_PER_BLOCK`` rows):
+"""Cap for huge sources (above 12,800 rows a block holds more than ``ROWS_PER_BLOCK`` rows):
 Ray Data's per-block bookkeeping grows with the number of blocks."""
 
 
@@ -182,8 +183,20 @@ def found_dataset(cfg: Config, uris: list[str], start_step: int = 0):
     f = cfg.found
     epochs = epochs_needed(len(uris), f.steps, f.batch_size, cfg.scaling.num_workers, start_step)
     rows = epoch_rows(uris, cfg.seed, epochs)[start_step * f.batch_size:]
-    ds = ray.data.from_items(rows, override_num_blocks=num_blocks(len(rows)))
-    return ds.map(FoundViewMaker(cfg), num_cpus=cfg.data.decode_cpus)
+    return _decoded(ray.data.from_items(rows, override_num_blocks=num_blocks(len(rows))), FoundViewMaker(cfg), cfg)
+
+
+def _decoded(ds, maker, cfg: Config):
+    """``ds`` mapped by a view maker as stateless CPU tasks (a callable instance, not a class, so
+    Ray Data scales the tasks), with every CPU Ray Data may use available to them.
+
+    Ray Data reserves by default half of its resources per operator for the others
+    (``DataContext.op_resource_reservation_enabled``); with the decode the only operator that
+    computes, that reservation only idles cores (on 2 CPUs: one decode task at a time;
+    ``bench/ingest.py --parts e2e``, ``ray_data`` vs ``ray_data_reserved``). Set on this
+    dataset's own context, nothing else."""
+    ds.context.op_resource_reservation_enabled = False
+    return ds.map(maker, num_cpus=cfg.data.decode_cpus)
 
 
 def num_blocks(num_rows: int) -> int:
@@ -245,9 +258,7 @@ def train_dataset(cfg: Config, uris: list[str], total_steps: int, start_step: in
 
     epochs = epochs_needed(len(uris), total_steps, cfg.train.batch_size, cfg.scaling.num_workers, start_step)
     rows = epoch_rows(uris, cfg.seed, epochs)[start_step * cfg.train.batch_size:]
-    ds = ray.data.from_items(rows, override_num_blocks=num_blocks(len(rows)))
-    # a callable instance (not a class) runs as stateless CPU tasks that Ray Data scales
-    return ds.map(ViewMaker(cfg), num_cpus=cfg.data.decode_cpus)
+    return _decoded(ray.data.from_items(rows, override_num_blocks=num_blocks(len(rows))), ViewMaker(cfg), cfg)
 
 
 def train_data_config():
