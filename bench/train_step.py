@@ -4,7 +4,7 @@ One step of ``dncut.train`` (ViT-S/16 ``vit_small_patch16_224.dino`` built with
 ``pretrained=False``: weights do not change the timing) is run in stages so that every phase
 is timed on its own, with ``torch.cuda.synchronize()`` around each timed region on a GPU::
 
-    data       the CPU side, per pair, in this process: B JPEG files' bytes (in memory) ->
+    data       the CPU side, per pair, in this process: B JPEG files (page-cached) ->
                dncut.data.pipeline.ViewMaker (header, crop boxes, draft decode, two uint8 crops,
                flips, photometric parameters)               B rows
     transfer   collate -> device (as iter_torch_batches)    view1, view2 (B, 3, S, S) uint8, boxes,
