@@ -561,7 +561,9 @@ def _eval_job(cfg, kill: bool, rng: random.Random) -> dict:
         actors = wait_for(lambda: {k: a for k, a in live_actors("MapWorker").items()
                                    if a["JobID"] == job and "NCutPredictor" in a["ActorClassName"]},
                           300, "the inference actor", thread.is_alive)
-        time.sleep(rng.uniform(0.2, 2.5))  # the actor loads its model, then takes batches: somewhere in between
+        # the actor loads its model, then takes batches; a whole clean job of 160 images takes ~8 s on
+        # 2 cores, of which ~2 s after the actor appears: a longer delay would let the job end first
+        time.sleep(rng.uniform(0.1, 1.2))
         if thread.is_alive():
             sigkill(next(iter(actors.values()))["Pid"], "MapWorker")
             killed = round(time.monotonic() - start, 2)
@@ -684,13 +686,18 @@ def trial_sweep_worker_kill(workdir: Path, trial: int, rng: random.Random, fault
         return res
     rows = outcome["result"].rows
     res["trials"] = [{k: r.get(k) for k in ("trial_id", "alpha", "status", "final_step", "reason")} for r in rows]
-    for log_file in runs.rglob("runs/*/train.log"):  # the killed trial: "resumed from ... at step N" in its log
-        reached, resumed = 0, None
+    for log_file in runs.rglob("runs/*/train.log"):  # the killed trial: "resumed from ... at step N" in its log,
+        reached, resumed, last = 0, None, 0  # or, killed before its first checkpoint, its steps counting from 1 again
         for line in log_file.read_text(errors="replace").splitlines():
             if "resumed from" in line and "at step" in line and resumed is None:
                 resumed = int(line.split("at step")[1].split()[0])
-            elif resumed is None and " INFO: step " in line:
-                reached = max(reached, int(line.split(" INFO: step ")[1].split("/")[0]))
+            elif " INFO: step " in line:
+                step = int(line.split(" INFO: step ")[1].split("/")[0])
+                if resumed is None and step <= last:  # a restart from scratch
+                    resumed = 0
+                if resumed is None:
+                    reached = max(reached, step)
+                last = step
         if resumed is not None:
             res.update(killed_trial=log_file.parent.name, resumed_at=resumed, steps_lost=reached - resumed)
     done = [r for r in rows if r.get("status") == "TERMINATED" and r.get("final_step") == total]

@@ -23,6 +23,13 @@
            says whether a growth of the Ray Train worker is dncut's step or the Ray machinery
            around it (the data iterator, ``ray.train.report``).
 
+``ray_loop`` (Ray) the Ray machinery of ``train`` without dncut's step, one Ray Train worker each,
+           ``--steps`` steps: ``data`` iterates the training dataset (``train_dataset`` + the
+           worker's ``_batches``, smoke config, ``--crop``) and does nothing with the batches;
+           ``report`` reads no data and calls ``ray.train.report`` every 10 steps (as ``train``
+           logs), a short sleep a step. The worker's RSS sampled from outside with the step it
+           writes to a file; slope over steps >= 100 as ``train``.
+
 Writes ``bench/results/load.json``.
 
     flock /tmp/dncut-ray.lock nice -n 5 .venv/bin/python bench/load.py
@@ -269,9 +276,87 @@ def bench_step(steps: int, workdir: Path, crop: int = 32) -> dict:
             "samples": samples}
 
 
+def _ray_loop(config: dict) -> None:
+    """Ray Train loop of the ``ray_loop`` part: the data iterator alone, or the reports alone."""
+    import ray.train
+    import torch
+
+    from dncut.train import _batches
+
+    step_file = Path(config["step_file"])
+    if config["mode"] == "data":
+        batches = _batches(ray.train.get_dataset_shard("train"), config["batch_size"], 0, torch.device("cpu"))
+        for step, _ in enumerate(batches, 1):
+            if step % 10 == 0:
+                step_file.write_text(str(step))
+            if step >= config["steps"]:
+                break
+    else:
+        for step in range(1, config["steps"] + 1):
+            time.sleep(0.005)
+            if step % 10 == 0:
+                ray.train.report({"step": step, "loss": 0.5, "lr": 1e-4})
+                step_file.write_text(str(step))
+
+
+def bench_ray_loop(steps: int, interval: float, workdir: Path, crop: int = 32) -> dict:
+    import ray
+    import ray.train
+    import ray.train.torch
+    from ray._private import state
+
+    from dncut.config import load_config
+    from dncut.data.pipeline import source_uris, train_data_config, train_dataset
+
+    out = {}
+    for mode in ("data", "report"):
+        cfg = load_config(str(ROOT / "configs/train/smoke.yaml"), [f"data.crop_size={crop}", f"train.max_steps={steps}"])
+        step_file = workdir / f"ray_loop_{mode}.step"
+        start_ray()
+        samples: list[dict] = []
+        try:
+            datasets = {"train": train_dataset(cfg, source_uris(cfg), steps)} if mode == "data" else {}
+            trainer = ray.train.torch.TorchTrainer(
+                _ray_loop, train_loop_config={"mode": mode, "steps": steps, "step_file": str(step_file),
+                                              "batch_size": cfg.train.batch_size},
+                scaling_config=ray.train.ScalingConfig(num_workers=1), datasets=datasets,
+                dataset_config=train_data_config(),
+                run_config=ray.train.RunConfig(name=f"ray_loop_{mode}", storage_path=str(workdir / "ray_loop")))
+            thread = threading.Thread(target=trainer.fit, daemon=True)
+            t0 = time.monotonic()
+            thread.start()
+            worker = None
+            while thread.is_alive():
+                if worker is None:
+                    pids = [a["Pid"] for a in state.actors(actor_state_name="ALIVE").values()
+                            if a["ActorClassName"] == "RayTrainWorker" and a.get("Pid")]
+                    worker = psutil.Process(pids[0]) if pids else None
+                try:
+                    step = int(step_file.read_text()) if step_file.exists() else 0
+                    if worker is not None:
+                        samples.append({"t": round(time.monotonic() - t0, 1), "step": step,
+                                        "worker_rss_mib": round(worker.memory_info().rss / MIB, 1)})
+                except (psutil.Error, ValueError):
+                    worker = None
+                time.sleep(interval)
+            wall = time.monotonic() - t0
+        finally:
+            ray.shutdown()
+        tail = [x for x in samples if x["step"] >= 100]
+        out[mode] = {"steps": steps, "wall_s": round(wall, 1), "final_step": samples[-1]["step"] if samples else 0,
+                     "worker_rss_at_step_100_mib": tail[0]["worker_rss_mib"] if tail else None,
+                     "worker_rss_at_last_step_mib": tail[-1]["worker_rss_mib"] if tail else None,
+                     "worker_rss_slope_mib_per_1000_steps": round(1000 * slope([x["step"] for x in tail],
+                                                                               [x["worker_rss_mib"] for x in tail]), 2),
+                     "samples": samples[:: max(1, len(samples) // 200)]}
+        print(json.dumps({k: v for k, v in out[mode].items() if k != "samples"}), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--parts", nargs="+", choices=["eval", "train", "step"], default=["eval", "train", "step"])
+    p.add_argument("--parts", nargs="+", choices=["eval", "train", "step", "ray_loop"],
+                   default=["eval", "train", "step", "ray_loop"])
     p.add_argument("--limits", nargs="+", type=int, default=[250, 500, 1000, 2000])
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--interval", type=float, default=0.5)
@@ -289,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     if "train" in args.parts:
         result["train"] = {"meta": meta, **bench_train(args.steps, max(args.interval, 1.0), workdir, args.crop)}
         print(json.dumps({k: v for k, v in result["train"].items() if k != "samples"}), flush=True)
+    if "ray_loop" in args.parts:
+        result["ray_loop"] = {"meta": meta, **bench_ray_loop(args.steps, max(args.interval, 1.0), workdir, args.crop)}
     if "step" in args.parts:
         result["step"] = {"meta": meta, **bench_step(args.steps, workdir, args.crop)}
         print(json.dumps({k: v for k, v in result["step"].items() if k != "samples"}), flush=True)
