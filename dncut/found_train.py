@@ -121,7 +121,7 @@ def train_found_step(backbone, head, optimizer, scheduler, batch: dict[str, torc
     if _all_reduce([0.0 if bool(ok.any()) else 1.0], ok.device)[0] > 0:
         scheduler.step()
         state["step"] += 1
-        state["empty_steps"] = state.get("empty_steps", 0) + 1
+        state["empty_steps"] += 1
         log.warning("FOUND step %d: no decodable row on some worker; no update", state["step"])
         nan = float("nan")
         return {"loss": nan, "lr": scheduler.get_last_lr()[0], "fg_fraction": nan, "bkg_fg_fraction": nan}
@@ -179,7 +179,7 @@ def report(head, optimizer, scheduler, state: dict, parts: dict[str, float], cfg
     import ray.train
 
     metrics = {"step": state["step"], "total_steps": cfg.found.steps, "skipped_rows": state["skipped"],
-               "empty_steps": state.get("empty_steps", 0),
+               "empty_steps": state["empty_steps"],
                "elapsed_s": round(time.perf_counter() - state["t0"], 2), **parts}
     checkpoint = None
     if tracker is not None:
@@ -200,7 +200,7 @@ def _save(head, optimizer, scheduler, state: dict, cfg: Config) -> str:
     d = tempfile.mkdtemp(prefix="dncut-found-ckpt-")
     torch.save({"head": _unwrap(head).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": state["step"], "skipped": state["skipped"],
-                "empty_steps": state.get("empty_steps", 0)},
+                "empty_steps": state["empty_steps"]},
                os.path.join(d, STATE_FILE))
     Path(d, CONFIG_FILE).write_text(cfg.to_yaml())
     Path(d, PROGRESS_FILE).write_text(json.dumps({"step": state["step"],

@@ -204,7 +204,7 @@ def test_found_step_without_a_decodable_row_updates_nothing():
     optimizer = torch.optim.AdamW(head.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     before = {k: v.clone() for k, v in head.state_dict().items()}
-    state = {"step": 0, "skipped": 0}
+    state = {"step": 0, "skipped": 0, "empty_steps": 0}
     parts = train_found_step(backbone, head, optimizer, scheduler, _found_batch([False, False]), state, cfg)
     assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())
     assert state == {"step": 1, "skipped": 2, "empty_steps": 1} and math.isnan(parts["loss"])
