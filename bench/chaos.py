@@ -11,8 +11,9 @@ others):
                      resume from the newest checkpoint and finish; steps trained twice <=
                      checkpoint_every.
 ``s3_reads``         the S3 endpoint (a moto server subprocess) stopped (SIGSTOP) for a few seconds
-``s3_uploads``       while the workers read the training images from it / just before a checkpoint
-                     is uploaded to it, then continued (SIGCONT): the run must finish, or stop with
+``s3_uploads``       as the Train worker starts, before its first decode task reads the training
+                     images from it (0-1 s after the actor is up; one 64-row task reads them all) /
+                     just before a checkpoint is uploaded to it, then continued (SIGCONT): the run must finish, or stop with
                      a message naming the URI while the newest intact checkpoint stays loadable.
 ``ckpt_truncate``    after a run, its newest checkpoint's state.pt truncated / its whole folder
 ``ckpt_delete``      deleted; then the run is continued (max_steps raised): it must resume from the
@@ -403,9 +404,14 @@ def _s3_trial(kind: str, workdir: Path, trial: int, rng: random.Random, fault: b
     stopped = False
     try:
         if fault:
-            if kind == "s3_reads":  # while the pipeline streams (and reads) the images
-                target = rng.randint(1, total // 2)
-                wait_for(lambda: last_step(read_events(events)) >= target, 300, f"step {target}", thread.is_alive)
+            if kind == "s3_reads":  # as the Train worker starts: its first decode task (64 rows) reads the images
+                import ray
+
+                job = ray.get_runtime_context().get_job_id()
+                wait_for(lambda: [a for a in live_actors("RayTrainWorker").values() if a["JobID"] == job], 300,
+                         "the RayTrainWorker actor", thread.is_alive)
+                time.sleep(rng.uniform(0.0, 1.0))
+                target = last_step(read_events(events))
             else:  # the step before a checkpoint: the outage covers its upload
                 target = rng.choice([k - 1 for k in range(2 * CKPT_EVERY, total, CKPT_EVERY)])
                 wait_for(lambda: last_step(read_events(events)) >= target, 300, f"step {target}", thread.is_alive)

@@ -12,9 +12,13 @@
 ``train``  ``dncut train`` (``configs/train/smoke.yaml``, ``train.max_steps=--steps``, default
            1000, ``data.crop_size=--crop``, default 32 (4 x 4 tokens: a 1000-step run fits in minutes
            on 2 shared cores); checkpoint every 250, log every 10, no intermediate validation); the
-           RayTrainWorker's RSS sampled from outside (psutil) with the step (``metrics.jsonl``).
-           Reported: RSS at step 100 and at the last step, the least-squares slope (MiB per 1000
-           steps) over steps >= 100, the driver's too.
+           RayTrainWorker's RSS sampled from outside (psutil) with the step (``metrics.jsonl``), and
+           its parts (``/proc/<pid>/status``: RssAnon = private heap, RssShmem = the object store's
+           shared pages it touched, RssFile). Reported: RSS at step 100, before the last step and at
+           the end (after the last validation and export), least-squares slopes (MiB per 1000 steps)
+           over the training steps 100 <= step < --steps and over their later half, the driver's
+           too. ``--worker-env KEY=VALUE`` (e.g. ``MALLOC_ARENA_MAX=2``), ``--object-store-mib`` and
+           ``--key`` (the JSON key) compare settings.
 
 ``step``   the same training step (``dncut.train.train_one_step``, same config and crop) in this
            process, without Ray: four fixed batches of ``ViewMaker`` rows cycled for ``--steps``
@@ -104,12 +108,28 @@ class Sampler:
                                                    key=lambda x: -x[1])[:8]}
 
 
+WORKER_ENV: dict[str, str] = {}  # --worker-env: extra environment of every Ray worker process
+OBJECT_STORE: dict[str, int] = {}  # --object-store-mib: {"object_store_memory": bytes}
+
+
 def start_ray() -> None:
     import ray
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", **WORKER_ENV}}, **OBJECT_STORE)
+
+
+def rss_parts(pid: int) -> dict[str, float]:
+    """``RssAnon`` (heap, stacks), ``RssFile`` (mapped files: libraries) and ``RssShmem`` (shared memory:
+    Ray's object store pages this process touched) of ``/proc/<pid>/status``, MiB."""
+    parts = {}
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile", "RssShmem"):
+                parts[key] = round(int(value.split()[0]) / 1024, 1)
+    return parts
 
 
 def slope(xs, ys) -> float:
@@ -190,7 +210,8 @@ def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32) -> d
                 rec = {"t": round(time.monotonic() - t0, 1), "step": step,
                        "driver_rss_mib": round(me.memory_info().rss / MIB, 1),
                        "worker_rss_mib": round(worker.memory_info().rss / MIB, 1) if worker else None,
-                       "worker_pss_mib": round(worker.memory_full_info().pss / MIB, 1) if worker else None}
+                       "worker_pss_mib": round(worker.memory_full_info().pss / MIB, 1) if worker else None,
+                       **(rss_parts(worker.pid) if worker else {})}
             except psutil.Error:
                 worker = None
                 continue
@@ -201,25 +222,36 @@ def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32) -> d
         ray.shutdown()
     final = int(outcome["result"].metrics["step"]) if "result" in outcome else None
     history = [m["step"] for m in read_history(str(run))]
-    tail = [s for s in samples if s["step"] >= 100 and s["worker_rss_mib"] is not None]
+    # training steps only: the last step's validation and export (a one-off allocation) is reported apart
+    tail = [s for s in samples if 100 <= s["step"] < steps and s["worker_rss_mib"] is not None]
+    second = [s for s in tail if s["step"] >= (100 + steps) / 2]
+    keys = {"rss": "worker_rss_mib", "pss": "worker_pss_mib", "RssAnon": "RssAnon", "RssFile": "RssFile",
+            "RssShmem": "RssShmem"}
+
+    def per_1000(rows: list[dict], key: str) -> float:
+        return round(1000 * slope([r["step"] for r in rows], [r[key] for r in rows]), 2)
 
     def at(step: int, key: str):
         near = [s for s in samples if s[key] is not None and s["step"] >= step]
         return near[0][key] if near else None
 
-    return {"steps": steps, "crop_size": crop, "final_step": final, "wall_s": round(wall, 1), "steps_per_s": round(steps / wall, 2),
-            "reports": len(history),
+    return {"steps": steps, "crop_size": crop, "final_step": final, "wall_s": round(wall, 1),
+            "steps_per_s": round(steps / wall, 2), "reports": len(history), "worker_env": WORKER_ENV,
+            "object_store_mib": OBJECT_STORE.get("object_store_memory", 0) // MIB or "Ray's default",
+            "note": "slopes over the training steps 100 <= step < steps (the last step's validation and "
+                    "export are the end_of_run figure); _second_half: over the later half of them. RssShmem: "
+                    "pages of Ray's object store (shared memory) the worker touched, bounded by its size",
             "worker_rss_at_step_100_mib": at(100, "worker_rss_mib"),
-            "worker_rss_at_last_step_mib": tail[-1]["worker_rss_mib"] if tail else None,
-            "worker_rss_max_mib": max((s["worker_rss_mib"] for s in tail), default=None),
-            "worker_rss_slope_mib_per_1000_steps": round(1000 * slope([s["step"] for s in tail],
-                                                                      [s["worker_rss_mib"] for s in tail]), 2),
-            "worker_pss_slope_mib_per_1000_steps": round(1000 * slope([s["step"] for s in tail],
-                                                                      [s["worker_pss_mib"] for s in tail]), 2),
+            "worker_rss_before_last_step_mib": tail[-1]["worker_rss_mib"] if tail else None,
+            "worker_rss_end_of_run_mib": max((s["worker_rss_mib"] for s in samples if s["step"] >= steps
+                                              and s["worker_rss_mib"] is not None), default=None),
+            **{f"worker_{name}_slope_mib_per_1000_steps": per_1000(tail, key) for name, key in keys.items()
+               if tail and tail[0].get(key) is not None},
+            **{f"worker_{name}_slope_second_half_mib_per_1000_steps": per_1000(second, key)
+               for name, key in keys.items() if second and second[0].get(key) is not None},
             "driver_rss_at_step_100_mib": at(100, "driver_rss_mib"),
-            "driver_rss_at_last_step_mib": tail[-1]["driver_rss_mib"] if tail else None,
-            "driver_rss_slope_mib_per_1000_steps": round(1000 * slope([s["step"] for s in tail],
-                                                                      [s["driver_rss_mib"] for s in tail]), 2),
+            "driver_rss_before_last_step_mib": tail[-1]["driver_rss_mib"] if tail else None,
+            "driver_rss_slope_mib_per_1000_steps": per_1000(tail, "driver_rss_mib"),
             "samples": samples[:: max(1, len(samples) // 200)]}
 
 
@@ -361,8 +393,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--interval", type=float, default=0.5)
     p.add_argument("--crop", type=int, default=32, help="train crop size (smoke: 64; 32 = 4x4 tokens, 4x faster)")
+    p.add_argument("--worker-env", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra environment of the Ray workers (e.g. MALLOC_ARENA_MAX=2)")
+    p.add_argument("--object-store-mib", type=int, default=None,
+                   help="Ray's object store size (default: Ray's, 30%% of memory)")
+    p.add_argument("--key", default=None, help="store the part under this key (default: the part's name)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.json"))
     args = p.parse_args(argv)
+    WORKER_ENV.update(kv.split("=", 1) for kv in args.worker_env)
+    if args.object_store_mib:
+        OBJECT_STORE["object_store_memory"] = args.object_store_mib * MIB
     workdir = Path(tempfile.mkdtemp(prefix="dncut-load-"))
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
@@ -372,8 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     if "eval" in args.parts:
         result["eval"] = {"meta": meta, **bench_eval(args.limits, args.interval, workdir)}
     if "train" in args.parts:
-        result["train"] = {"meta": meta, **bench_train(args.steps, max(args.interval, 1.0), workdir, args.crop)}
-        print(json.dumps({k: v for k, v in result["train"].items() if k != "samples"}), flush=True)
+        key = args.key or "train"
+        result[key] = {"meta": meta, **bench_train(args.steps, max(args.interval, 1.0), workdir, args.crop)}
+        print(json.dumps({k: v for k, v in result[key].items() if k != "samples"}), flush=True)
     if "ray_loop" in args.parts:
         result["ray_loop"] = {"meta": meta, **bench_ray_loop(args.steps, max(args.interval, 1.0), workdir, args.crop)}
     if "step" in args.parts:

@@ -246,7 +246,8 @@ def _frame(image: Image.Image | torch.Tensor,
     if isinstance(image, torch.Tensor) and scale != (1.0, 1.0):
         raise ValueError(f"a tensor image must be at full size {(width, height)}, got {size}")
     if not isinstance(image, torch.Tensor) and scale == (1.0, 1.0):
-        image = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)  # full size: the fast tensor path
+        # full size: the fast tensor path (np.array: a writable copy; PIL's buffer is read-only, which torch warns of)
+        image = torch.from_numpy(np.array(image)).permute(2, 0, 1)
     return image, (width, height), scale
 
 

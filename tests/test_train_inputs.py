@@ -77,8 +77,12 @@ def report_recorder(path: Path):
 
     class Recorder(ray.train.UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
+            import os
+
+            # the controller's poll interval, read in the controller's own process (dncut.train.REPORT_POLL_S)
+            poll = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
             with open(path, "a") as f:
-                f.write(json.dumps(metrics[0], default=str) + "\n")
+                f.write(json.dumps({**metrics[0], "controller_poll_s": poll}, default=str) + "\n")
 
     return Recorder()
 
@@ -119,7 +123,7 @@ def test_view_maker_decodes_odd_modes_and_flags_bad_files(tmp_path):
 
 @pytest.mark.ray
 def test_messy_folder_trains_and_counts_exactly_the_bad_files(ray_session, tmp_path):
-    from dncut.train import run_dir
+    from dncut.train import REPORT_POLL_S, run_dir
 
     folder = write_messy_folder(tmp_path / "train")
     cfg = smoke_config(tmp_path, f"data.train={folder}", "train.batch_size=8", "train.base_batch_size=8",
@@ -134,6 +138,8 @@ def test_messy_folder_trains_and_counts_exactly_the_bad_files(ray_session, tmp_p
     assert [r["step"] for r in reports] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in reports)
     assert (Path(run_dir(cfg)) / "backbone.pth").exists()
+    # Ray Train's controller polls (and so takes each report) every REPORT_POLL_S, not Ray's 2 s
+    assert {r["controller_poll_s"] for r in reports} == {str(REPORT_POLL_S)}
 
 
 @pytest.mark.parametrize("kind", ["empty", "missing", "no_images"])
