@@ -11,8 +11,8 @@ others):
                      resume from the newest checkpoint and finish; steps trained twice <=
                      checkpoint_every.
 ``s3_reads``         the S3 endpoint (a moto server subprocess) stopped (SIGSTOP) for a few seconds
-``s3_uploads``       as the Train worker starts, before its first decode task reads the training
-                     images from it (0-1 s after the actor is up; one 64-row task reads them all) /
+``s3_uploads``       at the first training image read from it (the server's request log, polled
+                     every 2 ms; one 64-row decode task reads them all) /
                      just before a checkpoint is uploaded to it, then continued (SIGCONT): the run must finish, or stop with
                      a message naming the URI while the newest intact checkpoint stays loadable.
 ``ckpt_truncate``    after a run, its newest checkpoint's state.pt truncated / its whole folder
@@ -380,6 +380,13 @@ def s3_endpoint():
     return _S3["server"], _S3["client"], _S3["images"]
 
 
+def _log_since(path: str, offset: int) -> str:
+    """The text appended to ``path`` after byte ``offset``."""
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return handle.read().decode(errors="replace")
+
+
 def _s3_trial(kind: str, workdir: Path, trial: int, rng: random.Random, fault: bool, total: int = 12) -> dict:
     from dncut.train import build_trainer, intact_checkpoints, run_dir, STATE_FILE
 
@@ -400,17 +407,15 @@ def _s3_trial(kind: str, workdir: Path, trial: int, rng: random.Random, fault: b
     res = _result(kind, trial, outage_s=OUTAGE_S if fault else 0)
     start = time.monotonic()
     trainer = build_trainer(cfg, callbacks=[make_recorder(events)])
+    fit_log_size = os.path.getsize(server.log_path)  # the driver's listing is above this offset
     thread, outcome = run_in_thread(trainer.fit)
     stopped = False
     try:
         if fault:
-            if kind == "s3_reads":  # as the Train worker starts: its first decode task (64 rows) reads the images
-                import ray
-
-                job = ray.get_runtime_context().get_job_id()
-                wait_for(lambda: [a for a in live_actors("RayTrainWorker").values() if a["JobID"] == job], 300,
-                         "the RayTrainWorker actor", thread.is_alive)
-                time.sleep(rng.uniform(0.0, 1.0))
+            if kind == "s3_reads":  # at the first image request of the run: its decode task is reading them
+                prefix = "/" + images.split("//")[1].rstrip("/") + "/"
+                wait_for(lambda: prefix in _log_since(server.log_path, fit_log_size), 300,
+                         "the first image read", thread.is_alive, poll=0.002)
                 target = last_step(read_events(events))
             else:  # the step before a checkpoint: the outage covers its upload
                 target = rng.choice([k - 1 for k in range(2 * CKPT_EVERY, total, CKPT_EVERY)])
@@ -423,9 +428,7 @@ def _s3_trial(kind: str, workdir: Path, trial: int, rng: random.Random, fault: b
             os.kill(server.process.pid, signal.SIGCONT)
             stopped = False
             time.sleep(0.5)  # the requests that waited in the socket backlog are served first
-            with open(server.log_path, "rb") as handle:
-                handle.seek(log_size)
-                held = handle.read().decode(errors="replace").splitlines()
+            held = _log_since(server.log_path, log_size).splitlines()
             wanted = images.split("//")[1].split("/")[0] if kind == "s3_reads" else bucket
             res["requests_held_by_outage"] = sum(wanted in line for line in held)
         thread.join(timeout=600)

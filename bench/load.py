@@ -18,7 +18,8 @@
            the end (after the last validation and export), least-squares slopes (MiB per 1000 steps)
            over the training steps 100 <= step < --steps and over their later half, the driver's
            too. ``--worker-env KEY=VALUE`` (e.g. ``MALLOC_ARENA_MAX=2``), ``--object-store-mib`` and
-           ``--key`` (the JSON key) compare settings.
+           ``--key`` (the JSON key) compare settings; ``--traced`` runs the worker's loop under
+           tracemalloc and adds its largest Python allocation growths from step 100 to the end.
 
 ``step``   the same training step (``dncut.train.train_one_step``, same config and crop) in this
            process, without Ray: four fixed batches of ``ViewMaker`` rows cycled for ``--steps``
@@ -42,6 +43,7 @@ Writes ``bench/results/load.json``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -170,10 +172,50 @@ def bench_eval(limits: list[int], interval: float, workdir: Path) -> dict:
     return {"runs": runs, **fit}
 
 
-def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32) -> dict:
+def _traced_loop(loop_config: dict) -> None:
+    """``dncut.train.train_loop_per_worker`` with tracemalloc on (``--traced``): Python allocations of the
+    Train worker at step 100 (a thread watches ``metrics.jsonl``) against the end, to ``traced.json``."""
+    import tracemalloc
+
+    import dncut.train as train
+    from dncut.config import Config
+    from dncut.tracking import read_history
+
+    cfg = Config.model_validate(loop_config["config"])
+    first: dict = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.5):
+            history = read_history(train.run_dir(cfg))
+            if history and history[-1]["step"] >= 100:
+                first.update(step=history[-1]["step"], snapshot=tracemalloc.take_snapshot())
+                return
+
+    tracemalloc.start(8)
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        train.train_loop_per_worker(loop_config)
+    finally:
+        done.set()
+        thread.join()
+        out = {"from_step": first.get("step")}
+        if "snapshot" in first:
+            last = tracemalloc.take_snapshot()
+            for group in ("lineno", "filename"):
+                out[f"top_by_{group}"] = [{"where": str(d.traceback[0]), "kib": round(d.size_diff / 1024, 1),
+                                           "blocks": d.count_diff} for d in last.compare_to(first["snapshot"], group)[:10]]
+            out["total_growth_kib"] = round(sum(d.size_diff for d in last.compare_to(first["snapshot"], "filename")) / 1024, 1)
+        tracemalloc.stop()
+        Path(os.environ["DNCUT_LOAD_TRACED_OUT"]).write_text(json.dumps(out, indent=1))
+
+
+def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32, traced: bool = False) -> dict:
     import ray
     from ray._private import state
 
+    import dncut.train
     from dncut.config import load_config
     from dncut.tracking import read_history
     from dncut.train import fit, run_dir
@@ -183,6 +225,10 @@ def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32) -> d
                        "train.checkpoint_every=250", "train.log_every=10", "train.val_every=null",
                        "data.val_scenes=2", "tracking.tensorboard=false", f"data.crop_size={crop}"])
     run = Path(run_dir(cfg))
+    traced_out = workdir / "traced.json"
+    if traced:  # build_trainer hands this function to the workers; they call the real loop inside it
+        WORKER_ENV["DNCUT_LOAD_TRACED_OUT"] = str(traced_out)
+        dncut.train.train_loop_per_worker = _traced_loop
     start_ray()
     samples: list[dict] = []
     outcome: dict = {}
@@ -220,6 +266,9 @@ def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32) -> d
         wall = time.monotonic() - t0
     finally:
         ray.shutdown()
+        if traced:
+            WORKER_ENV.pop("DNCUT_LOAD_TRACED_OUT")
+            importlib.reload(dncut.train)  # the real train_loop_per_worker again
     final = int(outcome["result"].metrics["step"]) if "result" in outcome else None
     history = [m["step"] for m in read_history(str(run))]
     # training steps only: the last step's validation and export (a one-off allocation) is reported apart
@@ -252,6 +301,8 @@ def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32) -> d
             "driver_rss_at_step_100_mib": at(100, "driver_rss_mib"),
             "driver_rss_before_last_step_mib": tail[-1]["driver_rss_mib"] if tail else None,
             "driver_rss_slope_mib_per_1000_steps": per_1000(tail, "driver_rss_mib"),
+            **({"worker_python_growth": json.loads(traced_out.read_text()) if traced_out.exists() else None}
+               if traced else {}),
             "samples": samples[:: max(1, len(samples) // 200)]}
 
 
@@ -397,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra environment of the Ray workers (e.g. MALLOC_ARENA_MAX=2)")
     p.add_argument("--object-store-mib", type=int, default=None,
                    help="Ray's object store size (default: Ray's, 30%% of memory)")
+    p.add_argument("--traced", action="store_true",
+                   help="train: tracemalloc in the Train worker, its Python allocation growth from step 100 to the end")
     p.add_argument("--key", default=None, help="store the part under this key (default: the part's name)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.json"))
     args = p.parse_args(argv)
@@ -413,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         result["eval"] = {"meta": meta, **bench_eval(args.limits, args.interval, workdir)}
     if "train" in args.parts:
         key = args.key or "train"
-        result[key] = {"meta": meta, **bench_train(args.steps, max(args.interval, 1.0), workdir, args.crop)}
+        result[key] = {"meta": meta, **bench_train(args.steps, max(args.interval, 1.0), workdir, args.crop, args.traced)}
         print(json.dumps({k: v for k, v in result[key].items() if k != "samples"}), flush=True)
     if "ray_loop" in args.parts:
         result["ray_loop"] = {"meta": meta, **bench_ray_loop(args.steps, max(args.interval, 1.0), workdir, args.crop)}
