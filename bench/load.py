@@ -174,23 +174,26 @@ def bench_eval(limits: list[int], interval: float, workdir: Path) -> dict:
 
 def _traced_loop(loop_config: dict) -> None:
     """``dncut.train.train_loop_per_worker`` with tracemalloc on (``--traced``): Python allocations of the
-    Train worker at step 100 (a thread watches ``metrics.jsonl``) against the end, to ``traced.json``."""
+    Train worker at step 100 against 10 steps before the end (a thread watches ``metrics.jsonl``; the
+    last step's validation and export stay out), to ``traced.json``."""
     import tracemalloc
 
     import dncut.train as train
     from dncut.config import Config
     from dncut.tracking import read_history
 
-    cfg = Config.model_validate(loop_config["config"])
+    cfg, total = Config.model_validate(loop_config["config"]), int(loop_config["total_steps"])
     first: dict = {}
+    last: dict = {}
     done = threading.Event()
 
     def watch() -> None:
-        while not done.wait(0.5):
-            history = read_history(train.run_dir(cfg))
-            if history and history[-1]["step"] >= 100:
-                first.update(step=history[-1]["step"], snapshot=tracemalloc.take_snapshot())
-                return
+        for at, into in ((100, first), (total - 10, last)):
+            while not done.wait(0.2):
+                history = read_history(train.run_dir(cfg))
+                if history and history[-1]["step"] >= at:
+                    into.update(step=history[-1]["step"], snapshot=tracemalloc.take_snapshot())
+                    break
 
     tracemalloc.start(8)
     thread = threading.Thread(target=watch, daemon=True)
@@ -200,13 +203,13 @@ def _traced_loop(loop_config: dict) -> None:
     finally:
         done.set()
         thread.join()
-        out = {"from_step": first.get("step")}
-        if "snapshot" in first:
-            last = tracemalloc.take_snapshot()
+        out = {"from_step": first.get("step"), "to_step": last.get("step")}
+        if "snapshot" in first and "snapshot" in last:
             for group in ("lineno", "filename"):
+                diff = last["snapshot"].compare_to(first["snapshot"], group)
                 out[f"top_by_{group}"] = [{"where": str(d.traceback[0]), "kib": round(d.size_diff / 1024, 1),
-                                           "blocks": d.count_diff} for d in last.compare_to(first["snapshot"], group)[:10]]
-            out["total_growth_kib"] = round(sum(d.size_diff for d in last.compare_to(first["snapshot"], "filename")) / 1024, 1)
+                                           "blocks": d.count_diff} for d in diff[:10]]
+            out["total_growth_kib"] = round(sum(d.size_diff for d in diff) / 1024, 1)
         tracemalloc.stop()
         Path(os.environ["DNCUT_LOAD_TRACED_OUT"]).write_text(json.dumps(out, indent=1))
 
