@@ -11,9 +11,9 @@ others):
                      resume from the newest checkpoint and finish; steps trained twice <=
                      checkpoint_every.
 ``s3_reads``         the S3 endpoint (a moto server subprocess) stopped (SIGSTOP) for a few seconds
-``s3_uploads``       at the first training image read from it (the server's request log, polled
-                     every 2 ms; one 64-row decode task reads them all) /
-                     just before a checkpoint is uploaded to it, then continued (SIGCONT): the run must finish, or stop with
+``s3_uploads``       at the run's first training image request (its request log, polled every 2 ms;
+                     one 64-row decode task reads them all) / just before a checkpoint is uploaded
+                     to it, then continued (SIGCONT): the run must finish, or stop with
                      a message naming the URI while the newest intact checkpoint stays loadable.
 ``ckpt_truncate``    after a run, its newest checkpoint's state.pt truncated / its whole folder
 ``ckpt_delete``      deleted; then the run is continued (max_steps raised): it must resume from the

@@ -19,7 +19,8 @@
            over the training steps 100 <= step < --steps and over their later half, the driver's
            too. ``--worker-env KEY=VALUE`` (e.g. ``MALLOC_ARENA_MAX=2``), ``--object-store-mib`` and
            ``--key`` (the JSON key) compare settings; ``--traced`` runs the worker's loop under
-           tracemalloc and adds its largest Python allocation growths from step 100 to the end.
+           tracemalloc and adds its largest Python allocation growths from step 100 to 10 steps before
+           the end.
 
 ``step``   the same training step (``dncut.train.train_one_step``, same config and crop) in this
            process, without Ray: four fixed batches of ``ViewMaker`` rows cycled for ``--steps``
@@ -43,7 +44,6 @@ Writes ``bench/results/load.json``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -229,6 +229,7 @@ def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32, trac
                        "data.val_scenes=2", "tracking.tensorboard=false", f"data.crop_size={crop}"])
     run = Path(run_dir(cfg))
     traced_out = workdir / "traced.json"
+    real_loop = dncut.train.train_loop_per_worker
     if traced:  # build_trainer hands this function to the workers; they call the real loop inside it
         WORKER_ENV["DNCUT_LOAD_TRACED_OUT"] = str(traced_out)
         dncut.train.train_loop_per_worker = _traced_loop
@@ -271,7 +272,7 @@ def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32, trac
         ray.shutdown()
         if traced:
             WORKER_ENV.pop("DNCUT_LOAD_TRACED_OUT")
-            importlib.reload(dncut.train)  # the real train_loop_per_worker again
+            dncut.train.train_loop_per_worker = real_loop
     final = int(outcome["result"].metrics["step"]) if "result" in outcome else None
     history = [m["step"] for m in read_history(str(run))]
     # training steps only: the last step's validation and export (a one-off allocation) is reported apart
@@ -452,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--object-store-mib", type=int, default=None,
                    help="Ray's object store size (default: Ray's, 30%% of memory)")
     p.add_argument("--traced", action="store_true",
-                   help="train: tracemalloc in the Train worker, its Python allocation growth from step 100 to the end")
+                   help="train: tracemalloc in the Train worker, its Python allocation growth from step 100 to 10 steps before the end")
     p.add_argument("--key", default=None, help="store the part under this key (default: the part's name)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.json"))
     args = p.parse_args(argv)
