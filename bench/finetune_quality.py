@@ -96,7 +96,7 @@ def scoring_config(cfg, val_dir: str):
     return cfg.with_overrides({"data.val": os.path.abspath(val_dir)})
 
 
-def score(backbone, cfg, sizes: list[int]) -> dict[str, dict[str, float]]:
+def score(backbone, cfg, sizes: list[int], device: str = "cpu") -> dict[str, dict[str, float]]:
     """Simple-NCut saliency per evaluation size on all of sod-val and on its held-out half (the 50
     images ``bench/recipe_sweep.py`` never validated on): ``{"320": {...}, "320_held_out": {...}}``."""
     from dncut.eval.validate import score_backbone, validation_rows
@@ -107,7 +107,7 @@ def score(backbone, cfg, sizes: list[int]) -> dict[str, dict[str, float]]:
         rows = validation_rows(sized)
         _, held_out = sod_val_split(Path(cfg.data.val))
         for key, subset in ((str(size), rows), (f"{size}_held_out", [r for r in rows if r["image_id"] in held_out])):
-            scores, _ = score_backbone(backbone, subset, sized)
+            scores, _ = score_backbone(backbone, subset, sized, device=device)
             out[key] = {k: round(v, ROUND) for k, v in scores.items()}
     return out
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -162,9 +163,12 @@ def test_same_seed_same_losses_other_seed_other_losses(ray_session, tmp_path: Pa
     from dncut.train import fit, run_dir
     from dncut.tracking import read_history
 
+    def config(seed: int, name: str):
+        return load_config(SMOKE, [f"output_dir={tmp_path}", f"run_name={name}", f"seed={seed}", "train.max_steps=4",
+                                   "train.val_every=null", "data.val_scenes=1", "train.checkpoint_every=4"])
+
     def losses(seed: int, name: str) -> list[float]:
-        cfg = load_config(SMOKE, [f"output_dir={tmp_path}", f"run_name={name}", f"seed={seed}", "train.max_steps=4",
-                                  "train.val_every=null", "data.val_scenes=1", "train.checkpoint_every=4"])
+        cfg = config(seed, name)
         fit(cfg)
         history = read_history(run_dir(cfg))
         assert [m["step"] for m in history] == [1, 2, 3, 4]
@@ -173,6 +177,12 @@ def test_same_seed_same_losses_other_seed_other_losses(ray_session, tmp_path: Pa
     first, again, other = losses(0, "a"), losses(0, "b"), losses(1, "c")
     assert first == again, json.dumps([first, again])
     assert first != other
+    # bench/finetune_device.py (the in-process loop the device machine runs, it has no Ray) trains
+    # what fit trains: the same rows, views, batches, initialisation and steps, bit for bit
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from finetune_device import train
+
+    assert train(config(0, "device"), "cpu", view_workers=1)["losses"] == first
 
 
 @pytest.mark.ray

@@ -1,0 +1,283 @@
+"""Finetuning recipes on an accelerator without Ray: ``dncut.train``'s one-worker loop, in-process.
+
+The device machine of ``bench/gpu_check.sh`` has PyTorch but no Ray (and too little room to
+carry it), so ``bench/finetune_quality.py`` (``dncut.train.fit``) cannot run there. This bench
+runs what one Ray Train worker runs, with the library's own parts and nothing restated::
+
+    rows     dncut.data.pipeline.epoch_rows(source_uris(cfg), seed, epochs_needed(...))   (file order)
+    views    dncut.data.pipeline.ViewMaker(cfg)(row), in a process pool, order kept        (Ray Data's map)
+    batches  consecutive ``train.batch_size`` rows, last partial batch dropped             (iter_torch_batches)
+    model    torch.manual_seed(seed); build_model / build_loss / build_optimizer / lr_schedule
+    step     dncut.train.train_one_step
+    validate every ``train.val_every`` steps (and at step 0): dncut.eval.validate.score_backbone on
+             sod-val's tune half at 320 px; ``train.export: best_val_iou`` keeps the best encoder
+    score    bench/finetune_quality.py's ``score`` of the exported encoder (all of sod-val and the
+             held-out half, at every evaluation size), and of the pretrained one (``before``)
+
+``tests/test_finetune_device.py`` checks on the CPU that its per-step losses equal those of
+``dncut.train.fit`` (Ray Train, one worker) for the same config, so a recipe found here is the
+recipe ``fit`` trains.
+
+Each (recipe, tap, seed) is one subprocess (``--parallel`` at a time on the one device); the JSON
+(``--out``) is rewritten after every finished run, so a run stopped at its time limit keeps what
+it finished. Jobs not started by ``--deadline-s`` are recorded as skipped.
+
+Run::
+
+    python bench/finetune_device.py --device cuda --recipe demo: \\
+        --recipe 'b64=train.batch_size=64;train.base_batch_size=64;loss.min_pass=32;train.max_steps=200'
+
+A recipe is ``NAME=KEY=VALUE;KEY=VALUE`` (overrides of ``--config``; ``NAME:`` or ``NAME=`` alone is the
+config as it is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import finetune_quality as fq  # noqa: E402 - bench/ is on sys.path when run as a script
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/train/demo.yaml", help="base recipe (the demo's)")
+    p.add_argument("--recipe", action="append", default=[], metavar="NAME=K=V;K=V",
+                   help="a named set of overrides (repeatable); default: the config as it is")
+    p.add_argument("--taps", nargs="+", default=["efficientnet_lite0_s16"], choices=fq.TAPS)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--eval-sizes", type=int, nargs="+", default=[320, 480])
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time on the device")
+    p.add_argument("--view-workers", type=int, default=2, help="view-making processes per run")
+    p.add_argument("--deadline-s", type=float, default=math.inf, help="start no run after this many seconds")
+    p.add_argument("--train-dir", default=str(fq.SHARED / "bsds-unlabeled"))
+    p.add_argument("--val-dir", default=str(fq.SHARED / "sod-val"))
+    p.add_argument("--output-dir", default="outputs/finetune_device")
+    p.add_argument("--out", default=str(HERE / "results" / "finetune_device.json"))
+    p.add_argument("--job", help=argparse.SUPPRESS)  # internal: one run, JSON spec
+    return p.parse_args(argv)
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def parse_recipe(text: str) -> tuple[str, list[str]]:
+    """``"name=a.b=1;c=2"`` -> ``("name", ["a.b=1", "c=2"])``; ``"name:"`` -> ``("name", [])``."""
+    match = re.fullmatch(r"([\w.-]+)[=:](.*)", text)
+    if match is None:
+        raise SystemExit(f"finetune_device: --recipe {text!r} is not NAME=KEY=VALUE;... or NAME:")
+    return match[1], [kv for kv in match[2].split(";") if kv]
+
+
+def job_config(args: argparse.Namespace, overrides: list[str], tap: str, seed: int, output_dir: str):
+    """``bench/finetune_quality.py``'s config (tune-half validation, best_val_iou export) + the recipe."""
+    base = argparse.Namespace(config=args.config, train_dir=args.train_dir, overrides=overrides)
+    return fq.build_config(base, tap, seed, output_dir)
+
+
+# ----------------------------------------------------------------------------- one run (a subprocess)
+
+
+def _init_views(cfg_json: dict) -> None:
+    from dncut.config import Config
+    from dncut.data.pipeline import ViewMaker
+
+    global _MAKER
+    _MAKER = ViewMaker(Config.model_validate(cfg_json))
+
+
+def _views(row: dict) -> dict:
+    return _MAKER(row)
+
+
+def collate(rows: list[dict], device) -> dict:
+    """Rows of numpy arrays and scalars -> ``{key: (b, ...) tensor on device}`` (Ray's iter_torch_batches)."""
+    import numpy as np
+    import torch
+
+    return {k: torch.from_numpy(np.stack([np.asarray(r[k]) for r in rows])).to(device) for k in rows[0]}
+
+
+def batches(cfg, device, pool):
+    """The run's batches in ``fit``'s order (one worker), views made by ``pool``."""
+    from dncut.data.pipeline import epoch_rows, epochs_needed, source_uris
+
+    uris = source_uris(cfg)
+    total = cfg.train.total_steps(len(uris))
+    rows = epoch_rows(uris, cfg.seed, epochs_needed(len(uris), total, cfg.train.batch_size))
+    bs, chunk = cfg.train.batch_size, []
+    for row in pool.imap(_views, rows, chunksize=4):
+        chunk.append(row)
+        if len(chunk) == bs:
+            yield collate(chunk, device)
+            chunk = []
+
+
+def train(cfg, device: str, view_workers: int, validate: bool = True) -> dict:
+    """One run as one Ray Train worker would do it; the best encoder (by tune-half val IoU) exported.
+
+    Returns ``{"losses": [per step], "val_curve": [...], "best_val_iou", "best_step", "export", "train_seconds"}``.
+    """
+    import torch
+
+    from dncut.backbones import export_backbone
+    from dncut.eval.validate import score_backbone, validation_rows
+    from dncut.train import EXPORT_FILE, LoopState, build_loss, build_model, build_optimizer, lr_schedule, run_dir
+    from dncut.train import train_one_step, _val_due
+    from dncut.data.pipeline import source_uris
+
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    torch.manual_seed(cfg.seed)  # dncut.train._setup_worker: seed + rank, rank 0
+    model, criterion = build_model(cfg), build_loss(cfg)
+    optimizer = build_optimizer(model, cfg)
+    total = cfg.train.total_steps(len(source_uris(cfg)))
+    sched = lr_schedule(cfg.train.effective_lr(), cfg.train.min_lr, cfg.train.warmup_steps, total)
+    model.to(dev)  # ray.train.torch.prepare_model on one worker
+    state, losses, curve = LoopState(), [], []
+    val_rows = validation_rows(cfg) if validate else []
+    export = os.path.join(run_dir(cfg), EXPORT_FILE)
+    os.makedirs(run_dir(cfg), exist_ok=True)
+    best = {"iou": -math.inf, "step": None}
+
+    def validate_now():
+        scores, _ = score_backbone(model.encoder, val_rows, cfg, device=dev)
+        curve.append({"val_step": state.step, **{f"val_{k}": round(float(v), fq.ROUND) for k, v in scores.items()}})
+        if scores["iou"] > best["iou"]:
+            best.update(iou=float(scores["iou"]), step=state.step)
+            export_backbone(model.encoder, export)
+
+    if validate:
+        validate_now()
+    with mp.get_context("spawn").Pool(view_workers, _init_views, (cfg.model_dump(mode="json"),)) as pool:
+        for batch in batches(cfg, dev, pool):
+            train_one_step(model, criterion, optimizer, batch, float(sched[state.step]), state, cfg, dev)
+            losses.append(float(state.last_parts.get("loss", math.nan)))
+            if validate and _val_due(state.step, total, cfg):
+                validate_now()
+            if state.step >= total:
+                break
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return {"losses": losses, "val_curve": curve, "best_val_iou": best["iou"], "best_step": best["step"],
+            "export": export, "train_seconds": round(time.perf_counter() - t0, 1),
+            "collapsed": state.last_parts.get("collapsed"), "nan_steps": state.counters["nan_steps"]}
+
+
+def run_job(spec: dict) -> dict:
+    """One (recipe, tap, seed): train, then score the exported encoder (or the pretrained one: ``before``)."""
+    import torch
+
+    from dncut.backbones import create_backbone
+    from dncut.config import Config
+
+    cfg = Config.model_validate(spec["config"])
+    score_cfg = fq.scoring_config(cfg, spec["val_dir"])
+    if spec.get("before"):
+        backbone = create_backbone(cfg.model.backbone, pretrained=True)
+        return {"scores": fq.score(backbone, score_cfg, spec["eval_sizes"], device=spec["device"])}
+    out = train(cfg, spec["device"], spec["view_workers"])
+    after = fq.score(create_backbone(cfg.model.backbone, checkpoint=out["export"]), score_cfg, spec["eval_sizes"],
+                     device=spec["device"])
+    return {**out, "scores": after, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+# ----------------------------------------------------------------------------- the orchestrator
+
+
+def summarise(report: dict) -> None:
+    """Per recipe and tap: delta per seed and mean delta (after - before) for every scored subset."""
+    for recipe in report["recipes"].values():
+        for tap, entry in recipe["taps"].items():
+            before = report["before"].get(tap)
+            runs = {s: r for s, r in entry["runs"].items() if "scores" in r}
+            if before is None or not runs:
+                continue
+            for r in runs.values():
+                r["delta"] = {k: {m: round(r["scores"][k][m] - before[k][m], fq.ROUND) for m in before[k]}
+                              for k in before}
+            entry["mean_delta"] = {k: {m: round(sum(r["delta"][k][m] for r in runs.values()) / len(runs), fq.ROUND)
+                                       for m in before[k]} for k in before}
+            entry["seeds_done"] = len(runs)
+
+
+def launch(spec: dict, folder: str) -> tuple[subprocess.Popen, str]:
+    path = os.path.join(folder, f"job{len(os.listdir(folder))}.json")
+    Path(path).write_text(json.dumps(spec))
+    log = open(path + ".log", "w")
+    proc = subprocess.Popen([sys.executable, __file__, "--job", path], stdout=log, stderr=subprocess.STDOUT)
+    return proc, path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.job:
+        spec = json.loads(Path(args.job).read_text())
+        Path(args.job + ".out").write_text(json.dumps(run_job(spec), default=str))
+        return {}
+    fq.check_data(args.train_dir, args.val_dir)
+    t_start = time.perf_counter()
+    import torch
+
+    output_dir = os.path.abspath(os.path.join(args.output_dir, time.strftime("%Y%m%d-%H%M%S")))
+    fq.link_tune_half(Path(args.val_dir), Path(fq.TUNE_DIR))
+    recipes = dict(parse_recipe(r) for r in (args.recipe or ["config:"]))
+    report = {"bench": "finetune_device", "config": args.config, "data": {"train": args.train_dir, "val": args.val_dir},
+              "eval_sizes": args.eval_sizes, "before": {}, "skipped": [],
+              "recipes": {n: {"overrides": o, "taps": {t: {"runs": {}} for t in args.taps}} for n, o in recipes.items()},
+              "machine": {"cpus": os.cpu_count(), "device": args.device, "python": platform.python_version(),
+                          "torch": torch.__version__,
+                          "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
+    common = {"val_dir": args.val_dir, "eval_sizes": args.eval_sizes, "device": args.device,
+              "view_workers": args.view_workers}
+    queue = [({**common, "before": True, "config": job_config(args, [], t, 0, output_dir).model_dump(mode="json")},
+              ("before", t, None)) for t in args.taps]
+    queue += [({**common, "config": job_config(args, o, t, s, os.path.join(output_dir, n)).model_dump(mode="json")},
+               (n, t, s)) for s in args.seeds for n, o in recipes.items() for t in args.taps]
+    folder = tempfile.mkdtemp(prefix="finetune_device_")
+    running: list[tuple[subprocess.Popen, str, tuple]] = []
+    while queue or running:
+        while queue and len(running) < args.parallel:
+            spec, key = queue.pop(0)
+            if time.perf_counter() - t_start > args.deadline_s:
+                report["skipped"].append(list(key))
+                continue
+            running.append((*launch(spec, folder), key))
+        time.sleep(0.5)
+        for item in [r for r in running if r[0].poll() is not None]:
+            running.remove(item)
+            proc, path, (name, tap, seed) = item
+            result = (json.loads(Path(path + ".out").read_text()) if proc.returncode == 0 and Path(path + ".out").exists()
+                      else {"error": f"exit {proc.returncode}: " + Path(path + ".log").read_text()[-2000:]})
+            if name == "before":
+                report["before"][tap] = result.get("scores", result)
+            else:
+                report["recipes"][name]["taps"][tap]["runs"][str(seed)] = result
+            summarise(report)
+            report["seconds_total"] = round(time.perf_counter() - t_start, 1)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+            delta = report["recipes"].get(name, {}).get("taps", {}).get(tap, {}).get("runs", {}).get(str(seed), {}).get("delta")
+            print(f"[{report['seconds_total']:7.1f}s] {name} {tap} seed {seed}: "
+                  f"{'error' if 'error' in result else 'done'} "
+                  f"{json.dumps({k: v['iou'] for k, v in (delta or {}).items()})}", flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
