@@ -94,10 +94,13 @@ def job_config(args: argparse.Namespace, overrides: list[str], tap: str, seed: i
 
 
 def _init_views(cfg_json: dict) -> None:
+    import torch
+
     from dncut.config import Config
     from dncut.data.pipeline import ViewMaker
 
     global _MAKER
+    torch.set_num_threads(1)  # as a Ray Data task (OMP_NUM_THREADS=1): many of these share the cores
     _MAKER = ViewMaker(Config.model_validate(cfg_json))
 
 
@@ -143,6 +146,8 @@ def train(cfg, device: str, view_workers: int, validate: bool = True) -> dict:
 
     t0 = time.perf_counter()
     dev = torch.device(device)
+    if dev.type == "cuda":  # the host side only feeds the device; --parallel runs share the cores
+        torch.set_num_threads(2)
     torch.manual_seed(cfg.seed)  # dncut.train._setup_worker: seed + rank, rank 0
     model, criterion = build_model(cfg), build_loss(cfg)
     optimizer = build_optimizer(model, cfg)

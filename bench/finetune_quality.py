@@ -102,6 +102,7 @@ def score(backbone, cfg, sizes: list[int], device: str = "cpu") -> dict[str, dic
     from dncut.eval.validate import score_backbone, validation_rows
 
     out = {}
+    backbone = backbone.to(device)  # score_backbone runs the backbone where it is given
     for size in sizes:
         sized = cfg.with_overrides({"eval.image_size": size})
         rows = validation_rows(sized)
