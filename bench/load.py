@@ -422,8 +422,9 @@ def bench_ray_loop(steps: int, interval: float, workdir: Path, crop: int = 32) -
                     step = int(step_file.read_text()) if step_file.exists() else 0
                     if worker is not None:
                         samples.append({"t": round(time.monotonic() - t0, 1), "step": step,
-                                        "worker_rss_mib": round(worker.memory_info().rss / MIB, 1)})
-                except (psutil.Error, ValueError):
+                                        "worker_rss_mib": round(worker.memory_info().rss / MIB, 1),
+                                        **rss_parts(worker.pid)})
+                except (psutil.Error, OSError, ValueError):
                     worker = None
                 time.sleep(interval)
             wall = time.monotonic() - t0
@@ -435,6 +436,9 @@ def bench_ray_loop(steps: int, interval: float, workdir: Path, crop: int = 32) -
                      "worker_rss_at_last_step_mib": tail[-1]["worker_rss_mib"] if tail else None,
                      "worker_rss_slope_mib_per_1000_steps": round(1000 * slope([x["step"] for x in tail],
                                                                                [x["worker_rss_mib"] for x in tail]), 2),
+                     **{f"worker_{k}_slope_mib_per_1000_steps": round(1000 * slope([x["step"] for x in tail],
+                                                                                   [x[k] for x in tail]), 2)
+                        for k in ("RssAnon", "RssShmem", "RssFile") if tail and k in tail[0]},
                      "samples": samples[:: max(1, len(samples) // 200)]}
         print(json.dumps({k: v for k, v in out[mode].items() if k != "samples"}), flush=True)
     return out
