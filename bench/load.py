@@ -278,6 +278,7 @@ def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32, trac
     # training steps only: the last step's validation and export (a one-off allocation) is reported apart
     tail = [s for s in samples if 100 <= s["step"] < steps and s["worker_rss_mib"] is not None]
     second = [s for s in tail if s["step"] >= (100 + steps) / 2]
+    window = max(1000, steps // 6)  # steps per window of worker_slopes_by_window
     keys = {"rss": "worker_rss_mib", "pss": "worker_pss_mib", "RssAnon": "RssAnon", "RssFile": "RssFile",
             "RssShmem": "RssShmem"}
 
@@ -302,6 +303,11 @@ def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32, trac
                if tail and tail[0].get(key) is not None},
             **{f"worker_{name}_slope_second_half_mib_per_1000_steps": per_1000(second, key)
                for name, key in keys.items() if second and second[0].get(key) is not None},
+            "worker_slopes_by_window_mib_per_1000_steps": {  # does the growth slow down (a heap settling)?
+                f"{lo}-{lo + window}": {name: per_1000(rows, key) for name, key in keys.items()
+                                        if rows[0].get(key) is not None}
+                for lo in range(0, steps, window)
+                for rows in [[s for s in tail if lo <= s["step"] < lo + window]] if len(rows) > 2},
             "driver_rss_at_step_100_mib": at(100, "driver_rss_mib"),
             "driver_rss_before_last_step_mib": tail[-1]["driver_rss_mib"] if tail else None,
             "driver_rss_slope_mib_per_1000_steps": per_1000(tail, "driver_rss_mib"),
