@@ -392,7 +392,8 @@ def _ray_loop(config: dict) -> None:
                 step_file.write_text(str(step))
 
 
-def bench_ray_loop(steps: int, interval: float, workdir: Path, crop: int = 32) -> dict:
+def bench_ray_loop(steps: int, interval: float, workdir: Path, crop: int = 32,
+                   modes: tuple[str, ...] = ("data", "report")) -> dict:
     import ray
     import ray.train
     import ray.train.torch
@@ -401,8 +402,11 @@ def bench_ray_loop(steps: int, interval: float, workdir: Path, crop: int = 32) -
     from dncut.config import load_config
     from dncut.data.pipeline import source_uris, train_data_config, train_dataset
 
+    from dncut.train import REPORT_POLL_S
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(REPORT_POLL_S))  # paced as dncut.train's runs
     out = {}
-    for mode in ("data", "report"):
+    for mode in modes:
         cfg = load_config(str(ROOT / "configs/train/smoke.yaml"), [f"data.crop_size={crop}", f"train.max_steps={steps}"])
         step_file = workdir / f"ray_loop_{mode}.step"
         start_ray()
@@ -442,9 +446,10 @@ def bench_ray_loop(steps: int, interval: float, workdir: Path, crop: int = 32) -
                      "worker_rss_at_last_step_mib": tail[-1]["worker_rss_mib"] if tail else None,
                      "worker_rss_slope_mib_per_1000_steps": round(1000 * slope([x["step"] for x in tail],
                                                                                [x["worker_rss_mib"] for x in tail]), 2),
-                     **{f"worker_{k}_slope_mib_per_1000_steps": round(1000 * slope([x["step"] for x in tail],
-                                                                                   [x[k] for x in tail]), 2)
-                        for k in ("RssAnon", "RssShmem", "RssFile") if tail and k in tail[0]},
+                     **{f"worker_{k}_slope_mib_per_1000_steps": round(1000 * slope([x["step"] for x in rows],
+                                                                                   [x[k] for x in rows]), 2)
+                        for k in ("RssAnon", "RssShmem", "RssFile")
+                        for rows in [[x for x in tail if k in x]] if len(rows) > 1},  # an exiting worker lacks them
                      "samples": samples[:: max(1, len(samples) // 200)]}
         print(json.dumps({k: v for k, v in out[mode].items() if k != "samples"}), flush=True)
     return out
@@ -464,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="Ray's object store size (default: Ray's, 30%% of memory)")
     p.add_argument("--traced", action="store_true",
                    help="train: tracemalloc in the Train worker, its Python allocation growth from step 100 to 10 steps before the end")
+    p.add_argument("--ray-loop-modes", nargs="+", choices=["data", "report"], default=["data", "report"],
+                   help="ray_loop part: the data iterator alone, the reports alone, or both")
     p.add_argument("--key", default=None, help="store the part under this key (default: the part's name)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.json"))
     args = p.parse_args(argv)
@@ -483,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         result[key] = {"meta": meta, **bench_train(args.steps, max(args.interval, 1.0), workdir, args.crop, args.traced)}
         print(json.dumps({k: v for k, v in result[key].items() if k != "samples"}), flush=True)
     if "ray_loop" in args.parts:
-        result["ray_loop"] = {"meta": meta, **bench_ray_loop(args.steps, max(args.interval, 1.0), workdir, args.crop)}
+        result.setdefault("ray_loop", {}).update(meta=meta, **bench_ray_loop(args.steps, max(args.interval, 1.0), workdir,
+                                                                             args.crop, tuple(args.ray_loop_modes)))
     if "step" in args.parts:
         result["step"] = {"meta": meta, **bench_step(args.steps, workdir, args.crop)}
         print(json.dumps({k: v for k, v in result["step"].items() if k != "samples"}), flush=True)
