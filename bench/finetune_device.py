@@ -14,9 +14,9 @@ runs what one Ray Train worker runs, with the library's own parts and nothing re
     score    bench/finetune_quality.py's ``score`` of the exported encoder (all of sod-val and the
              held-out half, at every evaluation size), and of the pretrained one (``before``)
 
-``tests/test_finetune_device.py`` checks on the CPU that its per-step losses equal those of
-``dncut.train.fit`` (Ray Train, one worker) for the same config, so a recipe found here is the
-recipe ``fit`` trains.
+``tests/test_contract.py::test_same_seed_same_losses_other_seed_other_losses`` checks on the CPU that
+its per-step losses equal those of ``dncut.train.fit`` (Ray Train, one worker) for the same config, bit
+for bit (validation and export are the library's own calls, not compared there).
 
 Each (recipe, tap, seed) is one subprocess (``--parallel`` at a time on the one device); the JSON
 (``--out``) is rewritten after every finished run, so a run stopped at its time limit keeps what
@@ -46,7 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import finetune_quality as fq  # noqa: E402 - bench/ is on sys.path when run as a script
+import finetune_quality as fq  # bench/ is on sys.path when run as a script
 
 HERE = Path(__file__).resolve().parent
 
@@ -84,6 +84,16 @@ def parse_recipe(text: str) -> tuple[str, list[str]]:
     return match[1], [kv for kv in match[2].split(";") if kv]
 
 
+def parse_recipes(texts: list[str]) -> dict[str, list[str]]:
+    """``--recipe`` values -> ``{name: overrides}``; a name used twice, or ``before`` (the baseline's key), is an error."""
+    recipes: dict[str, list[str]] = {}
+    for name, overrides in map(parse_recipe, texts):
+        if name in recipes or name == "before":
+            raise SystemExit(f"finetune_device: recipe name {name!r} is {'reserved' if name == 'before' else 'used twice'}")
+        recipes[name] = overrides
+    return recipes
+
+
 def job_config(args: argparse.Namespace, overrides: list[str], tap: str, seed: int, output_dir: str):
     """``bench/finetune_quality.py``'s config (tune-half validation, best_val_iou export) + the recipe."""
     base = argparse.Namespace(config=args.config, train_dir=args.train_dir, overrides=overrides)
@@ -116,12 +126,11 @@ def collate(rows: list[dict], device) -> dict:
     return {k: torch.from_numpy(np.stack([np.asarray(r[k]) for r in rows])).to(device) for k in rows[0]}
 
 
-def batches(cfg, device, pool):
-    """The run's batches in ``fit``'s order (one worker), views made by ``pool``."""
-    from dncut.data.pipeline import epoch_rows, epochs_needed, source_uris
+def batches(cfg, uris: list[str], total: int, device, pool):
+    """The run's batches in ``fit``'s order (one worker): dicts of ``(batch_size, ...)`` tensors on ``device``
+    (``view1``/``view2`` ``(b, 3, S, S)`` uint8, boxes ``(b, 4)``, ...), views made by ``pool``."""
+    from dncut.data.pipeline import epoch_rows, epochs_needed
 
-    uris = source_uris(cfg)
-    total = cfg.train.total_steps(len(uris))
     rows = epoch_rows(uris, cfg.seed, epochs_needed(len(uris), total, cfg.train.batch_size))
     bs, chunk = cfg.train.batch_size, []
     for row in pool.imap(_views, rows, chunksize=4):
@@ -144,14 +153,17 @@ def train(cfg, device: str, view_workers: int, validate: bool = True) -> dict:
     from dncut.train import train_one_step, _val_due
     from dncut.data.pipeline import source_uris
 
-    t0 = time.perf_counter()
+    if cfg.scaling.num_workers != 1:
+        raise SystemExit(f"finetune_device: one worker only (scaling.num_workers={cfg.scaling.num_workers})")
+    t0, threads = time.perf_counter(), torch.get_num_threads()
     dev = torch.device(device)
-    if dev.type == "cuda":  # the host side only feeds the device; --parallel runs share the cores
-        torch.set_num_threads(2)
+    # the host side only feeds a GPU (--parallel runs share the cores); on the CPU as _setup_worker
+    torch.set_num_threads(2 if dev.type == "cuda" else max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.seed)  # dncut.train._setup_worker: seed + rank, rank 0
     model, criterion = build_model(cfg), build_loss(cfg)
     optimizer = build_optimizer(model, cfg)
-    total = cfg.train.total_steps(len(source_uris(cfg)))
+    uris = source_uris(cfg)
+    total = cfg.train.total_steps(len(uris))
     sched = lr_schedule(cfg.train.effective_lr(), cfg.train.min_lr, cfg.train.warmup_steps, total)
     model.to(dev)  # ray.train.torch.prepare_model on one worker
     state, losses, curve = LoopState(), [], []
@@ -163,23 +175,31 @@ def train(cfg, device: str, view_workers: int, validate: bool = True) -> dict:
     def validate_now():
         scores, _ = score_backbone(model.encoder, val_rows, cfg, device=dev)
         curve.append({"val_step": state.step, **{f"val_{k}": round(float(v), fq.ROUND) for k, v in scores.items()}})
-        if scores["iou"] > best["iou"]:
+        if cfg.train.export == "best_val_iou" and scores["iou"] > best["iou"]:  # as Chief.validate
             best.update(iou=float(scores["iou"]), step=state.step)
             export_backbone(model.encoder, export)
 
     if validate:
         validate_now()
-    with mp.get_context("spawn").Pool(view_workers, _init_views, (cfg.model_dump(mode="json"),)) as pool:
-        for batch in batches(cfg, dev, pool):
-            train_one_step(model, criterion, optimizer, batch, float(sched[state.step]), state, cfg, dev)
-            losses.append(float(state.last_parts.get("loss", math.nan)))
-            if validate and _val_due(state.step, total, cfg):
-                validate_now()
-            if state.step >= total:
-                break
-    if device.startswith("cuda"):
+    try:
+        with mp.get_context("spawn").Pool(view_workers, _init_views, (cfg.model_dump(mode="json"),)) as pool:
+            for batch in batches(cfg, uris, total, dev, pool):
+                skipped = state.counters["nan_steps"]
+                train_one_step(model, criterion, optimizer, batch, float(sched[state.step]), state, cfg, dev)
+                losses.append(math.nan if state.counters["nan_steps"] > skipped else float(state.last_parts.get("loss", math.nan)))
+                if validate and _val_due(state.step, total, cfg):
+                    validate_now()
+                if state.step >= total:
+                    break
+    finally:
+        torch.set_num_threads(threads)
+    if state.step < total:
+        raise RuntimeError(f"the training rows ran out at step {state.step} of {total}")
+    if cfg.train.export == "last":  # as Chief.export
+        export_backbone(model.encoder, export)
+    if dev.type == "cuda":
         torch.cuda.synchronize()
-    return {"losses": losses, "val_curve": curve, "best_val_iou": best["iou"], "best_step": best["step"],
+    return {"losses": losses, "val_curve": curve, "best_val_iou": best["iou"] if best["step"] is not None else None, "best_step": best["step"],
             "export": export, "train_seconds": round(time.perf_counter() - t0, 1),
             "collapsed": state.last_parts.get("collapsed"), "nan_steps": state.counters["nan_steps"]}
 
@@ -221,12 +241,48 @@ def summarise(report: dict) -> None:
             entry["seeds_done"] = len(runs)
 
 
-def launch(spec: dict, folder: str) -> tuple[subprocess.Popen, str]:
-    path = os.path.join(folder, f"job{len(os.listdir(folder))}.json")
+def launch(spec: dict, folder: str, index: int) -> tuple[subprocess.Popen, str]:
+    """Start job ``index`` (``spec``) as ``python finetune_device.py --job FOLDER/job<index>.json``."""
+    path = os.path.join(folder, f"job{index}.json")
     Path(path).write_text(json.dumps(spec))
-    log = open(path + ".log", "w")
-    proc = subprocess.Popen([sys.executable, __file__, "--job", path], stdout=log, stderr=subprocess.STDOUT)
+    with open(path + ".log", "w") as log:  # the child holds its own copy of the handle
+        proc = subprocess.Popen([sys.executable, __file__, "--job", path], stdout=log, stderr=subprocess.STDOUT)
     return proc, path
+
+
+def build_queue(args: argparse.Namespace, recipes: dict[str, list[str]], output_dir: str) -> list[tuple[dict, tuple]]:
+    """``[(job spec, (recipe name or "before", tap, seed))]``: the pretrained scores first, then seed-major."""
+    common = {"val_dir": args.val_dir, "eval_sizes": args.eval_sizes, "device": args.device,
+              "view_workers": args.view_workers}
+    queue = [({**common, "before": True, "config": job_config(args, [], t, 0, output_dir).model_dump(mode="json")},
+              ("before", t, None)) for t in args.taps]
+    queue += [({**common, "config": job_config(args, o, t, s, os.path.join(output_dir, n)).model_dump(mode="json")},
+               (n, t, s)) for s in args.seeds for n, o in recipes.items() for t in args.taps]
+    return queue
+
+
+def record(report: dict, key: tuple, result: dict) -> None:
+    """File one finished job's result: a baseline under ``before``, a run under its recipe; errors apart."""
+    name, tap, seed = key
+    if "error" in result:
+        report["errors"].append({"job": list(key), "error": result["error"]})
+    elif name == "before":
+        report["before"][tap] = result["scores"]
+    else:
+        report["recipes"][name]["taps"][tap]["runs"][str(seed)] = result
+    summarise(report)
+
+
+def write(report: dict, out: str, t_start: float) -> None:
+    report["seconds_total"] = round(time.perf_counter() - t_start, 1)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def job_result(proc: subprocess.Popen, path: str) -> dict:
+    done = proc.returncode == 0 and Path(path + ".out").exists()
+    return json.loads(Path(path + ".out").read_text()) if done else {
+        "error": f"exit {proc.returncode}: " + Path(path + ".log").read_text()[-2000:]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -237,51 +293,41 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     fq.check_data(args.train_dir, args.val_dir)
     t_start = time.perf_counter()
-    import torch
-
+    recipes = parse_recipes(args.recipe or ["config:"])
     output_dir = os.path.abspath(os.path.join(args.output_dir, time.strftime("%Y%m%d-%H%M%S")))
     fq.link_tune_half(Path(args.val_dir), Path(fq.TUNE_DIR))
-    recipes = dict(parse_recipe(r) for r in (args.recipe or ["config:"]))
     report = {"bench": "finetune_device", "config": args.config, "data": {"train": args.train_dir, "val": args.val_dir},
-              "eval_sizes": args.eval_sizes, "before": {}, "skipped": [],
+              "eval_sizes": args.eval_sizes, "before": {}, "skipped": [], "errors": [],
               "recipes": {n: {"overrides": o, "taps": {t: {"runs": {}} for t in args.taps}} for n, o in recipes.items()},
-              "machine": {"cpus": os.cpu_count(), "device": args.device, "python": platform.python_version(),
-                          "torch": torch.__version__,
-                          "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
-    common = {"val_dir": args.val_dir, "eval_sizes": args.eval_sizes, "device": args.device,
-              "view_workers": args.view_workers}
-    queue = [({**common, "before": True, "config": job_config(args, [], t, 0, output_dir).model_dump(mode="json")},
-              ("before", t, None)) for t in args.taps]
-    queue += [({**common, "config": job_config(args, o, t, s, os.path.join(output_dir, n)).model_dump(mode="json")},
-               (n, t, s)) for s in args.seeds for n, o in recipes.items() for t in args.taps]
-    folder = tempfile.mkdtemp(prefix="finetune_device_")
+              "machine": machine(args.device)}
+    queue, folder = list(enumerate(build_queue(args, recipes, output_dir))), tempfile.mkdtemp(prefix="finetune_device_")
     running: list[tuple[subprocess.Popen, str, tuple]] = []
     while queue or running:
         while queue and len(running) < args.parallel:
-            spec, key = queue.pop(0)
+            index, (spec, key) = queue.pop(0)
             if time.perf_counter() - t_start > args.deadline_s:
                 report["skipped"].append(list(key))
-                continue
-            running.append((*launch(spec, folder), key))
+            else:
+                running.append((*launch(spec, folder, index), key))
         time.sleep(0.5)
         for item in [r for r in running if r[0].poll() is not None]:
             running.remove(item)
-            proc, path, (name, tap, seed) = item
-            result = (json.loads(Path(path + ".out").read_text()) if proc.returncode == 0 and Path(path + ".out").exists()
-                      else {"error": f"exit {proc.returncode}: " + Path(path + ".log").read_text()[-2000:]})
-            if name == "before":
-                report["before"][tap] = result.get("scores", result)
-            else:
-                report["recipes"][name]["taps"][tap]["runs"][str(seed)] = result
-            summarise(report)
-            report["seconds_total"] = round(time.perf_counter() - t_start, 1)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
-            delta = report["recipes"].get(name, {}).get("taps", {}).get(tap, {}).get("runs", {}).get(str(seed), {}).get("delta")
-            print(f"[{report['seconds_total']:7.1f}s] {name} {tap} seed {seed}: "
-                  f"{'error' if 'error' in result else 'done'} "
-                  f"{json.dumps({k: v['iou'] for k, v in (delta or {}).items()})}", flush=True)
+            proc, path, key = item
+            record(report, key, job_result(proc, path))
+            write(report, args.out, t_start)
+            run = report["recipes"].get(key[0], {}).get("taps", {}).get(key[1], {}).get("runs", {}).get(str(key[2]), {})
+            print(f"[{report['seconds_total']:7.1f}s] {' '.join(map(str, key))}: "
+                  f"{'error' if proc.returncode else 'done'} "
+                  f"{json.dumps({k: v['iou'] for k, v in run.get('delta', {}).items()})}", flush=True)
+    write(report, args.out, t_start)  # the skipped jobs too
     return report
+
+
+def machine(device: str) -> dict:
+    import torch
+
+    return {"cpus": os.cpu_count(), "device": device, "python": platform.python_version(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 if __name__ == "__main__":

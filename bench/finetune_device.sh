@@ -12,9 +12,8 @@ python3 -m pip install -q --no-index --no-deps .gpudata/wheels/*.whl 2>&1 | grep
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 B128="train.batch_size=128;train.base_batch_size=128;loss.min_pass=64;train.warmup_steps=15;train.val_every=15"
-# H200, 2026-12-01 (bench/results/finetune_device_h200.json, seed 0, 5 recipes at once): 45-117 s a run,
-# 134 s in all; batch 128 reached +5.1 IoU. This grid checks it on seeds 0-2, both taps, and the
-# paper's batch of 256 pairs: 20 runs, about 400 s at --parallel 6.
+# Checks the batch-128 result of bench/results/finetune_device_h200.json (seed 0 only; timings there)
+# on seeds 0-2 and both taps, with the paper's batch of 256 pairs beside it: 20 runs.
 timeout "${BENCH_TIMEOUT:-520}" python3 bench/finetune_device.py --device cuda --parallel "${PARALLEL:-6}" --view-workers 2 \
   --deadline-s "${DEADLINE:-300}" --taps ${TAPS:-efficientnet_lite0_s16 efficientnet_lite0} --seeds 0 1 2 \
   --train-dir .gpudata/data/bsds-unlabeled --val-dir .gpudata/data/sod-val --out "${OUT:-bench/results}/finetune_device.json" \

@@ -490,8 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         result[key] = {"meta": meta, **bench_train(args.steps, max(args.interval, 1.0), workdir, args.crop, args.traced)}
         print(json.dumps({k: v for k, v in result[key].items() if k != "samples"}), flush=True)
     if "ray_loop" in args.parts:
-        result.setdefault("ray_loop", {}).update(meta=meta, **bench_ray_loop(args.steps, max(args.interval, 1.0), workdir,
-                                                                             args.crop, tuple(args.ray_loop_modes)))
+        parts = bench_ray_loop(args.steps, max(args.interval, 1.0), workdir, args.crop, tuple(args.ray_loop_modes))
+        result.setdefault("ray_loop", {}).update({mode: {"meta": meta, **part} for mode, part in parts.items()})
     if "step" in args.parts:
         result["step"] = {"meta": meta, **bench_step(args.steps, workdir, args.crop)}
         print(json.dumps({k: v for k, v in result["step"].items() if k != "samples"}), flush=True)
