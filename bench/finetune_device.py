@@ -85,11 +85,13 @@ def parse_recipe(text: str) -> tuple[str, list[str]]:
 
 
 def parse_recipes(texts: list[str]) -> dict[str, list[str]]:
-    """``--recipe`` values -> ``{name: overrides}``; a name used twice, or ``before`` (the baseline's key), is an error."""
+    """``--recipe`` values -> ``{name: overrides}``; a name used twice, or ``before`` (the baseline's
+    key), is an error."""
     recipes: dict[str, list[str]] = {}
     for name, overrides in map(parse_recipe, texts):
         if name in recipes or name == "before":
-            raise SystemExit(f"finetune_device: recipe name {name!r} is {'reserved' if name == 'before' else 'used twice'}")
+            why = "reserved" if name == "before" else "used twice"
+            raise SystemExit(f"finetune_device: recipe name {name!r} is {why}")
         recipes[name] = overrides
     return recipes
 
@@ -140,10 +142,15 @@ def batches(cfg, uris: list[str], total: int, device, pool):
             chunk = []
 
 
-def train(cfg, device: str, view_workers: int, validate: bool = True) -> dict:
-    """One run as one Ray Train worker would do it; the best encoder (by tune-half val IoU) exported.
+def train(cfg, device: str, view_workers: int) -> dict:
+    """One run as one Ray Train worker would do it; ``backbone.pth`` per ``train.export`` (best val IoU or last).
 
-    Returns ``{"losses": [per step], "val_curve": [...], "best_val_iou", "best_step", "export", "train_seconds"}``.
+    Returns ``{"losses": [per step, NaN for a skipped step], "val_curve": [...], "best_val_iou" (None
+    with ``export: last``), "best_step", "export", "train_seconds", "collapsed", "nan_steps"}``.
+
+    Raises:
+        SystemExit: ``scaling.num_workers`` is not 1.
+        RuntimeError: the rows ran out before ``total_steps`` (as ``train_loop_per_worker``).
     """
     import torch
 
@@ -167,7 +174,7 @@ def train(cfg, device: str, view_workers: int, validate: bool = True) -> dict:
     sched = lr_schedule(cfg.train.effective_lr(), cfg.train.min_lr, cfg.train.warmup_steps, total)
     model.to(dev)  # ray.train.torch.prepare_model on one worker
     state, losses, curve = LoopState(), [], []
-    val_rows = validation_rows(cfg) if validate else []
+    val_rows = validation_rows(cfg)
     export = os.path.join(run_dir(cfg), EXPORT_FILE)
     os.makedirs(run_dir(cfg), exist_ok=True)
     best = {"iou": -math.inf, "step": None}
@@ -179,15 +186,15 @@ def train(cfg, device: str, view_workers: int, validate: bool = True) -> dict:
             best.update(iou=float(scores["iou"]), step=state.step)
             export_backbone(model.encoder, export)
 
-    if validate:
-        validate_now()
+    validate_now()  # step 0, as Chief.__init__
     try:
         with mp.get_context("spawn").Pool(view_workers, _init_views, (cfg.model_dump(mode="json"),)) as pool:
             for batch in batches(cfg, uris, total, dev, pool):
                 skipped = state.counters["nan_steps"]
                 train_one_step(model, criterion, optimizer, batch, float(sched[state.step]), state, cfg, dev)
-                losses.append(math.nan if state.counters["nan_steps"] > skipped else float(state.last_parts.get("loss", math.nan)))
-                if validate and _val_due(state.step, total, cfg):
+                ok = state.counters["nan_steps"] == skipped
+                losses.append(float(state.last_parts.get("loss", math.nan)) if ok else math.nan)
+                if _val_due(state.step, total, cfg):
                     validate_now()
                 if state.step >= total:
                     break
@@ -199,8 +206,9 @@ def train(cfg, device: str, view_workers: int, validate: bool = True) -> dict:
         export_backbone(model.encoder, export)
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    return {"losses": losses, "val_curve": curve, "best_val_iou": best["iou"] if best["step"] is not None else None, "best_step": best["step"],
-            "export": export, "train_seconds": round(time.perf_counter() - t0, 1),
+    return {"losses": losses, "val_curve": curve, "best_step": best["step"],
+            "best_val_iou": best["iou"] if best["step"] is not None else None, "export": export,
+            "train_seconds": round(time.perf_counter() - t0, 1),
             "collapsed": state.last_parts.get("collapsed"), "nan_steps": state.counters["nan_steps"]}
 
 
@@ -298,7 +306,8 @@ def main(argv: list[str] | None = None) -> dict:
     fq.link_tune_half(Path(args.val_dir), Path(fq.TUNE_DIR))
     report = {"bench": "finetune_device", "config": args.config, "data": {"train": args.train_dir, "val": args.val_dir},
               "eval_sizes": args.eval_sizes, "before": {}, "skipped": [], "errors": [],
-              "recipes": {n: {"overrides": o, "taps": {t: {"runs": {}} for t in args.taps}} for n, o in recipes.items()},
+              "recipes": {n: {"overrides": o, "taps": {t: {"runs": {}} for t in args.taps}}
+                          for n, o in recipes.items()},
               "machine": machine(args.device)}
     queue, folder = list(enumerate(build_queue(args, recipes, output_dir))), tempfile.mkdtemp(prefix="finetune_device_")
     running: list[tuple[subprocess.Popen, str, tuple]] = []
