@@ -17,7 +17,8 @@
            shared pages it touched, RssFile). Reported: RSS at step 100, before the last step and at
            the end (after the last validation and export), least-squares slopes (MiB per 1000 steps)
            over the training steps 100 <= step < --steps and over their later half, the driver's
-           too. ``--worker-env KEY=VALUE`` (e.g. ``MALLOC_ARENA_MAX=2``), ``--object-store-mib`` and
+           too. ``--set KEY=VALUE`` (config overrides after the bench's own, e.g.
+           ``train.checkpoint_every=100000``), ``--worker-env KEY=VALUE`` (e.g. ``MALLOC_ARENA_MAX=2``), ``--object-store-mib`` and
            ``--key`` (the JSON key) compare settings; ``--traced`` runs the worker's loop under
            tracemalloc and adds its largest Python allocation growths from step 100 to 10 steps before
            the end.
@@ -214,7 +215,8 @@ def _traced_loop(loop_config: dict) -> None:
         Path(os.environ["DNCUT_LOAD_TRACED_OUT"]).write_text(json.dumps(out, indent=1))
 
 
-def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32, traced: bool = False) -> dict:
+def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32, traced: bool = False,
+                overrides: tuple[str, ...] = ()) -> dict:
     import ray
     from ray._private import state
 
@@ -226,7 +228,7 @@ def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32, trac
     cfg = load_config(str(ROOT / "configs/train/smoke.yaml"),
                       [f"output_dir={workdir / 'train'}", "run_name=load_train", f"train.max_steps={steps}",
                        "train.checkpoint_every=250", "train.log_every=10", "train.val_every=null",
-                       "data.val_scenes=2", "tracking.tensorboard=false", f"data.crop_size={crop}"])
+                       "data.val_scenes=2", "tracking.tensorboard=false", f"data.crop_size={crop}", *overrides])
     run = Path(run_dir(cfg))
     traced_out = workdir / "traced.json"
     real_loop = dncut.train.train_loop_per_worker
@@ -291,6 +293,7 @@ def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32, trac
 
     return {"steps": steps, "crop_size": crop, "final_step": final, "wall_s": round(wall, 1),
             "steps_per_s": round(steps / wall, 2), "reports": len(history), "worker_env": WORKER_ENV,
+            "overrides": list(overrides),
             "object_store_mib": OBJECT_STORE.get("object_store_memory", 0) // MIB or "Ray's default",
             "note": "slopes over the training steps 100 <= step < steps (the last step's validation and "
                     "export are the end_of_run figure); _second_half: over the later half of them. RssShmem: "
@@ -471,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="train: tracemalloc in the Train worker, its Python allocation growth from step 100 to 10 steps before the end")
     p.add_argument("--ray-loop-modes", nargs="+", choices=["data", "report"], default=["data", "report"],
                    help="ray_loop part: the data iterator alone, the reports alone, or both")
+    p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="train: config overrides after the bench's own (e.g. train.checkpoint_every=100000)")
     p.add_argument("--key", default=None, help="store the part under this key (default: the part's name)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.json"))
     args = p.parse_args(argv)
@@ -487,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         result["eval"] = {"meta": meta, **bench_eval(args.limits, args.interval, workdir)}
     if "train" in args.parts:
         key = args.key or "train"
-        result[key] = {"meta": meta, **bench_train(args.steps, max(args.interval, 1.0), workdir, args.crop, args.traced)}
+        result[key] = {"meta": meta, **bench_train(args.steps, max(args.interval, 1.0), workdir, args.crop, args.traced,
+                                                      tuple(args.overrides))}
         print(json.dumps({k: v for k, v in result[key].items() if k != "samples"}), flush=True)
     if "ray_loop" in args.parts:
         parts = bench_ray_loop(args.steps, max(args.interval, 1.0), workdir, args.crop, tuple(args.ray_loop_modes))

@@ -119,9 +119,20 @@ def _unwrap(model: torch.nn.Module) -> DenseNCutModel:
     return model.module if hasattr(model, "module") else model
 
 
+def _workers() -> int:
+    """Processes in the default group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _all_reduce(values: list[float], device: torch.device, op=None) -> list[float]:
+    """``values`` summed (or ``op``) over the workers; no collective on one worker.
+
+    One worker skips the call because torch.distributed's flight recorder keeps every collective
+    with its Python traceback in a ring of ``TORCH_FR_BUFFER_SIZE`` entries: with two calls per step
+    it held ~1.9 MB after 600 steps of one worker, growing until the ring was full (heaptrack on the
+    Train worker; README "Faults and load")."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
+    if _workers() > 1:
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t.tolist()
 
@@ -549,9 +560,9 @@ def _fmt(x) -> str:
 
 def _union(items: set[str]) -> set[str]:
     """The union of every worker's set (all_gather_object; identity on one worker)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if _workers() == 1:
         return items
-    gathered: list = [None] * dist.get_world_size()
+    gathered: list = [None] * _workers()
     dist.all_gather_object(gathered, sorted(items))
     return set().union(*map(set, gathered))
 
