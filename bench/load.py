@@ -17,8 +17,9 @@
            shared pages it touched, RssFile). Reported: RSS at step 100, before the last step and at
            the end (after the last validation and export), least-squares slopes (MiB per 1000 steps)
            over the training steps 100 <= step < --steps and over their later half, the driver's
-           too. ``--set KEY=VALUE`` (config overrides after the bench's own, e.g.
-           ``train.checkpoint_every=100000``), ``--worker-env KEY=VALUE`` (e.g. ``MALLOC_ARENA_MAX=2``), ``--object-store-mib`` and
+           too. ``--set KEY=VALUE`` (train only: config overrides after the bench's own, e.g.
+           ``train.checkpoint_every=100000``; not the keys it sets from ``--steps`` / ``--crop``),
+           ``--worker-env KEY=VALUE`` (e.g. ``MALLOC_ARENA_MAX=2``), ``--object-store-mib`` and
            ``--key`` (the JSON key) compare settings; ``--traced`` runs the worker's loop under
            tracemalloc and adds its largest Python allocation growths from step 100 to 10 steps before
            the end.
@@ -479,6 +480,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--key", default=None, help="store the part under this key (default: the part's name)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.json"))
     args = p.parse_args(argv)
+    own = ("train.max_steps", "output_dir", "run_name", "data.crop_size")  # set from --steps / --crop
+    if args.overrides and "train" not in args.parts:
+        p.error("--set applies to the train part only")
+    if clash := [kv for kv in args.overrides if kv.split("=", 1)[0] in own]:
+        p.error(f"--set {clash}: the bench sets {', '.join(own)} itself (use --steps / --crop)")
     WORKER_ENV.update(kv.split("=", 1) for kv in args.worker_env)
     if args.object_store_mib:
         OBJECT_STORE["object_store_memory"] = args.object_store_mib * MIB

@@ -70,7 +70,7 @@ def test_model_forward_backward_shapes(tmp_path):
 
 
 ONE_WORKER_STEPS = """
-import json, sys, tempfile
+import json, sys
 import numpy as np, torch, torch.distributed as dist
 import torch._C._distributed_c10d as c10d
 from dncut.config import load_config
@@ -79,7 +79,7 @@ from dncut.data.scenes import make_scene
 from dncut.train import LoopState, build_loss, build_model, build_optimizer, train_one_step, _metrics, _union
 
 folder = sys.argv[1]
-dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+dist.init_process_group("gloo", init_method=f"file://{folder}/pg", rank=0, world_size=1)
 cfg = load_config("configs/train/smoke.yaml", ["data.crop_size=32"])
 maker, rows = ViewMaker(cfg), []
 for i in range(cfg.train.batch_size):
@@ -93,29 +93,34 @@ for _ in range(3):
     train_one_step(model, criterion, optimizer, batch, 1e-4, state, cfg, torch.device("cpu"))
 m = _metrics(state, 3, sched, torch.device("cpu"))
 u = _union({"a.jpg"})
-entries = json.loads(c10d._dump_fr_trace_json(True, True)).get("entries", [])
+entries = json.loads(c10d._dump_fr_trace_json(True, False)).get("entries", [])  # all held, not only active
+dist.destroy_process_group()
 print(json.dumps({"entries": len(entries), "step": state.step, "union": sorted(u), "skipped": m["skipped_rows"]}))
 """
 
 
 def test_one_worker_steps_leave_nothing_in_the_collective_flight_recorder(tmp_path):
-    """torch.distributed keeps every collective (with its traceback) in a ring of TORCH_FR_BUFFER_SIZE
-    entries: two per step grew a one-worker run's heap ~5 MiB over 1,000 steps (bench/load.py). On one
-    worker the loop makes no collective; the recorder itself is checked to record Gloo's."""
+    """torch.distributed's flight recorder keeps every collective (with its tracebacks) in a ring of
+    TORCH_FR_BUFFER_SIZE entries; the loop made two per step on one worker (~1.9 MB held after 600 steps,
+    heaptrack). On one worker the loop now makes none; the recorder is checked to record Gloo's."""
+    import os
     import subprocess
     import sys
 
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")}
+
     run = subprocess.run([sys.executable, "-c", ONE_WORKER_STEPS, str(tmp_path)], capture_output=True,
-                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[1], env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out == {"entries": 0, "step": 3, "union": ["a.jpg"], "skipped": 0}
-    probe = subprocess.run([sys.executable, "-c", "import json, tempfile, torch, torch.distributed as d\n"
+    probe = subprocess.run([sys.executable, "-c", "import json, sys, torch, torch.distributed as d\n"
                             "import torch._C._distributed_c10d as c\n"
-                            "d.init_process_group('gloo', init_method='file://' + tempfile.mktemp(), rank=0, world_size=1)\n"
+                            "d.init_process_group('gloo', init_method=f'file://{sys.argv[1]}/probe', rank=0, world_size=1)\n"
                             "for _ in range(2100): d.all_reduce(torch.zeros(1))\n"
-                            "print(len(json.loads(c._dump_fr_trace_json(True, True)).get('entries', [])))"],
-                           capture_output=True, text=True, timeout=120)
+                            "print(len(json.loads(c._dump_fr_trace_json(True, False)).get('entries', [])))\n"
+                            "d.destroy_process_group()", str(tmp_path)],
+                           capture_output=True, text=True, timeout=120, env=env)
     # the recorder is on (so the 0 above means something), and its ring keeps torch's default 2,000
     # entries: the bound README "Faults and load" cites for multi-worker runs
     assert probe.stdout.strip() == "2000", probe.stderr[-2000:]
