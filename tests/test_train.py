@@ -114,16 +114,20 @@ def test_one_worker_steps_leave_nothing_in_the_collective_flight_recorder(tmp_pa
     assert run.returncode == 0, run.stderr[-2000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out == {"entries": 0, "step": 3, "union": ["a.jpg"], "skipped": 0}
-    probe = subprocess.run([sys.executable, "-c", "import json, sys, torch, torch.distributed as d\n"
-                            "import torch._C._distributed_c10d as c\n"
-                            "d.init_process_group('gloo', init_method=f'file://{sys.argv[1]}/probe', rank=0, world_size=1)\n"
-                            "for _ in range(2100): d.all_reduce(torch.zeros(1))\n"
-                            "print(len(json.loads(c._dump_fr_trace_json(True, False)).get('entries', [])))\n"
-                            "d.destroy_process_group()", str(tmp_path)],
-                           capture_output=True, text=True, timeout=120, env=env)
-    # the recorder is on (so the 0 above means something), and its ring keeps torch's default 2,000
-    # entries: the bound README "Faults and load" cites for multi-worker runs
-    assert probe.stdout.strip() == "2000", probe.stderr[-2000:]
+    probe = ("import json, sys, torch, torch.distributed as d\n"
+             "import torch._C._distributed_c10d as c\n"
+             "d.init_process_group('gloo', init_method=f'file://{sys.argv[1]}', rank=0, world_size=1)\n"
+             "for _ in range(2100): d.all_reduce(torch.zeros(1))\n"
+             "print(len(json.loads(c._dump_fr_trace_json(True, False)).get('entries', [])))\n"
+             "d.destroy_process_group()")
+    held = {}
+    for name, extra in (("default", {}), ("off", {"TORCH_FR_BUFFER_SIZE": "0"})):
+        done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / f"probe_{name}")], capture_output=True,
+                              text=True, timeout=120, env={**env, **extra})
+        held[name] = done.stdout.strip() or done.stderr[-2000:]
+    # the recorder is on (so the 0 above means something); its ring keeps torch's default 2,000 entries
+    # and TORCH_FR_BUFFER_SIZE=0 turns it off: what README "Faults and load" tells multi-worker users
+    assert held == {"default": "2000", "off": "0"}
 
 
 # ----------------------------------------------------------------------------- real Ray runs
