@@ -22,7 +22,13 @@
            ``--worker-env KEY=VALUE`` (e.g. ``MALLOC_ARENA_MAX=2``), ``--object-store-mib`` and
            ``--key`` (the JSON key) compare settings; ``--traced`` runs the worker's loop under
            tracemalloc and adds its largest Python allocation growths from step 100 to 10 steps before
-           the end.
+           the end. ``--malloc-probe`` runs a thread inside the Train worker (``_probed_loop``) that
+           samples every 0.25 s glibc malloc's own counters (``mallinfo2``: live bytes, bytes held,
+           free bytes held), what Arrow's memory pool has allocated, RssAnon and the thread count,
+           and compares ``/proc/self/smaps`` at step 100 with 10 steps before the end (the mappings
+           whose RSS grew most: which allocator or shared mapping the growth is in) and the threads'
+           names; ``--malloc-trim`` also calls ``malloc_trim(0)`` and Arrow's ``release_unused()``
+           after each sample (does the growth go back once the allocators return their free memory?).
 
 ``step``   the same training step (``dncut.train.train_one_step``, same config and crop) in this
            process, without Ray: four fixed batches of ``ViewMaker`` rows cycled for ``--steps``
@@ -216,8 +222,121 @@ def _traced_loop(loop_config: dict) -> None:
         Path(os.environ["DNCUT_LOAD_TRACED_OUT"]).write_text(json.dumps(out, indent=1))
 
 
+def _probed_loop(loop_config: dict) -> None:
+    """``dncut.train.train_loop_per_worker`` with a probe thread (``--malloc-probe``): every 0.25 s it appends
+    to ``DNCUT_LOAD_PROBE_OUT`` (JSON lines) the step (``metrics.jsonl``), the worker's RssAnon and thread
+    count (``/proc/self/status``) and glibc malloc's counters (``mallinfo2``, glibc >= 2.33, summed over all
+    arenas, MiB): ``malloc_in_use`` (live chunks: uordblks + hblkhd), ``malloc_held`` (what malloc has from
+    the kernel: arena + hblkhd) and ``malloc_free_held`` (free chunks it keeps: fordblks), and what Arrow's
+    default memory pool has allocated (``arrow_in_use``). With ``DNCUT_LOAD_MALLOC_TRIM=1``
+    (``--malloc-trim``) it then calls ``malloc_trim(0)`` and Arrow's ``release_unused()``, which hand the
+    free memory glibc and Arrow's pool keep back to the kernel, and records RssAnon after them."""
+    import ctypes
+
+    import pyarrow
+
+    import dncut.train as train
+    from dncut.config import Config
+
+    class MallInfo2(ctypes.Structure):  # struct mallinfo2, man 3 mallinfo2
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                          "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    trim = os.environ.get("DNCUT_LOAD_MALLOC_TRIM") == "1"
+    metrics = Path(train.run_dir(Config.model_validate(loop_config["config"]))) / "metrics.jsonl"
+    done = threading.Event()
+
+    def status() -> dict:
+        with open("/proc/self/status") as handle:
+            rows = dict(line.split(":", 1) for line in handle if ":" in line)
+        return {"RssAnon": round(int(rows["RssAnon"].split()[0]) / 1024, 2), "threads": int(rows["Threads"])}
+
+    def last_step() -> int | None:
+        if not metrics.exists():
+            return 0
+        with open(metrics, "rb") as handle:  # the last line only
+            handle.seek(max(0, metrics.stat().st_size - 4096))
+            lines = handle.read().decode(errors="replace").strip().splitlines()
+        try:
+            return int(json.loads(lines[-1])["step"]) if lines else 0
+        except (ValueError, KeyError):
+            return None  # a line being written
+
+    def mappings() -> dict[str, dict]:
+        """RSS (KiB) of each mapping of ``/proc/self/smaps``, keyed by address range, with its path."""
+        maps, key = {}, None
+        with open("/proc/self/smaps") as handle:
+            for line in handle:
+                head = line.split()
+                if "-" in head[0] and not head[0].endswith(":"):
+                    key = head[0]
+                    maps[key] = {"path": " ".join(head[5:]) or "[anon]", "rss_kib": 0, "anon_kib": 0}
+                elif head[0] in ("Rss:", "Anonymous:"):
+                    maps[key]["rss_kib" if head[0] == "Rss:" else "anon_kib"] = int(head[1])
+        return maps
+
+    def thread_names() -> dict[str, int]:
+        """How many of this process's threads carry each name (``/proc/self/task/*/comm``)."""
+        names: dict[str, int] = {}
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                name = (task / "comm").read_text().strip()
+            except OSError:  # exited meanwhile
+                continue
+            names[name] = names.get(name, 0) + 1
+        for thread in threading.enumerate():  # Python's own names (threads started from Python)
+            names[f"python: {thread.name.rstrip('0123456789_')}"] = names.get(f"python: {thread.name.rstrip('0123456789_')}", 0) + 1
+        return names
+
+    def growth(first: dict, last: dict) -> list[dict]:
+        """The 12 mappings whose RSS grew most (new mappings count from 0)."""
+        grew = [{"range": k, "path": v["path"], "rss_kib": v["rss_kib"], "anon_kib": v["anon_kib"],
+                 "grew_kib": v["rss_kib"] - first.get(k, {}).get("rss_kib", 0)} for k, v in last.items()]
+        return sorted(grew, key=lambda g: -g["grew_kib"])[:12]
+
+    total = int(loop_config["total_steps"])
+    snaps: dict = {}
+
+    def probe() -> None:
+        with open(os.environ["DNCUT_LOAD_PROBE_OUT"], "a") as out:
+            while not done.wait(0.25):
+                if (step := last_step()) is None:
+                    continue
+                if step >= 100 and ("first" not in snaps or step < total - 10 and step - snaps["last_step"] >= 50):
+                    snaps.setdefault("first", mappings())
+                    snaps.setdefault("first_step", step)
+                    snaps.setdefault("first_threads", thread_names())
+                    snaps.update(last=mappings(), last_step=step, last_threads=thread_names())
+                m = libc.mallinfo2()
+                rec = {"step": step, **status(), "malloc_in_use": round((m.uordblks + m.hblkhd) / MIB, 2),
+                       "malloc_held": round((m.arena + m.hblkhd) / MIB, 2),
+                       "malloc_free_held": round(m.fordblks / MIB, 2),
+                       "arrow_in_use": round(pyarrow.default_memory_pool().bytes_allocated() / MIB, 2)}
+                if trim:
+                    libc.malloc_trim(0)
+                    pyarrow.default_memory_pool().release_unused()
+                    rec["RssAnon_after_trim"] = status()["RssAnon"]
+                out.write(json.dumps(rec) + "\n")
+                out.flush()
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    try:
+        train.train_loop_per_worker(loop_config)
+    finally:
+        done.set()
+        thread.join()
+        if "first" in snaps:
+            Path(os.environ["DNCUT_LOAD_PROBE_OUT"] + ".smaps.json").write_text(json.dumps(
+                {"from_step": snaps["first_step"], "to_step": snaps["last_step"],
+                 "top_rss_growth": growth(snaps["first"], snaps["last"]),
+                 "thread_names": {"first": snaps["first_threads"], "last": snaps["last_threads"]}}, indent=1))
+
+
 def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32, traced: bool = False,
-                overrides: tuple[str, ...] = ()) -> dict:
+                overrides: tuple[str, ...] = (), probe: bool = False, trim: bool = False) -> dict:
     import ray
     from ray._private import state
 
@@ -236,6 +355,10 @@ def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32, trac
     if traced:  # build_trainer hands this function to the workers; they call the real loop inside it
         WORKER_ENV["DNCUT_LOAD_TRACED_OUT"] = str(traced_out)
         dncut.train.train_loop_per_worker = _traced_loop
+    probe_out = workdir / "probe.jsonl"
+    if probe or trim:  # the probe thread samples malloc's counters (and trims) inside the worker
+        WORKER_ENV.update(DNCUT_LOAD_PROBE_OUT=str(probe_out), DNCUT_LOAD_MALLOC_TRIM=str(int(trim)))
+        dncut.train.train_loop_per_worker = _probed_loop
     start_ray()
     samples: list[dict] = []
     outcome: dict = {}
@@ -273,9 +396,9 @@ def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32, trac
         wall = time.monotonic() - t0
     finally:
         ray.shutdown()
-        if traced:
-            WORKER_ENV.pop("DNCUT_LOAD_TRACED_OUT")
-            dncut.train.train_loop_per_worker = real_loop
+        for name in ("DNCUT_LOAD_TRACED_OUT", "DNCUT_LOAD_PROBE_OUT", "DNCUT_LOAD_MALLOC_TRIM"):
+            WORKER_ENV.pop(name, None)
+        dncut.train.train_loop_per_worker = real_loop
     final = int(outcome["result"].metrics["step"]) if "result" in outcome else None
     history = [m["step"] for m in read_history(str(run))]
     # training steps only: the last step's validation and export (a one-off allocation) is reported apart
@@ -317,7 +440,23 @@ def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32, trac
             "driver_rss_slope_mib_per_1000_steps": per_1000(tail, "driver_rss_mib"),
             **({"worker_python_growth": json.loads(traced_out.read_text()) if traced_out.exists() else None}
                if traced else {}),
+            **({"worker_malloc": probe_summary(probe_out, steps, per_1000)} if probe or trim else {}),
             "samples": samples[:: max(1, len(samples) // 200)]}
+
+
+def probe_summary(path: Path, steps: int, per_1000) -> dict:
+    """Slopes (MiB per 1000 steps, steps 100 <= step < steps) of ``_probed_loop``'s records, and their first
+    and last values there."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    tail = [r for r in rows if 100 <= r["step"] < steps]
+    if len(tail) < 2:
+        return {"error": f"{len(tail)} probe records in steps 100-{steps - 1} ({path})"}
+    keys = [k for k in tail[0] if k != "step"]
+    smaps = Path(str(path) + ".smaps.json")
+    return {"records": len(tail), **{f"{k}_slope_mib_per_1000_steps": per_1000(tail, k) for k in keys if k != "threads"},
+            "first": tail[0], "last": tail[-1],
+            "smaps_growth": json.loads(smaps.read_text()) if smaps.exists() else None,
+            "samples": tail[:: max(1, len(tail) // 100)]}
 
 
 def bench_step(steps: int, workdir: Path, crop: int = 32) -> dict:
@@ -459,6 +598,25 @@ def bench_ray_loop(steps: int, interval: float, workdir: Path, crop: int = 32,
     return out
 
 
+def dumps(result: dict) -> str:
+    """``result`` as indented JSON, each sample (a flat dict) on one line: the file stays readable
+    and diffable with thousands of samples."""
+    flat = {}
+
+    def mark(value):
+        if isinstance(value, dict):
+            if value and all(not isinstance(v, (dict, list)) for v in value.values()) and "step" in value:
+                flat[key := f"@@{len(flat)}@@"] = json.dumps(value)
+                return key
+            return {k: mark(v) for k, v in value.items()}
+        return [mark(v) for v in value] if isinstance(value, list) else value
+
+    text = json.dumps(mark(result), indent=1)
+    for key, line in flat.items():
+        text = text.replace(f'"{key}"', line)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--parts", nargs="+", choices=["eval", "train", "step", "ray_loop"],
@@ -473,6 +631,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="Ray's object store size (default: Ray's, 30%% of memory)")
     p.add_argument("--traced", action="store_true",
                    help="train: tracemalloc in the Train worker, its Python allocation growth from step 100 to 10 steps before the end")
+    p.add_argument("--malloc-probe", action="store_true",
+                   help="train: glibc malloc's counters (mallinfo2), RssAnon and threads sampled inside the Train worker")
+    p.add_argument("--malloc-trim", action="store_true",
+                   help="train: the probe also calls malloc_trim(0) every 0.25 s (implies --malloc-probe)")
     p.add_argument("--ray-loop-modes", nargs="+", choices=["data", "report"], default=["data", "report"],
                    help="ray_loop part: the data iterator alone, the reports alone, or both")
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
@@ -499,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     if "train" in args.parts:
         key = args.key or "train"
         result[key] = {"meta": meta, **bench_train(args.steps, max(args.interval, 1.0), workdir, args.crop, args.traced,
-                                                      tuple(args.overrides))}
+                                                      tuple(args.overrides), args.malloc_probe, args.malloc_trim)}
         print(json.dumps({k: v for k, v in result[key].items() if k != "samples"}), flush=True)
     if "ray_loop" in args.parts:
         parts = bench_ray_loop(args.steps, max(args.interval, 1.0), workdir, args.crop, tuple(args.ray_loop_modes))
@@ -508,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         result["step"] = {"meta": meta, **bench_step(args.steps, workdir, args.crop)}
         print(json.dumps({k: v for k, v in result["step"].items() if k != "samples"}), flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out.write_text(dumps(result))
     print(f"wrote {out}")
     return 0
 
