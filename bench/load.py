@@ -25,7 +25,7 @@
            the end. ``--malloc-probe`` runs a thread inside the Train worker (``_probed_loop``) that
            samples every 0.25 s glibc malloc's own counters (``mallinfo2``: live bytes, bytes held,
            free bytes held), what Arrow's memory pool has allocated, RssAnon and the thread count,
-           and compares ``/proc/self/smaps`` at step 100 with 10 steps before the end (the mappings
+           and compares ``/proc/self/smaps`` at step 100 with 10-60 steps before the end (the mappings
            whose RSS grew most: which allocator or shared mapping the growth is in) and the threads'
            names; ``--malloc-trim`` also calls ``malloc_trim(0)`` and Arrow's ``release_unused()``
            after each sample (does the growth go back once the allocators return their free memory?).
@@ -243,6 +243,8 @@ def _probed_loop(loop_config: dict) -> None:
                                                           "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
     libc = ctypes.CDLL("libc.so.6")
+    if not hasattr(libc, "mallinfo2"):  # glibc < 2.33
+        raise RuntimeError("--malloc-probe needs glibc >= 2.33 (mallinfo2)")
     libc.mallinfo2.restype = MallInfo2
     trim = os.environ.get("DNCUT_LOAD_MALLOC_TRIM") == "1"
     metrics = Path(train.run_dir(Config.model_validate(loop_config["config"]))) / "metrics.jsonl"
@@ -265,14 +267,16 @@ def _probed_loop(loop_config: dict) -> None:
             return None  # a line being written
 
     def mappings() -> dict[str, dict]:
-        """RSS (KiB) of each mapping of ``/proc/self/smaps``, keyed by address range, with its path."""
+        """RSS (KiB) of each mapping of ``/proc/self/smaps``, keyed by its start address (a mapping
+        that grows in place, such as ``[heap]``, keeps its key), with its range and path."""
         maps, key = {}, None
         with open("/proc/self/smaps") as handle:
             for line in handle:
                 head = line.split()
                 if "-" in head[0] and not head[0].endswith(":"):
-                    key = head[0]
-                    maps[key] = {"path": " ".join(head[5:]) or "[anon]", "rss_kib": 0, "anon_kib": 0}
+                    key = head[0].split("-")[0]
+                    maps[key] = {"range": head[0], "path": " ".join(head[5:]) or "[anon]", "rss_kib": 0,
+                                 "anon_kib": 0}
                 elif head[0] in ("Rss:", "Anonymous:"):
                     maps[key]["rss_kib" if head[0] == "Rss:" else "anon_kib"] = int(head[1])
         return maps
@@ -292,7 +296,7 @@ def _probed_loop(loop_config: dict) -> None:
 
     def growth(first: dict, last: dict) -> list[dict]:
         """The 12 mappings whose RSS grew most (new mappings count from 0)."""
-        grew = [{"range": k, "path": v["path"], "rss_kib": v["rss_kib"], "anon_kib": v["anon_kib"],
+        grew = [{"range": v["range"], "path": v["path"], "rss_kib": v["rss_kib"], "anon_kib": v["anon_kib"],
                  "grew_kib": v["rss_kib"] - first.get(k, {}).get("rss_kib", 0)} for k, v in last.items()]
         return sorted(grew, key=lambda g: -g["grew_kib"])[:12]
 
@@ -304,10 +308,9 @@ def _probed_loop(loop_config: dict) -> None:
             while not done.wait(0.25):
                 if (step := last_step()) is None:
                     continue
-                if step >= 100 and ("first" not in snaps or step < total - 10 and step - snaps["last_step"] >= 50):
-                    snaps.setdefault("first", mappings())
-                    snaps.setdefault("first_step", step)
-                    snaps.setdefault("first_threads", thread_names())
+                if step >= 100 and "first" not in snaps:
+                    snaps.update(first=mappings(), first_step=step, first_threads=thread_names())
+                if step >= 100 and step < total - 10 and step - snaps.get("last_step", 0) >= 50:
                     snaps.update(last=mappings(), last_step=step, last_threads=thread_names())
                 m = libc.mallinfo2()
                 rec = {"step": step, **status(), "malloc_in_use": round((m.uordblks + m.hblkhd) / MIB, 2),
@@ -447,7 +450,12 @@ def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32, trac
 def probe_summary(path: Path, steps: int, per_1000) -> dict:
     """Slopes (MiB per 1000 steps, steps 100 <= step < steps) of ``_probed_loop``'s records, and their first
     and last values there."""
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line cut short by a killed worker
+            continue
     tail = [r for r in rows if 100 <= r["step"] < steps]
     if len(tail) < 2:
         return {"error": f"{len(tail)} probe records in steps 100-{steps - 1} ({path})"}
@@ -601,12 +609,12 @@ def bench_ray_loop(steps: int, interval: float, workdir: Path, crop: int = 32,
 def dumps(result: dict) -> str:
     """``result`` as indented JSON, each sample (a flat dict) on one line: the file stays readable
     and diffable with thousands of samples."""
-    flat = {}
+    flat, nonce = {}, os.urandom(8).hex()
 
     def mark(value):
         if isinstance(value, dict):
             if value and all(not isinstance(v, (dict, list)) for v in value.values()) and "step" in value:
-                flat[key := f"@@{len(flat)}@@"] = json.dumps(value)
+                flat[key := f"@@{nonce}:{len(flat)}@@"] = json.dumps(value)
                 return key
             return {k: mark(v) for k, v in value.items()}
         return [mark(v) for v in value] if isinstance(value, list) else value
