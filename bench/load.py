@@ -28,7 +28,8 @@
            and compares ``/proc/self/smaps`` at step 100 with 10-60 steps before the end (the mappings
            whose RSS grew most: which allocator or shared mapping the growth is in) and the threads'
            names; ``--malloc-trim`` also calls ``malloc_trim(0)`` and Arrow's ``release_unused()``
-           after each sample (does the growth go back once the allocators return their free memory?).
+           after each sample (does the growth go back once the allocators return their free memory?);
+           ``--no-release`` stops the loop's own ``release_freed_memory`` after each report.
 
 ``step``   the same training step (``dncut.train.train_one_step``, same config and crop) in this
            process, without Ray: four fixed batches of ``ViewMaker`` rows cycled for ``--steps``
@@ -242,6 +243,8 @@ def _probed_loop(loop_config: dict) -> None:
         _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
                                                           "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
+    if os.environ.get("DNCUT_LOAD_NO_RELEASE") == "1":  # --no-release: the loop's report() looks it up per call
+        train.release_freed_memory = lambda: False
     libc = ctypes.CDLL("libc.so.6")
     if not hasattr(libc, "mallinfo2"):  # glibc < 2.33
         raise RuntimeError("--malloc-probe needs glibc >= 2.33 (mallinfo2)")
@@ -339,7 +342,8 @@ def _probed_loop(loop_config: dict) -> None:
 
 
 def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32, traced: bool = False,
-                overrides: tuple[str, ...] = (), probe: bool = False, trim: bool = False) -> dict:
+                overrides: tuple[str, ...] = (), probe: bool = False, trim: bool = False,
+                no_release: bool = False) -> dict:
     import ray
     from ray._private import state
 
@@ -359,8 +363,11 @@ def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32, trac
         WORKER_ENV["DNCUT_LOAD_TRACED_OUT"] = str(traced_out)
         dncut.train.train_loop_per_worker = _traced_loop
     probe_out = workdir / "probe.jsonl"
+    if no_release:
+        probe = True
     if probe or trim:  # the probe thread samples malloc's counters (and trims) inside the worker
-        WORKER_ENV.update(DNCUT_LOAD_PROBE_OUT=str(probe_out), DNCUT_LOAD_MALLOC_TRIM=str(int(trim)))
+        WORKER_ENV.update(DNCUT_LOAD_PROBE_OUT=str(probe_out), DNCUT_LOAD_MALLOC_TRIM=str(int(trim)),
+                          DNCUT_LOAD_NO_RELEASE=str(int(no_release)))
         dncut.train.train_loop_per_worker = _probed_loop
     start_ray()
     samples: list[dict] = []
@@ -399,7 +406,7 @@ def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32, trac
         wall = time.monotonic() - t0
     finally:
         ray.shutdown()
-        for name in ("DNCUT_LOAD_TRACED_OUT", "DNCUT_LOAD_PROBE_OUT", "DNCUT_LOAD_MALLOC_TRIM"):
+        for name in ("DNCUT_LOAD_TRACED_OUT", "DNCUT_LOAD_PROBE_OUT", "DNCUT_LOAD_MALLOC_TRIM", "DNCUT_LOAD_NO_RELEASE"):
             WORKER_ENV.pop(name, None)
         dncut.train.train_loop_per_worker = real_loop
     final = int(outcome["result"].metrics["step"]) if "result" in outcome else None
@@ -420,7 +427,7 @@ def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32, trac
 
     return {"steps": steps, "crop_size": crop, "final_step": final, "wall_s": round(wall, 1),
             "steps_per_s": round(steps / wall, 2), "reports": len(history), "worker_env": WORKER_ENV,
-            "overrides": list(overrides),
+            "overrides": list(overrides), "loop_releases_freed_memory": not no_release,
             "object_store_mib": OBJECT_STORE.get("object_store_memory", 0) // MIB or "Ray's default",
             "note": "slopes over the training steps 100 <= step < steps (the last step's validation and "
                     "export are the end_of_run figure); _second_half: over the later half of them. RssShmem: "
@@ -643,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="train: glibc malloc's counters (mallinfo2), RssAnon and threads sampled inside the Train worker")
     p.add_argument("--malloc-trim", action="store_true",
                    help="train: the probe also calls malloc_trim(0) every 0.25 s (implies --malloc-probe)")
+    p.add_argument("--no-release", action="store_true",
+                   help="train: the loop does not call release_freed_memory after its reports (implies --malloc-probe)")
     p.add_argument("--ray-loop-modes", nargs="+", choices=["data", "report"], default=["data", "report"],
                    help="ray_loop part: the data iterator alone, the reports alone, or both")
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
@@ -669,7 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     if "train" in args.parts:
         key = args.key or "train"
         result[key] = {"meta": meta, **bench_train(args.steps, max(args.interval, 1.0), workdir, args.crop, args.traced,
-                                                      tuple(args.overrides), args.malloc_probe, args.malloc_trim)}
+                                                      tuple(args.overrides), args.malloc_probe, args.malloc_trim,
+                                                      args.no_release)}
         print(json.dumps({k: v for k, v in result[key].items() if k != "samples"}), flush=True)
     if "ray_loop" in args.parts:
         parts = bench_ray_loop(args.steps, max(args.interval, 1.0), workdir, args.crop, tuple(args.ray_loop_modes))

@@ -132,13 +132,13 @@ README "Faults and load"). Pyarrow builds whose mimalloc lacks the option ignore
 
 
 def _worker_env() -> dict[str, str]:
-    """``WORKER_ENV`` less what the user set: a variable in the driver's environment (a Ray Jobs
-    entrypoint's ``runtime_env``) or in the job's own ``runtime_env`` (``ray.init(runtime_env=...)``),
-    which the Train workers inherit, is left to them."""
+    """``WORKER_ENV`` with the user's values: a variable of the job's own ``runtime_env``
+    (``ray.init(runtime_env=...)``), which the Train workers inherit, is left out; one in the
+    driver's environment (a Ray Jobs entrypoint's ``runtime_env``, or a shell's) is passed on."""
     import ray
 
     job = (ray.get_runtime_context().runtime_env.get("env_vars") or {}) if ray.is_initialized() else {}
-    return {k: v for k, v in WORKER_ENV.items() if k not in os.environ and k not in job}
+    return {k: os.environ.get(k, v) for k, v in WORKER_ENV.items() if k not in job}
 
 
 @functools.cache
@@ -153,12 +153,13 @@ def _glibc():
 
 def release_freed_memory() -> bool:
     """Hand the free memory glibc's allocator keeps (free chunks inside its arenas) back to the
-    kernel: ``malloc_trim(0)`` (``man 3 malloc_trim``). The loop calls it after every report. Over
-    3,000 steps (steps 100-2999, both with ``WORKER_ENV``) the Train worker's RssAnon rose 2.1 and
-    1.8 MiB with it, 4.9 and 3.1 MiB without it (two pairs of runs, the second with one decode task;
-    ``bench/load.py`` keys ``train_released*_3000_steps`` and ``train_after*_3000_steps``), at no
-    visible cost (231.3 and 236.4 s with it, 241.2 and 287.1 s without). Returns False where the C
-    library is not glibc (nothing is done)."""
+    kernel: ``malloc_trim(0)`` (``man 3 malloc_trim``). The loop calls it after every report. In the
+    same runs, RssAnon right after a trim grew 0.2-1.0 MiB per 1,000 steps less than just before it
+    (five runs, ``bench/load.py --malloc-trim``): glibc keeps that much more freed memory as a run
+    goes on. Over 3,000 steps the Train worker's RssAnon rose 2.1 and 1.8 MiB with the call, 4.9 and
+    3.1 MiB without it (one run each; 1,000-step runs show no difference), at no visible cost (231.3
+    and 236.4 s with it, 241.2 and 287.1 s without). README "Faults and load". Returns False where
+    the C library is not glibc (nothing is done)."""
     libc = _glibc()
     if libc is None:
         return False
