@@ -181,6 +181,20 @@ def bench_eval(limits: list[int], interval: float, workdir: Path) -> dict:
     return {"runs": runs, **fit}
 
 
+def last_logged_step(metrics: Path) -> int | None:
+    """The step of the last line of a run's ``metrics.jsonl`` (0 before the first), read from the
+    file's end; None while that line is being written."""
+    if not metrics.exists():
+        return 0
+    with open(metrics, "rb") as handle:
+        handle.seek(max(0, metrics.stat().st_size - 4096))
+        lines = handle.read().decode(errors="replace").strip().splitlines()
+    try:
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (ValueError, KeyError):
+        return None
+
+
 def _traced_loop(loop_config: dict) -> None:
     """``dncut.train.train_loop_per_worker`` with tracemalloc on (``--traced``): Python allocations of the
     Train worker at step 100 against 10 steps before the end (a thread watches ``metrics.jsonl``; the
@@ -258,17 +272,6 @@ def _probed_loop(loop_config: dict) -> None:
             rows = dict(line.split(":", 1) for line in handle if ":" in line)
         return {"RssAnon": round(int(rows["RssAnon"].split()[0]) / 1024, 2), "threads": int(rows["Threads"])}
 
-    def last_step() -> int | None:
-        if not metrics.exists():
-            return 0
-        with open(metrics, "rb") as handle:  # the last line only
-            handle.seek(max(0, metrics.stat().st_size - 4096))
-            lines = handle.read().decode(errors="replace").strip().splitlines()
-        try:
-            return int(json.loads(lines[-1])["step"]) if lines else 0
-        except (ValueError, KeyError):
-            return None  # a line being written
-
     def mappings() -> dict[str, dict]:
         """RSS (KiB) of each mapping of ``/proc/self/smaps``, keyed by its start address (a mapping
         that grows in place, such as ``[heap]``, keeps its key), with its range and path."""
@@ -294,7 +297,8 @@ def _probed_loop(loop_config: dict) -> None:
                 continue
             names[name] = names.get(name, 0) + 1
         for thread in threading.enumerate():  # Python's own names (threads started from Python)
-            names[f"python: {thread.name.rstrip('0123456789_')}"] = names.get(f"python: {thread.name.rstrip('0123456789_')}", 0) + 1
+            name = f"python: {thread.name.rstrip('0123456789_')}"
+            names[name] = names.get(name, 0) + 1
         return names
 
     def growth(first: dict, last: dict) -> list[dict]:
@@ -309,7 +313,7 @@ def _probed_loop(loop_config: dict) -> None:
     def probe() -> None:
         with open(os.environ["DNCUT_LOAD_PROBE_OUT"], "a") as out:
             while not done.wait(0.25):
-                if (step := last_step()) is None:
+                if (step := last_logged_step(metrics)) is None:
                     continue
                 if step >= 100 and "first" not in snaps:
                     snaps.update(first=mappings(), first_step=step, first_threads=thread_names())
@@ -382,16 +386,9 @@ def bench_train(steps: int, interval: float, workdir: Path, crop: int = 32, trac
                 pids = [a["Pid"] for a in state.actors(actor_state_name="ALIVE").values()
                         if a["ActorClassName"] == "RayTrainWorker" and a.get("Pid")]
                 worker = psutil.Process(pids[0]) if pids else None
-            step = 0
-            metrics = run / "metrics.jsonl"
-            if metrics.exists():
-                with open(metrics, "rb") as handle:  # the last line only
-                    handle.seek(max(0, metrics.stat().st_size - 4096))
-                    lines = handle.read().decode(errors="replace").strip().splitlines()
-                    try:
-                        step = int(json.loads(lines[-1])["step"]) if lines else 0
-                    except (ValueError, KeyError):
-                        step = samples[-1]["step"] if samples else 0
+            step = last_logged_step(run / "metrics.jsonl")
+            if step is None:  # a line being written
+                step = samples[-1]["step"] if samples else 0
             try:
                 rec = {"t": round(time.monotonic() - t0, 1), "step": step,
                        "driver_rss_mib": round(me.memory_info().rss / MIB, 1),

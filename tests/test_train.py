@@ -234,7 +234,6 @@ def test_a_users_own_worker_environment_wins(ray_session, tmp_path, monkeypatch)
                                                                "DNCUT_TEST_WORKER_VAR": "1"}}
 
 
-
 def _checkpoint_states(run: Path) -> dict[int, dict]:
     states = {}
     for f in run.glob("checkpoint_*/" + STATE_FILE):
