@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -27,6 +28,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag
 from pydantic import ValidationError, ValidationInfo, field_validator, model_validator
 
+from dncut import storage
 from dncut.backbone_specs import spec
 
 EvalKind = Literal[
@@ -409,6 +411,28 @@ class Config(_Section):
     def tune_backbones(self) -> list[str]:
         """Backbones to sweep: ``tune.backbones`` or ``[model.backbone]``."""
         return list(self.tune.backbones or [self.model.backbone])
+
+    @property
+    def run_dir(self) -> str:
+        """The run folder ``output_dir/run_name`` (local path or ``s3://``): checkpoints, the resolved
+        config, the export and every report of the run live under it."""
+        return storage.join(self.output_dir, self.run_name)
+
+    def with_absolute_paths(self) -> Config:
+        """A copy whose local paths are absolute (``output_dir``, ``model.checkpoint``, ``data.train``,
+        ``data.val``; ``s3://`` and null stay). The driver calls it once: Ray workers run in their
+        own working directories."""
+        paths = (("output_dir", self.output_dir), ("model.checkpoint", self.model.checkpoint),
+                 ("data.train", self.data.train), ("data.val", self.data.val))
+        local = {k: v for k, v in paths if v and not storage.is_s3(v)}
+        if not local:
+            return self
+        return self.with_overrides({k: os.path.abspath(os.path.expanduser(v)) for k, v in local.items()})
+
+    def storage_handle(self) -> storage.Storage:
+        """The :class:`dncut.storage.Storage` built from this config's ``storage`` section; build it
+        once on the driver and pass it down."""
+        return storage.Storage.from_config(self.storage)
 
     def to_yaml(self) -> str:
         """The resolved config as YAML text that ``load_config`` reads back to an equal object."""

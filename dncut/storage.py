@@ -450,3 +450,61 @@ def _check_s3_access(uri: str, opts: S3Options) -> None:
         raise StorageError(f"cannot access bucket {bucket!r} at {where} (for {uri}): error {code}") from exc
     finally:
         client.close()
+
+
+# ----------------------------------------------------------------------------- the handle
+
+
+@dataclasses.dataclass(frozen=True)
+class Storage:
+    """The one storage handle: built once from the ``storage`` config, passed down.
+
+    Modules above this one take a ``Storage`` (never raw :class:`S3Options`) and
+    call its methods; it is frozen and picklable, so Ray tasks and actors
+    receive it as an argument. Local paths ignore the options.
+
+    Example::
+
+        store = Storage.from_config(cfg.storage)
+        names = store.list_files("s3://bucket/images", IMAGE_SUFFIXES)
+        store.write_bytes("s3://bucket/out/summary.json", b"{}")
+    """
+
+    options: S3Options = dataclasses.field(default_factory=S3Options)
+
+    @classmethod
+    def from_config(cls, section) -> Storage:
+        """Build from a ``StorageConfig`` (``endpoint_url``, ``region`` and, where present,
+        ``anonymous``); ``None`` means the environment's defaults."""
+        if section is None:
+            return cls()
+        return cls(S3Options(endpoint_url=getattr(section, "endpoint_url", None),
+                             region=getattr(section, "region", None),
+                             anonymous=bool(getattr(section, "anonymous", False))))
+
+    def filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """See :func:`filesystem`."""
+        return filesystem(uri, self.options)
+
+    def read_bytes(self, uri: str) -> bytes:
+        """See :func:`read_bytes`."""
+        return read_bytes(uri, self.options)
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """See :func:`write_bytes`."""
+        write_bytes(uri, data, self.options)
+
+    def list_files(self, uri: str, suffixes: Iterable[str] | None = None) -> list[str]:
+        """See :func:`list_files`."""
+        return list_files(uri, suffixes, self.options)
+
+    def exists(self, uri: str) -> bool:
+        """See :func:`exists`."""
+        return exists(uri, self.options)
+
+    def check_source(self, uri: str, suffixes: Iterable[str] | None = IMAGE_SUFFIXES) -> list[str]:
+        """See :func:`check_source`."""
+        return check_source(uri, self.options, suffixes)
+
+    join = staticmethod(join)
+    is_s3 = staticmethod(is_s3)
