@@ -35,6 +35,9 @@ EvalKind = Literal[
     "folder", "ecssd", "duts_te", "dut_omron", "sod", "voc07", "voc12", "coco20k", "coco", "scenes"
 ]
 EvalMethod = Literal["simple", "tokencut", "most", "found"]
+MIN_ROWS_PER_STEP = 2
+"""Usable rows a worker needs for a training step: BatchNorm in training mode needs more than one
+value per channel, and the loop skips a step with fewer rows (``dncut.train.loop``)."""
 DISCOVERY_ONLY_METHODS = ("most",)  # multi-object boxes: scored on discovery sets only
 
 
@@ -401,6 +404,14 @@ class Config(_Section):
             raise ValueError(
                 f"train.batch_size={self.train.batch_size} (global) must be divisible by "
                 f"scaling.num_workers={self.scaling.num_workers}"
+            )
+        per_worker = self.train.batch_size // self.scaling.num_workers
+        if per_worker < MIN_ROWS_PER_STEP:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} over scaling.num_workers={self.scaling.num_workers} "
+                f"gives {per_worker} row per worker; a training step needs at least {MIN_ROWS_PER_STEP} "
+                f"(BatchNorm statistics and the batch-mean loss terms): set train.batch_size >= "
+                f"{MIN_ROWS_PER_STEP * self.scaling.num_workers}"
             )
         return self
 

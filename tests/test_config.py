@@ -242,6 +242,15 @@ def test_batch_must_split_over_workers():
     assert config.train.batch_size // config.scaling.num_workers == 3
 
 
+@pytest.mark.parametrize("batch,workers", [(1, 1), (2, 2), (4, 4)])
+def test_batch_of_one_row_per_worker_is_refused_with_the_reason(batch: int, workers: int):
+    # a worker's step skips batches under MIN_ROWS_PER_STEP rows: such a run could only stop later
+    # with a misleading "non-finite loss" error, so it is refused at validation
+    msg = _error(overrides=[f"train.batch_size={batch}", f"scaling.num_workers={workers}"])
+    assert "1 row per worker" in msg and "BatchNorm" in msg and f"train.batch_size >= {2 * workers}" in msg
+    parse_config({}, [f"train.batch_size={2 * workers}", f"scaling.num_workers={workers}"])
+
+
 def test_backbone_names():
     """Config validation reads the one backbone table: every registered name passes (the two
     registries once disagreed on resnet50_s32), anything else fails with the valid names."""
