@@ -1,4 +1,4 @@
-"""Bad-input table: every kind of ``tests/corpus.py`` through the library, kinds x outcome.
+"""Bad-input table: every kind of ``bench/corpus.py`` through the library, kinds x outcome.
 
     .venv/bin/python bench/bad_inputs.py            # -> bench/results/bad_inputs.json + bad_inputs.md
 
@@ -27,11 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+import corpus  # bench/corpus.py (this script's folder is on sys.path)
+import s3server  # bench/s3server.py
 
-import corpus  # noqa: E402  (tests/corpus.py)
-import s3server  # noqa: E402  (tests/s3server.py)
+REPO = Path(__file__).resolve().parent.parent
 
 RESULTS = REPO / "bench" / "results"
 SNIPPET = 200
@@ -102,7 +101,7 @@ def run(work: Path) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [f"# Bad inputs: {result['n_kinds']} kinds, {result['n_match']} as expected",
-             "", f"{result['date']}, {result['machine']}; `python bench/bad_inputs.py` (tests/corpus.py). "
+             "", f"{result['date']}, {result['machine']}; `python bench/bad_inputs.py` (bench/corpus.py). "
              f"Image + mask kinds: one `evaluate_saliency` job, {result['eval_job']['inputs']} inputs, "
              f"{result['eval_job']['seconds']} s; runs: "
              + ", ".join(f"{r['method']} {r['n_images']} images / {r['n_failed']} failed" for r in result["eval_job"]["runs"])

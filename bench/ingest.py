@@ -149,9 +149,8 @@ def bench_config(source: str, crop_size: int, batch_size: int = 32, endpoint_url
 
 
 def start_s3(scratch: str):
-    """A moto server (tests/s3server.py) with the bench bucket; the AWS test env is set in ``os.environ``."""
-    sys.path.insert(0, str(REPO / "tests"))
-    import s3server
+    """A moto server (bench/s3server.py) with the bench bucket; the AWS test env is set in ``os.environ``."""
+    import s3server  # this script's folder is on sys.path
 
     server = s3server.start_moto_server()
     for name in s3server.AWS_VARS_TO_CLEAR:

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-import s3server
+from bench import s3server
 
 # =============================================================================
 # S3: a real moto server (subprocess, HTTP on 127.0.0.1) for the whole session

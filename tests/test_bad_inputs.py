@@ -1,4 +1,4 @@
-"""Every kind of bad input of ``tests/corpus.py`` through the library: a clear error or a counted,
+"""Every kind of bad input of ``bench/corpus.py`` through the library: a clear error or a counted,
 logged skip, never a crash of the whole job, never a silently wrong result; every input accounted for.
 
     images + masks   ONE ``evaluate_saliency`` run (Ray) over all of them, and the training data path
@@ -18,8 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import corpus
-import s3server
+from bench import corpus, s3server
 from dncut.config import Config, ConfigError, load_config
 
 METHODS = ["simple", "tokencut"]

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-import s3server
+from bench import s3server
 from dncut.config import load_config
 from dncut.storage import StorageError
 from dncut.train import STATE_FILE, build_trainer, fit, run_dir

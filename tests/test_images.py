@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from dncut.data.images import IMAGE_SUFFIXES, ImageDecodeError, decode_image, load_mask
-from s3server import make_jpeg
+from bench.s3server import make_jpeg
 
 SOD = "/work/shared/data/sod-val"
 BSDS = "/work/shared/data/bsds-unlabeled"

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import s3server
+from bench import s3server
 from dncut.train import STATE_FILE
 
 REPO = Path(__file__).resolve().parents[1]

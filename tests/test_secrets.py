@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import s3server
+from bench import s3server
 from dncut.config import load_config
 
 SECRETS = {

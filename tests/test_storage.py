@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-import s3server
+from bench import s3server
 from dncut import storage
 from dncut.storage import S3Options, StorageError
 

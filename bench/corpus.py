@@ -3,7 +3,7 @@
 Nothing binary is committed: every file is made here with PIL / numpy / json / XML text. The
 registry ``KINDS`` maps a kind name to a :class:`Kind` (category, generator, expected outcome);
 the runners below put a category's kinds through the library and return one :class:`Outcome`
-per kind, so that ``tests/test_bad_inputs.py`` asserts them and ``bench/bad_inputs.py`` tables them.
+per kind, so that ``tests/test_bad_inputs.py`` asserts them (``from bench import corpus``) and ``bench/bad_inputs.py`` tables them.
 
 Categories and what a generator writes (``folder`` is the category's root):
 

@@ -1,11 +1,12 @@
-"""A real S3 endpoint for tests: moto in server mode, in a subprocess.
+"""A real S3 endpoint for tests and benches: moto in server mode, in a subprocess.
 
 The server is a separate process speaking HTTP on 127.0.0.1, so everything
 started later (pyarrow, boto3, Ray workers in other processes) reaches it the
 same way it would reach MinIO or AWS. Nothing here is mocked in-process.
 
 Used by ``tests/conftest.py`` (fixtures ``s3_server``, ``s3_image_bucket``,
-``s3_bucket``) and importable by any test as ``import s3server``.
+``s3_bucket``), importable by any test as ``from bench import s3server`` and by a bench
+script as ``import s3server``.
 """
 
 from __future__ import annotations
