@@ -42,6 +42,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+import yaml
+
 from ray.tune import Callback
 from ray.tune.schedulers import AsyncHyperBandScheduler
 
@@ -196,8 +198,7 @@ def _check_space(cfg: Config) -> None:
 
 def _check_checkpoints(cfg: Config) -> None:
     """Per-backbone starting weights name swept backbones and exist."""
-    from dncut.data.pipeline import s3_options
-
+    store = cfg.storage_handle()
     backbones = cfg.tune_backbones()
     stray = sorted(set(cfg.tune.checkpoints) - set(backbones))
     if stray:
@@ -208,7 +209,7 @@ def _check_checkpoints(cfg: Config) -> None:
                          f"{shared}: give each its own weights in tune.checkpoints")
     for key, uri in [("model.checkpoint", cfg.model.checkpoint)] + [
             (f"tune.checkpoints.{b}", u) for b, u in cfg.tune.checkpoints.items()]:
-        if uri is not None and not storage.exists(uri, s3_options(cfg)):
+        if uri is not None and not store.exists(uri):
             raise SweepError(f"{key}: no file at {uri}")
 
 
@@ -247,6 +248,61 @@ def check_sweep(cfg: Config) -> int:
     return grid_size(cfg)
 
 
+SWEEP_CONFIG = "sweep_config.yaml"
+RERUN_FREE_KEYS = ("eval.", "tracking.", "tune.evaluate_best", "tune.max_concurrent_trials")
+"""Config keys a resumed sweep may change: they do not change what any trial trains."""
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def changed_keys(saved: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between a sweep's saved config and a rerun's, except
+    ``RERUN_FREE_KEYS``: ``{"tune.alpha": ([0.05], [0.1])}``."""
+    old, cur = _flat(saved.model_dump(mode="json")), _flat(new.model_dump(mode="json"))
+    keys = sorted(k for k in set(old) | set(cur)
+                  if old.get(k) != cur.get(k) and not any(k == f or k.startswith(f) for f in RERUN_FREE_KEYS))
+    return {k: (old.get(k), cur.get(k)) for k in keys}
+
+
+def check_rerun(cfg: Config, exp_dir: str, store: storage.Storage, restorable: bool) -> bool:
+    """Refuse to resume a sweep with a config other than the one its trials ran with.
+
+    Ray Tune restores a sweep's own grid whatever the new search space says, so a rerun with
+    other values would silently run the old ones. The saved ``sweep_config.yaml`` is written only
+    when a sweep starts, so it always equals the trials that ran.
+
+    Args:
+        cfg: the rerun's config (local paths absolute).
+        exp_dir: the sweep folder.
+        store: storage handle.
+        restorable: Tune holds a sweep in ``exp_dir`` that it would restore.
+
+    Returns:
+        True when the sweep resumes (saved config equal up to ``RERUN_FREE_KEYS``), False when it starts.
+
+    Raises:
+        SweepError: one line naming the changed keys and the two ways forward.
+    """
+    saved_uri = storage.join(exp_dir, SWEEP_CONFIG)
+    if not restorable or not store.exists(saved_uri):
+        return False
+    saved = parse_config(yaml.safe_load(store.read_bytes(saved_uri)) or {}, (), saved_uri)
+    diff = changed_keys(saved, cfg)
+    if diff:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(diff.items())[:6])
+        more = f" (+{len(diff) - 6} more)" if len(diff) > 6 else ""
+        raise SweepError(f"sweep {exp_dir} already ran with another config ({shown}{more}): set a new tune.name "
+                         f"to start a new sweep, or rerun with its saved config {saved_uri} to resume it")
+    return True
+
+
 # ----------------------------------------------------------------------------- the trial
 
 
@@ -261,19 +317,19 @@ def train_trial(params: dict[str, Any], *, base: dict[str, Any], runs_dir: str) 
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from dncut.data.pipeline import s3_options
-    from dncut.train import build_trainer, run_dir
+    from dncut.train import build_trainer
 
     cfg = trial_config(base, params, ray.tune.get_context().get_trial_id(), runs_dir)
-    final_uri = storage.join(run_dir(cfg), FINAL_METRICS)
-    if storage.exists(final_uri, s3_options(cfg)):  # finished before the sweep was interrupted
-        ray.tune.report(json.loads(storage.read_bytes(final_uri, s3_options(cfg))))
+    store = cfg.storage_handle()
+    final_uri = storage.join(cfg.run_dir, FINAL_METRICS)
+    if store.exists(final_uri):  # finished before the sweep was interrupted
+        ray.tune.report(json.loads(store.read_bytes(final_uri)))
         return
     result = build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str, bool))}
     if result.checkpoint is not None:
         metrics["checkpoint_path"] = result.checkpoint.path
-    storage.write_bytes(final_uri, json.dumps(metrics).encode(), s3_options(cfg))
+    store.write_bytes(final_uri, json.dumps(metrics).encode())
 
 
 class FinishingASHA(AsyncHyperBandScheduler):
@@ -410,15 +466,28 @@ def _tune_statuses(grid) -> list[str | None]:
     return [str(t.status) for t in trials]
 
 
+def _tune_path(exp_dir: str, store: storage.Storage):
+    """``(path, filesystem or None)`` as Ray Tune takes them: a custom filesystem only for S3."""
+    fs, fs_path = store.filesystem(exp_dir)
+    return fs_path, (fs if storage.is_s3(exp_dir) else None)
+
+
+def restorable(exp_dir: str, store: storage.Storage) -> bool:
+    """Whether ``exp_dir`` holds a sweep Ray Tune would restore (``Tuner.can_restore``)."""
+    from ray import tune
+
+    fs_path, custom_fs = _tune_path(exp_dir, store)
+    return tune.Tuner.can_restore(fs_path, storage_filesystem=custom_fs)
+
+
 def _tuner(cfg: Config, trainable, exp_dir: str, total_steps: int, num_trials: int,
-           callbacks: Sequence[Any] | None, s3: storage.S3Options):
-    """A new Tuner, or the restored one when ``exp_dir`` holds an interrupted sweep."""
+           callbacks: Sequence[Any] | None, store: storage.Storage, resume: bool):
+    """A new Tuner, or the restored one when ``resume`` (``exp_dir`` holds an interrupted sweep)."""
     import ray
     from ray import tune
 
-    fs, fs_path = storage.filesystem(exp_dir, s3)
-    custom_fs = fs if storage.is_s3(exp_dir) else None
-    if tune.Tuner.can_restore(fs_path, storage_filesystem=custom_fs):
+    fs_path, custom_fs = _tune_path(exp_dir, store)
+    if resume:
         log.info("resuming the sweep in %s (finished trials are kept, errored ones retried)", exp_dir)
         return tune.Tuner.restore(fs_path, trainable=trainable, resume_errored=True, storage_filesystem=custom_fs)
     concurrent = max_concurrent_trials(cfg, ray.cluster_resources(), num_trials)
@@ -454,23 +523,24 @@ def run_sweep(cfg: Config, *, evaluate: bool | None = None, callbacks: Sequence[
     import ray
     from ray import tune
 
-    from dncut.data.pipeline import s3_options, source_uris
-    from dncut.train import with_absolute_output
+    from dncut.data.pipeline import source_uris
 
     num_trials = check_sweep(cfg)
-    cfg = with_absolute_output(cfg)
+    cfg = cfg.with_absolute_paths()
     total_steps = cfg.train.total_steps(len(source_uris(cfg)) if cfg.train.epochs else None)
-    s3 = s3_options(cfg)
+    store = cfg.storage_handle()
     exp_dir = sweep_dir(cfg)
     runs_dir = storage.join(exp_dir, RUNS_DIR)
-    storage.write_bytes(storage.join(exp_dir, "sweep_config.yaml"), cfg.to_yaml().encode(), s3)  # fails early
+    resume = check_rerun(cfg, exp_dir, store, restorable(exp_dir, store))
+    if not resume:  # the saved config is the one the trials run with: written once, at the start
+        store.write_bytes(storage.join(exp_dir, SWEEP_CONFIG), cfg.to_yaml().encode())  # fails early
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, base=cfg.model_dump(mode="json"), runs_dir=runs_dir),
         {"cpu": DRIVER_CPUS})
     try:
-        grid = _tuner(cfg, trainable, exp_dir, total_steps, num_trials, callbacks, s3).fit()
+        grid = _tuner(cfg, trainable, exp_dir, total_steps, num_trials, callbacks, store, resume).fit()
     except Exception:
         log.error("the sweep stopped; run the same command again to resume it (finished trials are kept): %s",
                   exp_dir)
@@ -478,14 +548,14 @@ def run_sweep(cfg: Config, *, evaluate: bool | None = None, callbacks: Sequence[
 
     statuses = _tune_statuses(grid)
     rows = sort_rows([trial_row(r, runs_dir=runs_dir, metric=cfg.tune.metric, mode=cfg.tune.mode,
-                                tune_status=status, s3=s3)
+                                tune_status=status, store=store)
                       for r, status in zip(grid, statuses)], cfg.tune.mode)
     table = format_trials(rows, metric=cfg.tune.metric, root=exp_dir)
     files = {"csv": storage.join(exp_dir, CSV_FILE), "markdown": storage.join(exp_dir, MD_FILE),
              "plot": storage.join(exp_dir, PLOT_FILE)}
-    storage.write_bytes(files["csv"], trials_csv(rows).encode(), s3)
-    storage.write_bytes(files["markdown"], (table + "\n").encode(), s3)
-    storage.write_bytes(files["plot"], plot_iou_vs_alpha(rows), s3)
+    store.write_bytes(files["csv"], trials_csv(rows).encode())
+    store.write_bytes(files["markdown"], (table + "\n").encode())
+    store.write_bytes(files["plot"], plot_iou_vs_alpha(rows))
     out = SweepResults(sweep_dir=exp_dir, rows=rows, table=table, best=best_trial(rows, cfg.tune.mode), files=files)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("TERMINATED", "EARLY_STOPPED", "ERROR", "INTERRUPTED")}
     print(f"\nSweep {exp_dir}: {len(rows)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())})\n")
@@ -506,6 +576,6 @@ def run_sweep(cfg: Config, *, evaluate: bool | None = None, callbacks: Sequence[
         best_md += ["## Evaluation of its exported backbone", "", out.eval_table, ""]
         print("\n" + out.eval_table)
     files["best"] = storage.join(exp_dir, BEST_FILE)
-    storage.write_bytes(files["best"], "\n".join(best_md).encode(), s3)
+    store.write_bytes(files["best"], "\n".join(best_md).encode())
     return out
 

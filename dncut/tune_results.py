@@ -75,7 +75,7 @@ def _float(value) -> float | None:
 
 
 def trial_row(result, *, runs_dir: str, metric: str, mode: str, tune_status: str | None = None,
-              s3: storage.S3Options | None = None) -> dict[str, Any]:
+              store: storage.Storage | None = None) -> dict[str, Any]:
     """One table row from a Tune ``Result`` (see ``COLUMNS``); ``best_step`` is the step whose
     weights gave the best ``metric`` (for ``val_*`` metrics the reported ``val_step``: a report
     carries the last validation, measured at that step).
@@ -109,7 +109,7 @@ def trial_row(result, *, runs_dir: str, metric: str, mode: str, tune_status: str
     row["collapsed"] = None if collapsed is None else bool(collapsed)
     row["checkpoint"] = _last(df, "checkpoint_path")
     export = storage.join(run, EXPORT_FILE) if run else ""
-    has_export = bool(run) and storage.exists(export, s3)
+    has_export = bool(run) and (store or storage.Storage()).exists(export)
     row["export"] = export if has_export else None
     if result.error is not None:
         row["status"], row["reason"] = "ERROR", failure_reason(result.error)

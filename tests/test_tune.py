@@ -48,6 +48,15 @@ def test_max_concurrent_rule_hand_cases(tmp_path):
     assert max_concurrent_trials(fixed, {"CPU": 1.0}) == 3
 
 
+def test_changed_keys_of_a_rerun(tmp_path):
+    from dncut.tune import changed_keys
+
+    cfg = sweep_config(tmp_path)
+    assert changed_keys(cfg, cfg.with_overrides({"tune.evaluate_best": False, "eval.examples": 5})) == {}
+    diff = changed_keys(cfg, cfg.with_overrides({"tune.alpha": [0.3], "train.max_steps": 9}))
+    assert diff == {"tune.alpha": ([0.02, 0.1], [0.3]), "train.max_steps": (4, 9)}
+
+
 def test_run_names():
     name = trial_run_name("ab12c_00001", {"alpha": 0.05, "lr": 5e-4, "backbone": "vit_small_patch16_224.dino"})
     assert name == "ab12c_00001-vit_small_patch16_224.dino-a0.05-lr0.0005"
@@ -244,8 +253,12 @@ def test_asha_failure_and_resume(ray_session, tmp_path):
     (first_run,) = [p for p in runs.iterdir() if p.name.startswith(first_id)]
     assert (first_run / "backbone.pth").is_file()
     before = _mtimes(first_run)
+    saved = (Path(sweep_dir(cfg)) / "sweep_config.yaml").read_bytes()
+    with pytest.raises(SweepError, match=r"tune\.alpha: \[0\.05\] -> \[0\.2\].*new tune\.name"):
+        run_sweep(cfg.with_overrides({"tune.alpha": [0.2]}))  # Tune would restore the old grid
+    assert (Path(sweep_dir(cfg)) / "sweep_config.yaml").read_bytes() == saved  # still the trials that ran
 
-    out = run_sweep(cfg)  # same storage path and name: resumes
+    out = run_sweep(cfg.with_overrides({"tune.evaluate_best": False, "eval.examples": 1}))  # resumes
     by_lr = {r["lr"]: r for r in out.rows}
     assert len(out.rows) == 3 and set(by_lr) == {1e-3, 1e30, 5e-4}
     done, failed, stopped = by_lr[1e-3], by_lr[1e30], by_lr[5e-4]
