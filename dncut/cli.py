@@ -1,21 +1,10 @@
-"""Command line: ``dncut train | tune | eval | eval-maps | eval-saliency | demo | report | backbones``.
+"""Command line: one subcommand per task, built from :data:`COMMANDS`.
 
-Every command that takes ``--config`` also takes ``--set key.sub=value`` (repeatable; the
-value is read as YAML) and validates the result before anything starts::
-
-    dncut train --config configs/train/smoke.yaml --set train.max_steps=50 --set data.train=DIR
-    dncut eval  --config configs/eval/smoke.yaml
-    dncut eval-maps --masks DIR --maps DIR [DIR ...] --out DIR
-    dncut eval-saliency --images DIR --masks DIR --backbone efficientnet_lite0 --method simple --out DIR
-    dncut predict --images DIR --out DIR [--backbone NAME] [--checkpoint URI]   masks, maps, boxes
-    dncut tune  --config configs/sweep/smoke.yaml
-    dncut demo
-    dncut report RUN         curves figure and last metrics of a training run folder
-    dncut export RUN         the run's backbone as model.safetensors + config.json (timm's Hugging Face layout)
-    dncut backbones          the registered backbones: stride, channels, normalisation, weights
-
-Under ``ray job submit`` (``RAY_ADDRESS`` set) the commands join that cluster; otherwise
-they start a local Ray in-process.
+``dncut --help`` lists the subcommands from the parser itself, with one example each (``COMMANDS``);
+``dncut COMMAND --help`` gives the command's description, options and example. Commands that take
+``--config`` also take ``--set key.sub=value`` and validate the result before anything starts.
+Under ``ray job submit`` (``RAY_ADDRESS`` set) the commands join that cluster; otherwise they start
+a local Ray in-process.
 """
 
 from __future__ import annotations
@@ -55,51 +44,99 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> 
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
 
 
+DESCRIPTION = """dncut: Differentiable Normalized Cuts on Ray. Self-supervised dense finetuning of pretrained
+backbones, and unsupervised saliency, object discovery and segmentation, with Ray Train, Tune and Data.
+
+Every command that takes --config also takes --set key.sub=value (repeatable; the value is read as
+YAML) and validates the resulting config before anything starts. Under `ray job submit`
+(RAY_ADDRESS set) a command joins that cluster; otherwise it starts a local Ray in-process."""
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("Self-supervised dense finetuning of a backbone on Ray Train; rerunning a run_name resumes it.",
+              "dncut train --config configs/train/smoke.yaml --set train.max_steps=50"),
+    "found-train": ("FOUND's 1x1-conv head on frozen backbone features (Ray Train); writes "
+                    "<output_dir>/<run_name>/found_head.safetensors for eval.found_heads.",
+                    "dncut found-train --config found/bsds --set data.train=DIR"),
+    "tune": ("Ray Tune sweep over loss.alpha x train.lr x model.backbone, then the eval section on the best trial.",
+             "dncut tune --config configs/sweep/smoke.yaml"),
+    "eval": ("Saliency, object discovery and segmentation of the config's datasets x methods x backbones "
+             "(a Ray Data batch job).",
+             "dncut eval --config configs/eval/smoke.yaml"),
+    "eval-maps": ("Score folders of precomputed saliency maps against ground-truth masks (no model, no Ray).",
+                  "dncut eval-maps --masks GT_DIR --maps MAPS_DIR --out outputs/maps"),
+    "eval-saliency": ("Unsupervised saliency of one backbone on an images/ + masks/ folder pair, no YAML needed.",
+                      "dncut eval-saliency --images DIR/images --masks DIR/masks --backbone efficientnet_lite0 "
+                      "--method simple tokencut --out outputs/sal"),
+    "predict": ("Masks, z2 maps and boxes for a folder of unlabelled images (the eval job's pipeline).",
+                "dncut predict --images DIR --out outputs/pred"),
+    "demo": ("The main job on the embedded default: finetune EfficientNet-Lite0 on generated scenes with a local "
+             "Ray, saliency before/after, figure and weights under outputs/demo/.",
+             "dncut demo"),
+    "report": ("Curves figure (losses, pass fraction, template similarities, val IoU vs step) and last metrics "
+               "of a training run folder.",
+               "dncut report outputs/demo"),
+    "export": ("A training run's backbone as model.safetensors + config.json in timm's Hugging Face layout "
+               "(hf adds a model card).",
+               "dncut export outputs/demo --format hf"),
+    "backbones": ("Table of the registered backbones: stride, channels, normalisation, tapped layer, BatchNorm, "
+                  "weight source.",
+                  "dncut backbones"),
+}
+"""Every subcommand, in the parser's order: (one-line description, one example). ``build_parser``
+makes exactly these subcommands (it checks), and the README's command list is tested against them."""
+
+
+def _command(sub, name: str) -> argparse.ArgumentParser:
+    """The subparser ``name`` with its one-line description (the list's and the page's) and example."""
+    description, example = COMMANDS[name]
+    return sub.add_parser(name, help=description, description=description, epilog=f"example:\n  {example}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dncut.backbone_specs import list_backbones
-    from dncut.config import EvalMethod
+    from dncut.config import EvalConfig, EvalMethod
 
-    parser = argparse.ArgumentParser(prog="dncut", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="dncut", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n" + "\n".join(f"  {example}" for _, example in COMMANDS.values())
+               + "\n\n`dncut COMMAND --help` describes a command; the README has one section per task.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
                         help="print dncut's version and exit")
     _add_noise_args(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="self-supervised dense finetuning on Ray Train (resumes a run of the same name)")
+    p = _command(sub, "train")
     _add_config_args(p)
-    p = sub.add_parser("found-train", help="FOUND's 1x1-conv head on the frozen model.backbone features of the "
-                                           "data.train images, on Ray Train (resumes a run of the same name); "
-                                           "writes <output_dir>/<run_name>/found_head.safetensors for eval.found_heads")
+    p = _command(sub, "found-train")
     _add_config_args(p)
-    p = sub.add_parser("tune", help="Ray Tune sweep over loss.alpha x train.lr x model.backbone")
+    p = _command(sub, "tune")
     _add_config_args(p)
     p.add_argument("--evaluate-best", action=argparse.BooleanOptionalAction, default=None,
                    help="run the eval section on the best trial's exported backbone (default: tune.evaluate_best)")
-    p = sub.add_parser("eval", help="saliency / object-discovery evaluation as a Ray Data batch job")
+    p = _command(sub, "eval")
     _add_config_args(p)
 
-    p = sub.add_parser("eval-maps", help="score folders of precomputed saliency maps against masks")
+    p = _command(sub, "eval-maps")
     p.add_argument("--masks", required=True, help="folder of ground-truth masks (<stem>.png), local or s3://")
     p.add_argument("--maps", required=True, nargs="+",
                    help="folder(s) of maps (<stem>.png); a folder of method sub-folders also works")
     p.add_argument("--out", required=True, help="output folder for summary.json / summary.md")
 
-    p = sub.add_parser("eval-saliency", help="unsupervised saliency of one backbone on an images/masks folder pair")
+    p = _command(sub, "eval-saliency")
     p.add_argument("--images", required=True, help="folder of images, local or s3://")
     p.add_argument("--masks", required=True, help="folder of masks with the same stems")
     p.add_argument("--backbone", default=None, choices=list_backbones(), metavar="NAME",
                    help="backbone name (`dncut backbones` lists them); default: the config's model.backbone")
     p.add_argument("--checkpoint", default=None, help="backbone weights (local or s3://); default: pretrained")
-    p.add_argument("--method", nargs="+", default=["simple"], choices=typing.get_args(EvalMethod),
-                   help="simple: the paper's Simple NCut (z2 > 0, minority side = foreground); tokencut: "
-                        "TokenCut (binary graph tau 0.2, seed + connected component); default simple")
+    p.add_argument("--method", nargs="+", default=["simple"], choices=typing.get_args(EvalMethod), metavar="METHOD",
+                   help=f"one or more of {', '.join(typing.get_args(EvalMethod))}: "
+                        f"{EvalConfig.model_fields['methods'].description}; default simple")
     p.add_argument("--bilateral", action="store_true", help="also score the bilateral-solver refinement")
     p.add_argument("--out", required=True, help="output folder")
     _add_config_args(p)
 
-    p = sub.add_parser("predict", help="masks, heat maps and boxes for a folder of unlabelled images (the eval "
-                                       "job's pipeline; eval.methods, eval.image_size from the config)")
+    p = _command(sub, "predict")
     p.add_argument("--images", required=True, help="folder or s3:// prefix of images")
     p.add_argument("--out", required=True, help="output folder: masks/<method>/, z2/<method>/, predictions.parquet")
     p.add_argument("--backbone", default=None, choices=list_backbones(), metavar="NAME",
@@ -107,16 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="backbone weights (local or s3://); default: pretrained")
     _add_config_args(p)
 
-    p = sub.add_parser("demo", help="the main job on the embedded default: finetune EfficientNet-Lite0 on generated "
-                                    "scenes with a local Ray, saliency before/after, figure and weights under outputs/")
+    p = _command(sub, "demo")
     _add_config_args(p, default=DEMO_CONFIG)
-    p = sub.add_parser("report", help="curves figure (losses, pass fraction, template similarities, val IoU vs "
-                                      "step) and last metrics of a training run folder")
+    p = _command(sub, "report")
     _add_noise_args(p)
     p.add_argument("run", metavar="RUN", help="a training run folder output_dir/run_name (local or s3://)")
     p.add_argument("--out", default=None, help="where to write the PNG (default RUN/curves.png)")
-    p = sub.add_parser("export", help="a training run's backbone as safetensors in timm's Hugging Face layout "
-                                      "(model.safetensors + config.json): loads with timm alone, or dncut.export.load_hf")
+    p = _command(sub, "export")
     _add_noise_args(p)
     p.add_argument("run", metavar="RUN", help="a training run folder output_dir/run_name holding backbone.pth and "
                                               "config.yaml (local or s3://)")
@@ -127,9 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
                    help="also upload to this Hugging Face Hub repo (user/name) with timm's push_to_hf_hub; needs "
                         "network access to the Hub and a write token (HF_TOKEN or `hf auth login`)")
-    p = sub.add_parser("backbones", help="table of the registered backbones: stride, channels, input normalisation, "
-                                     "tapped layer, BatchNorm, where the weights come from")
+    p = _command(sub, "backbones")
     _add_noise_args(p)
+    if list(sub.choices) != list(COMMANDS):  # COMMANDS is the parser's own list, in its order
+        raise AssertionError(f"dncut.cli.COMMANDS {list(COMMANDS)} != the parser's {list(sub.choices)}")
     return parser
 
 
