@@ -191,6 +191,15 @@ def rayjob_problems(job: dict, image: str, workdir: str, account: str) -> list[s
         problems.append("ttlSecondsAfterFinished not set")
     if cluster.get("authOptions", {}).get("mode") != "token":
         problems.append("authOptions.mode is not token")
+    if spec.get("submissionMode") not in ("SidecarMode", "HTTPMode", "K8sJobMode"):
+        problems.append(f"submissionMode {spec.get('submissionMode')!r} not chosen")
+    if spec.get("submissionMode") == "SidecarMode" and \
+            cluster["headGroupSpec"]["template"]["spec"].get("restartPolicy") != "Never":
+        problems.append("SidecarMode needs the head pod's restartPolicy: Never")
+    if not spec.get("activeDeadlineSeconds", 0) > 0:
+        problems.append("activeDeadlineSeconds not set (a hung job would hold its GPUs forever)")
+    if not isinstance(spec.get("backoffLimit"), int):
+        problems.append("backoffLimit not set")
     return problems
 
 
@@ -216,6 +225,10 @@ def test_rayjob_structure(name):
     (_delete(GPU + ["template", "spec", "containers", 0, "resources", "limits", "nvidia.com/gpu"]),
      "no worker group with nvidia.com/gpu"),
     (_delete(["spec", "rayClusterSpec", "authOptions"]), "authOptions"),
+    (_delete(["spec", "submissionMode"]), "submissionMode"),
+    (_delete(["spec", "rayClusterSpec", "headGroupSpec", "template", "spec", "restartPolicy"]), "restartPolicy"),
+    (_delete(["spec", "activeDeadlineSeconds"]), "activeDeadlineSeconds"),
+    (_delete(["spec", "backoffLimit"]), "backoffLimit"),
 ], ids=lambda v: getattr(v, "__name__", None))
 def test_rayjob_problems_catch_a_broken_manifest(mutate, expect):
     image, workdir = expected_image_and_workdir()
