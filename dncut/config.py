@@ -70,6 +70,7 @@ class ModelConfig(_Section):
     backbone: Backbone = Field("efficientnet_lite0", validate_default=True, description="a name from `dncut backbones` (dncut.backbone_specs); vit_small_patch16_224.dino for the paper; efficientnet_lite0(_s16) are the only ones with real weights offline")
     pretrained: bool = Field(True, description="true: start from pretrained weights (the method finetunes; from scratch NCut masks are noise and training collapses)")
     checkpoint: str | None = Field(None, description="local path or s3:// URI of weights to start from; overrides pretrained weights; null = none")
+    trusted_checkpoint: bool = Field(False, description="false: checkpoints are read with torch.load(weights_only=True) (tensors and containers only); true allows full unpickling of model.checkpoint and eval.checkpoints that also hold numpy scalars, pathlib paths or other objects -- it can run code stored in the file, so only for files you trust")
     projector: bool = Field(True, description="true; false is the 'no projector' ablation, which collapses (paper Tab. 5)")
     proj_dim: int = Field(256, ge=1, description="256 (authors); output channels of projector and predictor")
     hidden_dim: int | None = Field(None, ge=1, description="null = backbone channels (384 for ViT-S, as the authors)")
@@ -396,6 +397,13 @@ class Config(_Section):
             if size % stride:
                 raise ValueError(f"{key}={size} must be a multiple of the {self.model.backbone} stride {stride} "
                                  f"(e.g. {max(stride, size // stride * stride)})")
+        if any(d.task == "segmentation" for d in self.eval.datasets):  # resized to S x S, not snapped
+            size = self.eval.segmentation.image_size
+            for name in self.eval_backbones():
+                step = spec(name).stride
+                if size % step:
+                    raise ValueError(f"eval.segmentation.image_size={size} must be a multiple of the {name} stride "
+                                     f"{step} (e.g. {max(step, size // step * step)})")
         return self
 
     @model_validator(mode="after")
