@@ -126,6 +126,8 @@ class StorageConfig(_Section):
 
     endpoint_url: str | None = Field(None, description="null = AWS; set for MinIO / moto, e.g. http://127.0.0.1:5000")
     region: str | None = Field(None, description="null = from the environment; e.g. us-east-1")
+    anonymous: bool = Field(False, description="true: unsigned requests, for public buckets (no credentials needed)")
+    profile: str | None = Field(None, description="a named profile of ~/.aws/config / credentials (as AWS_PROFILE); null = the default credential chain")
 
 
 # --------------------------------------------------------------------------- train / scaling

@@ -62,6 +62,8 @@ class S3Options:
             Without a scheme, ``https`` is assumed.
         region: ``None`` reads ``AWS_REGION`` then ``AWS_DEFAULT_REGION``, else us-east-1.
         anonymous: unsigned requests (public buckets); no credentials needed.
+        profile: a named profile of the AWS shared config / credentials files (as ``AWS_PROFILE``);
+            ``None`` uses the default credential chain.
         connect_timeout: seconds to open a connection (keep small: fail fast).
         request_timeout: seconds for a request.
         max_attempts: attempts per request, retries included.
@@ -70,6 +72,7 @@ class S3Options:
     endpoint_url: str | None = None
     region: str | None = None
     anonymous: bool = False
+    profile: str | None = None
     connect_timeout: float = 3.0
     request_timeout: float = 30.0
     max_attempts: int = 3
@@ -201,7 +204,10 @@ def _has_suffix(path: str, suffixes: Sequence[str]) -> bool:
 
 @functools.lru_cache(maxsize=8)
 def _cached_s3_filesystem(opts: S3Options, credential_identity: tuple[str | None, ...]) -> pafs.S3FileSystem:
-    """One S3FileSystem per (options, credential source); the identity is only a cache key."""
+    """One S3FileSystem per (options, credential source); the identity is only a cache key.
+
+    A named ``profile`` is resolved here, in the process that uses it, through boto3's session (the
+    credentials never enter ``S3Options``, which Ray pickles)."""
     del credential_identity
     kwargs: dict = {
         "region": opts.region,
@@ -213,7 +219,25 @@ def _cached_s3_filesystem(opts: S3Options, credential_identity: tuple[str | None
     if opts.endpoint_url:
         scheme, netloc = _split_endpoint(opts.endpoint_url)
         kwargs.update(scheme=scheme, endpoint_override=netloc)
+    if opts.profile and not opts.anonymous:
+        creds = _profile_session(opts).get_credentials()
+        if creds is None:
+            raise StorageError(f"storage.profile={opts.profile!r} has no credentials")
+        frozen = creds.get_frozen_credentials()
+        kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token)
     return pafs.S3FileSystem(**kwargs)
+
+
+def _profile_session(opts: S3Options):
+    """A boto3 session for ``opts`` (its profile, its region); an unknown profile is a StorageError."""
+    import boto3
+    import botocore.exceptions as bexc
+
+    try:
+        return boto3.session.Session(region_name=opts.region, profile_name=opts.profile)
+    except bexc.ProfileNotFound as exc:
+        raise StorageError(f"storage.profile={opts.profile!r}: no such profile in the AWS config / credentials "
+                           "files (~/.aws/config, ~/.aws/credentials, AWS_CONFIG_FILE)") from exc
 
 
 def _credential_identity() -> tuple[str | None, ...]:
@@ -418,12 +442,12 @@ def _check_s3_access(uri: str, opts: S3Options) -> None:
 
     bucket, _ = split_s3(uri)
     where = _redact_endpoint(opts.endpoint_url)
-    session = boto3.session.Session(region_name=opts.region)
+    session = _profile_session(opts)
     if not opts.anonymous and session.get_credentials() is None:
         raise StorageError(
-            f"no AWS credentials found for {uri}: set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY, a profile (AWS_PROFILE), or an instance role; "
-            "or use S3Options(anonymous=True) for a public bucket"
+            f"no AWS credentials found for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "a profile (storage.profile or AWS_PROFILE), or an instance role; for a public bucket set "
+            "storage.anonymous: true (e.g. --set storage.anonymous=true)"
         )
     config = botocore.config.Config(
         connect_timeout=opts.connect_timeout,
@@ -435,19 +459,24 @@ def _check_s3_access(uri: str, opts: S3Options) -> None:
     try:
         client.head_bucket(Bucket=bucket)
     except (bexc.ConnectionError, bexc.HTTPClientError) as exc:
-        raise StorageError(f"cannot reach the S3 endpoint {where} for {uri}: {exc}") from exc
+        raise StorageError(f"cannot reach the S3 endpoint {where} for {uri} (check storage.endpoint_url): "
+                           f"{exc}") from exc
     except bexc.NoCredentialsError as exc:
-        raise StorageError(f"no AWS credentials found for {uri}") from exc
+        raise StorageError(f"no AWS credentials found for {uri}: set storage.profile or AWS_* credentials, "
+                           "or storage.anonymous: true for a public bucket") from exc
     except bexc.ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in ("404", "NoSuchBucket", "NotFound"):
-            raise StorageError(f"bucket {bucket!r} does not exist at {where} (for {uri})") from exc
+            raise StorageError(f"bucket {bucket!r} does not exist at {where} (for {uri}; check the URI, "
+                               "storage.endpoint_url and storage.region)") from exc
         if code in ("403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             raise StorageError(
                 f"access to bucket {bucket!r} at {where} denied (for {uri}): the credentials "
-                f"were rejected or lack permission (error {code})"
+                f"were rejected or lack permission (error {code}); set storage.profile or the AWS_* "
+                "credentials, or storage.anonymous: true for a public bucket"
             ) from exc
-        raise StorageError(f"cannot access bucket {bucket!r} at {where} (for {uri}): error {code}") from exc
+        raise StorageError(f"cannot access bucket {bucket!r} at {where} (for {uri}): error {code}; check "
+                           "storage.endpoint_url, storage.region and storage.profile") from exc
     finally:
         client.close()
 
@@ -474,13 +503,12 @@ class Storage:
 
     @classmethod
     def from_config(cls, section) -> Storage:
-        """Build from a ``StorageConfig`` (``endpoint_url``, ``region`` and, where present,
-        ``anonymous``); ``None`` means the environment's defaults."""
+        """Build from a ``StorageConfig`` (``endpoint_url``, ``region``, ``anonymous``, ``profile``);
+        ``None`` means the environment's defaults."""
         if section is None:
             return cls()
-        return cls(S3Options(endpoint_url=getattr(section, "endpoint_url", None),
-                             region=getattr(section, "region", None),
-                             anonymous=bool(getattr(section, "anonymous", False))))
+        return cls(S3Options(endpoint_url=section.endpoint_url, region=section.region,
+                             anonymous=section.anonymous, profile=section.profile))
 
     def filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
         """See :func:`filesystem`."""

@@ -224,3 +224,33 @@ def test_anonymous_access_needs_no_credentials(s3_image_bucket, monkeypatch):
         monkeypatch.delenv(name)
     opts = S3Options(anonymous=True)
     assert len(storage.check_source(s3_image_bucket, s3=opts)) == s3server.N_IMAGES + 1
+
+
+def test_named_profile_from_the_storage_config(s3_image_bucket, monkeypatch, tmp_path):
+    from dncut.config import parse_config
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    creds = tmp_path / "credentials"
+    creds.write_text(f"[research]\naws_access_key_id = {s3server.FAKE_ACCESS_KEY}\n"
+                     f"aws_secret_access_key = {s3server.FAKE_SECRET_KEY}\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    with pytest.raises(StorageError, match="storage.profile") as info:  # the default chain finds nothing
+        storage.Storage().check_source(s3_image_bucket)
+    assert "storage.anonymous: true" in str(info.value)
+    store = parse_config({"storage": {"profile": "research"}}).storage_handle()
+    assert store.options.profile == "research"
+    assert len(store.check_source(s3_image_bucket)) == s3server.N_IMAGES + 1  # boto3's precheck
+    assert len(store.list_files(s3_image_bucket)) == s3server.N_IMAGES + 1  # pyarrow's reads
+    with pytest.raises(StorageError, match="storage.profile='nobody': no such profile"):
+        parse_config({"storage": {"profile": "nobody"}}).storage_handle().check_source(s3_image_bucket)
+    _assert_no_secret(info.value)
+
+
+def test_anonymous_from_the_storage_config(s3_image_bucket, monkeypatch):
+    from dncut.config import parse_config
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    store = parse_config({}, ["storage.anonymous=true"]).storage_handle()
+    assert len(store.check_source(s3_image_bucket)) == s3server.N_IMAGES + 1

@@ -57,7 +57,7 @@ Ray Data's per-block bookkeeping grows with the number of blocks."""
 
 def s3_options(cfg: Config) -> storage.S3Options:
     """The config's S3 endpoint/region (credentials stay in the environment)."""
-    return storage.S3Options(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+    return storage.Storage.from_config(cfg.storage).options
 
 
 def source_uris(cfg: Config) -> list[str]:
