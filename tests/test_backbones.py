@@ -116,7 +116,15 @@ EXPECTED = {  # name -> (stride, channels), from the papers / timm / torchvision
     "vit_base_patch16_224.mae": (16, 768), "vit_small_patch16_224.mocov3": (16, 384),
     "vit_tiny_test": (8, 48), "resnet50": (16, 1024), "resnet50_s32": (32, 2048),
     "efficientnet_lite0": (32, 320), "efficientnet_lite0_s16": (16, 112),
+    "vit_small_patch14_dinov2.lvd142m": (14, 384), "vit_small_patch14_reg4_dinov2.lvd142m": (14, 384),
+    "vit_base_patch14_dinov2.lvd142m": (14, 768), "vit_base_patch14_reg4_dinov2.lvd142m": (14, 768),
+    "vit_small_patch16_dinov3.lvd1689m": (16, 384), "vit_base_patch16_dinov3.lvd1689m": (16, 768),
+    "vit_dinov2_reg_test": (14, 48), "vit_dinov3_test": (16, 48),
 }
+# prefix tokens (CLS + registers / storage tokens): never part of the feature grid
+PREFIX_TOKENS = {"vit_small_patch14_dinov2.lvd142m": 1, "vit_small_patch14_reg4_dinov2.lvd142m": 5,
+                 "vit_base_patch14_reg4_dinov2.lvd142m": 5, "vit_small_patch16_dinov3.lvd1689m": 5,
+                 "vit_base_patch16_dinov3.lvd1689m": 5}
 
 
 def test_registry_names() -> None:
@@ -267,7 +275,18 @@ def test_frozen_parameters_are_exactly_the_unused_ones(name: str) -> None:
     assert frozen, "a classifier or last-block MLP should be frozen"
 
 
-@pytest.mark.parametrize("name", ["vit_tiny_test", "vit_small_patch16_224.mocov3", "vit_base_patch16_224.dino"])
+@pytest.mark.parametrize("name", list(PREFIX_TOKENS))
+def test_modern_vits_drop_their_prefix_tokens(name: str) -> None:
+    """DINOv2 (with / without registers) and DINOv3 rows: the grid is the patch grid, prefix tokens dropped."""
+    m = _backbone(name)
+    assert m.num_prefix_tokens == PREFIX_TOKENS[name]
+    assert m.rotary == ("dinov3" in name)
+    with torch.no_grad():
+        assert m(torch.rand(1, 3, 3 * m.stride, 2 * m.stride)).shape == (1, m.channels, 3, 2)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_test", "vit_small_patch16_224.mocov3", "vit_base_patch16_224.dino",
+                                  "vit_small_patch14_reg4_dinov2.lvd142m"])
 def test_vit_keys_match_independent_recomputation(name: str) -> None:
     m = _backbone(name)
     torch.manual_seed(2)
@@ -522,10 +541,12 @@ def test_bad_checkpoints_raise_or_warn(tmp_path: Path) -> None:
 
 
 def test_s3_uris_go_through_storage(monkeypatch: pytest.MonkeyPatch) -> None:
-    """s3:// URIs are read and written by dncut.storage, with the caller's s3 options passed through."""
+    """s3:// URIs are read and written by dncut.storage, through the caller's Storage handle."""
     from dncut import storage
+    from dncut.storage import Storage
 
     options = object()  # stands for a dncut.storage.S3Options
+    handle = Storage(options)  # type: ignore[arg-type]
     store: dict[str, bytes] = {}
     seen: list[object] = []
 
@@ -542,13 +563,13 @@ def test_s3_uris_go_through_storage(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(15)
     src = bb.create_backbone("vit_tiny_test")
     uri = "s3://bucket/models/tiny.pt"
-    assert bb.export_backbone(src, uri, s3=options) == uri
+    assert bb.export_backbone(src, uri, store=handle) == uri
     assert list(store) == [uri]
     assert torch.load(io.BytesIO(store[uri]), weights_only=True)["backbone"] == "vit_tiny_test"
     ref = src.model.state_dict()
-    _assert_loaded(bb.create_backbone("vit_tiny_test", checkpoint=uri, s3=options), ref)
-    _assert_loaded(bb.load_backbone(uri, s3=options), ref)
-    assert bb.read_checkpoint(uri, s3=options)["backbone"] == "vit_tiny_test"
-    report = bb.load_checkpoint(bb.create_backbone("vit_tiny_test"), uri, s3=options)
+    _assert_loaded(bb.create_backbone("vit_tiny_test", checkpoint=uri, store=handle), ref)
+    _assert_loaded(bb.load_backbone(uri, store=handle), ref)
+    assert bb.read_checkpoint(uri, store=handle)["backbone"] == "vit_tiny_test"
+    report = bb.load_checkpoint(bb.create_backbone("vit_tiny_test"), uri, store=handle)
     assert report.layout == "dncut" and not report.missing
     assert len(seen) == 5 and all(o is options for o in seen)
