@@ -47,7 +47,7 @@ def run(work: Path) -> dict:
     import ray
 
     from dncut.config import load_config
-    from dncut.eval.batch import evaluate_saliency
+    from dncut.eval.jobs import evaluate_saliency
 
     rows: list[dict] = []
     # images + masks: one evaluation job

@@ -560,7 +560,7 @@ def _eval_job(cfg, kill: bool, rng: random.Random) -> dict:
     import pyarrow.parquet as pq
     import ray
 
-    from dncut.eval.batch import run_evaluation
+    from dncut.eval.jobs import run_evaluation
 
     job = ray.get_runtime_context().get_job_id()
     start = time.monotonic()

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
 
     from dncut.config import load_config
-    from dncut.eval.batch import run_evaluation
+    from dncut.eval.jobs import run_evaluation
     from dncut.eval.report import format_table
     from dncut import storage
 

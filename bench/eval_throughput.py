@@ -128,7 +128,7 @@ _WORKER: dict = {}
 def _worker_init(feats: list[torch.Tensor], kind: str, solver: str, batch_size: int, retain: bool) -> None:
     """A single-threaded worker process: ``kind`` "dncut" (as one 1-CPU inference actor) or
     "peers" (their per-image loop with one BLAS thread)."""
-    from dncut.eval.batch import retain_freed_memory
+    from dncut.runtime import retain_freed_memory
 
     torch.set_num_threads(1)
     if kind == "peers":
@@ -213,7 +213,7 @@ def scaling_worker(cpus: int, root: str, n: int, backbone: str, size: int, solve
 
     import ray
 
-    from dncut.eval.batch import run_evaluation
+    from dncut.eval.jobs import run_evaluation
 
     # pin this process (and so Ray's raylet and workers, which inherit it) to ``cpus`` cores:
     # num_cpus alone is a scheduling limit, not a physical one
@@ -290,7 +290,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=0,
                    help="single-threaded dncut processes for the multi-process variant (default: usable cores)")
     p.add_argument("--default-malloc", action="store_true",
-                   help="part 1 without dncut.eval.batch.retain_freed_memory (glibc's default heap trimming)")
+                   help="part 1 without dncut.runtime.retain_freed_memory (glibc's default heap trimming)")
     p.add_argument("--skip-scaling", action="store_true")
     p.add_argument("--scaling-images", type=int, default=400,
                    help="images for the Ray job runs of part 2 (the set is repeated up to this many)")
@@ -318,7 +318,7 @@ def main() -> None:
         if args.save_features:
             torch.save({"feats": feats, "feat_s": feat_s, "source": source, "long_side": args.size,
                         "backbone": args.backbone}, args.save_features)
-    from dncut.eval.batch import retain_freed_memory
+    from dncut.runtime import retain_freed_memory
 
     retained = False if args.default_malloc else retain_freed_memory()  # as the job's CPU actors do
     peers, peer_s = best_of(lambda: run_peers(feats), args.repeats)

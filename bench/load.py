@@ -151,7 +151,7 @@ def bench_eval(limits: list[int], interval: float, workdir: Path) -> dict:
     import ray
 
     from dncut.config import load_config
-    from dncut.eval.batch import run_evaluation
+    from dncut.eval.jobs import run_evaluation
 
     runs = []
     for n in limits:

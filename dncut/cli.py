@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         ray.data.DataContext.get_current().enable_progress_bars = False
     if args.command == "eval-maps":
-        from dncut.eval.batch import evaluate_maps
+        from dncut.eval.jobs import evaluate_maps
         from dncut.eval.report import format_table
 
         print(format_table(evaluate_maps(args.masks, args.maps, args.out)))
@@ -303,14 +303,14 @@ def run_command(args: argparse.Namespace, cfg) -> int:
                          default=str))
         return 0
     if args.command == "eval":
-        from dncut.eval.batch import run_evaluation
+        from dncut.eval.jobs import run_evaluation
         from dncut.eval.report import format_table
 
         init_ray(args.address, args.verbose)
         print(format_table(run_evaluation(cfg)))
         return 0
     if args.command == "eval-saliency":
-        from dncut.eval.batch import evaluate_saliency
+        from dncut.eval.jobs import evaluate_saliency
         from dncut.eval.report import format_table
 
         init_ray(args.address, args.verbose)
@@ -319,7 +319,7 @@ def run_command(args: argparse.Namespace, cfg) -> int:
         print(format_table(summary))
         return 0
     if args.command == "predict":
-        from dncut.eval.infer import predict_folder
+        from dncut.eval.jobs import predict_folder
 
         init_ray(args.address, args.verbose)
         print(json.dumps(predict_folder(args.images, args.out, cfg, backbone=args.backbone,

@@ -17,8 +17,8 @@ with timm's ``push_to_hf_hub``.
 The timm model is ``dncut.backbones.timm_arch(spec)``: heads dncut builds without (ViT ``head``) are
 absent from it too; layers after the tapped one (frozen, never finetuned) are exported as they are.
 
-A training run folder is exported by ``dncut.train.export_run`` (``dncut export RUN``), and at the
-end of every run by ``dncut.train.Chief``. Note: ``pretrained_cfg_overlay=dict(file=...)`` keeps
+A training run folder is exported by ``dncut export RUN``, and at the end of every run by the
+training's rank-0 worker (``dncut.train``). Note: ``pretrained_cfg_overlay=dict(file=...)`` keeps
 timm's default ``pretrained_cfg`` (ImageNet mean/std); ``local-dir:`` reads ``config.json``'s.
 """
 
@@ -32,9 +32,8 @@ from typing import Any, Literal
 
 from torch import nn
 
-from dncut import storage
-from dncut.backbones import (EXPORT_FORMAT, Backbone, _read_uri, _write_uri, create_backbone,
-                             timm_arch)
+from dncut.backbones import EXPORT_FORMAT, Backbone, create_backbone, timm_arch
+from dncut.storage import Storage
 
 HF_WEIGHTS_FILE = "model.safetensors"  # timm.models._hub.HF_SAFE_WEIGHTS_NAME
 HF_CONFIG_FILE = "config.json"
@@ -100,16 +99,16 @@ def model_card(backbone: Backbone) -> dict[str, Any]:
 
 
 def _join(folder: str, name: str) -> str:
-    return storage.join(str(folder), name) if "://" in str(folder) else str(Path(folder).expanduser() / name)
+    return Storage.join(str(folder), name) if "://" in str(folder) else str(Path(folder).expanduser() / name)
 
 
-def export_hf(backbone: Backbone, folder: str, s3: Any = None, *, readme: bool = False) -> list[str]:
+def export_hf(backbone: Backbone, folder: str, store: Storage | None = None, *, readme: bool = False) -> list[str]:
     """Write ``backbone`` in timm's Hugging Face layout with timm's ``save_for_hf``.
 
     Args:
         backbone: Any dncut backbone.
         folder: Local folder or ``s3://`` prefix (created / overwritten file by file).
-        s3: ``dncut.storage.S3Options`` for an ``s3://`` folder.
+        store: the storage handle for an ``s3://`` folder (``None``: the environment's defaults).
         readme: Also write ``README.md``, the model card timm's ``push_to_hf_hub`` would add.
 
     Returns:
@@ -120,6 +119,7 @@ def export_hf(backbone: Backbone, folder: str, s3: Any = None, *, readme: bool =
     """
     from timm.models._hub import generate_readme, save_for_hf
 
+    store = store or Storage()
     model = timm_model(backbone)
     names = [HF_WEIGHTS_FILE, HF_CONFIG_FILE] + ([README_FILE] if readme else [])
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +129,7 @@ def export_hf(backbone: Backbone, folder: str, s3: Any = None, *, readme: bool =
             Path(tmp, README_FILE).write_text(text, encoding="utf-8")
         uris = [_join(folder, name) for name in names]
         for name, uri in zip(names, uris):  # weights first: a config.json is never ahead of its weights
-            _write_uri(uri, Path(tmp, name).read_bytes(), s3)
+            store.write_bytes(uri, Path(tmp, name).read_bytes())
     return uris
 
 
@@ -155,12 +155,12 @@ def push_hf(backbone: Backbone, repo_id: str, *, token: str | None = None, priva
     return str(getattr(commit, "commit_url", commit))
 
 
-def load_hf(uri: str, s3: Any = None) -> Backbone:
+def load_hf(uri: str, store: Storage | None = None) -> Backbone:
     """Rebuild the backbone of an ``export_hf`` folder: its ``config.json`` names it, ``model.safetensors`` fills it.
 
     Args:
         uri: The folder (local or ``s3://``), or its ``config.json`` / ``model.safetensors``.
-        s3: ``dncut.storage.S3Options`` for ``s3://``.
+        store: the storage handle for ``s3://`` (``None``: the environment's defaults).
 
     Returns:
         The backbone (train mode, CPU), as ``create_backbone`` returns it.
@@ -169,17 +169,18 @@ def load_hf(uri: str, s3: Any = None) -> Backbone:
         ValueError: ``config.json`` without a ``dncut`` block, or unreadable/corrupted weights (names the file).
         FileNotFoundError: a file is missing.
     """
+    store = store or Storage()
     folder = str(uri).rstrip("/")
     if folder.endswith((HF_CONFIG_FILE, HF_WEIGHTS_FILE)):
         folder = folder.rsplit("/", 1)[0] if "/" in folder else "."
     config_uri = _join(folder, HF_CONFIG_FILE)
     try:
-        cfg = json.loads(_read_uri(config_uri, s3))
+        cfg = json.loads(store.read_bytes(config_uri))
         name = str(cfg["dncut"]["backbone"])
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{config_uri}: not a dncut export config (needs \"dncut\": {{\"backbone\": NAME}}): "
                          f"{err!r}") from err
-    backbone = create_backbone(name, checkpoint=_join(folder, HF_WEIGHTS_FILE), s3=s3)
+    backbone = create_backbone(name, checkpoint=_join(folder, HF_WEIGHTS_FILE), store=store)
     norm = cfg.get("pretrained_cfg", {})
     if (tuple(norm.get("mean", ())), tuple(norm.get("std", ()))) != (backbone.mean, backbone.std):
         warnings.warn(f"{config_uri}: mean/std {norm.get('mean')}/{norm.get('std')} differ from {name}'s row in "

@@ -443,7 +443,7 @@ def evaluate_best(cfg: Config, best: Mapping[str, Any], out_root: str) -> tuple[
     Returns:
         ``(summary, paper-style Markdown table)``.
     """
-    from dncut.eval.batch import run_evaluation
+    from dncut.eval.jobs import run_evaluation
     from dncut.eval.report import format_table
 
     eval_cfg = parse_config(cfg.model_dump(mode="json"), {

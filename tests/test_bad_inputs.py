@@ -43,7 +43,7 @@ def saliency_run(ray_session, tmp_path_factory):
     kinds = corpus.write_images_and_masks(root)
     cfg = load_config("configs/eval/smoke.yaml", ["eval.batch_size=16", "eval.examples=2"])
     start = time.perf_counter()
-    from dncut.eval.batch import evaluate_saliency
+    from dncut.eval.jobs import evaluate_saliency
 
     summary = evaluate_saliency(str(root / "images"), str(root / "masks"), "vit_tiny_test", None, METHODS, False,
                                 str(root / "out"), cfg)
@@ -230,7 +230,7 @@ def test_each_feature_kind_is_scored_or_a_clear_error(tmp_path, solver):
 def test_a_constant_item_fails_alone_in_ncut_maps_and_the_predictor():
     """A batch with a good, a constant (a blank image) and a NaN image: the Predictor fails the two bad
     images with their reasons and predicts the good one exactly as it would alone."""
-    from dncut.eval.batch import predict_batch
+    from dncut.eval.stages import predict_batch
     from dncut.eval.predict import Predictor
 
     class Backbone(torch.nn.Module):

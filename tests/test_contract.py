@@ -66,7 +66,7 @@ def test_first_layer_sees_the_same_normalised_image_on_every_path(name: str, tmp
     from dncut.backbone_specs import spec
     from dncut.backbones import create_backbone
     from dncut.data.pipeline import ViewMaker
-    from dncut.eval.batch import NCutPredictor, dataset_records, load_record
+    from dncut.eval.stages import NCutPredictor, dataset_records, load_record
     from dncut.eval.validate import score_backbone, validation_rows
     from dncut.train import build_model, model_inputs
 
@@ -99,7 +99,7 @@ def test_first_layer_sees_the_same_normalised_image_on_every_path(name: str, tmp
     eval_seen = FirstLayer(actor.predictor.backbone.model.get_submodule(layer))
     from dncut.config import EvalDataset
 
-    rows = [load_record(r, spec=spec(name), image_size=SIZE, s3=None)
+    rows = [load_record(r, spec=spec(name), image_size=SIZE)
             for r in dataset_records(EvalDataset(name="v", kind="folder", root=str(root)))]
     actor({k: [r[k] for r in rows] for k in rows[0]})
 
@@ -113,7 +113,7 @@ def test_val_iou_equals_eval_saliency_on_the_same_weights(ray_session, tmp_path:
     """The last training-time validation and ``dncut eval-saliency`` on the exported backbone score
     the same images with the same weights: the same numbers. ``data.val`` is given relative to the
     driver's directory, as a user types it (the workers run elsewhere)."""
-    from dncut.eval.batch import evaluate_saliency
+    from dncut.eval.jobs import evaluate_saliency
     from dncut.train import EXPORT_FILE, fit, run_dir
 
     root = _folder(tmp_path / "val", 4)

@@ -1,4 +1,4 @@
-"""Tests of the evaluation service (dncut.eval.batch / report) on Ray: known answers, bad inputs.
+"""Tests of the evaluation service (dncut.eval.jobs / stages / report) on Ray: known answers, bad inputs.
 
 Fixtures are made here: saliency folders of generated scenes, a VOC07-format folder whose
 objects are plain-coloured rectangles scored with a colour-based test backbone (so every box and
@@ -26,7 +26,7 @@ from dncut.backbone_specs import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec
 from dncut.config import Config, load_config
 from dncut.data.datasets import DatasetLayoutError
 from dncut.data.scenes import make_scene
-from dncut.eval.batch import evaluate_maps, evaluate_saliency, run_evaluation
+from dncut.eval.jobs import evaluate_maps, evaluate_saliency, run_evaluation
 from dncut.eval.report import format_table
 
 SOD_VAL = Path("/work/shared/data/sod-val")
@@ -293,7 +293,7 @@ def test_predictor_fails_only_the_bad_image_of_a_batch():
     """In-process NCutPredictor on one batch: an 8 x 16 image, its transpose (same node count: one
     NCut call), an image whose 8 x 8 grid has one cell (NCut needs 2) and a row that failed
     before. Only the bad rows fail, with reasons; the others get what they get alone."""
-    from dncut.eval.batch import NCutPredictor
+    from dncut.eval.stages import NCutPredictor
 
     rng = np.random.default_rng(0)
     wide = np.full((64, 128, 3), BG, np.uint8)
@@ -347,7 +347,7 @@ def test_eval_maps_reads_class_colour_masks_and_flags_empty_ones(ray_session, tm
 def test_predict_writes_masks_maps_boxes_and_failed_rows(ray_session, scene_folder: Path, tmp_path: Path):
     """``dncut predict`` on unlabelled images: a mask and a map PNG per image and method, boxes,
     one Parquet row per (image, method), the corrupt file a failed row; eval-maps scores the masks."""
-    from dncut.eval.infer import predict_folder
+    from dncut.eval.jobs import predict_folder
 
     images = tmp_path / "unlabelled"
     images.mkdir()
@@ -376,13 +376,13 @@ def test_predict_writes_masks_maps_boxes_and_failed_rows(ray_session, scene_fold
 def test_summary_order_and_labels_follow_the_evaluation():
     """Checkpoints in the order evaluated (pretrained first when listed first), most-single next to
     most, natural order for numbered names, run folders instead of generic weight file names."""
-    from dncut.eval.batch import _result_row
+    from dncut.eval.stages import result_row
     from dncut.eval.report import Accumulator
 
     acc = Accumulator(["simple", "most", "found"])
     for ckpt in (None, "/runs/ft_seed0/backbone.pth"):
         for method in ("found", "most-single", "most", "simple", "kmeans-k100", "kmeans-k21"):
-            acc.add(_result_row("img", method, hit=1.0), dataset="d", backbone="b", checkpoint=ckpt, task="discovery")
+            acc.add(result_row("img", method, hit=1.0), dataset="d", backbone="b", checkpoint=ckpt, task="discovery")
     order = [(r["checkpoint"], r["method"]) for r in acc.summary()["runs"]]
     methods = ["simple", "most", "most-single", "found", "kmeans-k21", "kmeans-k100"]
     assert order == [(None, m) for m in methods] + [("/runs/ft_seed0/backbone.pth", m) for m in methods]
@@ -395,7 +395,7 @@ def test_randomly_initialised_backbones_are_the_same_network_in_every_actor():
     whatever the process's torch RNG state."""
     import torch
 
-    from dncut.eval.batch import NCutPredictor
+    from dncut.eval.stages import NCutPredictor
 
     torch.manual_seed(1)
     first = NCutPredictor("vit_tiny_test", None, False, ["simple"], solver="eigh").predictor.backbone

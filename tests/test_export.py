@@ -217,19 +217,19 @@ def test_weights_that_do_not_fit_the_timm_architecture_are_refused(tmp_path: Pat
 
 def test_s3_exports_reach_the_endpoint_given_in_the_options(s3_server, s3_bucket, monkeypatch) -> None:
     """Export to and load from the local S3 server (moto, over HTTP) whose endpoint is set only in
-    the ``s3=`` options, as ``storage.endpoint_url`` in a config: the environment points nowhere."""
+    the ``Storage`` handle's options, as ``storage.endpoint_url`` in a config: the environment points nowhere."""
     from dncut import storage
 
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     options = storage.S3Options(endpoint_url=s3_server.endpoint_url)
     backbone = _finetuned("vit_tiny_test", seed=3)
     folder = f"{s3_bucket}/models/tiny"
-    files = ex.export_hf(backbone, folder + "/", s3=options, readme=True)
+    files = ex.export_hf(backbone, folder + "/", store=storage.Storage(options), readme=True)
     assert files == [f"{folder}/{n}" for n in ("model.safetensors", "config.json", "README.md")]
     weights = storage.read_bytes(files[0], options)
     assert set(safetensors.torch.load(weights)) == set(backbone.model.state_dict())
     assert "library_name: timm" in storage.read_bytes(files[2], options).decode()
-    _assert_same_features(ex.load_hf(folder, s3=options), backbone, _images())
+    _assert_same_features(ex.load_hf(folder, store=storage.Storage(options)), backbone, _images())
 
 
 def test_push_to_hub_fails_with_a_clear_message_when_the_hub_is_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:

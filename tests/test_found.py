@@ -226,7 +226,7 @@ def test_found_train_resume_and_evaluate(ray_session, tmp_path):
     """found-train writes a head that knows its backbone weights, a rerun resumes from the last
     checkpoint, and the eval job scores method found with the head of the evaluated weights only."""
     from dncut.backbones import create_backbone, export_backbone
-    from dncut.eval.batch import run_evaluation
+    from dncut.eval.jobs import run_evaluation
     from dncut.found_train import HEAD_FILE, fit_found
     from dncut.tracking import read_history
 
@@ -265,7 +265,7 @@ def test_found_train_resume_and_evaluate(ray_session, tmp_path):
     from PIL import Image
 
     from dncut.data.scenes import make_scene
-    from dncut.eval.infer import predict_folder
+    from dncut.eval.jobs import predict_folder
 
     folder = tmp_path / "unlabelled"
     folder.mkdir()

@@ -15,7 +15,7 @@ from PIL import Image
 from dncut.backbone_specs import spec
 from dncut.config import EvalDataset
 from dncut.eval import metrics
-from dncut.eval.batch import dataset_records, load_record
+from dncut.eval.stages import dataset_records, load_record
 
 COCO_MINI = Path(os.environ.get("DNCUT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "coco-mini"
 
@@ -61,14 +61,14 @@ def test_an_image_decoded_in_another_frame_is_a_failed_row(tmp_path):
     Image.new("RGB", (64, 64)).save(tmp_path / "small.jpg")
     lite = spec("efficientnet_lite0_s16")
     rot = load_record({"image_id": "rot", "image_uri": str(tmp_path / "rot.jpg"), "mask_uri": "", "gt_boxes": "[]",
-                       "missing": "", "gt_size": [100, 80]}, spec=lite, image_size=None, s3=None)
+                       "missing": "", "gt_size": [100, 80]}, spec=lite, image_size=None)
     assert rot["status"] == "ok" and rot["image"].shape == (80, 100, 3) and rot["image"][40, 10].mean() > 200
     bad = load_record({"image_id": "small", "image_uri": str(tmp_path / "small.jpg"), "mask_uri": "", "gt_boxes": "[]",
-                       "missing": "", "gt_size": [100, 80]}, spec=lite, image_size=None, s3=None)
+                       "missing": "", "gt_size": [100, 80]}, spec=lite, image_size=None)
     assert bad["status"] == "failed" and "declares 100x80" in bad["error"] and "64x64" in bad["error"]
     Image.new("RGB", (12, 40)).save(tmp_path / "tiny.png")
     tiny = load_record({"image_id": "tiny", "image_uri": str(tmp_path / "tiny.png"), "mask_uri": "", "gt_boxes": "[]",
-                        "missing": "", "gt_size": [0, 0]}, spec=lite, image_size=320, s3=None)
+                        "missing": "", "gt_size": [0, 0]}, spec=lite, image_size=320)
     assert tiny["status"] == "failed" and "smaller than one patch (16 px)" in tiny["error"]
 
 

@@ -43,7 +43,7 @@ def test_most_in_the_eval_job_stages_two_corloc_rows():
 
     import torch
 
-    from dncut.eval.batch import score_row
+    from dncut.eval.stages import score_row
     from dncut.eval.methods import ncut_maps
 
     feats = torch.from_numpy(_two_objects()).T.reshape(3, 12, 12).float()  # (C, h, w)

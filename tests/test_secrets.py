@@ -141,7 +141,7 @@ def test_train_eval_and_failing_s3_runs_leak_no_secret(ray_session, s3_server, s
                                                         secret_env, capfd, tmp_path):
     from dncut.cli import main
     from dncut.data.datasets import DatasetLayoutError
-    from dncut.eval.batch import run_evaluation
+    from dncut.eval.jobs import run_evaluation
     from dncut.storage import StorageError
     from dncut.tracking import Tracker
     from dncut.train import fit, run_dir

@@ -90,7 +90,7 @@ def test_segmentation_job_on_ray_matches_the_protocol_in_process(ray_session, tm
 
     from dncut.backbones import create_backbone, export_backbone
     from dncut.config import load_config
-    from dncut.eval.batch import run_evaluation
+    from dncut.eval.jobs import run_evaluation
     from dncut.eval.predict import Predictor
     from dncut.eval.report import format_table
 

@@ -1,7 +1,7 @@
 """The one inference path: image -> network input -> backbone -> NCut -> grid maps.
 
 Training-time validation (``dncut.eval.validate``), the demo, the benches and the evaluation
-job's Ray Data actors (``dncut.eval.batch``) all run these two steps, so the resize/pad rule,
+jobs' Ray Data actors (``dncut.eval.stages.NCutPredictor``) all run these two steps, so the resize/pad rule,
 the solver, its dtype and tolerance, and the sign rule cannot drift apart::
 
     image (H, W, 3) uint8
@@ -14,7 +14,7 @@ the solver, its dtype and tolerance, and the sign rule cannot drift apart::
          (``dncut.eval.methods.ncut_maps``: float32 iterative solver at EVAL_TOL, eigh in float64)
          -> per image {<method>_map (h, w), <method>_mask (h, w) bool, tokencut_box (4,)}
 
-Upsampling to the image and scoring are stage 3 (``dncut.eval.batch.score_row``).
+Upsampling to the image and scoring are the next stage (``dncut.eval.stages.score_row``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from PIL import Image
 
 from dncut.config import EvalMethod
 
-METHODS: tuple[str, ...] = typing.get_args(EvalMethod)  # ("simple", "tokencut"), owned by the config
+METHODS: tuple[str, ...] = typing.get_args(EvalMethod)
+"""Every evaluation method, in the config's order (``dncut.config.EvalMethod`` owns the list)."""
 
 
 def input_geometry(height: int, width: int, *, stride: int, image_size: int | None) -> tuple[int, int, bool]:

@@ -1,6 +1,6 @@
 """Evaluation reports: streaming aggregation, Markdown tables, the examples figure, output files.
 
-* ``Accumulator``: takes the scored rows of ``dncut.eval.batch`` one at a time (no per-image
+* ``Accumulator``: takes the scored rows of ``dncut.eval.stages`` one at a time (no per-image
   curves are kept) and gives ``summary() -> {"runs": [...]}`` and ``table() -> pyarrow.Table``
   (one row per image and method).
 * ``format_table(summary) -> str``: the paper's layout (Tab. 1: rows = methods, columns =
@@ -8,9 +8,9 @@
   discovery dataset), values in percent.
 * ``example_payload(...) -> bytes`` (built in the workers, thumbnails <= 160 px) and
   ``examples_png(items) -> bytes``: grid image | z2 heat map | mask | refined mask | ground truth.
-* ``write_report(out_dir, summary, acc, config_yaml)``: ``summary.json``, ``summary.md``,
-  ``per_image.parquet``, ``examples.png`` and ``config.yaml`` through ``dncut.storage`` (so
-  ``s3://`` works).
+* ``write_report(out_dir, summary, acc, config_yaml, store)``: ``summary.json``, ``summary.md``,
+  ``per_image.parquet``, ``examples.png`` and ``config.yaml`` through the ``dncut.storage.Storage``
+  handle (so ``s3://`` works).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class Accumulator:
 
     def add(self, row: dict, *, dataset: str, backbone: str, checkpoint: str | None, task: str,
             pysod: bool = False) -> None:
-        """Add one scored row (see ``dncut.eval.batch.score_row``)."""
+        """Add one scored row (see ``dncut.eval.stages.score_row``)."""
         method = str(row["method"])
         self._dataset_order.setdefault(dataset, len(self._dataset_order))
         self._checkpoint_order.setdefault(checkpoint, len(self._checkpoint_order))
@@ -387,7 +387,7 @@ def _slug(text: str) -> str:
 
 
 def write_report(out_dir: str, summary: dict, acc: Accumulator, *, config_yaml: str | None = None,
-                 s3: storage.S3Options | None = None) -> list[str]:
+                 store: storage.Storage | None = None) -> list[str]:
     """Write every evaluation output under ``out_dir`` (local folder or ``s3://`` prefix).
 
     Args:
@@ -395,18 +395,19 @@ def write_report(out_dir: str, summary: dict, acc: Accumulator, *, config_yaml: 
         summary: from ``acc.summary()``.
         acc: the accumulator (per-image rows, examples).
         config_yaml: the resolved config text (``config.yaml``), if any.
-        s3: S3 endpoint options.
+        store: the storage handle (``None``: the environment's defaults).
 
     Returns:
         The URIs written.
     """
     import pyarrow.parquet as pq
 
+    store = store or storage.Storage()
     written: list[str] = []
 
     def put(name: str, data: bytes) -> None:
-        uri = storage.join(out_dir, name)
-        storage.write_bytes(uri, data, s3)
+        uri = store.join(out_dir, name)
+        store.write_bytes(uri, data)
         written.append(uri)
 
     buf = io.BytesIO()

@@ -1,13 +1,13 @@
 """In-process Simple-NCut saliency of a backbone on a small labelled set (no Ray).
 
 Used by training-time validation, the demo (before/after) and ``bench/finetune_quality.py``.
-It runs the evaluation job's own three stages (``dncut.eval.batch``: ``load_record`` ->
+It runs the evaluation job's own stages (``dncut.eval.stages``: ``load_record`` ->
 ``predict_batch`` -> ``score_row`` -> ``Accumulator``) in process, in the job's batches of
 ``eval.batch_size``, so ``val_iou`` equals ``dncut eval-saliency``'s IoU on the same weights
 and images::
 
     data.val (images/ + masks/, local or s3://) or held-out generated scenes
-      -> validation_rows: stage-1 rows, loaded once (network input for the run's backbone)
+      -> validation_rows: decoded rows, loaded once (network input for the run's backbone)
       -> score_backbone: Predictor (backbone in eval mode, cfg.ncut.solver) -> grid z2 / masks
          -> upsampled to each image -> IoU, Acc, maxFβ, MAE over the images
 """
@@ -22,10 +22,9 @@ import torch
 
 from dncut.backbone_specs import spec as backbone_spec
 from dncut.config import Config, EvalDataset
-from dncut.data.pipeline import s3_options
-from dncut.eval.batch import dataset_records, load_record, predict_batch, score_row
 from dncut.eval.predict import Predictor
 from dncut.eval.report import Accumulator
+from dncut.eval.stages import dataset_records, load_record, predict_batch, score_row
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +32,8 @@ METHOD = "simple"  # the paper's evaluation of its own features (REFERENCE §2)
 
 
 def validation_rows(cfg: Config) -> list[dict[str, Any]]:
-    """Stage-1 rows of ``data.val`` (images/ + masks/) or ``data.val_scenes`` held-out scenes.
+    """Decoded rows (``dncut.eval.stages.load_record``) of ``data.val`` (images/ + masks/) or
+    ``data.val_scenes`` held-out scenes.
 
     Rows that fail to load (unreadable image, mask of another size) are dropped here with a
     warning that counts them.
@@ -46,9 +46,10 @@ def validation_rows(cfg: Config) -> list[dict[str, Any]]:
         dataset = EvalDataset(name="val", kind="scenes", limit=cfg.data.val_scenes)
     else:
         dataset = EvalDataset(name="val", kind="folder", root=cfg.data.val)
-    s3 = s3_options(cfg)
+    store = cfg.storage_handle()
     spec = backbone_spec(cfg.model.backbone)
-    rows = [load_record(r, spec=spec, image_size=cfg.eval.image_size, s3=s3) for r in dataset_records(dataset, s3)]
+    rows = [load_record(r, spec=spec, image_size=cfg.eval.image_size, store=store)
+            for r in dataset_records(dataset, store)]
     failed = [f"{r['image_id']}: {r['error']}" for r in rows if r["status"] != "ok"]
     if failed:
         log.warning("validation set %s: skipped %d of %d unreadable or mismatched pairs, e.g. %s",
@@ -61,11 +62,11 @@ def validation_rows(cfg: Config) -> list[dict[str, Any]]:
 
 def score_backbone(backbone: torch.nn.Module, rows: list[dict[str, Any]], cfg: Config,
                    device: str | torch.device = "cpu") -> tuple[dict[str, float], list[np.ndarray]]:
-    """Simple-NCut saliency of ``backbone`` on stage-1 ``rows`` (``validation_rows``).
+    """Simple-NCut saliency of ``backbone`` on decoded ``rows`` (``validation_rows``).
 
     Args:
         backbone: a ``dncut.backbones.Backbone``; run in eval mode, every module's mode restored.
-        rows: stage-1 rows (built for this backbone's stride).
+        rows: decoded rows (``dncut.eval.stages.load_record``, built for this backbone's stride).
         cfg: ``eval.batch_size`` and ``ncut.solver``, as the evaluation job uses them.
         device: where the backbone runs.
 
