@@ -2,7 +2,7 @@
 
     1. the finetuned backbone: ``--finetuned PATH`` (a ``backbone.pth``), or trained here with the
        demo's recipe (configs/train/demo.yaml) on the 200 unlabelled BSDS photos (``dncut.train.fit``)
-    2. FOUND's heads (``dncut.found_train.fit_found``, configs/found/bsds.yaml): one on the
+    2. FOUND's heads (``dncut.train.found.fit_found``, configs/found/bsds.yaml): one on the
        pretrained, one on the finetuned backbone, both on the BSDS photos
     3. FOUND's background pseudo-masks (the CNN seed rule of ``dncut.eval.found``) scored on sod-val
     4. ``dncut eval`` (``run_evaluation``) with configs/eval/shared.yaml and both checkpoints:
@@ -48,7 +48,7 @@ def finetune(work: Path) -> str:
 def found_head(work: Path, name: str, checkpoint: str | None) -> tuple[str, dict]:
     """FOUND's head on the BSDS photos for one backbone checkpoint -> (head file, last metrics)."""
     from dncut.config import load_config
-    from dncut.found_train import HEAD_FILE, fit_found
+    from dncut.train import HEAD_FILE, fit_found
 
     overrides = [f"output_dir={work}", f"run_name={name}", f"data.train={SHARED / 'bsds-unlabeled'}",
                  "tracking.tensorboard=false"] + ([f"model.checkpoint={checkpoint}"] if checkpoint else [])

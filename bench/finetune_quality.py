@@ -12,7 +12,7 @@ AFTER, through ``dncut.eval.validate`` (the evaluation job's own inference path)
       -> upsampled mask -> IoU, Acc, maxFβ (TokenCut definition), MAE over the 100 images
 
 for every evaluation size E, on all 100 images and on the 50 that neither the recipe sweep
-(``bench/recipe_sweep.py``) nor validation ever looked at (``<E>_held_out``): validation, and the
+(``experiments/recipe_sweep.py``) nor validation ever looked at (``<E>_held_out``): validation, and the
 model selection of ``train.export: best_val_iou``, use the other (tune) half. One run per seed
 (``--seeds``) and the mean change over seeds. Also recorded: the validation curve (``val_*`` on the tune half at
 320 px every ``train.val_every`` steps) and a
@@ -39,13 +39,29 @@ import sys
 import time
 from pathlib import Path
 
-from recipe_sweep import link_tune_half, sod_val_split  # sod-val's tune half and held-out half
-
 SHARED = Path(os.environ.get("DNCUT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 TAPS = ("efficientnet_lite0_s16", "efficientnet_lite0")
 CENTRE_AXES = 0.7  # ellipse semi-axes as a fraction of the half width / half height
 ROUND = 4
-TUNE_DIR = os.path.abspath("outputs/sod-val-tune")  # the tune half, linked (bench/recipe_sweep.py)
+TUNE_HALF = 50  # images of sod-val (sorted by name) that validation and model selection may look at
+TUNE_DIR = os.path.abspath("outputs/sod-val-tune")  # the tune half, linked (link_tune_half)
+
+
+def sod_val_split(root: Path) -> tuple[list[str], list[str]]:
+    """(tune stems, held-out stems) of a saliency folder: the first ``TUNE_HALF`` image names, sorted, and the rest."""
+    stems = sorted(p.stem for p in (root / "images").iterdir())
+    return stems[:TUNE_HALF], stems[TUNE_HALF:]
+
+
+def link_tune_half(root: Path, link_dir: Path) -> None:
+    """Link the tune half of ``root`` as ``link_dir/{images,masks}`` (``data.val`` of the runs)."""
+    tune, _ = sod_val_split(root)
+    for sub in ("images", "masks"):
+        (link_dir / sub).mkdir(parents=True, exist_ok=True)
+        for path in (root / sub).iterdir():
+            target = link_dir / sub / path.name
+            if path.stem in tune and not target.exists():
+                target.symlink_to(path.resolve())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,7 +114,7 @@ def scoring_config(cfg, val_dir: str):
 
 def score(backbone, cfg, sizes: list[int], device: str = "cpu") -> dict[str, dict[str, float]]:
     """Simple-NCut saliency per evaluation size on all of sod-val and on its held-out half (the 50
-    images ``bench/recipe_sweep.py`` never validated on): ``{"320": {...}, "320_held_out": {...}}``."""
+    images validation never looked at): ``{"320": {...}, "320_held_out": {...}}``."""
     from dncut.eval.validate import score_backbone, validation_rows
 
     out = {}
@@ -133,7 +149,7 @@ def centre_prior(cfg) -> dict[str, float]:
 def run_tap(args: argparse.Namespace, tap: str, output_dir: str) -> dict:
     """Before, then one finetuning run per seed: after, delta, validation curve, train metrics."""
     from dncut.backbones import create_backbone
-    from dncut.train import EXPORT_FILE, fit, run_dir
+    from dncut.train import EXPORT_FILE, fit
 
     t0 = time.perf_counter()
     before = score(create_backbone(tap, pretrained=True), scoring_config(build_config(args, tap, 0, output_dir),
@@ -146,14 +162,14 @@ def run_tap(args: argparse.Namespace, tap: str, output_dir: str) -> dict:
         t0 = time.perf_counter()
         result = fit(cfg)
         train_s = time.perf_counter() - t0
-        after = score(create_backbone(tap, checkpoint=os.path.join(run_dir(cfg), EXPORT_FILE)),
+        after = score(create_backbone(tap, checkpoint=os.path.join(cfg.run_dir, EXPORT_FILE)),
                       scoring_config(cfg, args.val_dir), args.eval_sizes)
         print(f"{tap} seed {seed} after: {json.dumps(after)}", file=sys.stderr)
         runs[str(seed)] = {
             "after": after, "delta": {s: {k: round(after[s][k] - before[s][k], ROUND) for k in before[s]} for s in before},
-            "val_curve_tune_half_320": _curve(run_dir(cfg)),
+            "val_curve_tune_half_320": _curve(cfg.run_dir),
             "train_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, bool, str))},
-            "train_seconds": round(train_s, 1), "run_dir": run_dir(cfg),
+            "train_seconds": round(train_s, 1), "run_dir": cfg.run_dir,
         }
     mean_delta = {s: {k: round(sum(r["delta"][s][k] for r in runs.values()) / len(runs), ROUND) for k in before[s]}
                   for s in before}

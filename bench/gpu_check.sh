@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check of the fast NCut solver (issue 6), one prepared script: ~2-3 min on one H200, < 6 min.
+# GPU check of the fast NCut solver, one prepared script: ~2-3 min on one H200, < 6 min.
+#   bash bench/gpu_check.sh          (device tool: timeout_s 420, then give the machine back)
 #   1. correctness of solver="lobpcg" against "eigh" on CUDA, float32 and float64 features, both
 #      Laplacians (|cos|, lambda2 error, gradient of a sign-invariant loss, fallbacks; prints
 #      CORRECTNESS PASS/FAIL), the host syncs of one forward+backward, CUDA graphs vs eager, a

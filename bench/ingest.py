@@ -40,7 +40,7 @@ Parts (``--parts``, default all):
 ``e2e``      (Ray) ``ray.init(num_cpus=cpus)`` with the process tree pinned to ``cpus`` cores, for
              each of ``--cpus``: the training pipeline, ``train_dataset(cfg, uris, steps)`` for
              ``--e2e-epochs`` epochs (seeded rows -> map ``ViewMaker``, which reads, decodes, crops),
-             consumed as ``dncut.train._batches`` does (``iter_torch_batches(batch_size,
+             consumed as ``dncut.train.worker.batches`` does (``iter_torch_batches(batch_size,
              drop_last=True, device="cpu", prefetch_batches=PREFETCH_BATCHES)``, the row order kept
              as ``train_data_config`` keeps it) against ``torch.utils.data.DataLoader(num_workers=cpus,
              persistent_workers=True, pin_memory=False, shuffle=True, drop_last=True)`` over a

@@ -36,11 +36,29 @@ def _output(proc: subprocess.CompletedProcess) -> str:
 
 
 def test_top_level_help_lists_every_command():
+    """Every subcommand of the parser, with its description and its example, and nothing hand-listed."""
+    from dncut.cli import COMMANDS
+
     proc = dncut("--help")
     assert proc.returncode == 0, _output(proc)
-    for command in ("train", "tune", "eval", "eval-maps", "eval-saliency", "demo", "backbones"):
-        assert command in proc.stdout
+    assert len(COMMANDS) == 11
+    for command, (_, example) in COMMANDS.items():
+        assert f"\n    {command}" in proc.stdout, command
+        assert example in proc.stdout, example
     assert "--set key.sub=value" in proc.stdout  # the override syntax is explained up front
+    assert "``" not in proc.stdout  # plain text, no reStructuredText
+
+
+def test_every_command_page_has_its_one_line_description_and_example(capsys):
+    from dncut.cli import COMMANDS, build_parser
+
+    for command, (description, example) in COMMANDS.items():
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        page = capsys.readouterr().out
+        assert " ".join(page.split()).count(" ".join(description.split())) == 1, command
+        assert f"example:\n  {example}" in page, command
+        assert "\n" not in description, command
 
 
 def test_backbones_table_lists_every_registered_backbone_with_its_facts():

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Issue 15 item 4: what the Train worker allocates after step 100 and still holds at the end of a
-# load run (README "Faults and load"). Needs heaptrack and gdb (Debian: apt-get install heaptrack gdb)
-# and ptrace rights. Attaches `heaptrack -p` to the RayTrainWorker once bench/load.py's run logs step
-# 100, records to the end of the run, then prints the held ("leaked") allocations, largest first.
-# Output (text, not committed): $OUT/heaptrack_train.txt; the load part's JSON goes to $OUT/load.json.
-#   flock /tmp/dncut-ray.lock bash bench/heaptrack_train.sh [STEPS, default 700]
+# Investigation (findings: docs/operations.md, "Memory"): what the Train worker allocates after
+# step 100 and still holds at the end of a bench/load.py training run. Needs heaptrack and gdb
+# (Debian: apt-get install heaptrack gdb) and ptrace rights. Attaches `heaptrack -p` to the
+# RayTrainWorker once the load run logs step 100, records to the end of the run, then prints the held
+# ("leaked") allocations, largest first. Output: $OUT/heaptrack_train.txt (text), $OUT/load.json.
+#   flock /tmp/dncut-ray.lock bash experiments/heaptrack_train.sh [STEPS, default 700]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}

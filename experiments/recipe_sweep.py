@@ -1,11 +1,11 @@
 """Pick the finetuning recipe on real photos with a short ``dncut tune`` sweep (``configs/sweep/bsds.yaml``).
 
-Splits ``shared/data/sod-val`` by sorted name into a TUNE half (first 50: the sweep's
-``data.val``, linked under ``outputs/sod-val-tune``) and a HELD-OUT half (the other 50, scored only
-by ``bench/finetune_quality.py``), runs the sweep on the 200 BSDS photos, and copies its table,
-CSV and plot to ``bench/results/recipe_sweep/``::
+The investigation that chose the demo's recipe (findings: docs/results.md). It links the tune half
+of ``shared/data/sod-val`` (first 50 names, ``bench.finetune_quality.link_tune_half``) as the sweep's
+``data.val``, runs the sweep on the 200 BSDS photos, and copies its table, CSV and plot to
+``experiments/results/recipe_sweep/``. From the repository root::
 
-    python bench/recipe_sweep.py [--set tune.lr=[3e-4] ...]
+    .venv/bin/python -m experiments.recipe_sweep [--set tune.lr=[3e-4] ...]
 
 Exits with a message (status 2) when the data folders are absent.
 """
@@ -18,26 +18,9 @@ import shutil
 import sys
 from pathlib import Path
 
-SHARED = Path(os.environ.get("DNCUT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-TUNE_HALF = 50  # images of sod-val (sorted by name) the sweep may look at
+from bench.finetune_quality import SHARED, link_tune_half  # sod-val's tune half
+
 OUT = Path(__file__).parent / "results" / "recipe_sweep"
-
-
-def sod_val_split(root: Path) -> tuple[list[str], list[str]]:
-    """(tune stems, held-out stems) of a saliency folder: the first ``TUNE_HALF`` image names, sorted, and the rest."""
-    stems = sorted(p.stem for p in (root / "images").iterdir())
-    return stems[:TUNE_HALF], stems[TUNE_HALF:]
-
-
-def link_tune_half(root: Path, link_dir: Path) -> None:
-    """Link the tune half of ``root`` as ``link_dir/{images,masks}`` (the sweep's ``data.val``)."""
-    tune, _ = sod_val_split(root)
-    for sub in ("images", "masks"):
-        (link_dir / sub).mkdir(parents=True, exist_ok=True)
-        for path in (root / sub).iterdir():
-            target = link_dir / sub / path.name
-            if path.stem in tune and not target.exists():
-                target.symlink_to(path.resolve())
 
 
 def main(argv: list[str] | None = None) -> None:
