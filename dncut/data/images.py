@@ -19,15 +19,17 @@ Corrupt, truncated or unreadable data, a zero-size image, or one smaller than
 Truncated files always raise: ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is not
 enabled here (and must not be enabled elsewhere).
 
-``load_mask``: bytes -> (H, W) bool, ground truth binarised by its encoding: label images
-(0/1, class ids) and class-colour / palette masks by "not zero / not black", grey masks
-that use their range by "above half of it" (see :func:`load_mask`).
+``read_mask``: bytes -> ``MaskRegions(foreground (H, W) bool, void (H, W) bool)``, ground truth
+read by its encoding (the rule table is :func:`read_mask`'s docstring: binary, label images with
+or without a 255 void ring, soft maps, class-colour and palette masks); ``load_mask``: its
+foreground alone.
 """
 
 from __future__ import annotations
 
 import io
 import struct
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,7 +37,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dncut.storage import IMAGE_SUFFIXES
 
-__all__ = ["IMAGE_SUFFIXES", "ImageDecodeError", "decode_image", "decode_rgb", "image_size", "is_jpeg", "load_mask"]
+__all__ = ["IMAGE_SUFFIXES", "ImageDecodeError", "MaskRegions", "decode_image", "decode_rgb", "image_size", "is_jpeg",
+           "load_mask", "read_mask"]
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _DECODE_ERRORS = (
@@ -220,68 +223,107 @@ GREY_TOLERANCE = 16
 """An RGB mask whose three channels agree within this many levels everywhere is a grey mask stored
 as colour (JPEG chroma noise included); otherwise it is a class-colour mask."""
 VOID_COLOUR = (224, 224, 192)
-"""PASCAL VOC's void / boundary colour (palette index 255): not an object, read as background."""
+"""PASCAL VOC's void / boundary colour (palette index 255): ignored (left out of every score)."""
 
 
-def _grey_foreground(values: np.ndarray, full_range: float) -> np.ndarray:
-    """Grey levels ``(H, W)``: label values (all below half of ``full_range``, e.g. a 0/1 PNG)
-    -> any non-zero value; an image using the range (0/255 saliency masks) -> above half of it."""
-    half = full_range / 2.0
-    return values != 0 if values.max() < half else values > half
+class MaskRegions(NamedTuple):
+    """A ground-truth mask as read: ``foreground`` and ``void`` are ``(H, W)`` bool and never both
+    true; ``void`` pixels (object boundaries a labeller left undecided) are left out of the scores
+    (``dncut.eval.metrics.score_saliency(..., ignore=void)``)."""
+
+    foreground: np.ndarray
+    void: np.ndarray
 
 
-def _colour_foreground(rgb: np.ndarray) -> np.ndarray:
-    """``(H, W, 3)`` uint8: grey stored as colour -> the grey rule; class colours (VOC, DAVIS:
-    (128, 0, 0) is label 1) -> any colour but black and the VOC void colour."""
+def _grey_regions(values: np.ndarray, top: float) -> MaskRegions:
+    """Grey levels ``(H, W)`` in ``[0, top]`` -> regions by the grey rules of :func:`read_mask`."""
+    half = top / 2.0
+    none = np.zeros(values.shape, bool)
+    present = np.unique(values)
+    if not np.isin(present, (0, top)).all():  # not a plain binary 0 / top mask
+        below = present[present != top]
+        if present.max() == top and below.max() < half:  # label ids and the top value: a void ring
+            return MaskRegions((values != 0) & (values != top), values == top)
+    if present.max() < half:  # label ids only (0/1 PNG, class ids)
+        return MaskRegions(values != 0, none)
+    return MaskRegions(values > half, none)  # binary 0 / top, soft or JPEG-compressed map
+
+
+def _colour_regions(rgb: np.ndarray) -> MaskRegions:
+    """``(H, W, 3)`` uint8: grey stored as colour -> the grey rules; class colours (VOC, DAVIS:
+    (128, 0, 0) is label 1) -> any colour but black, and the VOC void colour -> void."""
     rgb = rgb.astype(np.int32)
     if int((rgb.max(axis=2) - rgb.min(axis=2)).max()) <= GREY_TOLERANCE:
-        return _grey_foreground(rgb.mean(axis=2), 255.0)
-    return rgb.any(axis=2) & ~(rgb == VOID_COLOUR).all(axis=2)
+        return _grey_regions(np.rint(rgb.mean(axis=2)), 255.0)
+    void = (rgb == VOID_COLOUR).all(axis=2)
+    return MaskRegions(rgb.any(axis=2) & ~void, void)
 
 
-def mask_foreground(image: Image.Image) -> np.ndarray:
-    """Any-mode decoded mask -> ``(H, W)`` bool foreground (rules in :func:`load_mask`)."""
+def mask_regions(image: Image.Image) -> MaskRegions:
+    """Any-mode decoded mask -> its foreground and void (rules in :func:`read_mask`)."""
     mode = image.mode
     if mode == "1":
-        return np.asarray(image, dtype=bool)
+        bits = np.asarray(image, dtype=bool)
+        return MaskRegions(bits, np.zeros(bits.shape, bool))
     if mode == "F":
-        return np.asarray(image, dtype=np.float64) > 0.5
-    if mode.startswith("I"):  # I;16* and I: 16-bit range (8-bit when no value exceeds 255)
+        values = np.asarray(image, dtype=np.float64)
+        return MaskRegions(values > 0.5, np.zeros(values.shape, bool))
+    if mode.startswith("I"):  # I;16* and I: the 8-bit range when no value exceeds 255, else 16-bit
         values = np.asarray(image).astype(np.float64)
-        return _grey_foreground(values, 65535.0 if mode.startswith("I;16") or values.max() > 255 else 255.0)
-    if mode == "L":
-        return _grey_foreground(np.asarray(image).astype(np.float64), 255.0)
-    if mode == "LA":
-        return _grey_foreground(np.asarray(image.getchannel("L")).astype(np.float64), 255.0)
-    return _colour_foreground(np.asarray(image.convert("RGB")))  # RGB(A), P (palette colours), CMYK, ...
+        return _grey_regions(values, 65535.0 if values.max() > 255 else 255.0)
+    if mode in ("L", "LA"):
+        return _grey_regions(np.asarray(image.getchannel("L")).astype(np.float64), 255.0)
+    return _colour_regions(np.asarray(image.convert("RGB")))  # RGB(A), P (palette colours), CMYK, ...
 
 
-def load_mask(data: bytes) -> np.ndarray:
-    """Decode a ground-truth mask and binarise it, whatever its encoding.
+def read_mask(data: bytes) -> MaskRegions:
+    """Decode a ground-truth mask into foreground and void, whatever its encoding.
 
-    * 1-bit: as stored. Float (``F``): > 0.5.
-    * Grey (8-bit ``L``, 16-bit ``I;16``, 32-bit ``I``): a **label** image (every value below half
-      of the type's range, e.g. a 0/1 PNG or class ids) is foreground wherever non-zero; a mask
-      that uses the range (0/255, 0/65535, a soft or JPEG-compressed map) is foreground strictly
-      above half of it (128 of 255, 32768 of 65535).
-    * Colour (``RGB``/``RGBA``, alpha ignored) and palette (``P``, read through its colours): grey
-      stored as colour (channels within ``GREY_TOLERANCE`` levels) follows the grey rule; a
-      class-colour mask (VOC / DAVIS: label 1 is (128, 0, 0)) is foreground wherever the colour is
-      not black, except VOC's void colour ``VOID_COLOUR``.
+    The one table of mask rules (``docs/datasets.md`` repeats it for users). ``top`` is the
+    largest value of the type (255; 65535 for a 16/32-bit file with a value above 255, a 16/32-bit
+    file whose values fit in 8 bits is read as 8-bit); ``half`` is ``top / 2``.
+
+    ==========================================  ==============================  ==========  ========
+    encoding (values present)                   read as                         foreground  void
+    ==========================================  ==============================  ==========  ========
+    1-bit                                       binary                          1           --
+    float ``F``                                 soft map                        > 0.5       --
+    grey, only ``{0, top}`` (0/255, 0/65535)    binary                          ``top``     --
+    grey, every value below ``half``            label image (0/1, class ids)    non-zero    --
+    grey, ``top`` and values in ``1..half-1``   label image with a void ring    the ids     ``top``
+    (nothing else: VOC SegmentationClassAug)    (ids 1..127 on 8 bits)
+    grey, any other mix (a value in             soft / JPEG / anti-aliased map  > ``half``  --
+    ``half..top-1``)                            (128 of 255, 32768 of 65535)
+    RGB / palette, channels within              grey stored as colour           grey rules  grey
+    ``GREY_TOLERANCE`` levels everywhere
+    RGB / palette, other colours                class colours (VOC, DAVIS)      not black   ``VOID_COLOUR``
+    ==========================================  ==============================  ==========  ========
+
+    Alpha is ignored (``LA``: its grey; ``RGBA``: its colours); a palette (``P``) mask is read
+    through its colours, so a VOC palette PNG and its grey SegmentationClassAug twin read alike.
+    A plain binary mask is never a label image: ``{0, 255}`` is foreground = 255. The rule cannot
+    tell a label image whose ids reach ``half`` (128 and above) with a 255 void from a soft map:
+    such a file is read as a soft map; store it as a palette PNG to have it read as classes.
 
     A mask with no foreground is returned as such: the evaluation flags and counts that image
-    (``dncut.eval.batch``) instead of averaging it in.
+    (``check_mask_foreground``) instead of averaging it in.
 
     Args:
         data: encoded mask file content (PNG, BMP, TIFF, JPEG, ...).
 
     Returns:
-        (H, W) bool array, True = foreground.
+        ``MaskRegions(foreground (H, W) bool, void (H, W) bool)``, disjoint.
 
     Raises:
         ImageDecodeError: the bytes are not a decodable image.
     """
-    return mask_foreground(_open(data))
+    return mask_regions(_open(data))
+
+
+def load_mask(data: bytes) -> np.ndarray:
+    """The foreground of :func:`read_mask`: ``(H, W)`` bool, True = foreground (void is not
+    foreground; a caller that can leave void out of its scores uses ``read_mask``)."""
+    return read_mask(data).foreground
 
 
 def check_mask_size(image: Image.Image, mask: np.ndarray) -> np.ndarray:
@@ -296,5 +338,5 @@ def check_mask_foreground(mask: np.ndarray) -> np.ndarray:
     makes IoU and maxFβ meaningless, so the image is flagged and counted, not averaged in."""
     if not mask.any():
         raise ValueError(f"the ground-truth mask ({mask.shape[1]}x{mask.shape[0]}) has no foreground pixel "
-                         "(see dncut.data.images.load_mask for how each encoding is read)")
+                         "(see dncut.data.images.read_mask for how each encoding is read)")
     return mask

@@ -201,6 +201,7 @@ def score_saliency(
     gt: np.ndarray,
     *,
     binary: np.ndarray | None = None,
+    ignore: np.ndarray | None = None,
     beta_sq: float = BETA_SQ,
 ) -> ImageScores:
     """Score one saliency map against its ground truth.
@@ -210,13 +211,16 @@ def score_saliency(
         gt: (H, W) GT mask; bool, or any dtype ``binarize_gt`` accepts.
         binary: optional (H, W) bool mask scored for acc / IoU instead of ``pred > 0.5``
             (e.g. a post-processed mask whose soft map is ``pred``).
+        ignore: optional (H, W) bool, True where the GT is void (``dncut.data.images.read_mask``):
+            those pixels are left out of every score, as if absent from the image (pysod's
+            min-max normalisation included).
         beta_sq: β² of the F-measure.
 
     Returns:
         ImageScores with acc, iou, mae, max_fbeta and the precision / recall curves.
 
     Raises:
-        ValueError: on shape mismatch, non-2-D input, or values out of range.
+        ValueError: on shape mismatch, non-2-D input, values out of range, or every pixel ignored.
     """
     pred, gt = np.asarray(pred), np.asarray(gt)
     _check_2d(pred, "pred")
@@ -231,6 +235,14 @@ def score_saliency(
         if binary.shape != gt.shape:
             raise ValueError(f"binary shape {binary.shape} != gt shape {gt.shape}")
         binary = binary.astype(bool)
+    if ignore is not None:
+        ignore = np.asarray(ignore, bool)
+        if ignore.shape != gt.shape:
+            raise ValueError(f"ignore shape {ignore.shape} != gt shape {gt.shape}")
+        if ignore.all():
+            raise ValueError("every pixel of the ground truth is ignored: nothing to score")
+        keep = ~ignore
+        pred, gt, binary = pred[keep], gt[keep], binary[keep]  # (n_kept,) each
 
     acc, iou = _binary_scores(binary, gt)
     pred64 = pred.astype(np.float64)

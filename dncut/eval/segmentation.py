@@ -16,28 +16,25 @@ Shapes::
     assign(conf (k, classes), how) -> (k,) class of each cluster
     miou(conf, assignment) -> (mIoU, per-class IoU (classes,))
 
-``VOC_CLASSES`` names the 21 PASCAL VOC classes under their COCO names, and
-``rasterise_coco`` draws an image's COCO polygons into such a class map (other categories and
-crowd regions -> IGNORE).
+The ground truth (``VOC_CLASSES``, ``IGNORE``, ``rasterise_coco``: an image's COCO objects as a
+21-class VOC map) is read in ``dncut.data.class_maps``; they are re-exported here.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
+
+from dncut.data.class_maps import IGNORE, VOC_CLASSES, rasterise_coco
+
+__all__ = ["IGNORE", "KMEANS_ITERS", "KMEANS_RESTARTS", "PCA_DIMS", "SCORE_SIZE", "VOC_CLASSES", "assign", "cluster_tokens",
+           "confusion", "miou", "rasterise_coco"]
 
 PCA_DIMS = 50
 KMEANS_ITERS = 100
 KMEANS_RESTARTS = 5
 SCORE_SIZE = 100  # px: maps and ground truth are compared at 100 x 100 (nearest)
-IGNORE = 255
-
-VOC_CLASSES = ("background", "airplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "dining table", "dog", "horse", "motorcycle", "person", "potted plant", "sheep", "couch", "train", "tv")
-"""PASCAL VOC's 21 classes (background + 20) in VOC order, under their COCO category names
-(aeroplane -> airplane, diningtable -> dining table, motorbike -> motorcycle, pottedplant ->
-potted plant, sofa -> couch, tvmonitor -> tv)."""
 
 
 def cluster_tokens(tokens: np.ndarray, k: int, seed: int = 0, pca_dims: int = PCA_DIMS) -> np.ndarray:
@@ -126,34 +123,3 @@ def miou(conf: np.ndarray, assignment: np.ndarray) -> tuple[float, np.ndarray]:
     denom = tp + fp + fn
     iou = np.where(denom > 0, tp / np.maximum(denom, 1), np.nan)
     return float(np.nanmean(iou)), iou
-
-
-def rasterise_coco(annotations: Sequence[dict], categories: dict[int, str], size: tuple[int, int]) -> np.ndarray:
-    """One image's COCO polygons -> ``(H, W)`` uint8 VOC class map (0 = background).
-
-    Objects of the 20 VOC categories (``VOC_CLASSES``, COCO names) are drawn in annotation order
-    (PIL polygon fill); other categories, crowd regions and RLE-only segmentations are
-    ``IGNORE``, so they are not scored as background.
-
-    Args:
-        annotations: the image's entries of a COCO instances JSON.
-        categories: COCO category id -> name.
-        size: ``(W, H)`` of the image.
-    """
-    from PIL import Image, ImageDraw
-
-    index = {name: i for i, name in enumerate(VOC_CLASSES)}
-    canvas = Image.new("L", size, 0)
-    draw = ImageDraw.Draw(canvas)
-    for ann in annotations:
-        cls = index.get(categories.get(int(ann["category_id"]), ""), 0)
-        polygons = ann.get("segmentation") if isinstance(ann.get("segmentation"), list) else None
-        value = cls if cls and not ann.get("iscrowd", 0) and polygons else IGNORE
-        if polygons:
-            for poly in polygons:
-                if len(poly) >= 6:
-                    draw.polygon([float(v) for v in poly], fill=value)
-        else:  # no polygon (RLE): its box is left out of the score
-            x, y, w, h = (float(v) for v in ann["bbox"])
-            draw.rectangle([x, y, x + w, y + h], fill=IGNORE)
-    return np.asarray(canvas, np.uint8)
