@@ -17,7 +17,8 @@ others):
                      a message naming the URI while the newest intact checkpoint stays loadable.
 ``ckpt_truncate``    after a run, its newest checkpoint's state.pt truncated / its whole folder
 ``ckpt_delete``      deleted; then the run is continued (max_steps raised): it must resume from the
-                     previous intact checkpoint and say so (a WARNING of dncut.train).
+                     previous intact checkpoint and say so (a WARNING of dncut.train naming the
+                     skipped folder: ``dncut.train.checkpoints.resume_point``).
 ``eval_actor_kill``  SIGKILL of the inference actor (``MapWorker(MapBatches(NCutPredictor))``) at a
                      random moment of the evaluation job (vit_tiny_test with fixed weights from a
                      file): every image must still have exactly one row per method in
@@ -289,21 +290,19 @@ def trial_driver_kill(workdir: Path, trial: int, rng: random.Random, fault: bool
     import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path)
     import psutil
 
-    from dncut.train import run_dir
-
     overrides = ["run_name=dk", f"train.max_steps={total}", f"train.checkpoint_every={CKPT_EVERY}",
                  "train.keep_checkpoints=2"]
     cmd = _cli_train(workdir, overrides)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
-    run = Path(run_dir(train_config(workdir, *overrides)))
+    run = Path(train_config(workdir, *overrides).run_dir)
     res = _result("driver_kill", trial)
     start = time.monotonic()
     logs = open(workdir / "driver1.log", "wb")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         if fault:
-            wait_for(lambda: list(run.glob("checkpoint_*/progress.json")), 300, "the first checkpoint",
+            wait_for(lambda: list(run.glob("*/checkpoint_*/progress.json")), 300, "the first checkpoint",
                      lambda: proc.poll() is None)
             target = rng.randint(CKPT_EVERY, total - 2)
             wait_for(lambda: _max_history_step(run) >= target, 300, f"step {target}", lambda: proc.poll() is None)
@@ -318,11 +317,11 @@ def trial_driver_kill(workdir: Path, trial: int, rng: random.Random, fault: bool
                     p.kill()
             res["ray_processes_left_after_kill"] = len(leftovers)
             reached = _max_history_step(run)
-            snap = run / "checkpoint_manager_snapshot.json"
-            res["at_kill"] = {"snapshot_latest": (json.loads(snap.read_text())["latest_checkpoint_result"] or {}).get(
-                                  "checkpoint_dir_name") if snap.exists() else None,
-                              "folders": {p.parent.name: json.loads(p.read_text())["step"]
-                                          for p in run.glob("checkpoint_*/progress.json")}}
+            manifest = run / "checkpoints.json"  # dncut's record of the uploaded checkpoints
+            res["at_kill"] = {"recorded": [e["step"] for e in json.loads(manifest.read_text())["checkpoints"]]
+                              if manifest.exists() else [],
+                              "folders": {f"{p.parent.parent.name}/{p.parent.name}": json.loads(p.read_text())["step"]
+                                          for p in run.glob("*/checkpoint_*/progress.json")}}
             res["killed_after_step"] = reached
             logs.close()
             logs = open(workdir / "driver2.log", "wb")
@@ -388,7 +387,8 @@ def _log_since(path: str, offset: int) -> str:
 
 
 def _s3_trial(kind: str, workdir: Path, trial: int, rng: random.Random, fault: bool, total: int = 12) -> dict:
-    from dncut.train import build_trainer, intact_checkpoints, run_dir, STATE_FILE
+    from dncut.train import build_trainer
+    from dncut.train.checkpoints import load_state, resume_point
 
     server, client, images = s3_endpoint()  # first: Ray workers inherit the credentials set here
     ensure_ray()
@@ -445,21 +445,10 @@ def _s3_trial(kind: str, workdir: Path, trial: int, rng: random.Random, fault: b
     res.update(outcome="finished" if err is None and final == total else "failed", final_step=final,
                failures=sum(e["event"] == "failure" for e in evs), worker_errors=errors)
     res["steps_lost"] = (reached - ckpt) if reached is not None else 0
-    intact = intact_checkpoints(cfg)
-    newest = max(intact.values(), default=0)
-    loadable = False
-    if intact:
-        import io
-
-        import torch
-
-        from dncut import storage
-        from dncut.data.pipeline import s3_options
-
-        name = max(intact, key=intact.get)
-        state = torch.load(io.BytesIO(storage.read_bytes(storage.join(run_dir(cfg), name, STATE_FILE), s3_options(cfg))),
-                           map_location="cpu", weights_only=True)
-        loadable = int(state["step"]) == newest
+    store = cfg.storage_handle()
+    ref = resume_point(cfg.run_dir, store)
+    newest = ref.step if ref else 0
+    loadable = ref is not None and int(load_state(ref, store)["step"]) == newest
     res.update(newest_intact_checkpoint=newest, newest_checkpoint_loadable=loadable)
     if res["outcome"] == "finished":
         res["survived"] = res["steps_lost"] <= CKPT_EVERY
@@ -491,16 +480,16 @@ def trial_s3_uploads(workdir: Path, trial: int, rng: random.Random, fault: bool 
 
 def _ckpt_trial(kind: str, workdir: Path, trial: int, rng: random.Random, fault: bool) -> dict:
     """Train to a random length (checkpoint every 2, keep 3), break the newest checkpoint, continue 2 more steps."""
-    from dncut.train import PROGRESS_FILE, STATE_FILE, fit, run_dir
+    from dncut.train import PROGRESS_FILE, STATE_FILE, fit
 
     ensure_ray()
     first_total = rng.randint(4, 7)
     base = ["run_name=ck", "train.checkpoint_every=2", "train.keep_checkpoints=3"]
     cfg1 = train_config(workdir, *base, f"train.max_steps={first_total}")
     fit(cfg1)
-    run = Path(run_dir(cfg1))
+    run = Path(cfg1.run_dir)
     ckpts = sorted((json.loads((p.parent / PROGRESS_FILE).read_text())["step"], p.parent)
-                   for p in run.glob(f"checkpoint_*/{PROGRESS_FILE}"))
+                   for p in run.glob(f"*/checkpoint_*/{PROGRESS_FILE}"))  # run/fit_<time>/checkpoint_<step>_<time>
     newest_step, newest = ckpts[-1]
     previous = ckpts[-2][0] if len(ckpts) > 1 else 0
     res = _result(kind, trial, first_run_steps=first_total, newest_checkpoint=newest_step,

@@ -1,4 +1,4 @@
-"""Finetuning recipes on an accelerator without Ray: ``dncut.train``'s one-worker loop, in-process.
+"""Finetuning recipes on an accelerator without Ray: ``dncut.train.loop``'s one-worker loop, in-process.
 
 The device machine of ``bench/gpu_check.sh`` has PyTorch but no Ray (and too little room to
 carry it), so ``bench/finetune_quality.py`` (``dncut.train.fit``) cannot run there. This bench
@@ -7,10 +7,11 @@ runs what one Ray Train worker runs, with the library's own parts and nothing re
     rows     dncut.data.pipeline.epoch_rows(source_uris(cfg), seed, epochs_needed(...))   (file order)
     views    dncut.data.pipeline.ViewMaker(cfg)(row), in a process pool, order kept        (Ray Data's map)
     batches  consecutive ``train.batch_size`` rows, last partial batch dropped             (iter_torch_batches)
-    model    torch.manual_seed(seed); build_model / build_loss / build_optimizer / lr_schedule
-    step     dncut.train.train_one_step
-    validate every ``train.val_every`` steps (and at step 0): dncut.eval.validate.score_backbone on
-             sod-val's tune half at 320 px; ``train.export: best_val_iou`` keeps the best encoder
+    model    torch.manual_seed(seed); dncut.train.loop: build_model / build_loss / build_optimizer / run_schedule
+    step     dncut.train.loop.train_one_step
+    validate dncut.train.chief.Chief (rank 0's duties, without tracking): at step 0 and every
+             ``train.val_every`` steps on sod-val's tune half at 320 px; ``train.export: best_val_iou``
+             exports the best encoder at once, ``last`` at the end
     score    bench/finetune_quality.py's ``score`` of the exported encoder (all of sod-val and the
              held-out half, at every evaluation size), and of the pretrained one (``before``)
 
@@ -154,39 +155,30 @@ def train(cfg, device: str, view_workers: int) -> dict:
     """
     import torch
 
-    from dncut.backbones import export_backbone
-    from dncut.eval.validate import score_backbone, validation_rows
-    from dncut.train import EXPORT_FILE, LoopState, build_loss, build_model, build_optimizer, lr_schedule, run_dir
-    from dncut.train import train_one_step, _val_due
     from dncut.data.pipeline import source_uris
+    from dncut.train.checkpoints import EXPORT_FILE
+    from dncut.train.chief import Chief
+    from dncut.train.loop import (LoopState, build_loss, build_model, build_optimizer, run_schedule, train_one_step,
+                                  val_due)
 
     if cfg.scaling.num_workers != 1:
         raise SystemExit(f"finetune_device: one worker only (scaling.num_workers={cfg.scaling.num_workers})")
+    cfg = cfg.with_absolute_paths()
+    store = cfg.storage_handle()
     t0, threads = time.perf_counter(), torch.get_num_threads()
     dev = torch.device(device)
-    # the host side only feeds a GPU (--parallel runs share the cores); on the CPU as _setup_worker
+    # the host side only feeds a GPU (--parallel runs share the cores); on the CPU as setup_worker
     torch.set_num_threads(2 if dev.type == "cuda" else max(1, int(cfg.scaling.cpus_per_worker)))
-    torch.manual_seed(cfg.seed)  # dncut.train._setup_worker: seed + rank, rank 0
-    model, criterion = build_model(cfg), build_loss(cfg)
+    torch.manual_seed(cfg.seed)  # dncut.train.worker.setup_worker: seed + rank, rank 0
+    model, criterion = build_model(cfg, store), build_loss(cfg)
     optimizer = build_optimizer(model, cfg)
     uris = source_uris(cfg)
     total = cfg.train.total_steps(len(uris))
-    sched = lr_schedule(cfg.train.effective_lr(), cfg.train.min_lr, cfg.train.warmup_steps, total)
+    sched = run_schedule(cfg, total)
     model.to(dev)  # ray.train.torch.prepare_model on one worker
-    state, losses, curve = LoopState(), [], []
-    val_rows = validation_rows(cfg)
-    export = os.path.join(run_dir(cfg), EXPORT_FILE)
-    os.makedirs(run_dir(cfg), exist_ok=True)
-    best = {"iou": -math.inf, "step": None}
-
-    def validate_now():
-        scores, _ = score_backbone(model.encoder, val_rows, cfg, device=dev)
-        curve.append({"val_step": state.step, **{f"val_{k}": round(float(v), fq.ROUND) for k, v in scores.items()}})
-        if cfg.train.export == "best_val_iou" and scores["iou"] > best["iou"]:  # as Chief.validate
-            best.update(iou=float(scores["iou"]), step=state.step)
-            export_backbone(model.encoder, export)
-
-    validate_now()  # step 0, as Chief.__init__
+    state, losses = LoopState(), []
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    chief = Chief(cfg, dev, model, state, store, track=False)  # validates step 0
     try:
         with mp.get_context("spawn").Pool(view_workers, _init_views, (cfg.model_dump(mode="json"),)) as pool:
             for batch in batches(cfg, uris, total, dev, pool):
@@ -194,20 +186,21 @@ def train(cfg, device: str, view_workers: int) -> dict:
                 train_one_step(model, criterion, optimizer, batch, float(sched[state.step]), state, cfg, dev)
                 ok = state.counters["nan_steps"] == skipped
                 losses.append(float(state.last_parts.get("loss", math.nan)) if ok else math.nan)
-                if _val_due(state.step, total, cfg):
-                    validate_now()
+                if val_due(state.step, total, cfg):
+                    state.last_val = chief.validate(model, state.step)
                 if state.step >= total:
                     break
     finally:
         torch.set_num_threads(threads)
     if state.step < total:
         raise RuntimeError(f"the training rows ran out at step {state.step} of {total}")
-    if cfg.train.export == "last":  # as Chief.export
-        export_backbone(model.encoder, export)
+    chief.finish(model)
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    return {"losses": losses, "val_curve": curve, "best_step": best["step"],
-            "best_val_iou": best["iou"] if best["step"] is not None else None, "export": export,
+    curve = [{k: (v if k == "val_step" else round(float(v), fq.ROUND)) for k, v in c.items()} for c in chief.curve]
+    return {"losses": losses, "val_curve": curve, "best_step": chief.best_step,
+            "best_val_iou": chief.best if chief.best_step is not None else None,
+            "export": os.path.join(cfg.run_dir, EXPORT_FILE),
             "train_seconds": round(time.perf_counter() - t0, 1),
             "collapsed": state.last_parts.get("collapsed"), "nan_steps": state.counters["nan_steps"]}
 

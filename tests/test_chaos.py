@@ -18,7 +18,7 @@ In-process trials use the session Ray (``ray_session``); the driver trial runs `
 subprocess that starts its own local Ray (a second cluster on free ports; the session one, if any,
 stays up and idle), as ``tests/test_jobs.py`` does with its own ``ray start``.
 
-``test_reconcile_checkpoints...`` checks the snapshot repair on hand-made run folders (no Ray).
+``test_manifest...`` checks dncut's own checkpoint record on hand-made run folders (no Ray).
 The other kinds (deleted checkpoint, S3 endpoint stopped during reads / uploads, a sweep trial's
 worker, a node of a two-node cluster) take a minute or more each: ``python bench/chaos.py --kinds ...``.
 """
@@ -85,57 +85,40 @@ def _stop_chaos_s3_server():
         chaos._S3.pop("server").stop()
 
 
-# ----------------------------------------------------------------------------- the snapshot repair (no Ray run)
+# ----------------------------------------------------------------------------- dncut's own record (no Ray run)
 
 
-def test_reconcile_checkpoints_drops_broken_and_adopts_unregistered(tmp_path, caplog):
-    """``dncut.train.reconcile_checkpoints`` on hand-made run folders; the snapshot it writes must load
-    in Ray Train's own snapshot model."""
+def test_manifest_names_a_deleted_checkpoint_and_listing_finds_an_unrecorded_one(tmp_path, caplog):
+    """``dncut.train.checkpoints`` on hand-made run folders (real files): a checkpoint recorded in the
+    manifest whose folder was deleted is named when the rerun skips it; an intact checkpoint uploaded
+    but never recorded (the driver died in between) is resumed from; Ray Train's snapshot plays no part."""
     import json
-
-    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+    import shutil
 
     from dncut.config import load_config
-    from dncut.train import PROGRESS_FILE, SNAPSHOT_FILE, STATE_FILE, reconcile_checkpoints, resume_step, run_dir
+    from dncut.train.checkpoints import MANIFEST_FILE, PROGRESS_FILE, STATE_FILE, record, resume_point
 
     cfg = load_config(chaos.TRAIN_SMOKE, [f"output_dir={tmp_path}"])
-    run = Path(run_dir(cfg))
+    store, run = cfg.storage_handle(), Path(cfg.run_dir)
 
-    def checkpoint(name: str, step: int, size: int = 4, written: int | None = None) -> None:
+    def checkpoint(name: str, step: int, recorded: bool = True) -> None:
         (run / name).mkdir(parents=True)
-        (run / name / STATE_FILE).write_bytes(b"x" * (size if written is None else written))
-        (run / name / PROGRESS_FILE).write_text(json.dumps({"step": step, "state_bytes": size}))
+        (run / name / STATE_FILE).write_bytes(b"x" * 4)
+        (run / name / PROGRESS_FILE).write_text(json.dumps({"step": step, "state_bytes": 4}))
+        if recorded:
+            record(str(run), store, name, step)
 
-    def snapshot() -> dict:
-        return json.loads((run / SNAPSHOT_FILE).read_text())
-
-    checkpoint("checkpoint_1", 3)
-    checkpoint("checkpoint_2", 6)
-    reconcile_checkpoints(cfg)  # no snapshot yet (the driver died before the first registration): adopt the newest
-    assert snapshot()["latest_checkpoint_result"]["checkpoint_dir_name"] == "checkpoint_2"
-    assert resume_step(cfg) == 6
-    _CheckpointManagerState.model_validate(snapshot())
-
-    checkpoint("checkpoint_3", 9, written=2)  # truncated upload, listed as the latest
-    snap = snapshot()
-    snap["checkpoint_results"].append({"checkpoint_dir_name": "checkpoint_3", "metrics": {"step": 9}})
-    snap["checkpoint_report_indices"].append(7)
-    snap["latest_checkpoint_result"] = snap["checkpoint_results"][-1]
-    (run / SNAPSHOT_FILE).write_text(json.dumps(snap))
+    checkpoint("fit_1/checkpoint_3", 3)
+    checkpoint("fit_1/checkpoint_6", 6)
+    assert [e["step"] for e in json.loads((run / MANIFEST_FILE).read_text())["checkpoints"]] == [3, 6]
+    shutil.rmtree(run / "fit_1" / "checkpoint_6")
     with caplog.at_level("WARNING", logger="dncut.train"):
-        reconcile_checkpoints(cfg)
-    assert "dropped the incomplete checkpoint(s) checkpoint_3" in caplog.text
-    assert "resuming from checkpoint_2 (step 6)" in caplog.text
-    assert [r["checkpoint_dir_name"] for r in snapshot()["checkpoint_results"]] == ["checkpoint_2"]
-    assert resume_step(cfg) == 6 and (run / "checkpoint_3").exists(), "broken folders stay"
-
-    checkpoint("checkpoint_4", 12)  # uploaded, not registered
+        assert resume_point(str(run), store, say=True).step == 3
+    assert "fit_1/checkpoint_6: recorded in the manifest, no longer there" in caplog.text
+    assert "resuming from fit_1/checkpoint_3 (step 3)" in caplog.text
+    checkpoint("fit_2/checkpoint_9", 9, recorded=False)  # uploaded, the driver died before recording it
     caplog.clear()
     with caplog.at_level("WARNING", logger="dncut.train"):
-        reconcile_checkpoints(cfg)
-    assert "adopted checkpoint_4" in caplog.text and resume_step(cfg) == 12
-    state = _CheckpointManagerState.model_validate(snapshot())
-    assert len(state.checkpoint_results) == len(state.checkpoint_report_indices) == 2
-    caplog.clear()
-    reconcile_checkpoints(cfg)  # consistent now: nothing to do, nothing said
-    assert "resuming" not in caplog.text
+        assert resume_point(str(run), store, say=True).name == "fit_2/checkpoint_9"
+    assert "resuming" not in caplog.text, "nothing newer than the resume point is missing: nothing to say"
+    assert not list(run.rglob("checkpoint_manager_snapshot.json"))

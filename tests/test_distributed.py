@@ -28,7 +28,7 @@ import torch
 from bench import s3server
 from dncut.config import load_config
 from dncut.storage import StorageError
-from dncut.train import STATE_FILE, build_trainer, fit, run_dir
+from dncut.train import STATE_FILE, build_trainer, fit
 
 SMOKE = "configs/train/smoke.yaml"
 QUIET = ("train.val_every=null", "data.val_scenes=2")
@@ -75,12 +75,14 @@ def read_events(path: Path) -> list[dict]:
 
 
 def s3_checkpoint_states(client, uri: str) -> dict[int, dict]:
-    """``{step: state}`` of every ``checkpoint_*/state.pt`` object under ``uri`` (read with boto3)."""
+    """``{step: state}`` of every ``fit_*/checkpoint_*/state.pt`` object under ``uri`` (read with boto3)."""
     bucket, _, prefix = uri[len("s3://"):].partition("/")
     states = {}
     for key in s3_keys(client, bucket, prefix):
         rel = key[len(prefix):].lstrip("/")
-        if rel.startswith("checkpoint_") and rel.endswith("/" + STATE_FILE):
+        parts = rel.split("/")
+        if len(parts) == 3 and parts[0].startswith("fit_") and parts[1].startswith("checkpoint_") \
+                and parts[2] == STATE_FILE:
             body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
             state = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
             states[int(state["step"])] = state
@@ -202,13 +204,14 @@ def test_two_workers_stream_from_s3_and_checkpoint_to_s3(ray_session, s3_server,
     # keep_checkpoints=1: only the last checkpoint is left in the bucket, with its config
     bucket = s3_bucket[len("s3://"):]
     keys = s3_keys(s3_server.client, bucket, "runs/ddp/")
-    checkpoints = {k.split("/")[2] for k in keys if k.count("/") >= 3 and k.split("/")[2].startswith("checkpoint_")}
+    checkpoints = {"/".join(k.split("/")[2:4]) for k in keys  # runs/ddp/fit_<time>/checkpoint_<time>/...
+                   if k.count("/") >= 4 and k.split("/")[3].startswith("checkpoint_")}
     assert len(checkpoints) == 1, keys
     (ckpt,) = checkpoints
     assert {f"runs/ddp/{ckpt}/{STATE_FILE}", f"runs/ddp/{ckpt}/config.yaml"} <= set(keys)
     assert {"runs/ddp/backbone.pth", "runs/ddp/config.yaml"} <= set(keys)
     assert str(result.checkpoint.path).endswith(ckpt)
-    states = s3_checkpoint_states(s3_server.client, run_dir(cfg))
+    states = s3_checkpoint_states(s3_server.client, cfg.run_dir)
     # a batch holding the corrupt file has < 2 usable pairs: that step is skipped on both workers
     # (two corrupt rows may share one batch across the epoch boundary: 1 or 2 skipped steps)
     skipped = result.metrics["nan_steps"]
@@ -293,7 +296,7 @@ def test_resume_from_s3_continues_at_step_n(ray_session, s3_server, s3_image_buc
     assert result.error is None and result.metrics["step"] == 4
     assert [e["step"] for e in read_events(first) if e["event"] == "report"] == [1, 2]
     assert [e["step"] for e in read_events(second) if e["event"] == "report"] == [3, 4], "must resume at 2, not 0"
-    states = s3_checkpoint_states(s3_server.client, run_dir(cfg))
+    states = s3_checkpoint_states(s3_server.client, cfg.run_dir)
     assert sorted(states) == [2, 4]
     assert adam_steps(states[2]) == {2}
     assert adam_steps(states[4]) == {4}, "AdamW's step counter continues from the checkpoint (a restart gives 2)"

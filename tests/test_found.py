@@ -196,7 +196,7 @@ def _found_batch(ok: list[bool], size: int = 32) -> dict[str, torch.Tensor]:
 def test_found_step_without_a_decodable_row_updates_nothing():
     """A batch whose every row failed: no update (no NaN from an empty loss reaches the head), the
     step and the schedule still advance, the step is counted; a good batch then trains."""
-    from dncut.found_train import frozen_backbone, train_found_step
+    from dncut.train.found import frozen_backbone, train_found_step
 
     cfg = load_config(SMOKE, ["found.crop_size=32"])
     backbone = frozen_backbone(cfg, torch.device("cpu"))
@@ -227,7 +227,7 @@ def test_found_train_resume_and_evaluate(ray_session, tmp_path):
     checkpoint, and the eval job scores method found with the head of the evaluated weights only."""
     from dncut.backbones import create_backbone, export_backbone
     from dncut.eval.jobs import run_evaluation
-    from dncut.found_train import HEAD_FILE, fit_found
+    from dncut.train.found import HEAD_FILE, fit_found
     from dncut.tracking import read_history
 
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import timm
 import torch
 
 from dncut.config import load_config
-from dncut.train import STATE_FILE, build_model, build_optimizer, lr_schedule
+from dncut.train.checkpoints import STATE_FILE
+from dncut.train.loop import build_model, build_optimizer, lr_schedule
 
 SMOKE = "configs/train/smoke.yaml"
 
@@ -50,7 +52,7 @@ def test_optimizers_and_no_decay_groups(tmp_path):
 def test_model_forward_backward_shapes(tmp_path):
     """One two-view batch through the model and the loss: finite loss, grads on the encoder."""
     from dncut.data.scenes import make_scene
-    from dncut.train import build_loss
+    from dncut.train.loop import build_loss
     from dncut.views import TwoViewTransform
 
     cfg = smoke_config(tmp_path, "loss.min_pass=1")
@@ -77,7 +79,7 @@ import torch._C._distributed_c10d as c10d
 from dncut.config import load_config
 from dncut.data.pipeline import ViewMaker, file_key
 from dncut.data.scenes import make_scene
-from dncut.train import LoopState, build_loss, build_model, build_optimizer, train_one_step, _metrics, _union
+from dncut.train.loop import LoopState, build_loss, build_model, build_optimizer, train_one_step, step_metrics, union
 
 folder = sys.argv[1]
 dist.init_process_group("gloo", init_method=f"file://{folder}/pg", rank=0, world_size=1)
@@ -92,8 +94,8 @@ optimizer, state = build_optimizer(model, cfg), LoopState()
 sched = np.full(3, 1e-4)
 for _ in range(3):
     train_one_step(model, criterion, optimizer, batch, 1e-4, state, cfg, torch.device("cpu"))
-m = _metrics(state, 3, sched, torch.device("cpu"))
-u = _union({"a.jpg"})
+m = step_metrics(state, 3, sched, torch.device("cpu"))
+u = union({"a.jpg"})
 entries = json.loads(c10d._dump_fr_trace_json(True, False)).get("entries", [])  # all held, not only active
 dist.destroy_process_group()
 print(json.dumps({"entries": len(entries), "step": state.step, "union": sorted(u), "skipped": m["skipped_rows"]}))
@@ -133,7 +135,7 @@ def test_one_worker_steps_leave_nothing_in_the_collective_flight_recorder(tmp_pa
 
 FRAGMENTED_HEAP = """
 import ctypes, json
-from dncut.train import release_freed_memory
+from dncut.runtime import release_freed_memory
 
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
@@ -180,14 +182,15 @@ def test_every_report_releases_freed_memory(monkeypatch, tmp_path):
     """``report`` (rank != 0: no chief) hands the metrics to Ray Train, then releases freed memory."""
     import ray.train
 
-    import dncut.train as train
+    import dncut.train.worker as worker
+    from dncut.train.loop import LoopState
 
     calls = []
     monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: calls.append(("report", metrics["step"])))
-    monkeypatch.setattr(train, "release_freed_memory", lambda: calls.append(("release",)) or True)
+    monkeypatch.setattr(worker, "release_freed_memory", lambda: calls.append(("release",)) or True)
     cfg = smoke_config(tmp_path)
-    state = train.LoopState(step=3)
-    train.report(None, None, state, 5, np.full(5, 1e-4), cfg, None, torch.device("cpu"))
+    state = LoopState(step=3)
+    worker.report(None, None, state, 5, np.full(5, 1e-4), cfg, None, torch.device("cpu"))
     assert calls == [("report", 3), ("release",)]
 
 
@@ -202,7 +205,8 @@ def test_train_workers_start_with_the_allocator_environment(ray_session, tmp_pat
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from dncut.train import WORKER_ENV, run_config
+    from dncut.runtime import WORKER_ENV
+    from dncut.train.driver import run_config
 
     def loop(config):  # Ray Train v2 keeps metrics only with a checkpoint: the worker writes a file
         import json
@@ -223,7 +227,8 @@ def test_a_users_own_worker_environment_wins(ray_session, tmp_path, monkeypatch)
     """A variable of ``WORKER_ENV`` that the user set is not overridden: one in the job's ``runtime_env``
     (the session's ``ray.init`` sets OMP_NUM_THREADS=1 there; the workers inherit it) is left out, one in
     the driver's environment (which remote workers do not inherit) is passed on."""
-    from dncut.train import WORKER_ENV, run_config
+    from dncut.runtime import WORKER_ENV
+    from dncut.train.driver import run_config
 
     cfg = smoke_config(tmp_path)
     monkeypatch.setitem(WORKER_ENV, "OMP_NUM_THREADS", "8")
@@ -236,7 +241,7 @@ def test_a_users_own_worker_environment_wins(ray_session, tmp_path, monkeypatch)
 
 def _checkpoint_states(run: Path) -> dict[int, dict]:
     states = {}
-    for f in run.glob("checkpoint_*/" + STATE_FILE):
+    for f in run.glob("*/checkpoint_*/" + STATE_FILE):  # run_dir/fit_<time>/checkpoint_<time>/
         st = torch.load(f, map_location="cpu", weights_only=True)
         states[int(st["step"])] = st
     return states
@@ -245,13 +250,13 @@ def _checkpoint_states(run: Path) -> dict[int, dict]:
 @pytest.mark.ray
 def test_train_checkpoint_resume_and_export(ray_session, tmp_path):
     from dncut.backbones import create_backbone
-    from dncut.train import fit, run_dir
+    from dncut.train import fit
 
     staged = set(Path(tempfile.gettempdir()).glob("dncut-ckpt-*"))
     cfg = smoke_config(tmp_path, "train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=5")
     result = fit(cfg, progress=True)
     assert result.error is None if hasattr(result, "error") else True
-    run = Path(run_dir(cfg))
+    run = Path(cfg.run_dir)
     first = _checkpoint_states(run)
     assert sorted(first) == [2, 4]
     # what a run folder holds besides checkpoints: history, TensorBoard events, curves, worker log
@@ -281,55 +286,82 @@ def test_train_checkpoint_resume_and_export(ray_session, tmp_path):
     assert common and all(torch.equal(enc[k], mine[k]) for k in common)
 
 
-def test_resume_step_reads_the_newest_checkpoint_and_skips_a_broken_one(tmp_path, caplog):
-    """The step a rerun's rows start at: that of the checkpoint Ray Train resumes from, the latest of
-    its run snapshot; a broken latest one (truncated progress.json, state.pt shorter than recorded)
-    is skipped with a warning for the newest intact one the snapshot lists; a checkpoint folder the
-    snapshot does not list (uploaded, then the driver died) is not resumed from; no snapshot = 0."""
-    from dncut.train import PROGRESS_FILE, SNAPSHOT_FILE, STATE_FILE, resume_step, run_dir
+def test_resume_point_skips_a_broken_newest_checkpoint(tmp_path, caplog):
+    """The checkpoint a rerun resumes from: the newest intact one of the run folder, found by listing
+    it (real files): a truncated ``progress.json``, a ``state.pt`` shorter than recorded and a deleted
+    ``state.pt`` are skipped with a warning that names them; a deleted folder is simply gone; a
+    ``progress.json`` outside a checkpoint folder does not count; no checkpoint = 0."""
+    from dncut.train.checkpoints import PROGRESS_FILE, STATE_FILE, intact_checkpoints, resume_point, resume_step
 
     cfg = smoke_config(tmp_path)
-    assert resume_step(cfg) == 0
-    run = Path(run_dir(cfg))
-    for name, text in (("checkpoint_a", '{"step": 2}'), ("checkpoint_b", '{"step": 4, "state_bytes": 3}'),
-                       ("checkpoint_c", '{"st'), ("checkpoint_d", '{"step": 6, "state_bytes": 5}'),
-                       ("checkpoint_e", '{"step": 8}')):
+    store = cfg.storage_handle()
+    run = Path(cfg.run_dir)
+    assert resume_step(cfg) == 0 and resume_point(str(run), store) is None
+
+    def checkpoint(name: str, step: int, size: int = 4, written: int | None = None) -> Path:
         (run / name).mkdir(parents=True)
-        (run / name / PROGRESS_FILE).write_text(text)
-    (run / "checkpoint_b" / STATE_FILE).write_bytes(b"abc")
-    (run / "checkpoint_d" / STATE_FILE).write_bytes(b"ab")  # truncated: 2 of 5 bytes
+        (run / name / STATE_FILE).write_bytes(b"x" * (size if written is None else written))
+        (run / name / PROGRESS_FILE).write_text(json.dumps({"step": step, "state_bytes": size}))
+        return run / name
+
+    checkpoint("fit_1/checkpoint_a", 2)
+    checkpoint("fit_1/checkpoint_b", 4)
+    checkpoint("fit_2/checkpoint_c", 6, written=2)  # truncated state.pt: 2 of 4 bytes
+    (checkpoint("fit_2/checkpoint_d", 8) / PROGRESS_FILE).write_text('{"st')  # truncated progress.json
+    (checkpoint("fit_2/checkpoint_e", 10) / STATE_FILE).unlink()  # state.pt deleted
     (run / PROGRESS_FILE).write_text('{"step": 99}')  # not in a checkpoint folder: not counted
-    assert resume_step(cfg) == 0, "no snapshot: Ray Train starts from scratch"
+    assert intact_checkpoints(str(run), store) == {"fit_1/checkpoint_a": 2, "fit_1/checkpoint_b": 4}
+    with caplog.at_level("WARNING", logger="dncut.train"):
+        ref = resume_point(str(run), store, say=True)
+    assert (ref.name, ref.step) == ("fit_1/checkpoint_b", 4) and resume_step(cfg) == 4
+    assert "fit_2/checkpoint_c: state.pt holds 2 of 4 bytes" in caplog.text
+    assert "fit_2/checkpoint_d: unreadable progress.json" in caplog.text
+    assert "fit_2/checkpoint_e: no state.pt" in caplog.text
+    assert "resuming from fit_1/checkpoint_b (step 4)" in caplog.text
+    shutil.rmtree(run / "fit_1" / "checkpoint_b")  # the newest intact one deleted as a whole
+    assert resume_point(str(run), store).step == 2
+    checkpoint("fit_3/checkpoint_f", 12)  # a newer one uploaded by a later fit wins
+    assert resume_step(cfg) == 12
 
-    def snapshot(latest: str) -> None:
-        results = [{"checkpoint_dir_name": n, "metrics": {}} for n in ("checkpoint_a", "checkpoint_b", "checkpoint_c",
-                                                                        "checkpoint_d")]
-        (run / SNAPSHOT_FILE).write_text(json.dumps({"checkpoint_results": results, "latest_checkpoint_result":
-                                                     {"checkpoint_dir_name": latest, "metrics": {}}}))
 
-    snapshot("checkpoint_b")
-    assert resume_step(cfg) == 4
-    for broken in ("checkpoint_c", "checkpoint_d"):
-        snapshot(broken)
-        caplog.clear()
-        with caplog.at_level("WARNING", logger="dncut.train"):
-            assert resume_step(cfg) == 4  # not 6 (d: truncated state.pt), not 8 (e: not in the snapshot)
-        assert "checkpoint_c" in caplog.text and "checkpoint_d: state.pt holds 2 of 5 bytes" in caplog.text
+def test_no_module_of_the_train_package_reads_rays_snapshot():
+    """dncut keeps its own record of checkpoints; Ray Train's private run snapshot is neither read
+    nor written anywhere in ``dncut/train/``."""
+    import dncut.train
+
+    folder = Path(dncut.train.__file__).parent
+    sources = {p.name: p.read_text() for p in folder.glob("*.py")}
+    assert {"loop.py", "checkpoints.py", "worker.py", "driver.py", "found.py"} <= set(sources)
+    assert not [n for n, text in sources.items() if "checkpoint_manager_snapshot" in text or "get_checkpoint(" in text]
+
+
+def test_the_loop_imports_no_ray():
+    """``dncut.train.loop`` (and the rank-0 duties) run without Ray: importing them in a fresh process
+    leaves ``ray`` out of ``sys.modules``."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dncut.train.loop, dncut.train.chief, dncut.train.checkpoints; "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]"
 
 
 @pytest.mark.ray
 def test_checkpoints_kept_by_val_iou(ray_session, tmp_path):
     """``train.keep_checkpoints_by: val_iou`` keeps the best-scoring checkpoints (and the newest)."""
     from dncut.tracking import read_history
-    from dncut.train import PROGRESS_FILE, fit, run_dir
+    from dncut.train import PROGRESS_FILE, fit
 
     cfg = smoke_config(tmp_path, "train.max_steps=5", "train.checkpoint_every=1", "train.val_every=1",
                        "train.keep_checkpoints=2", "train.keep_checkpoints_by=val_iou", "train.lr=0.05")
     fit(cfg)
-    run = Path(run_dir(cfg))
+    run = Path(cfg.run_dir)
     val = {m["step"]: m["val_iou"] for m in read_history(str(run)) if m.get("val_step") == m["step"]}
     assert sorted(val) == [1, 2, 3, 4, 5]
-    kept = sorted(json.loads(p.read_text())["step"] for p in run.glob(f"checkpoint_*/{PROGRESS_FILE}"))
+    kept = sorted(json.loads(p.read_text())["step"] for p in run.glob(f"*/checkpoint_*/{PROGRESS_FILE}"))
     dropped = set(val) - set(kept)
     assert 5 in kept and len(kept) <= 3 and dropped, (val, kept)  # the newest stays, to resume from
     for d in dropped:  # every dropped checkpoint scored below two kept ones (ties may go either way)

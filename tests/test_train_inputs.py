@@ -79,7 +79,7 @@ def report_recorder(path: Path):
         def after_report(self, run_context, metrics, checkpoint):
             import os
 
-            # the controller's poll interval, read in the controller's own process (dncut.train.REPORT_POLL_S)
+            # the controller's poll interval, read in the controller's own process (dncut.train.driver.REPORT_POLL_S)
             poll = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
             with open(path, "a") as f:
                 f.write(json.dumps({**metrics[0], "controller_poll_s": poll}, default=str) + "\n")
@@ -92,7 +92,7 @@ def read_reports(path: Path) -> list[dict]:
 
 
 def fit_recorded(cfg, tmp_path: Path):
-    from dncut.train import build_trainer
+    from dncut.train.driver import build_trainer
 
     log = tmp_path / "reports.jsonl"
     result = build_trainer(cfg, callbacks=[report_recorder(log)]).fit()
@@ -123,7 +123,7 @@ def test_view_maker_decodes_odd_modes_and_flags_bad_files(tmp_path):
 
 @pytest.mark.ray
 def test_messy_folder_trains_and_counts_exactly_the_bad_files(ray_session, tmp_path):
-    from dncut.train import REPORT_POLL_S, run_dir
+    from dncut.train.driver import REPORT_POLL_S
 
     folder = write_messy_folder(tmp_path / "train")
     cfg = smoke_config(tmp_path, f"data.train={folder}", "train.batch_size=8", "train.base_batch_size=8",
@@ -137,7 +137,7 @@ def test_messy_folder_trains_and_counts_exactly_the_bad_files(ray_session, tmp_p
     assert final["nan_steps"] == 0
     assert [r["step"] for r in reports] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in reports)
-    assert (Path(run_dir(cfg)) / "backbone.pth").exists()
+    assert (Path(cfg.run_dir) / "backbone.pth").exists()
     # Ray Train's controller polls (and so takes each report) every REPORT_POLL_S, not Ray's 2 s
     assert {r["controller_poll_s"] for r in reports} == {str(REPORT_POLL_S)}
 
@@ -145,7 +145,7 @@ def test_messy_folder_trains_and_counts_exactly_the_bad_files(ray_session, tmp_p
 @pytest.mark.parametrize("kind", ["empty", "missing", "no_images"])
 def test_unusable_source_fails_before_training(ray_session, tmp_path, kind):
     from dncut.storage import StorageError
-    from dncut.train import fit, run_dir
+    from dncut.train import fit
 
     folder = tmp_path / "train"
     if kind != "missing":
@@ -158,7 +158,7 @@ def test_unusable_source_fails_before_training(ray_session, tmp_path, kind):
     with pytest.raises(StorageError, match=message) as info:
         fit(cfg)
     assert str(folder) in str(info.value)
-    assert not Path(run_dir(cfg)).exists(), "no Ray Train run may start for an unusable source"
+    assert not Path(cfg.run_dir).exists(), "no Ray Train run may start for an unusable source"
 
 
 # ----------------------------------------------------------------------------- NaN steps
@@ -177,7 +177,7 @@ def _nan_checkpoint(path: Path) -> Path:
 @pytest.mark.ray
 def test_nan_weights_stop_the_run_after_max_nan_steps(ray_session, tmp_path):
     """Every step is non-finite: steps 1..K are skipped and counted, step K + 1 stops the run."""
-    from dncut.train import STATE_FILE, run_dir
+    from dncut.train.checkpoints import STATE_FILE
 
     k = 2
     ckpt = _nan_checkpoint(tmp_path / "nan.pth")
@@ -193,10 +193,10 @@ def test_nan_weights_stop_the_run_after_max_nan_steps(ray_session, tmp_path):
     assert [r["nan_steps"] for r in reports] == list(range(1, k + 1))
     assert all("loss" not in r for r in reports), "no step may report a loss"
     states = [torch.load(f, map_location="cpu", weights_only=True)
-              for f in Path(run_dir(cfg)).glob("checkpoint_*/" + STATE_FILE)]
+              for f in Path(cfg.run_dir).glob("*/checkpoint_*/" + STATE_FILE)]
     assert sorted(int(s["step"]) for s in states) == list(range(1, k + 1))
     assert max(s["counters"]["nan_steps"] for s in states) == k
-    assert not (Path(run_dir(cfg)) / "backbone.pth").exists()
+    assert not (Path(cfg.run_dir) / "backbone.pth").exists()
 
 
 # ----------------------------------------------------------------------------- collapse warning
@@ -211,16 +211,16 @@ def _parts_for(z: torch.Tensor) -> dict:
 
 
 def _progress_log(parts: dict, caplog) -> list[logging.LogRecord]:
-    from dncut.train import LoopState, _log_progress, _metrics
+    from dncut.train.loop import LoopState, log_progress, step_metrics
 
     state = LoopState(step=3, last_parts=parts)
-    metrics = _metrics(state, 10, np.full(10, 1e-4), torch.device("cpu"))
+    metrics = step_metrics(state, 10, np.full(10, 1e-4), torch.device("cpu"))
     metrics["skipped_files"] = 0
     logger = logging.getLogger("dncut.train")
     logger.addHandler(caplog.handler)  # the "dncut" logger may not propagate (worker logging)
     try:
         with caplog.at_level(logging.INFO, logger="dncut.train"):
-            _log_progress(metrics)
+            log_progress(metrics)
     finally:
         logger.removeHandler(caplog.handler)
     unique = {id(r): r for r in caplog.records if r.name == "dncut.train"}  # a record may arrive twice
@@ -283,7 +283,7 @@ def _two_steps(cfg) -> list[dict]:
     """Two optimizer steps of the training building blocks on generated scenes (in-process)."""
     from dncut import photometric
     from dncut.data.pipeline import ViewMaker
-    from dncut.train import build_loss, build_model, build_optimizer
+    from dncut.train.loop import build_loss, build_model, build_optimizer
 
     torch.manual_seed(0)
     model, criterion = build_model(cfg), build_loss(cfg)
@@ -317,7 +317,7 @@ def test_ablation_switches_train_with_finite_losses(tmp_path, switch):
     if switch.startswith("loss.regularization"):
         assert all(p["l_reg"] == 0.0 for p in parts)
     elif switch.startswith("model.projector"):
-        from dncut.train import build_model
+        from dncut.train.loop import build_model
 
         model = build_model(cfg)
         assert isinstance(model.projector, torch.nn.Identity) and isinstance(model.predictor, torch.nn.Identity)
@@ -330,7 +330,6 @@ def test_ablation_switches_train_with_finite_losses(tmp_path, switch):
 @pytest.mark.ray
 def test_ablation_switches_together_on_ray(ray_session, tmp_path):
     """The three switches through the real Ray loop: two steps, finite losses, export written."""
-    from dncut.train import run_dir
 
     cfg = smoke_config(tmp_path, "loss.regularization=false", "model.projector=false", "loss.consistency=pixel",
                        "train.max_steps=2", "train.warmup_steps=1", "train.checkpoint_every=2", "train.val_every=2",
@@ -338,7 +337,7 @@ def test_ablation_switches_together_on_ray(ray_session, tmp_path):
     result, reports = fit_recorded(cfg, tmp_path)
     assert [r["step"] for r in reports] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["l_reg"] == 0.0 for r in reports)
-    assert (Path(run_dir(cfg)) / "backbone.pth").exists()
+    assert (Path(cfg.run_dir) / "backbone.pth").exists()
 
 
 def test_validation_set_skips_and_counts_bad_pairs(tmp_path, caplog):

@@ -4,7 +4,7 @@
       -> found_loop_per_worker(loop_config)   every worker
            frozen backbone (model.backbone / model.checkpoint, eval mode, no gradients)
            FoundHead (1x1 conv), AdamW(found.lr), StepLR(found.lr_step, found.lr_gamma) per step
-           resume(): from ray.train.get_checkpoint() (head, optimiser, scheduler, step)
+           resume(): the run's newest intact checkpoint (head, optimiser, scheduler, step)
            for each batch of found.batch_size views (dncut.data.pipeline.FoundViewMaker):
                train_found_step(): drop undecodable rows (counted) -> blur on the device ->
                features (+ CLS attention) -> background pseudo-mask -> logits upsampled to the
@@ -16,36 +16,35 @@
                <run>/found_head.safetensors (dncut.eval.found.save_head: the head plus the
                backbone and checkpoint it was trained on)
 
-The same machinery as ``dncut.train``: the seeded row stream (``epoch_rows``), Ray Train
-checkpoints under ``output_dir/run_name`` (a rerun of the same run resumes), the worker group
-restarts from the last checkpoint (``scaling.max_failures``), the progress bar on the driver.
+The same machinery as ``dncut train``: the seeded row stream (``epoch_rows``), the one checkpoint
+format and resume point of ``dncut.train.checkpoints`` (a rerun of the same run resumes from its
+newest intact checkpoint), the worker group restarts from it (``scaling.max_failures``), the
+collectives of ``dncut.train.loop``, the progress bar on the driver.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dncut import photometric, storage
+from dncut import photometric
 from dncut.backbones import create_backbone
 from dncut.config import Config, ConfigError
-from dncut.data.pipeline import decode_failure, found_dataset, s3_options, source_uris, train_data_config
+from dncut.data.pipeline import decode_failure, found_dataset, source_uris, train_data_config
 from dncut.eval.found import (FoundHead, HeadInfo, found_loss, pseudo_masks, refine_targets, save_head,
                               upsample_logits)
+from dncut.storage import Storage
 from dncut.tracking import ProgressBar, Tracker
-from dncut.train import (CONFIG_FILE, PROGRESS_FILE, STATE_FILE, _all_reduce, _batches, _setup_worker,
-                         checkpoint_state, reconcile_checkpoints, resume_step, run_config, run_dir,
-                         with_absolute_output)
+from dncut.train.checkpoints import CONFIG_FILE, load_state, stage
+from dncut.train.driver import run_config, scaling_config, start_step
+from dncut.train.loop import all_reduce, unwrap
+from dncut.train.worker import agreed_resume_point, batches, report_checkpoint, setup_worker
 
 log = logging.getLogger("dncut.found")
 
@@ -55,11 +54,11 @@ COLLAPSE = (0.02, 0.98)
 to a near-constant mask (logged as a warning; ``fg_fraction`` in metrics.jsonl)."""
 
 
-def frozen_backbone(cfg: Config, device: torch.device):
+def frozen_backbone(cfg: Config, device: torch.device, store: Storage | None = None):
     """The backbone whose features the head learns on: eval mode, no gradients."""
-    m = cfg.model
+    m, store = cfg.model, store or cfg.storage_handle()
     backbone = create_backbone(m.backbone, pretrained=m.pretrained and m.checkpoint is None, checkpoint=m.checkpoint,
-                               s3=s3_options(cfg))
+                               store=store)
     return backbone.eval().requires_grad_(False).to(device)
 
 
@@ -71,23 +70,25 @@ def head_info(cfg: Config, steps: int) -> HeadInfo:
 
 
 def found_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Run by every Ray Train worker; ``loop_config`` as ``dncut.train.train_loop_per_worker``."""
+    """Run by every Ray Train worker; ``loop_config``: ``{"config": Config dict (absolute paths),
+    "start_step": int}`` (as ``dncut.train.worker.train_loop_per_worker``)."""
     import ray.train
     import ray.train.torch
 
     cfg, start = Config.model_validate(loop_config["config"]), int(loop_config.get("start_step", 0))
     f, ctx = cfg.found, ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = _setup_worker(cfg, rank)
-    backbone = frozen_backbone(cfg, device)
+    store = cfg.storage_handle()
+    device = setup_worker(cfg, rank)
+    backbone = frozen_backbone(cfg, device, store)
     head = FoundHead(backbone.channels).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=f.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=f.lr_step, gamma=f.lr_gamma)
-    state = resume(head, optimizer, scheduler)
+    state = resume(head, optimizer, scheduler, rank, cfg, store)
     head = ray.train.torch.prepare_model(head)
-    tracker = Tracker(cfg, run_dir(cfg), state["step"], s3_options(cfg)) if rank == 0 else None
+    tracker = Tracker(cfg, cfg.run_dir, state["step"], store.options) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
-    for batch in _batches(shard, f.batch_size // world, skip=state["step"] - start, device=device):
+    for batch in batches(shard, f.batch_size // world, skip=state["step"] - start, device=device):
         parts = train_found_step(backbone, head, optimizer, scheduler, batch, state, cfg)
         if state["step"] % cfg.train.log_every == 0 or state["step"] % cfg.train.checkpoint_every == 0 \
                 or state["step"] >= f.steps:
@@ -95,15 +96,11 @@ def found_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if state["step"] >= f.steps:
             break
     if tracker is not None:
-        _unwrap(head).cpu()
-        storage.write_bytes(storage.join(run_dir(cfg), HEAD_FILE), save_head(_unwrap(head), head_info(cfg, state["step"])),
-                            s3_options(cfg))
+        unwrap(head).cpu()
+        uri = store.join(cfg.run_dir, HEAD_FILE)
+        store.write_bytes(uri, save_head(unwrap(head), head_info(cfg, state["step"])))
         tracker.close()
-        log.info("FOUND head written to %s", storage.join(run_dir(cfg), HEAD_FILE))
-
-
-def _unwrap(head: torch.nn.Module) -> FoundHead:
-    return head.module if hasattr(head, "module") else head
+        log.info("FOUND head written to %s", uri)
 
 
 def train_found_step(backbone, head, optimizer, scheduler, batch: dict[str, torch.Tensor], state: dict,
@@ -118,7 +115,7 @@ def train_found_step(backbone, head, optimizer, scheduler, batch: dict[str, torc
         uri, reason = decode_failure(row.cpu())
         state["skipped"] += 1
         log.warning("skipped %s: %s", uri, reason)
-    if _all_reduce([0.0 if bool(ok.any()) else 1.0], ok.device)[0] > 0:
+    if all_reduce([0.0 if bool(ok.any()) else 1.0], ok.device)[0] > 0:
         scheduler.step()
         state["step"] += 1
         state["empty_steps"] += 1
@@ -157,19 +154,19 @@ def view_targets(views: torch.Tensor, logits: torch.Tensor, bkg: torch.Tensor, w
     return {k: torch.from_numpy(np.asarray(v, np.float32)).to(logits.device) for k, v in out.items()}
 
 
-def resume(head: FoundHead, optimizer, scheduler) -> dict:
-    """Load ``ray.train.get_checkpoint()`` (head, optimiser, scheduler, step); a fresh state without one."""
+def resume(head: FoundHead, optimizer, scheduler, rank: int, cfg: Config, store: Storage) -> dict:
+    """Load the run's newest intact checkpoint (head, optimiser, scheduler, step); a fresh state without one."""
     state = {"step": 0, "skipped": 0, "empty_steps": 0, "t0": time.perf_counter()}
-    found = checkpoint_state()
-    if found is None:
+    ref = agreed_resume_point(cfg, store, rank)
+    if ref is None:
         return state
-    saved, path = found
+    saved = load_state(ref, store)
     head.load_state_dict(saved["head"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     state.update(step=int(saved["step"]), skipped=int(saved.get("skipped", 0)),
                  empty_steps=int(saved.get("empty_steps", 0)))
-    log.info("resumed FOUND head training from %s at step %d", path, state["step"])
+    log.info("resumed FOUND head training from %s at step %d", ref.uri, state["step"])
     return state
 
 
@@ -192,46 +189,37 @@ def report(head, optimizer, scheduler, state: dict, parts: dict[str, float], cfg
                         "pseudo-mask: %.0f%%); its masks will be near-constant", 100 * metrics["fg_fraction"],
                         100 * metrics["bkg_fg_fraction"])
         if state["step"] % cfg.train.checkpoint_every == 0 or state["step"] >= cfg.found.steps:
-            checkpoint = ray.train.Checkpoint.from_directory(_save(head, optimizer, scheduler, state, cfg))
-    ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
+            checkpoint = ray.train.Checkpoint.from_directory(stage(checkpoint_state(head, optimizer, scheduler, state),
+                                                                  cfg, prefix="dncut-found-ckpt-"))
+    report_checkpoint(metrics, checkpoint, cfg, cfg.storage_handle() if tracker is not None else None)
 
 
-def _save(head, optimizer, scheduler, state: dict, cfg: Config) -> str:
-    d = tempfile.mkdtemp(prefix="dncut-found-ckpt-")
-    torch.save({"head": _unwrap(head).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": state["step"], "skipped": state["skipped"],
-                "empty_steps": state["empty_steps"]},
-               os.path.join(d, STATE_FILE))
-    Path(d, CONFIG_FILE).write_text(cfg.to_yaml())
-    Path(d, PROGRESS_FILE).write_text(json.dumps({"step": state["step"],
-                                                  "state_bytes": os.path.getsize(os.path.join(d, STATE_FILE))}))
-    return d
+def checkpoint_state(head, optimizer, scheduler, state: dict) -> dict[str, Any]:
+    """FOUND's ``state.pt`` dict: head, optimiser, scheduler, step and counters."""
+    return {"head": unwrap(head).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "step": state["step"], "skipped": state["skipped"],
+            "empty_steps": state["empty_steps"]}
 
 
 def build_found_trainer(cfg: Config):
     """Validate the image source (before any worker starts) and assemble the TorchTrainer."""
     import ray.data
-    import ray.train
     from ray.train.torch import TorchTrainer
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     if cfg.found.batch_size % cfg.scaling.num_workers:
         raise ConfigError(f"found.batch_size={cfg.found.batch_size} (global) must be divisible by "
                           f"scaling.num_workers={cfg.scaling.num_workers}")
-    cfg = with_absolute_output(cfg).with_overrides({"train.keep_checkpoints_by": "newest"})
+    cfg = cfg.with_absolute_paths().with_overrides({"train.keep_checkpoints_by": "newest"})
+    store = cfg.storage_handle()
     uris = source_uris(cfg)
-    reconcile_checkpoints(cfg)  # a truncated / deleted newest checkpoint: resume from the one before
-    start = min(resume_step(cfg), cfg.found.steps)
-    storage.write_bytes(storage.join(run_dir(cfg), CONFIG_FILE), cfg.to_yaml().encode(), s3_options(cfg))
-    sc = cfg.scaling
-    scaling = ray.train.ScalingConfig(
-        num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-        resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})})
+    start = start_step(cfg, store, cfg.found.steps)  # a truncated / deleted newest checkpoint: the one before
+    store.write_bytes(store.join(cfg.run_dir, CONFIG_FILE), cfg.to_yaml().encode())
     return TorchTrainer(
         found_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "start_step": start},
-        scaling_config=scaling, run_config=run_config(cfg), datasets={"train": found_dataset(cfg, uris, start)},
-        dataset_config=train_data_config())
+        scaling_config=scaling_config(cfg), run_config=run_config(cfg, store=store),
+        datasets={"train": found_dataset(cfg, uris, start)}, dataset_config=train_data_config())
 
 
 def fit_found(cfg: Config, *, progress: bool = False):
@@ -239,6 +227,6 @@ def fit_found(cfg: Config, *, progress: bool = False):
     The head is ``<output_dir>/<run_name>/found_head.safetensors``."""
     trainer = build_found_trainer(cfg)
     start = trainer.train_loop_config["start_step"]
-    with ProgressBar(run_dir(with_absolute_output(cfg)), cfg.found.steps, start=start, s3=s3_options(cfg),
+    with ProgressBar(cfg.with_absolute_paths().run_dir, cfg.found.steps, start=start, s3=cfg.storage_handle().options,
                      disable=not progress, desc=f"{cfg.run_name} (FOUND)"):
         return trainer.fit()

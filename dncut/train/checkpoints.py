@@ -1,0 +1,211 @@
+"""The one checkpoint format of a run folder, its intact check and the resume point.
+
+A run folder (``Config.run_dir``: ``output_dir/run_name``, local or ``s3://``) holds::
+
+    config.yaml                     the resolved config (CONFIG_FILE)
+    checkpoints.json                dncut's record (MANIFEST_FILE): {"checkpoints": [{"name", "step"}]},
+                                    appended by rank 0 once a checkpoint's upload has completed
+    backbone.pth, model.safetensors, config.json    the export (EXPORT_FILE; dncut.export)
+    fit_<time>/                     one ``fit()`` of the run: Ray Train's folder for that fit
+        checkpoint_<time>/          one checkpoint
+            state.pt                torch.save dict (STATE_FILE): weights, optimiser, "step", ...
+            progress.json           {"step": k, "state_bytes": n}  (PROGRESS_FILE), written before the upload
+            config.yaml             the config it was trained with
+
+``dncut train`` and ``dncut found-train`` write the same files (their ``state.pt`` dicts differ).
+
+dncut keeps its own record: a checkpoint is the folder itself, and it is **intact** when its
+``progress.json`` reads and its ``state.pt`` holds the byte count recorded there (a truncated,
+half-uploaded or deleted one is not). The manifest names what was uploaded, so a recorded
+checkpoint that has since gone (its folder deleted) is named when a rerun skips it. A run resumes from its newest intact checkpoint, whatever
+Ray Train would hand the workers: every ``fit()`` gets a fresh Ray Train folder (``new_fit_name``)
+so Ray restores no state of an earlier fit, and the workers ask ``resume_point`` instead of
+taking the checkpoint Ray Train hands them (``get_checkpoint``). Ray's ``CheckpointConfig``
+retention applies within each fit; ``prune_earlier_fits`` applies ``train.keep_checkpoints``
+across fits.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pyarrow import fs as pafs
+
+from dncut.config import Config
+from dncut.storage import Storage
+
+log = logging.getLogger("dncut.train")
+
+STATE_FILE = "state.pt"
+PROGRESS_FILE = "progress.json"
+CONFIG_FILE = "config.yaml"
+EXPORT_FILE = "backbone.pth"
+MANIFEST_FILE = "checkpoints.json"
+CHECKPOINT_PREFIX = "checkpoint_"
+FIT_PREFIX = "fit_"
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One intact checkpoint: its folder (``uri``, local path or ``s3://``), its path relative to the
+    run folder (``name``) and the step it was saved at."""
+
+    uri: str
+    name: str
+    step: int
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint of ``step`` inside one fit (``checkpoint_<step>_<UTC time>``)."""
+    return f"{CHECKPOINT_PREFIX}{step:07d}_{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def record(run: str, store: Storage, name: str, step: int) -> None:
+    """Append a checkpoint whose upload has completed (``name`` relative to ``run``) to the manifest."""
+    entries = recorded(run, store)
+    entries.append({"name": name, "step": int(step)})
+    store.write_bytes(store.join(run, MANIFEST_FILE), json.dumps({"checkpoints": entries}, indent=1).encode())
+
+
+def recorded(run: str, store: Storage) -> list[dict[str, Any]]:
+    """The manifest's entries (``[{"name", "step"}]``, oldest first; empty without a readable manifest)."""
+    try:
+        return list(json.loads(store.read_bytes(store.join(run, MANIFEST_FILE)))["checkpoints"])
+    except FileNotFoundError:
+        return []
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("run %s: unreadable %s (%s); checkpoints are found by listing", run, MANIFEST_FILE, exc)
+        return []
+
+
+def new_fit_name() -> str:
+    """A fresh name for one ``fit()`` of a run (Ray Train's ``RunConfig.name`` under the run folder):
+    ``fit_<UTC time to the microsecond>``, so names sort by start time."""
+    now = time.time()
+    return f"{FIT_PREFIX}{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-{int(now % 1 * 1e6):06d}"
+
+
+def stage(state: dict[str, Any], cfg: Config, prefix: str = "dncut-ckpt-") -> str:
+    """A local temporary folder holding one checkpoint (``state.pt``, ``config.yaml``,
+    ``progress.json`` with ``state["step"]`` and the byte count of ``state.pt``); Ray Train
+    uploads it and deletes it (``delete_local_checkpoint_after_upload``)."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    torch.save(state, os.path.join(folder, STATE_FILE))
+    Path(folder, CONFIG_FILE).write_text(cfg.to_yaml())
+    progress = {"step": int(state["step"]), "state_bytes": os.path.getsize(os.path.join(folder, STATE_FILE))}
+    Path(folder, PROGRESS_FILE).write_text(json.dumps(progress))
+    return folder
+
+
+def _checkpoint_files(run: str, store: Storage) -> dict[str, dict[str, int]]:
+    """``{checkpoint folder relative to run: {file name: size}}`` of every ``checkpoint_*`` folder under ``run``."""
+    fs, root = store.filesystem(run)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except FileNotFoundError:
+        return {}
+    folders: dict[str, dict[str, int]] = {}
+    for info in infos:
+        parts = info.path[len(root):].strip("/").split("/")
+        if info.type == pafs.FileType.File and len(parts) >= 2 and parts[-2].startswith(CHECKPOINT_PREFIX):
+            folders.setdefault("/".join(parts[:-1]), {})[parts[-1]] = info.size
+    return folders
+
+
+def _why_broken(run: str, name: str, files: dict[str, int], store: Storage) -> tuple[int | None, str | None]:
+    """``(step, None)`` for an intact checkpoint folder, ``(step or None, reason)`` for a broken one."""
+    if PROGRESS_FILE not in files:
+        return None, f"no {PROGRESS_FILE}"
+    try:
+        progress = json.loads(store.read_bytes(store.join(run, name, PROGRESS_FILE)))
+        step, expected = int(progress["step"]), progress.get("state_bytes")
+    except (ValueError, KeyError, TypeError) as exc:  # a truncated file
+        return None, f"unreadable {PROGRESS_FILE} ({exc})"
+    except FileNotFoundError:  # deleted since the listing
+        return None, f"no {PROGRESS_FILE}"
+    if expected is not None and STATE_FILE not in files:  # (checkpoints before the byte count: none recorded)
+        return step, f"no {STATE_FILE}"
+    if expected is not None and files[STATE_FILE] != expected:
+        return step, f"{STATE_FILE} holds {files[STATE_FILE]} of {expected} bytes"
+    return step, None
+
+
+def scan(run: str, store: Storage) -> tuple[list[CheckpointRef], dict[str, str]]:
+    """The checkpoints of a run folder: ``(intact ones oldest first, {broken folder: reason})``.
+
+    Raises:
+        dncut.storage.StorageError, OSError: the storage cannot be listed (an unreachable endpoint).
+    """
+    intact, broken = [], {}
+    for name, files in sorted(_checkpoint_files(run, store).items()):
+        step, why = _why_broken(run, name, files, store)
+        if why is None:
+            intact.append(CheckpointRef(store.join(run, name), name, step))
+        else:
+            broken[name] = why
+    intact.sort(key=lambda c: (c.step, c.name))
+    return intact, broken
+
+
+def intact_checkpoints(run: str, store: Storage) -> dict[str, int]:
+    """``{checkpoint folder relative to run: step}`` of the run's intact checkpoints."""
+    return {c.name: c.step for c in scan(run, store)[0]}
+
+
+def resume_point(run: str, store: Storage, *, say: bool = False) -> CheckpointRef | None:
+    """The newest intact checkpoint of ``run`` (None without one: the run starts from scratch).
+
+    A broken checkpoint newer than it (truncated ``state.pt`` or ``progress.json``, a deleted
+    ``state.pt``) is skipped; with ``say`` a WARNING names each skipped folder and the one resumed
+    from ("resuming from ..."). A deleted folder is simply not there."""
+    intact, broken = scan(run, store)
+    newest = intact[-1] if intact else None
+    if say:
+        listed = {c.name for c in intact} | set(broken)
+        broken |= {e["name"]: "recorded in the manifest, no longer there" for e in recorded(run, store)
+                   if e["name"] not in listed and e["step"] > (newest.step if newest else -1)}
+    if say and broken:
+        where = f"{newest.name} (step {newest.step})" if newest else "the start (no intact checkpoint left)"
+        log.warning("run %s: skipped the incomplete checkpoint(s) %s; resuming from %s", run,
+                    "; ".join(f"{n}: {why}" for n, why in broken.items()), where)
+    return newest
+
+
+def prune_earlier_fits(run: str, store: Storage, keep: int) -> list[str]:
+    """Delete the intact checkpoints of a run's earlier fits that are not among its ``keep`` newest
+    (Ray Train's retention applies within one fit; a driver restarted many times would otherwise
+    keep ``keep`` checkpoints per fit). Broken folders stay, for a look at what went wrong.
+
+    Returns:
+        The deleted folders, relative to ``run``.
+    """
+    intact = scan(run, store)[0]
+    doomed = [c for c in intact[:-keep] if c.name.count("/") == 1 and c.name.startswith(FIT_PREFIX)] if keep else []
+    for c in doomed:
+        fs, path = store.filesystem(c.uri)
+        fs.delete_dir(path)
+    if doomed:
+        log.info("run %s: deleted %d checkpoint(s) of earlier fits beyond train.keep_checkpoints=%d", run,
+                 len(doomed), keep)
+    return [c.name for c in doomed]
+
+
+def load_state(ref: CheckpointRef, store: Storage) -> dict[str, Any]:
+    """The ``state.pt`` dict of a checkpoint, on the CPU."""
+    data = store.read_bytes(store.join(ref.uri, STATE_FILE))
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def resume_step(cfg: Config, store: Storage | None = None) -> int:
+    """The step a rerun of ``cfg.run_dir`` continues at: that of its newest intact checkpoint (0 without one)."""
+    ref = resume_point(cfg.with_absolute_paths().run_dir, store or cfg.storage_handle())
+    return ref.step if ref else 0

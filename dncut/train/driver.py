@@ -1,0 +1,174 @@
+"""The driver of a training run: run config, trainer assembly, ``fit``, ``export_run``.
+
+    fit(cfg)
+      build_trainer(cfg)   absolute paths (once, here); validate the data source before any worker
+                           starts; the resume step (the run's newest intact checkpoint,
+                           dncut.train.checkpoints); the row stream from that step; config.yaml
+                           in the run folder; a TorchTrainer whose RunConfig names a fresh
+                           ``fit_<time>`` folder under the run folder
+      -> trainer.fit()     workers: dncut.train.worker.train_loop_per_worker
+
+``dncut found-train`` assembles its trainer from the same pieces (``scaling_config``,
+``run_config``; ``dncut.train.found``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, get_args
+
+from dncut.backbones import load_backbone
+from dncut.config import Config, load_config
+from dncut.data.datasets import saliency_dataset
+from dncut.data.pipeline import source_uris, train_data_config, train_dataset
+from dncut.export import ExportFormat, export_hf, push_hf
+from dncut.runtime import worker_env
+from dncut.storage import Storage, read_bytes
+from dncut.tracking import ProgressBar
+from dncut.train.checkpoints import CONFIG_FILE, EXPORT_FILE, new_fit_name, prune_earlier_fits, resume_point
+from dncut.train.worker import train_loop_per_worker
+
+log = logging.getLogger("dncut.train")
+
+REPORT_POLL_S = 0.25
+"""Seconds between Ray Train's controller polls of the workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``,
+Ray's default 2.0). ``ray.train.report`` returns only once the controller has taken the previous
+report, so the poll interval bounds how often a run can report (``docs/operations.md``, "Load").
+A user's own setting of the variable wins."""
+
+
+def run_config(cfg: Config, callbacks: list | None = None, *, store: Storage | None = None,
+               name: str | None = None):
+    """``RunConfig``: Ray Train's folder for this fit (``run_dir/<name>``, default ``new_fit_name()``),
+    local or s3://; checkpoint retention, failure policy, the workers' environment
+    (``dncut.runtime.worker_env``).
+
+    Also sets ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` to ``REPORT_POLL_S`` in this process unless it is
+    set: Ray Train passes it from the process that calls ``fit()`` to its controller."""
+    import ray.train
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(REPORT_POLL_S))
+    store = store or cfg.storage_handle()
+    run = cfg.with_absolute_paths().run_dir
+    if store.is_s3(run):
+        fs, path = store.filesystem(run)
+        kwargs: dict[str, Any] = {"storage_path": path, "storage_filesystem": fs}
+    else:
+        kwargs = {"storage_path": run}
+    return ray.train.RunConfig(
+        name=name or new_fit_name(),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+        checkpoint_config=checkpoint_config(cfg),
+        callbacks=callbacks,
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # dncut logs the progress
+        worker_runtime_env={"env_vars": worker_env()},
+        **kwargs,
+    )
+
+
+def checkpoint_config(cfg: Config):
+    """``CheckpointConfig``: the ``train.keep_checkpoints`` newest, or those with the highest
+    ``val_iou`` (``train.keep_checkpoints_by``; Ray Train keeps the newest as well)."""
+    import ray.train
+
+    t = cfg.train
+    if t.keep_checkpoints_by == "val_iou":
+        return ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="val_iou",
+                                          checkpoint_score_order="max")
+    return ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)
+
+
+def scaling_config(cfg: Config):
+    """``ScalingConfig`` of ``cfg.scaling`` (workers, GPU, CPUs / GPUs per worker)."""
+    import ray.train
+
+    sc = cfg.scaling
+    return ray.train.ScalingConfig(
+        num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+        resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})})
+
+
+def start_step(cfg: Config, store: Storage, last: int) -> int:
+    """The step this fit starts at: that of the run's newest intact checkpoint (skipped broken ones
+    are named in a WARNING), at most ``last``. With ``train.keep_checkpoints_by: newest`` the
+    earlier fits' checkpoints beyond ``train.keep_checkpoints`` are deleted first."""
+    if cfg.train.keep_checkpoints_by == "newest":
+        prune_earlier_fits(cfg.run_dir, store, cfg.train.keep_checkpoints)
+    ref = resume_point(cfg.run_dir, store, say=True)
+    if ref is not None:
+        log.info("run %s resumes from %s (step %d)", cfg.run_dir, ref.name, ref.step)
+    return min(ref.step if ref else 0, last)
+
+
+def build_trainer(cfg: Config, callbacks: list | None = None):
+    """Validate the data source (before any worker starts) and assemble the TorchTrainer.
+
+    Raises:
+        dncut.storage.StorageError, dncut.data.datasets.DatasetLayoutError: an unusable source.
+    """
+    import ray.data
+    from ray.train.torch import TorchTrainer
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the loop logs progress
+    cfg = cfg.with_absolute_paths()
+    store = cfg.storage_handle()
+    uris = source_uris(cfg)
+    if cfg.data.val is not None:  # a validation folder without masks fails here, before any worker
+        saliency_dataset("folder", cfg.data.val, store.options)
+    total = cfg.train.total_steps(len(uris))
+    start = start_step(cfg, store, total)  # a rerun continues the seeded row stream where it stopped
+    ds = train_dataset(cfg, uris, total, start)
+    store.write_bytes(store.join(cfg.run_dir, CONFIG_FILE), cfg.to_yaml().encode())
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "total_steps": total, "start_step": start},
+        scaling_config=scaling_config(cfg),
+        run_config=run_config(cfg, callbacks, store=store),
+        datasets={"train": ds},
+        dataset_config=train_data_config(),
+    )
+
+
+def fit(cfg: Config, *, progress: bool = False):
+    """Train (or resume ``cfg.run_dir``) and return the Ray Train ``Result``.
+
+    ``progress``: draw a progress bar on this (the driver's) console (``dncut.tracking.ProgressBar``).
+    """
+    trainer = build_trainer(cfg)
+    loop = trainer.train_loop_config
+    with ProgressBar(cfg.with_absolute_paths().run_dir, loop["total_steps"], start=loop["start_step"],
+                     s3=cfg.storage_handle().options, disable=not progress, desc=cfg.run_name):
+        return trainer.fit()
+
+
+def export_run(run: str, fmt: ExportFormat = "hf", out: str | None = None, *,
+               push_to_hub: str | None = None) -> list[str]:
+    """Export the backbone of a training run folder (``output_dir/run_name``: ``backbone.pth`` + ``config.yaml``).
+
+    Args:
+        run: The run folder, local or ``s3://`` (S3 endpoint/region from the run's ``config.yaml``).
+        fmt: ``safetensors``: ``model.safetensors`` + ``config.json``; ``hf``: the same plus ``README.md``
+            (a model card), i.e. a complete Hub repository folder.
+        out: Output folder; default ``RUN/<fmt>``.
+        push_to_hub: Also upload to this Hub repo id (``user/name``) with timm's ``push_to_hf_hub``.
+
+    Returns:
+        The written files (and the commit URL when pushed).
+
+    Raises:
+        ValueError: unknown ``fmt``, an unreadable run, or ``backbone.pth`` of another backbone than the config's.
+        RuntimeError: the push failed.
+    """
+    if fmt not in get_args(ExportFormat):
+        raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(get_args(ExportFormat))}")
+    cfg = load_config(Storage.join(run, CONFIG_FILE), reader=read_bytes)
+    store = cfg.storage_handle()
+    backbone = load_backbone(store.join(run, EXPORT_FILE), store)
+    if backbone.name != cfg.model.backbone:
+        raise ValueError(f"{run}: {EXPORT_FILE} holds {backbone.name!r}, {CONFIG_FILE} says "
+                         f"{cfg.model.backbone!r}")
+    uris = export_hf(backbone, out or store.join(run, fmt), store, readme=fmt == "hf")
+    if push_to_hub:
+        uris.append(push_hf(backbone, push_to_hub))
+    return uris
