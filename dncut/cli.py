@@ -285,21 +285,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_command(args: argparse.Namespace, cfg) -> int:
     """The Ray commands (``train``, ``found-train``, ``eval``, ...) on a loaded config."""
     if args.command == "train":
-        from dncut.train import fit, run_dir
+        from dncut.train import fit
 
         init_ray(args.address, args.verbose)
         result = fit(cfg, progress=not args.quiet)
         print(json.dumps({"metrics": result.metrics, "checkpoint": str(result.checkpoint.path if result.checkpoint else None),
-                          "run_dir": run_dir(cfg)}, indent=2, default=str))
+                          "run_dir": cfg.run_dir}, indent=2, default=str))
         return 0
     if args.command == "found-train":
         from dncut import storage
-        from dncut.found_train import HEAD_FILE, fit_found
-        from dncut.train import run_dir
+        from dncut.train.found import HEAD_FILE, fit_found
 
         init_ray(args.address, args.verbose)
         result = fit_found(cfg, progress=not args.quiet)
-        print(json.dumps({"metrics": result.metrics, "head": storage.join(run_dir(cfg), HEAD_FILE)}, indent=2,
+        print(json.dumps({"metrics": result.metrics, "head": storage.join(cfg.run_dir, HEAD_FILE)}, indent=2,
                          default=str))
         return 0
     if args.command == "eval":

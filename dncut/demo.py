@@ -21,7 +21,7 @@ from dncut.config import Config
 from dncut.eval.methods import upsample_map
 from dncut.data.pipeline import s3_options
 from dncut.eval.validate import score_backbone, validation_rows
-from dncut.train import EXPORT_FILE, fit, run_dir
+from dncut.train import EXPORT_FILE, fit
 
 log = logging.getLogger("dncut.demo")
 
@@ -63,7 +63,7 @@ def run_demo(cfg: Config, *, progress: bool = False) -> dict:
     a progress bar for the finetuning on this console)."""
     if storage.is_s3(cfg.output_dir):
         raise ValueError("the demo writes a local figure: set output_dir to a local folder")
-    out = run_dir(cfg)
+    out = cfg.run_dir
     storage.write_bytes(storage.join(out, "config.yaml"), cfg.to_yaml().encode())
     samples = validation_rows(cfg)
     log.info("demo: %d validation images; scoring the pretrained %s", len(samples), cfg.model.backbone)

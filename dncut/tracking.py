@@ -1,4 +1,4 @@
-"""Experiment tracking of a training run, written by rank 0 (``dncut.train.Chief``).
+"""Experiment tracking of a training run, written by rank 0 (``dncut.train.chief.Chief``).
 
     Tracker(cfg, run, resume_step)
       .log(metrics, step)   one report: a line of ``metrics.jsonl`` (always; local or s3://),
@@ -76,7 +76,7 @@ class Tracker:
 
     Args:
         cfg: the run config (``tracking`` section, ``output_dir``, ``run_name``).
-        run: the run folder (``dncut.train.run_dir``), local or s3://.
+        run: the run folder (``Config.run_dir``), local or s3://.
         resume_step: a resumed run keeps the history up to this step and appends after it.
 
     Raises:

@@ -317,7 +317,7 @@ def train_trial(params: dict[str, Any], *, base: dict[str, Any], runs_dir: str) 
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from dncut.train import build_trainer
+    from dncut.train.driver import build_trainer
 
     cfg = trial_config(base, params, ray.tune.get_context().get_trial_id(), runs_dir)
     store = cfg.storage_handle()

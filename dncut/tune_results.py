@@ -82,7 +82,7 @@ def trial_row(result, *, runs_dir: str, metric: str, mode: str, tune_status: str
 
     ``tune_status`` is Tune's own trial status: anything but TERMINATED / ERROR (the sweep was
     interrupted, e.g. Ctrl-C) makes the row INTERRUPTED."""
-    from dncut.train import EXPORT_FILE
+    from dncut.train.checkpoints import EXPORT_FILE
 
     params = dict(result.config or {})
     trial_id = str((result.metrics or {}).get("trial_id") or _basename(result.path).removeprefix("trial_"))

@@ -114,7 +114,7 @@ def test_val_iou_equals_eval_saliency_on_the_same_weights(ray_session, tmp_path:
     the same images with the same weights: the same numbers. ``data.val`` is given relative to the
     driver's directory, as a user types it (the workers run elsewhere)."""
     from dncut.eval.jobs import evaluate_saliency
-    from dncut.train import EXPORT_FILE, fit, run_dir
+    from dncut.train import EXPORT_FILE, fit
 
     root = _folder(tmp_path / "val", 4)
     cfg = load_config(SMOKE, [f"output_dir={tmp_path / 'runs'}", "data.val=val", "train.max_steps=2",
@@ -122,7 +122,7 @@ def test_val_iou_equals_eval_saliency_on_the_same_weights(ray_session, tmp_path:
     monkeypatch.chdir(tmp_path)
     metrics = fit(cfg).metrics
     summary = evaluate_saliency(str(root / "images"), str(root / "masks"), cfg.model.backbone,
-                                str(Path(run_dir(cfg)) / EXPORT_FILE), "simple", False, str(tmp_path / "eval"), cfg)
+                                str(Path(cfg.run_dir) / EXPORT_FILE), "simple", False, str(tmp_path / "eval"), cfg)
     (run,) = summary["runs"]
     assert run["n_images"] == 4 and run["n_failed"] == 0
     for key in ("iou", "acc", "max_fbeta", "mae"):
@@ -139,7 +139,7 @@ def test_encoder_batchnorm_policy_through_the_training_loop(ray_session, tmp_pat
     """Frozen: after N steps (with validations between them) the encoder's running statistics are
     the pretrained ones, bit for bit; not frozen: they moved."""
     from dncut.backbones import create_backbone, read_checkpoint
-    from dncut.train import EXPORT_FILE, fit, run_dir
+    from dncut.train import EXPORT_FILE, fit
 
     cfg = load_config(SMOKE, [f"output_dir={tmp_path}", "model.backbone=efficientnet_lite0_s16",
                               "model.pretrained=true", f"model.freeze_encoder_bn={str(freeze).lower()}",
@@ -147,7 +147,7 @@ def test_encoder_batchnorm_policy_through_the_training_loop(ray_session, tmp_pat
     fit(cfg)
     used = create_backbone(cfg.model.backbone, pretrained=True)
     before = _bn_buffers({k: v for k, v in used.model.state_dict().items() if k in used.used_state_keys()})
-    after = _bn_buffers(read_checkpoint(str(Path(run_dir(cfg)) / EXPORT_FILE))["state_dict"])
+    after = _bn_buffers(read_checkpoint(str(Path(cfg.run_dir) / EXPORT_FILE))["state_dict"])
     assert before and set(before) <= set(after)
     same = [torch.equal(before[k], after[k]) for k in before]
     if freeze:
@@ -160,7 +160,7 @@ def test_encoder_batchnorm_policy_through_the_training_loop(ray_session, tmp_pat
 def test_same_seed_same_losses_other_seed_other_losses(ray_session, tmp_path: Path):
     """Two 1-worker CPU runs with one seed give bit-identical per-step losses (file order, shuffle
     and every augmentation are seeded); a third run with another seed differs."""
-    from dncut.train import fit, run_dir
+    from dncut.train import fit
     from dncut.tracking import read_history
 
     def config(seed: int, name: str):
@@ -170,7 +170,7 @@ def test_same_seed_same_losses_other_seed_other_losses(ray_session, tmp_path: Pa
     def losses(seed: int, name: str) -> list[float]:
         cfg = config(seed, name)
         fit(cfg)
-        history = read_history(run_dir(cfg))
+        history = read_history(cfg.run_dir)
         assert [m["step"] for m in history] == [1, 2, 3, 4]
         return [m["loss"] for m in history]
 
@@ -190,7 +190,7 @@ def test_a_resumed_run_trains_on_what_the_uninterrupted_run_would(ray_session, t
     """Stopped after step 2 and rerun to step 4 (same run), the per-step losses equal those of one
     uninterrupted 4-step run bit for bit: the model, the optimizer and the seeded data stream all
     continue where they stopped (the rerun leaves out the rows already trained)."""
-    from dncut.train import fit, resume_step, run_dir
+    from dncut.train import fit, resume_step
     from dncut.tracking import read_history
 
     def run(name: str, steps: int) -> list[tuple[int, float]]:
@@ -199,7 +199,7 @@ def test_a_resumed_run_trains_on_what_the_uninterrupted_run_would(ray_session, t
                                   "data.val_scenes=1"])
         fit(cfg)
         assert resume_step(cfg) == steps  # where the driver starts the rows of a rerun
-        return [(m["step"], m["loss"]) for m in read_history(run_dir(cfg))]
+        return [(m["step"], m["loss"]) for m in read_history(cfg.run_dir)]
 
     straight = run("straight", 4)
     run("resumed", 2)
@@ -214,20 +214,20 @@ def test_export_best_val_iou_exports_the_best_validated_step(ray_session, tmp_pa
     """``train.export: best_val_iou``: backbone.pth holds the encoder of the step with the highest
     val_iou (a checkpoint of every step to compare with; step 0 = the starting weights)."""
     from dncut.backbones import read_checkpoint
-    from dncut.train import EXPORT_FILE, STATE_FILE, build_model, fit, run_dir
+    from dncut.train import EXPORT_FILE, STATE_FILE, build_model, fit
     from dncut.tracking import read_history
 
     cfg = load_config(SMOKE, [f"output_dir={tmp_path}", "train.export=best_val_iou", "train.max_steps=4",
                               "train.val_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=10",
                               "train.lr=5.0e-3", "data.val_scenes=3"])
     fit(cfg)
-    history = read_history(run_dir(cfg))
+    history = read_history(cfg.run_dir)
     best = max(history, key=lambda m: m["val_iou"])  # the first of equals, as the export keeps it
     first = {m["val_step"]: m["val_iou"] for m in history}
     best_step = min(s for s, v in first.items() if v == best["val_iou"])
-    exported = read_checkpoint(str(Path(run_dir(cfg)) / EXPORT_FILE))["state_dict"]
+    exported = read_checkpoint(str(Path(cfg.run_dir) / EXPORT_FILE))["state_dict"]
     states = {int(torch.load(f, weights_only=True)["step"]): torch.load(f, weights_only=True)
-              for f in Path(run_dir(cfg)).glob(f"checkpoint_*/{STATE_FILE}")}
+              for f in Path(cfg.run_dir).glob(f"*/checkpoint_*/{STATE_FILE}")}
     if best_step == 0:  # the starting weights: the worker seeds torch with seed + rank, then builds
         torch.manual_seed(cfg.seed)
         expected = build_model(cfg).encoder.model.state_dict()

@@ -186,7 +186,7 @@ def test_job_submit_train_smoke_succeeds(token_cluster, tmp_path):
     assert token_cluster.job_info(sid)["status"] == "SUCCEEDED", logs[-6000:]
 
     run = out / "smoke"
-    states = [torch.load(p, map_location="cpu", weights_only=True) for p in run.glob(f"checkpoint_*/{STATE_FILE}")]
+    states = [torch.load(p, map_location="cpu", weights_only=True) for p in run.glob(f"*/checkpoint_*/{STATE_FILE}")]
     assert [int(s["step"]) for s in states] == [2]
     assert (run / "backbone.pth").is_file() and (run / "config.yaml").is_file()
     assert f"output_dir: {out}" in (run / "config.yaml").read_text()

@@ -144,7 +144,7 @@ def test_train_eval_and_failing_s3_runs_leak_no_secret(ray_session, s3_server, s
     from dncut.eval.jobs import run_evaluation
     from dncut.storage import StorageError
     from dncut.tracking import Tracker
-    from dncut.train import fit, run_dir
+    from dncut.train import fit
 
     caplog = secret_env
     errors: dict[str, str] = {}
@@ -154,8 +154,8 @@ def test_train_eval_and_failing_s3_runs_leak_no_secret(ray_session, s3_server, s
     cfg = load_config("configs/train/smoke.yaml", [f"output_dir={tmp_path / 'runs'}", f"data.train={s3_image_bucket}",
                                                    "train.max_steps=2", "train.checkpoint_every=2", "train.val_every=2"])
     result = fit(cfg)
-    run = Path(run_dir(cfg))
-    assert result.error is None and list(run.glob("checkpoint_*/state.pt"))
+    run = Path(cfg.run_dir)
+    assert result.error is None and list(run.glob("*/checkpoint_*/state.pt"))
     assert (run / "model.safetensors").exists() and (run / "config.yaml").exists() and (run / "train.log").exists()
     # ... and rank 0's MLflow client in this process, with the tracking password / token in the environment
     mlflow_cfg = cfg.with_overrides({"tracking.mlflow": True, "tracking.tensorboard": False,
