@@ -573,3 +573,38 @@ def test_s3_uris_go_through_storage(monkeypatch: pytest.MonkeyPatch) -> None:
     report = bb.load_checkpoint(bb.create_backbone("vit_tiny_test"), uri, store=handle)
     assert report.layout == "dncut" and not report.missing
     assert len(seen) == 5 and all(o is options for o in seen)
+
+
+# ----------------------------------------------------------------------------------------------
+# The patch-14 grid in configs (crop, segmentation size) and the bundled DINOv2 / DINOv3 configs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_crop_and_segmentation_sizes_follow_the_stride() -> None:
+    from dncut.config import ConfigError, load_config
+
+    dinov2 = "vit_small_patch14_reg4_dinov2.lvd142m"
+    load_config("configs/train/smoke.yaml", [f"model.backbone={dinov2}", "data.crop_size=224"])  # 16 x 14
+    with pytest.raises(ConfigError, match=r"data.crop_size=256 must be a multiple of .* stride 14 \(e.g. 252\)"):
+        load_config("configs/train/smoke.yaml", [f"model.backbone={dinov2}", "data.crop_size=256"])
+    seg = ['eval.datasets=[{name: s, kind: coco, task: segmentation, root: r, annotations: a.json}]']
+    load_config("configs/train/smoke.yaml", [*seg, "eval.segmentation.image_size=448",
+                                             f"eval.backbones=[{dinov2}, vit_tiny_test]"])  # 32 x 14, 56 x 8
+    with pytest.raises(ConfigError, match=r"eval.segmentation.image_size=320 .* stride 14 \(e.g. 308\)"):
+        load_config("configs/train/smoke.yaml", [*seg, "eval.segmentation.image_size=320",
+                                                 f"eval.backbones=[vit_tiny_test, {dinov2}]"])
+
+
+@pytest.mark.parametrize("path,backbone", [("configs/train/vits14_dinov2_reg.yaml", "vit_small_patch14_reg4_dinov2.lvd142m"),
+                                           ("configs/train/vits16_dinov3.yaml", "vit_small_patch16_dinov3.lvd1689m")])
+def test_bundled_modern_vit_configs_follow_the_paper_recipe(path: str, backbone: str) -> None:
+    from dncut.config import load_config
+
+    cfg, paper = load_config(path), load_config("configs/train/vits16_dino.yaml")
+    assert cfg.model.backbone == backbone and cfg.model.checkpoint and not cfg.model.pretrained
+    assert cfg.data.crop_size == 224 and cfg.data.crop_size % spec(backbone).stride == 0
+    for key in ("batch_size", "lr", "base_batch_size", "lr_scaling", "optimizer", "epochs", "min_lr"):
+        assert getattr(cfg.train, key) == getattr(paper.train, key), key
+    assert (cfg.data.crop_scale, cfg.loss.alpha) == (paper.data.crop_scale, paper.loss.alpha)
+    ev = load_config("configs/eval/dinov2_dinov3.yaml")
+    assert ev.eval_backbones() == ["vit_small_patch14_reg4_dinov2.lvd142m"] and ev.eval.image_size is None

@@ -54,7 +54,7 @@ def _timm_model(row) -> torch.nn.Module:
     return timm.create_model(arch, **kwargs).eval()
 
 
-def _timm_state(row, seed: int) -> dict[str, torch.Tensor]:
+def timm_state(row, seed: int) -> dict[str, torch.Tensor]:
     """timm's layout, random (non-trivial layer scales and tokens)."""
     torch.manual_seed(seed)
     sd = _timm_model(row).state_dict()
@@ -124,7 +124,7 @@ def _save(obj: object, path: Path) -> str:
 @pytest.mark.parametrize("kind", ["dinov2", "dinov2_reg", "dinov3"])
 def test_official_file_gives_timms_features(kind: str, tmp_path: Path) -> None:
     row = ROWS[kind]()
-    sd = _timm_state(row, seed=1)
+    sd = timm_state(row, seed=1)
     official = to_official(kind, sd)
     assert ("register_tokens" in official) == (kind == "dinov2_reg")
     if kind.startswith("dinov2"):
@@ -187,7 +187,7 @@ def test_dinov3_keys_are_taken_before_the_rotary_embedding() -> None:
 
 def test_dinov3_nonzero_qkv_bias_is_reported_not_dropped(tmp_path: Path) -> None:
     row = ROWS["dinov3"]()
-    official = to_official("dinov3", _timm_state(row, seed=2))
+    official = to_official("dinov3", timm_state(row, seed=2))
     official["blocks.0.attn.qkv.bias"] = torch.randn(3 * 48)
     with pytest.warns(UserWarning, match=r"blocks\.0\.attn\.qkv\.bias"):
         report = bb.load_checkpoint(bb.build_backbone(row), _save(official, tmp_path / "bias.pth"))
@@ -195,7 +195,7 @@ def test_dinov3_nonzero_qkv_bias_is_reported_not_dropped(tmp_path: Path) -> None
 
 
 def test_official_file_into_the_wrong_family_is_refused(tmp_path: Path) -> None:
-    official = to_official("dinov3", _timm_state(ROWS["dinov3"](), seed=3))
+    official = to_official("dinov3", timm_state(ROWS["dinov3"](), seed=3))
     with pytest.raises(ValueError, match=r"dinov3\.pth.*DINOV3.*Eva"):
         bb.create_backbone(DINOV2, checkpoint=_save(official, tmp_path / "dinov3.pth"))
 
@@ -204,7 +204,7 @@ def test_timm_layout_and_official_layout_load_the_same_tensors(tmp_path: Path) -
     """timm's hub layout (what timm's filter makes of the official file) loads as it is."""
     for kind, name in (("dinov2_reg", DINOV2), ("dinov3", DINOV3)):
         row = spec(name)
-        official = to_official(kind, _timm_state(row, seed=4))
+        official = to_official(kind, timm_state(row, seed=4))
         a = bb.create_backbone(name, checkpoint=_save(official, tmp_path / f"{kind}_official.pth"))
         b = bb.create_backbone(name, checkpoint=_save(a.model.state_dict(), tmp_path / f"{kind}_timm.pth"))
         assert bb.load_checkpoint(b, str(tmp_path / f"{kind}_timm.pth")).layout == "plain"
@@ -215,7 +215,7 @@ def test_timm_layout_and_official_layout_load_the_same_tensors(tmp_path: Path) -
 def test_position_grid_is_resampled_to_any_grid(tmp_path: Path) -> None:
     """A 37 x 37 official grid loads into a 16 x 16 network (224 px) and runs on any multiple of 14."""
     row = ROWS["dinov2_reg"](img_size=224)
-    sd37 = _timm_state(ROWS["dinov2_reg"](), seed=5)
+    sd37 = timm_state(ROWS["dinov2_reg"](), seed=5)
     m = bb.build_backbone(row).eval()
     bb.load_checkpoint(m, _save(to_official("dinov2_reg", sd37), tmp_path / "reg.pth"))
     assert m.model.pos_embed.shape == (1, 16 * 16, 48)
@@ -299,7 +299,7 @@ def test_official_file_over_s3_goes_through_the_storage_handle(monkeypatch: pyte
     import io
 
     buf = io.BytesIO()
-    torch.save(to_official("dinov3", _timm_state(spec(DINOV3), seed=8)), buf)
+    torch.save(to_official("dinov3", timm_state(spec(DINOV3), seed=8)), buf)
     files["s3://weights/dinov3_vits16_pretrain.pth"] = buf.getvalue()
     m = bb.create_backbone(DINOV3, checkpoint="s3://weights/dinov3_vits16_pretrain.pth",
                            store=Storage(options))  # type: ignore[arg-type]
