@@ -173,12 +173,12 @@ def backbones_table() -> str:
     from dncut.backbone_specs import SPECS
 
     fmt = lambda v: "(" + ", ".join(f"{x:.3f}" for x in v) + ")"  # noqa: E731
-    lines = ["| name | stride | channels | tap | mean | std | BatchNorm | pretrained weights |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| name | stride | channels | tap | mean | std | BatchNorm | notes | pretrained weights |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name in sorted(SPECS):
         s = SPECS[name]
         lines.append(f"| {name} | {s.stride} | {s.channels} | {s.tap} | {fmt(s.mean)} | {fmt(s.std)} | "
-                     f"{'yes' if s.batchnorm else 'no'} | {s.weights or 'none (model.checkpoint)'} |")
+                     f"{'yes' if s.batchnorm else 'no'} | {s.note} | {s.weights or 'none (model.checkpoint)'} |")
     return "\n".join(lines)
 
 

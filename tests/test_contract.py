@@ -30,6 +30,7 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # torchvision / DINO 
 TF_LITE = ((127 / 255,) * 3, (128 / 255,) * 3)  # tensorflow/tpu efficientnet_lite_builder.py
 FAMILIES = {  # backbone -> (first layer of the wrapped model, expected mean/std)
     "vit_tiny_test": ("patch_embed.proj", IMAGENET),
+    "vit_dinov3_test": ("patch_embed.proj", IMAGENET),  # rotary ViT with storage tokens (DINOv3 rows)
     "efficientnet_lite0": ("conv_stem", TF_LITE),
     "resnet50": ("conv1", IMAGENET),
 }
