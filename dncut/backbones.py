@@ -10,9 +10,11 @@ backbone facts; ``dncut backbones`` prints it). No caller normalises. H and W mu
 of ``stride``.
 
 Families:
-- ViTs (timm ``VisionTransformer``): features are the KEYS of the last attention block, all heads
-  concatenated (C = embed_dim), CLS/register tokens dropped, laid out as (B, C, H/P, W/P). Any input
-  that is a multiple of the patch size P works (``dynamic_img_size``).
+- ViTs (timm ``VisionTransformer``: DINO, MoCo v3, MAE, DINOv2 with or without registers; timm
+  ``Eva`` with rotary position embeddings: DINOv3): features are the KEYS of the last attention block,
+  all heads concatenated (C = embed_dim), prefix tokens (CLS, registers, storage tokens) dropped, laid
+  out as (B, C, H/P, W/P); DINOv3's keys are taken before the rotary embedding (``ViTKeys``). Any
+  input that is a multiple of the patch size P (8, 14 or 16) works (``dynamic_img_size``).
 - ResNet-50 (torchvision layout, which DINO ResNet-50 checkpoints use): ``layer3`` (stride 16) or
   ``layer4`` (stride 32).
 - EfficientNet-Lite0 (timm layout; ``pretrained=True`` = the ImageNet weights shipped in the
@@ -20,17 +22,17 @@ Families:
   (stride 16).
 
 Parameters that cannot influence the features (the classifier, the blocks after the tapped layer,
-the last ViT block after its qkv projection) stay in the wrapped model, so checkpoints keep the
+the last ViT block after its key projection) stay in the wrapped model, so checkpoints keep the
 plain timm/torchvision key names, but are frozen (``requires_grad=False``): DDP sees no unused
 parameters.
 
 Weights: ``create_backbone(name, pretrained=True)`` loads the row's ``weights`` (hub weights fail
-offline); ``checkpoint=`` reads a local path or ``s3://`` URI in any of these layouts, detected
-automatically: official DINO (``teacher``/``student`` or plain, ``module.``/``backbone.`` prefixes),
-MoCo v3 (``state_dict`` with ``module.base_encoder.``), MAE (``model``), timm/torchvision plain state
-dicts (``.pth`` or ``.safetensors``), EfficientNet-PyTorch names, and dncut's own export
-(``export_backbone``). ``dncut.export`` writes and reads the standard layout (timm's Hugging Face
-``model.safetensors`` + ``config.json``).
+offline); ``checkpoint=`` reads a local path or ``s3://`` URI (through a ``dncut.storage.Storage``)
+in any layout of ``dncut.weights`` (official DINO / MoCo v3 / MAE / DINOv2 / DINOv3 files, timm and
+torchvision state dicts, ``torch.compile`` / DDP wrappers, dncut's own export), detected from the
+keys. ``dncut.export`` writes and reads the standard layout (timm's Hugging Face
+``model.safetensors`` + ``config.json``). docs/backbones.md says where the DINOv2 / DINOv3 weights
+come from.
 """
 
 from __future__ import annotations
