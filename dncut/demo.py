@@ -19,7 +19,6 @@ from dncut import storage
 from dncut.backbones import create_backbone
 from dncut.config import Config
 from dncut.eval.methods import upsample_map
-from dncut.data.pipeline import s3_options
 from dncut.eval.validate import score_backbone, validation_rows
 from dncut.train import EXPORT_FILE, fit
 
@@ -69,13 +68,13 @@ def run_demo(cfg: Config, *, progress: bool = False) -> dict:
     log.info("demo: %d validation images; scoring the pretrained %s", len(samples), cfg.model.backbone)
     m = cfg.model
     pretrained = create_backbone(m.backbone, pretrained=m.pretrained and m.checkpoint is None, checkpoint=m.checkpoint,
-                                 s3=s3_options(cfg))
+                                 store=cfg.storage_handle(), trusted=m.trusted_checkpoint)
     before, z_before = score_backbone(pretrained, samples, cfg)
     t0 = time.perf_counter()
     result = fit(cfg, progress=progress)
     train_s = time.perf_counter() - t0
     finetuned = create_backbone(cfg.model.backbone, pretrained=False, checkpoint=storage.join(out, EXPORT_FILE),
-                                s3=s3_options(cfg))
+                                store=cfg.storage_handle())
     after, z_after = score_backbone(finetuned, samples, cfg)
     save_figure(storage.join(out, "figure.png"), samples, z_before, z_after)
     results = {"backbone": cfg.model.backbone, "n_val_images": len(samples), "before": before, "after": after,

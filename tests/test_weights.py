@@ -304,3 +304,17 @@ def test_official_file_over_s3_goes_through_the_storage_handle(monkeypatch: pyte
     m = bb.create_backbone(DINOV3, checkpoint="s3://weights/dinov3_vits16_pretrain.pth",
                            store=Storage(options))  # type: ignore[arg-type]
     assert seen == [options] and m.name == DINOV3
+
+
+def test_trust_key_reaches_the_training_model(tmp_path: Path) -> None:
+    from dncut.config import load_config
+    from dncut.train import build_model
+
+    path = _with_objects(tmp_path)
+    with pytest.raises(ValueError, match=r"with_objects\.pth.*model\.trusted_checkpoint: true"):
+        build_model(load_config("configs/train/smoke.yaml", [f"model.checkpoint={path}"]))
+    model = build_model(load_config("configs/train/smoke.yaml", [f"model.checkpoint={path}",
+                                                                 "model.trusted_checkpoint=true"]))
+    torch.manual_seed(7)
+    ref = bb.create_backbone("vit_tiny_test").model.state_dict()
+    assert all(torch.equal(model.encoder.model.state_dict()[k], v) for k, v in ref.items())

@@ -58,7 +58,7 @@ def frozen_backbone(cfg: Config, device: torch.device, store: Storage | None = N
     """The backbone whose features the head learns on: eval mode, no gradients."""
     m, store = cfg.model, store or cfg.storage_handle()
     backbone = create_backbone(m.backbone, pretrained=m.pretrained and m.checkpoint is None, checkpoint=m.checkpoint,
-                               store=store)
+                               store=store, trusted=m.trusted_checkpoint)
     return backbone.eval().requires_grad_(False).to(device)
 
 

@@ -55,7 +55,7 @@ def build_model(cfg: Config, store: Storage | None = None) -> DenseNCutModel:
     predictor, in train mode with the encoder BatchNorm policy ``model.freeze_encoder_bn`` applied."""
     m, store = cfg.model, store or cfg.storage_handle()
     encoder = create_backbone(m.backbone, pretrained=m.pretrained and m.checkpoint is None, checkpoint=m.checkpoint,
-                              store=store)
+                              store=store, trusted=m.trusted_checkpoint)
     return DenseNCutModel(encoder, align_size=cfg.data.crop_size // encoder.stride, proj_dim=m.proj_dim,
                           hidden_dim=m.hidden_dim, projector=m.projector, ncut=cfg.ncut,
                           freeze_encoder_bn=m.freeze_encoder_bn)
