@@ -1,6 +1,6 @@
 """FOUND (Siméoni et al., CVPR 2023): a background seed, a pseudo-mask, and one 1x1 convolution
 trained on frozen features (REFERENCE §7, facts read from the peers' public code; this is
-dncut's own implementation). Pure torch / numpy; the Ray Train job is ``dncut.found_train``.
+dncut's own implementation). Pure torch / numpy; the Ray Train job is ``dncut.train.found``.
 
     features (B, C, h, w) [+ CLS->patch attention (B, heads, h*w) for a ViT]
       -> background_seed: ViT: per-head weights beta_h = log(sum_h (Q_h + eps) / (Q_h + eps)),
@@ -9,8 +9,7 @@ dncut's own implementation). Pure torch / numpy; the Ray Train job is ``dncut.fo
          by beta_h.
          CNN (no CLS attention; dncut's rule): seed = the patch with the largest degree in the
          relu cosine graph, sum_j max(cos(f_i, f_j), 0): the most typical patch, as background
-         covers most of a photo and is self-similar (bench/found_quality.py reports the
-         pseudo-masks' IoU on sod-val).
+         covers most of a photo and is self-similar (the pseudo-masks' IoU: ``docs/results.md``).
       -> pseudo_masks: features L2-normalised; cosine to the seed > SEED_COSINE (0.3) = background;
          the foreground pseudo-mask is the complement (B, h, w) bool
     FoundHead: Conv2d(C -> 1, 1x1, bias) on the raw (not normalised) features -> logits (B, h, w)

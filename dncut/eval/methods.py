@@ -1,6 +1,9 @@
 """NCut evaluation methods: patch features -> foreground masks (pure torch / numpy, no Ray).
 
-Two methods, both batched: every image of a batch shares one grid size ``(h, w)`` and one
+The evaluation methods are ``dncut.eval.predict.METHODS`` (``dncut.config.EvalMethod``): the
+NCut methods ``NCUT_METHODS`` run here (``most``'s clustering in ``dncut.eval.most``), ``found``
+is a trained 1x1 head (``dncut.eval.found``) whose logits only share the post-processing here.
+Simple and TokenCut are batched: every image of a batch shares one grid size ``(h, w)`` and one
 NCut call solves all their graphs at once.
 
 * ``simple_ncut(features: (B, C, h, w)) -> (z2: (B, h, w), masks: (B, h, w) bool)``: the
@@ -14,7 +17,7 @@ NCut call solves all their graphs at once.
   half-open ``(x0, y0, x1, y1)`` (multiply by the patch size for pixels).
 
 * ``ncut_maps(maps: list of (C, h_i, w_i), methods) -> per image {<method>_map, <method>_mask,
-  tokencut_box}``: both methods on maps of any grids; maps with the same node count n = h * w
+  tokencut_box, most_boxes}``: the ``NCUT_METHODS`` on maps of any grids; maps with the same node count n = h * w
   share one batched NCut call (what the evaluation job's actors run).
 
 Precision: ``"eigh"`` (the reference) solves in float64; iterative solvers run in float32 at
@@ -35,6 +38,7 @@ Post-processing helpers (numpy, one image at a time):
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,7 +48,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dncut.config import EvalMethod
 from dncut.ncut import normalized_cut
+
+NCUT_METHODS: tuple[str, ...] = tuple(m for m in typing.get_args(EvalMethod) if m != "found")
+"""The evaluation methods that cut the patch graph (every ``EvalMethod`` but FOUND's trained head)."""
 
 SIMPLE_TAU = 0.0  # relu graph threshold of the Simple protocol (authors)
 TOKENCUT_TAU = 0.2  # TokenCut's binary graph threshold
@@ -87,8 +95,7 @@ def simple_ncut(features: Tensor, *, solver: str, tol: float | None = EVAL_TOL) 
         tol: residual tolerance of an iterative solver (``normalized_cut``), which runs in
             float32 here (``"eigh"``, the reference, in float64). With ``EVAL_TOL`` (1e-5) z2 is
             within ~tol * 2 / gap of the exact one, so only nodes that close to the threshold
-            can differ; the masks equalled the exact solver's on every image of the tests and
-            of ``bench/eval_throughput.py``.
+            can differ (agreement with the exact solver and the peers: ``docs/benchmarks.md``).
 
     Returns:
         ``(z2 (B, h, w), masks (B, h, w) bool)``: z2 oriented so that its positive side is the
@@ -225,13 +232,13 @@ def _tokencut_y(tokens: Tensor, tau: float, eps: float, solver: str,
 # --------------------------------------------------------------------------- any grids at once
 def ncut_maps(maps: Sequence[Tensor], methods: Sequence[str], *, solver: str,
               tol: float | None = EVAL_TOL) -> list[dict[str, np.ndarray]]:
-    """Both methods on feature maps of any grids: maps with the same node count n = h * w (e.g.
+    """The NCut methods on feature maps of any grids: maps with the same node count n = h * w (e.g.
     13 x 20 and 20 x 13) share one batched NCut call per method, then each is post-processed
     on its own grid (what the evaluation job's actors run).
 
     Args:
         maps: ``(C, h_i, w_i)`` feature maps, one per image.
-        methods: subset of ``("simple", "tokencut", "most")``.
+        methods: a subset of ``NCUT_METHODS``.
         solver, tol: as :func:`simple_ncut`.
 
     Returns:

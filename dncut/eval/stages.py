@@ -51,6 +51,8 @@ from dncut.eval.bilateral import refine_mask
 from dncut.eval.methods import box_to_pixels, clean_binary, image_mask, largest_component_box, upsample_map
 from dncut.eval.predict import Predictor, network_input
 from dncut.eval.report import example_payload
+from dncut.eval.segmentation import VOC_CLASSES
+from dncut.runtime import retain_freed_memory
 from dncut.storage import Storage
 
 DISCOVERY_KINDS = ("voc07", "voc12", "coco20k", "coco")
@@ -58,7 +60,7 @@ DISCOVERY_KINDS = ("voc07", "voc12", "coco20k", "coco")
 SCENE_SEED = 1_000_000  # held-out generated scenes (training uses seeds 0..num_scenes-1)
 SCENE_SIZE = 224  # side of a held-out generated scene, px
 RANDOM_INIT_SEED = 0  # torch seed of backbones built without weights (load_backbone)
-SEGMENTATION_CLASSES = 21  # background + the 20 PASCAL VOC classes (dncut.eval.segmentation.VOC_CLASSES)
+SEGMENTATION_CLASSES = len(VOC_CLASSES)  # 21: background + the 20 PASCAL VOC classes
 NAN_BOX = np.full(4, np.nan)  # pred_box of a row without a box
 
 BackboneFactory = Callable[..., Any]
@@ -243,7 +245,6 @@ class NCutPredictor:
                  solver: str, use_gpu: bool = False, store: Storage | None = None,
                  factory: BackboneFactory | None = None, found_head: bytes | None = None) -> None:
         from dncut.eval.found import load_head
-        from dncut.runtime import retain_freed_memory
 
         device = _device(use_gpu)
         if device.type == "cpu":
