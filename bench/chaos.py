@@ -285,8 +285,11 @@ def _max_history_step(run: Path) -> int:
     return max((int(m["step"]) for m in read_history(str(run))), default=0) if run.exists() else 0
 
 
-def trial_driver_kill(workdir: Path, trial: int, rng: random.Random, fault: bool = True, total: int = 12) -> dict:
-    """``dncut train`` as a subprocess (its own local Ray), SIGKILLed at a random step, then run again."""
+def trial_driver_kill(workdir: Path, trial: int, rng: random.Random, fault: bool = True, total: int = 24) -> dict:
+    """``dncut train`` as a subprocess (its own local Ray), SIGKILLed at a random step, then run again.
+
+    A smoke step takes ~0.2 s once Ray Train reports every ``REPORT_POLL_S``: the run is 24 steps and
+    the kill lands within 0.25 s of the target step, so that it comes before the run's end."""
     import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path)
     import psutil
 
@@ -306,7 +309,7 @@ def trial_driver_kill(workdir: Path, trial: int, rng: random.Random, fault: bool
                      lambda: proc.poll() is None)
             target = rng.randint(CKPT_EVERY, total - 2)
             wait_for(lambda: _max_history_step(run) >= target, 300, f"step {target}", lambda: proc.poll() is None)
-            time.sleep(rng.uniform(0.0, 1.0))
+            time.sleep(rng.uniform(0.0, 0.25))
             tree = psutil.Process(proc.pid).children(recursive=True)
             os.kill(proc.pid, signal.SIGKILL)  # the driver (and the local Ray it started, which shares its fate)
             proc.wait(timeout=30)
@@ -335,7 +338,7 @@ def trial_driver_kill(workdir: Path, trial: int, rng: random.Random, fault: bool
     res["wall_s"] = round(time.monotonic() - start, 2)
     out = (workdir / ("driver2.log" if fault else "driver1.log")).read_text(errors="replace")
     final = None
-    with contextlib.suppress(ValueError, KeyError):  # the CLI's last output: the result as JSON
+    with contextlib.suppress(ValueError, KeyError, TypeError):  # the CLI's last output: the result as JSON
         final = int(json.loads(out[out.rindex('{\n  "metrics"'):out.rindex("}") + 1])["metrics"]["step"])
     res.update(outcome="finished" if rc == 0 and final == total else "failed", final_step=final, rc=rc)
     if not fault:

@@ -37,7 +37,10 @@ import chaos  # noqa: E402
 pytestmark = pytest.mark.ray
 
 TOTAL = 8
-"""Steps of the runs a worker / the driver is killed in (the bench's trials run 12)."""
+"""Steps of the runs a worker is killed in (the bench's trials run 12)."""
+DRIVER_TOTAL = 16
+"""Steps of the run the driver is killed in (the bench's run 24): long enough that the kill lands
+before the run ends (a smoke step takes ~0.2 s)."""
 
 
 def test_worker_sigkill_restarts_from_the_last_checkpoint(ray_session, tmp_path):
@@ -71,9 +74,9 @@ def test_killed_eval_actor_loses_no_row(ray_session, tmp_path):
 
 
 def test_killed_driver_rerun_resumes(tmp_path):
-    res = chaos.trial_driver_kill(tmp_path, 0, random.Random(4), total=TOTAL)
+    res = chaos.trial_driver_kill(tmp_path, 0, random.Random(4), total=DRIVER_TOTAL)
     assert res["killed_after_step"] >= chaos.CKPT_EVERY and res["resume_checkpoint"] >= chaos.CKPT_EVERY, res
-    assert res["outcome"] == "finished" and res["final_step"] == TOTAL, res["message"]
+    assert res["outcome"] == "finished" and res["final_step"] == DRIVER_TOTAL, res["message"]
     assert 0 <= res["steps_lost"] <= chaos.CKPT_EVERY, res
     assert res["survived"], res["message"]  # the rerun's worker logged "resumed from ... at step <checkpoint>"
 
