@@ -67,7 +67,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # s3server: the moto subprocess the tests use
 
 TRAIN_SMOKE = str(ROOT / "configs/train/smoke.yaml")
 EVAL_SMOKE = str(ROOT / "configs/eval/smoke.yaml")
