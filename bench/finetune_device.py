@@ -30,6 +30,9 @@ Run::
 
 A recipe is ``NAME=KEY=VALUE;KEY=VALUE`` (overrides of ``--config``; ``NAME:`` or ``NAME=`` alone is the
 config as it is).
+
+Output: ``bench/results/finetune_device.json`` (``--out``; ``bench/finetune_device.sh`` writes
+``$OUT/finetune_device_<card>.json`` on the device machine) and the exported encoders under ``--output-dir``.
 """
 
 from __future__ import annotations

@@ -383,7 +383,7 @@ def op_times(batch: dict[str, torch.Tensor], device: torch.device, repeats: int)
     ops = {**{f"blend_{name}": (lambda k=k: ph.blend(x, torch.full((len(x),), k, device=device), f))
               for k, name in enumerate(("brightness", "contrast", "saturation"))},
            "hue": lambda: ph.hue(x, f - 1.15),
-           "gray": lambda: ph._gray(x).expand_as(x).contiguous(), "blur": lambda: ph.gaussian_blur(x, f),
+           "gray": lambda: ph.gray(x).expand_as(x).contiguous(), "blur": lambda: ph.gaussian_blur(x, f),
            "solarize": lambda: ph.solarize(x), "quarter_select_copy": lambda: x.clone().index_copy_(0, idx, x.index_select(0, idx))}
     out = {}
     for name, op in ops.items():

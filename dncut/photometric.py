@@ -79,7 +79,7 @@ def identity_params(batch: int = 1) -> np.ndarray:
 # --------------------------------------------------------------------------- batched operations
 
 
-def _gray(x: Tensor) -> Tensor:
+def gray(x: Tensor) -> Tensor:
     """ITU-R 601-2 luma (torchvision's ``rgb_to_grayscale``): (B, 3, H, W) -> (B, 1, H, W)."""
     luma = torch.add(0.2989 * x[:, 0], x[:, 1], alpha=0.587)
     return torch.add(luma, x[:, 2], alpha=0.114).unsqueeze(1)
@@ -96,9 +96,9 @@ def blend(x: Tensor, op: Tensor, factor: Tensor) -> Tensor:
 
     ``torch.lerp(base, x, f)`` is ``x`` exactly at ``f = 1`` (the unchanged images).
     """
-    gray = _gray(x)  # (B, 1, H, W)
+    luma = gray(x)  # (B, 1, H, W)
     m = op.view(-1, 1, 1, 1)
-    base = torch.where(m == 2, gray, gray.mean(dim=(2, 3), keepdim=True) * (m == 1))  # (B, 1, H, W)
+    base = torch.where(m == 2, luma, luma.mean(dim=(2, 3), keepdim=True) * (m == 1))  # (B, 1, H, W)
     f = torch.where((op >= 0) & (op <= 2), factor, torch.ones_like(factor)).view(-1, 1, 1, 1)
     return torch.lerp(base, x, f).clamp_(0, 1)
 
@@ -208,7 +208,7 @@ def apply(views: Tensor, params: Tensor) -> Tensor:
         op = slot_ops[:, slot]  # (B,)
         x = blend(x, op, factors.gather(1, op.clamp(0, HUE).unsqueeze(1)).squeeze(1))
         _on(x, subsets.get(slot), hue, factors[:, HUE])
-    _on(x, subsets.get("gray"), lambda v: _gray(v).expand_as(v))
+    _on(x, subsets.get("gray"), lambda v: gray(v).expand_as(v))
     _on(x, subsets.get("blur"), gaussian_blur, p[:, SIGMA])
     _on(x, subsets.get("solarize"), solarize)
     return x
