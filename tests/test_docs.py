@@ -173,3 +173,39 @@ def test_bench_results_hold_one_current_file_per_bench():
         assert path.is_file(), f"bench/results/{path.name}: a folder (investigations go to experiments/)"
         generic = re.sub(r"_(cpu|cuda)(?=[._])", "_<device>", path.name)
         assert path.name in sources or generic in sources, f"bench/results/{path.name}: no bench writes it"
+
+
+# --------------------------------------------------------------------------- config usage comments
+JOB_COMMANDS = {"train.py": "train", "sweep.py": "tune", "evaluate.py": "eval", "found_train.py": "found-train"}
+CONFIGS = sorted((ROOT / "configs").glob("*/*.yaml"))
+
+
+def _usage_commands(text: str) -> list[list[str]]:
+    """``dncut ...`` and ``python jobs/<x>.py ...`` commands of a config's leading comment, continuation
+    lines joined, as the argv ``dncut`` gets (a job's file name mapped to its command)."""
+    comment = "\n".join(line[1:] for line in text.splitlines() if line.startswith("#")).replace("\\\n", " ")
+    out = []
+    for line in comment.splitlines():
+        line = line.strip().split(" # ")[0]
+        if line.startswith("dncut "):
+            out.append(shlex.split(line)[1:])
+        elif " -- python jobs/" in line:
+            script, *rest = shlex.split(line.split(" -- python jobs/", 1)[1])
+            out.append([JOB_COMMANDS[script], *rest])
+    return out
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_config_usage_comments_run_up_to_the_start_of_ray(path, monkeypatch):
+    """Each command a config's comment shows gets through what ``dncut`` does before Ray starts: the
+    parser, then the config file and its ``--set`` overrides, validated (``dncut.cli.load``)."""
+    from dncut.cli import load
+
+    monkeypatch.chdir(ROOT)
+    for argv in _usage_commands(path.read_text()):
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{path.name}: `dncut {shlex.join(argv)}` does not parse")
+        cfg = load(args)
+        assert cfg is not None, argv
