@@ -677,13 +677,10 @@ def startup_part(args: argparse.Namespace, scratch: str) -> dict[str, Any]:
         def file_reader() -> tuple[float, float, int]:  # the tried alternative: Ray's reader per epoch
             from ray.data import FileShuffleConfig
 
-            from dncut import storage
-            from dncut.data.pipeline import s3_options
-
             t0 = time.perf_counter()
             uris = source_uris(cfg)  # the count sizes the epochs
             listed = time.perf_counter() - t0
-            fs, path = storage.filesystem(cfg.data.train, s3_options(cfg))
+            fs, path = cfg.storage_handle().filesystem(cfg.data.train)
             epochs = [ray.data.read_binary_files(path, filesystem=fs, include_paths=True,
                                                  shuffle=FileShuffleConfig(seed=e)) for e in range(STARTUP_EPOCHS)]
             ds = epochs[0].union(*epochs[1:]).map(ViewMaker(cfg), num_cpus=cfg.data.decode_cpus)

@@ -44,16 +44,17 @@ CURVE_PANELS = (  # (title, metric keys) of plot_curves
 )
 
 
-def read_history(run: str, s3: storage.S3Options | None = None) -> list[dict[str, Any]]:
+def read_history(run: str, store: storage.Storage | None = None) -> list[dict[str, Any]]:
     """The metric history of a run folder ``run`` (local or s3://): one dict per report
     (``step``, ``loss``, ``val_iou``, ..., ``val_step`` = the step the ``val_*`` values were
     measured at); ``[]`` when there is none yet. Unparseable lines (a crash mid-write) are skipped
     with a warning."""
+    store = store or storage.Storage()
     uri = storage.join(run, HISTORY_FILE)
-    if not storage.exists(uri, s3):
+    if not store.exists(uri):
         return []
     out = []
-    for line in storage.read_bytes(uri, s3).decode().splitlines():
+    for line in store.read_bytes(uri).decode().splitlines():
         try:
             if line.strip():
                 out.append(json.loads(line))
@@ -83,9 +84,9 @@ class Tracker:
         RuntimeError: MLflow or W&B is enabled but its client is not installed.
     """
 
-    def __init__(self, cfg: Config, run: str, resume_step: int = 0, s3: storage.S3Options | None = None) -> None:
-        self.cfg, self.run, self.s3 = cfg, run, s3
-        self.history = [m for m in read_history(run, s3) if m.get("step", 0) <= resume_step]
+    def __init__(self, cfg: Config, run: str, resume_step: int = 0, store: storage.Storage | None = None) -> None:
+        self.cfg, self.run, self.store = cfg, run, store or storage.Storage()
+        self.history = [m for m in read_history(run, self.store) if m.get("step", 0) <= resume_step]
         t = cfg.tracking
         self._tb_local = None if not t.tensorboard else (
             tempfile.mkdtemp(prefix="dncut-tb-") if storage.is_s3(run) else storage.join(run, TENSORBOARD_DIR))
@@ -100,21 +101,21 @@ class Tracker:
     def _run_id(self, sink: str) -> str | None:
         """The MLflow / W&B run id of an earlier launch of this run folder (a resume continues it)."""
         uri = storage.join(self.run, RUN_IDS_FILE)
-        if not storage.exists(uri, self.s3):
+        if not self.store.exists(uri):
             return None
-        return json.loads(storage.read_bytes(uri, self.s3)).get(sink)
+        return json.loads(self.store.read_bytes(uri)).get(sink)
 
     def _save_run_id(self, sink: str, run_id: str) -> None:
         uri = storage.join(self.run, RUN_IDS_FILE)
-        ids = json.loads(storage.read_bytes(uri, self.s3)) if storage.exists(uri, self.s3) else {}
-        storage.write_bytes(uri, json.dumps({**ids, sink: run_id}).encode(), self.s3)
+        ids = json.loads(self.store.read_bytes(uri)) if self.store.exists(uri) else {}
+        self.store.write_bytes(uri, json.dumps({**ids, sink: run_id}).encode())
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """One report: appended to ``metrics.jsonl`` (rewritten whole: S3 has no append) and sent to
         every enabled sink."""
         self.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool, str))})
         text = "".join(json.dumps(m) + "\n" for m in self.history)
-        storage.write_bytes(storage.join(self.run, HISTORY_FILE), text.encode(), self.s3)
+        self.store.write_bytes(storage.join(self.run, HISTORY_FILE), text.encode())
         scalars = _scalars(metrics)
         if self._tb is not None:
             for k, v in scalars.items():
@@ -136,7 +137,7 @@ class Tracker:
         if self._wandb is not None:
             self._wandb.finish()
         if self.history:
-            storage.write_bytes(storage.join(self.run, CURVES_FILE), plot_curves(self.history), self.s3)
+            self.store.write_bytes(storage.join(self.run, CURVES_FILE), plot_curves(self.history))
 
     def _upload_tensorboard(self) -> None:
         """For an s3:// run the event files are written locally and copied up at each report."""
@@ -144,7 +145,7 @@ class Tracker:
             return
         for name in os.listdir(self._tb_local):
             with open(os.path.join(self._tb_local, name), "rb") as f:
-                storage.write_bytes(storage.join(self.run, TENSORBOARD_DIR, name), f.read(), self.s3)
+                self.store.write_bytes(storage.join(self.run, TENSORBOARD_DIR, name), f.read())
 
 
 def _tensorboard(folder: str):
@@ -245,11 +246,11 @@ class ProgressBar:
     Use as a context manager around ``trainer.fit()``; ``disable=True`` (``--quiet``) draws nothing.
     """
 
-    def __init__(self, run: str, total: int, *, start: int = 0, s3: storage.S3Options | None = None,
+    def __init__(self, run: str, total: int, *, start: int = 0, store: storage.Storage | None = None,
                  disable: bool = False, interval: float = 2.0, desc: str = "train", file: Any = None) -> None:
         from tqdm import tqdm
 
-        self.run, self.s3, self.interval = run, s3, interval
+        self.run, self.store, self.interval = run, store or storage.Storage(), interval
         self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", disable=disable, file=file or sys.stderr,
                         dynamic_ncols=True)
         self._stop = threading.Event()
@@ -273,7 +274,7 @@ class ProgressBar:
         """Move the bar to the newest reported step and show its metrics (a read error is skipped:
         the next poll tries again)."""
         try:
-            history = read_history(self.run, self.s3)
+            history = read_history(self.run, self.store)
         except OSError:
             return
         if not history or history[-1].get("step", 0) <= self.bar.n:

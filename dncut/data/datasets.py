@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, get_args
 
 from dncut import storage
-from dncut.storage import IMAGE_SUFFIXES, S3Options
+from dncut.storage import IMAGE_SUFFIXES, Storage
 
 logger = logging.getLogger(__name__)
 
@@ -149,12 +149,12 @@ def _warn_unmatched(what: str, stems: list[str], root: str) -> None:
         logger.warning("%s: %d %s (e.g. %s%s)", root, len(stems), what, examples, more)
 
 
-def _find_layout(kind: str, root: str, s3: S3Options | None) -> tuple[str, str]:
+def _find_layout(kind: str, root: str, store: Storage) -> tuple[str, str]:
     """The first (image folder, mask folder) of ``kind`` that exists under ``root``."""
     missing: list[str] = []
     for image_dir, mask_dir in SALIENCY_LAYOUTS[kind]:
         image_uri, mask_uri = storage.join(root, image_dir), storage.join(root, mask_dir)
-        absent = [u for u in (image_uri, mask_uri) if not storage.exists(u, s3)]
+        absent = [u for u in (image_uri, mask_uri) if not store.exists(u)]
         if not absent:
             return image_uri, mask_uri
         missing.extend(absent)
@@ -164,13 +164,13 @@ def _find_layout(kind: str, root: str, s3: S3Options | None) -> tuple[str, str]:
     )
 
 
-def saliency_dataset(kind: SaliencyKind, root: str, s3: S3Options | None = None) -> list[SaliencySample]:
+def saliency_dataset(kind: SaliencyKind, root: str, store: Storage | None = None) -> list[SaliencySample]:
     """Image/mask pairs of a saliency dataset (layouts in the module docstring).
 
     Args:
         kind: one of ``"folder", "ecssd", "duts_te", "dut_omron", "sod"``.
         root: dataset root, local path or ``s3://bucket/prefix``.
-        s3: S3 options (see ``dncut.storage.filesystem``).
+        store: storage handle (``dncut.storage.Storage``); ``None``: the environment's defaults.
 
     Returns:
         Samples sorted by image id. Unpaired images / masks are logged (count + names).
@@ -180,10 +180,11 @@ def saliency_dataset(kind: SaliencyKind, root: str, s3: S3Options | None = None)
         DatasetLayoutError: a folder is missing (message names it and the expected
             layout), two files share a stem, or no pair is found.
     """
+    store = store or Storage()
     _check_choice("kind", kind, get_args(SaliencyKind))
-    image_dir, mask_dir = _find_layout(kind, root, s3)
-    images = _stem_map(image_dir, storage.list_files(image_dir, IMAGE_SUFFIXES, s3))
-    masks = _stem_map(mask_dir, storage.list_files(mask_dir, IMAGE_SUFFIXES, s3))
+    image_dir, mask_dir = _find_layout(kind, root, store)
+    images = _stem_map(image_dir, store.list_files(image_dir, IMAGE_SUFFIXES))
+    masks = _stem_map(mask_dir, store.list_files(mask_dir, IMAGE_SUFFIXES))
     samples, lonely_images, lonely_masks = pair_by_stem(images, masks)
     _warn_unmatched("images without a mask", lonely_images, root)
     _warn_unmatched("masks without an image", lonely_masks, root)
@@ -198,10 +199,10 @@ def saliency_dataset(kind: SaliencyKind, root: str, s3: S3Options | None = None)
 # ----------------------------------------------------------------------------- VOC
 
 
-def _voc_folder(root: str, year: str, split: str, s3: S3Options | None) -> str:
+def _voc_folder(root: str, year: str, split: str, store: Storage) -> str:
     candidates = [storage.join(root, "VOCdevkit", f"VOC{year}"), storage.join(root, f"VOC{year}"), root]
     for folder in candidates:
-        if storage.exists(storage.join(folder, "ImageSets", "Main", f"{split}.txt"), s3):
+        if store.exists(storage.join(folder, "ImageSets", "Main", f"{split}.txt")):
             return folder
     raise DatasetLayoutError(
         f"VOC{year} split {split!r}: no ImageSets/Main/{split}.txt under any of {candidates}; "
@@ -210,8 +211,8 @@ def _voc_folder(root: str, year: str, split: str, s3: S3Options | None) -> str:
     )
 
 
-def _read_split(uri: str, s3: S3Options | None) -> list[str]:
-    text = storage.read_bytes(uri, s3).decode("utf-8")
+def _read_split(uri: str, store: Storage) -> list[str]:
+    text = store.read_bytes(uri).decode("utf-8")
     return [line.split()[0] for line in text.splitlines() if line.strip()]
 
 
@@ -250,12 +251,12 @@ def parse_voc_size(xml_text: str | bytes) -> tuple[int, int] | None:
     return int(float(size.findtext("width"))), int(float(size.findtext("height")))
 
 
-def _read_many(uris: Sequence[str], s3: S3Options | None) -> list[bytes | None]:
+def _read_many(uris: Sequence[str], store: Storage) -> list[bytes | None]:
     """Read files concurrently (S3 latency); ``None`` where a file does not exist."""
 
     def read(uri: str) -> bytes | None:
         try:
-            return storage.read_bytes(uri, s3)
+            return store.read_bytes(uri)
         except FileNotFoundError:
             return None
 
@@ -264,7 +265,7 @@ def _read_many(uris: Sequence[str], s3: S3Options | None) -> list[bytes | None]:
 
 
 def voc_dataset(
-    root: str, year: VocYear, split: str = "trainval", s3: S3Options | None = None
+    root: str, year: VocYear, split: str = "trainval", store: Storage | None = None
 ) -> list[DiscoverySample]:
     """Images and ground-truth boxes of PASCAL VOC (see :func:`parse_voc_boxes`).
 
@@ -272,7 +273,7 @@ def voc_dataset(
         root: folder holding ``VOCdevkit/VOC{year}``, or ``VOC{year}``, or that folder itself.
         year: ``"2007"`` or ``"2012"``.
         split: name of the ``ImageSets/Main/{split}.txt`` list.
-        s3: S3 options (see ``dncut.storage.filesystem``).
+        store: storage handle (``dncut.storage.Storage``); ``None``: the environment's defaults.
 
     Returns:
         One sample per listed id, in list order (images without objects keep ``boxes=[]``
@@ -283,16 +284,17 @@ def voc_dataset(
         DatasetLayoutError: missing split file, annotations or JPEG images (counted and named), or an
             annotation that does not parse (named).
     """
+    store = store or Storage()
     _check_choice("year", year, get_args(VocYear))
-    folder = _voc_folder(root, year, split, s3)
-    ids = _read_split(storage.join(folder, "ImageSets", "Main", f"{split}.txt"), s3)
+    folder = _voc_folder(root, year, split, store)
+    ids = _read_split(storage.join(folder, "ImageSets", "Main", f"{split}.txt"), store)
     if not ids:
         raise DatasetLayoutError(f"VOC{year} split {split!r} at {folder} lists no image")
     jpeg_dir = storage.join(folder, "JPEGImages")
     image_uris = {i: storage.join(jpeg_dir, f"{i}.jpg") for i in ids}
-    present = set(storage.list_files(jpeg_dir, (".jpg",), s3)) if storage.exists(jpeg_dir, s3) else set()
+    present = set(store.list_files(jpeg_dir, (".jpg",))) if store.exists(jpeg_dir) else set()
     no_image = [i for i in ids if image_uris[i] not in present]
-    xml_data = _read_many([storage.join(folder, "Annotations", f"{i}.xml") for i in ids], s3)
+    xml_data = _read_many([storage.join(folder, "Annotations", f"{i}.xml") for i in ids], store)
     no_xml = [i for i, data in zip(ids, xml_data) if data is None]
     for what, bad in (("JPEGImages/<id>.jpg", no_image), ("Annotations/<id>.xml", no_xml)):
         if bad:
@@ -340,10 +342,10 @@ def drop_bad_boxes(samples: Sequence[DiscoverySample], source: str) -> list[Disc
     return out
 
 
-def _read_json(uri: str, s3: S3Options | None) -> dict:
+def _read_json(uri: str, store: Storage) -> dict:
     """A COCO instances JSON; ``DatasetLayoutError`` naming the file when it is not a JSON object."""
     try:
-        data = json.loads(storage.read_bytes(uri, s3))
+        data = json.loads(store.read_bytes(uri))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DatasetLayoutError(f"COCO annotations {uri}: not valid JSON: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
@@ -384,7 +386,7 @@ def coco20k_dataset(
     root: str,
     annotations_json: str,
     image_list: str,
-    s3: S3Options | None = None,
+    store: Storage | None = None,
     include_crowd: bool = False,
 ) -> list[DiscoverySample]:
     """COCO20k: the images named in a list file with their boxes from an instances JSON.
@@ -397,7 +399,7 @@ def coco20k_dataset(
         root: folder holding the images (``file_name`` is joined onto it).
         annotations_json: URI of the COCO instances JSON (e.g. ``instances_train2014.json``).
         image_list: URI of the text file with one image file name per line.
-        s3: S3 options (see ``dncut.storage.filesystem``).
+        store: storage handle (``dncut.storage.Storage``); ``None``: the environment's defaults.
         include_crowd: keep ``iscrowd=1`` boxes.
 
     Returns:
@@ -407,11 +409,12 @@ def coco20k_dataset(
     Raises:
         DatasetLayoutError: listed names missing from the JSON, an empty list, or a malformed JSON.
     """
+    store = store or Storage()
     names = [posixpath.basename(line.strip()) for line in
-             storage.read_bytes(image_list, s3).decode("utf-8").splitlines() if line.strip()]
+             store.read_bytes(image_list).decode("utf-8").splitlines() if line.strip()]
     if not names:
         raise DatasetLayoutError(f"COCO image list {image_list} is empty")
-    coco = _read_json(annotations_json, s3)
+    coco = _read_json(annotations_json, store)
     try:
         by_name = {img["file_name"]: int(img["id"]) for img in coco["images"]}
         sizes = _coco_sizes(coco)
@@ -446,7 +449,7 @@ class CocoInstances:
     data: dict
 
 
-def read_coco(root: str, annotations_json: str | None = None, s3: S3Options | None = None) -> CocoInstances:
+def read_coco(root: str, annotations_json: str | None = None, store: Storage | None = None) -> CocoInstances:
     """Find and read the instances JSON of a COCO layout (see ``coco_dataset``).
 
     Raises:
@@ -454,9 +457,10 @@ def read_coco(root: str, annotations_json: str | None = None, s3: S3Options | No
             JSON object with an ``images`` list.
         FileNotFoundError: the given ``annotations_json`` does not exist.
     """
+    store = store or Storage()
     if annotations_json is None:
-        found = [f for f in storage.list_files(storage.join(root, "annotations"), (".json",), s3)
-                 if posixpath.basename(f).startswith("instances_")] if storage.exists(storage.join(root, "annotations"), s3) else []
+        found = [f for f in store.list_files(storage.join(root, "annotations"), (".json",))
+                 if posixpath.basename(f).startswith("instances_")] if store.exists(storage.join(root, "annotations")) else []
         if len(found) != 1:
             raise DatasetLayoutError(f"COCO root {root}: expected one annotations/instances_<split>.json, found "
                                      f"{[posixpath.basename(f) for f in found]}; set 'annotations'")
@@ -465,11 +469,11 @@ def read_coco(root: str, annotations_json: str | None = None, s3: S3Options | No
         image_dir = storage.join(root, split)
     else:
         image_dir = root
-    return CocoInstances(annotations_json, image_dir, _read_json(annotations_json, s3))
+    return CocoInstances(annotations_json, image_dir, _read_json(annotations_json, store))
 
 
 def coco_dataset(
-    root: str, annotations_json: str | None = None, s3: S3Options | None = None, include_crowd: bool = False
+    root: str, annotations_json: str | None = None, store: Storage | None = None, include_crowd: bool = False
 ) -> list[DiscoverySample]:
     """Plain COCO instances: every image of an instances JSON, under ``root``, with its boxes.
 
@@ -480,7 +484,7 @@ def coco_dataset(
     Args:
         root: folder holding the images, or the COCO root (with ``annotations/``).
         annotations_json: the instances JSON; ``None`` = the only ``annotations/instances_*.json``.
-        s3: S3 options.
+        store: storage handle (``dncut.storage.Storage``); ``None``: the environment's defaults.
         include_crowd: keep ``iscrowd=1`` boxes (default: dropped, as the peers).
 
     Returns:
@@ -489,12 +493,14 @@ def coco_dataset(
     Raises:
         DatasetLayoutError: no (or several) instances JSON, a malformed one, or JSON images missing on disk.
     """
-    return coco_samples(read_coco(root, annotations_json, s3), s3, include_crowd)
+    store = store or Storage()
+    return coco_samples(read_coco(root, annotations_json, store), store, include_crowd)
 
 
-def coco_samples(instances: CocoInstances, s3: S3Options | None = None,
+def coco_samples(instances: CocoInstances, store: Storage | None = None,
                  include_crowd: bool = False) -> list[DiscoverySample]:
     """The samples of an instances JSON already read (``coco_dataset``'s result and errors)."""
+    store = store or Storage()
     coco, annotations_json, image_dir = instances.data, instances.path, instances.image_dir
     try:
         boxes, sizes = coco_boxes(coco.get("annotations", []), include_crowd), _coco_sizes(coco)
@@ -503,7 +509,7 @@ def coco_samples(instances: CocoInstances, s3: S3Options | None = None,
                    for img in coco["images"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise _malformed(annotations_json, exc) from None
-    present = set(storage.list_files(image_dir, IMAGE_SUFFIXES, s3)) if storage.exists(image_dir, s3) else set()
+    present = set(store.list_files(image_dir, IMAGE_SUFFIXES)) if store.exists(image_dir) else set()
     samples = drop_bad_boxes(samples, annotations_json)
     missing = [smp.image_id for smp in samples if smp.image_uri not in present]
     if missing:

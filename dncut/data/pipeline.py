@@ -32,7 +32,6 @@ import zlib
 import numpy as np
 import torch
 
-from dncut import storage
 from dncut.config import Config
 from dncut.data.images import IMAGE_SUFFIXES, decode_image, decode_rgb, image_size, is_jpeg
 from dncut.data.scenes import make_scene
@@ -55,11 +54,6 @@ MAX_BLOCKS = 200
 Ray Data's per-block bookkeeping grows with the number of blocks."""
 
 
-def s3_options(cfg: Config) -> storage.S3Options:
-    """The config's S3 endpoint/region (credentials stay in the environment)."""
-    return storage.Storage.from_config(cfg.storage).options
-
-
 def source_uris(cfg: Config) -> list[str]:
     """All training image URIs, validated before any worker starts.
 
@@ -69,7 +63,7 @@ def source_uris(cfg: Config) -> list[str]:
     """
     if cfg.data.train is None:
         return [f"{SCENE_SCHEME}{seed}" for seed in range(cfg.data.num_scenes)]
-    return storage.check_source(cfg.data.train, s3_options(cfg), suffixes=IMAGE_SUFFIXES)
+    return cfg.storage_handle().check_source(cfg.data.train, IMAGE_SUFFIXES)
 
 
 
@@ -108,7 +102,7 @@ class ViewMaker:
         self.size = d.crop_size
         self.scene_size = max(2 * d.crop_size, 256)
         self.min_size = d.min_image_size
-        self.s3 = s3_options(cfg)
+        self.store = cfg.storage_handle()
         self.photometric = d.photometric
         self.transform = TwoViewTransform(size=d.crop_size, scale=tuple(d.crop_scale), min_overlap=d.min_overlap)
 
@@ -132,7 +126,7 @@ class ViewMaker:
         if uri.startswith(SCENE_SCHEME):
             image, _ = make_scene(int(uri[len(SCENE_SCHEME):]), size=self.scene_size)
             return self.transform(image, rng)
-        data = storage.read_bytes(uri, self.s3)
+        data = self.store.read_bytes(uri)
         if not is_jpeg(data):  # other formats: one decode, boxes drawn on it
             return self.transform(decode_image(data, min_size=self.min_size), rng)
         full = image_size(data)  # (W, H) from the header

@@ -46,7 +46,7 @@ class Chief:
                  track: bool = True) -> None:
         self.cfg, self.device, self.store, self.run = cfg, device, store, cfg.run_dir
         self.rows = validation_rows(cfg)
-        self.tracker = Tracker(cfg, self.run, state.step, store.options) if track else None
+        self.tracker = Tracker(cfg, self.run, state.step, store) if track else None
         history = self.tracker.history if self.tracker else []
         self.best = max((m["val_iou"] for m in history if math.isfinite(m.get("val_iou", math.nan))),
                         default=-math.inf)  # of the exported encoder (train.export: best_val_iou)
