@@ -342,6 +342,32 @@ def make_mask_jpeg_nonbinary(folder: Path) -> None:
         encode((scene()[1] * 255).astype(np.uint8), "JPEG", quality=60))
 
 
+def voc_void_labels() -> tuple[np.ndarray, np.ndarray]:
+    """The scene mask as VOC SegmentationClassAug labels: class 15 (person) on the object and a
+    2-pixel void ring (255) just outside it; returns (labels (SIDE, SIDE) uint8, ring (SIDE, SIDE) bool)."""
+    from scipy.ndimage import binary_dilation
+
+    fg = scene()[1]
+    ring = binary_dilation(fg, iterations=2) & ~fg
+    labels = np.where(fg, 15, 0).astype(np.uint8)
+    labels[ring] = 255
+    return labels, ring
+
+
+@kind("mask", "scored", "grey label PNG (VOC SegmentationClassAug): class 15 on the object, a 255 void ring")
+def make_mask_grey_voc_void(folder: Path) -> None:
+    _mask_kind(folder, "mask_grey_voc_void", encode(Image.fromarray(voc_void_labels()[0], mode="L"), "PNG"))
+
+
+@kind("mask", "scored", "palette PNG of the same labels (VOC palette: 15 = (192, 128, 128), 255 = void colour)")
+def make_mask_palette_voc_void(folder: Path) -> None:
+    pal = Image.fromarray(voc_void_labels()[0], mode="P")
+    colours = [0] * 768
+    colours[15 * 3:16 * 3], colours[255 * 3:] = (192, 128, 128), (224, 224, 192)
+    pal.putpalette(colours)
+    _mask_kind(folder, "mask_palette_voc_void", encode(pal, "PNG"))
+
+
 @kind("mask", "failed:differs from image size", "mask 50x40 for a 64x64 image")
 def make_mask_wrong_size(folder: Path) -> None:
     _mask_kind(folder, "mask_wrong_size", grey_mask(np.ones((40, 50), bool)))
@@ -424,6 +450,41 @@ def coco_tree(root: Path, *, n: int = 2, boxes: dict[int, list] | None = None, t
     return {"name": root.name, "kind": "coco", "root": str(root)}
 
 
+def uncompressed_rle(mask: np.ndarray) -> list[int]:
+    """COCO's uncompressed RLE counts of an (H, W) bool mask (as BlenderProc writes them): run
+    lengths over the column-major pixels, starting with a run of zeros."""
+    flat = mask.T.ravel().astype(np.int8)  # column-major
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return ([0] + runs) if flat[0] else runs
+
+
+def coco_segmentation_tree(root: Path, names: tuple[str, str], segmentation: str = "polygon",
+                           rle_size: list[int] | None = None) -> dict:
+    """A ``task: segmentation`` COCO tree of two scenes, one object each (the scene mask) of
+    category ``names[i]``, its segmentation stored as ``"polygon"`` (its box), ``"rle"`` (image 0
+    compressed, image 1 uncompressed) ; ``rle_size``: the [H, W] the RLE declares."""
+    from pycocotools import mask as mask_util
+
+    spec = coco_tree(root)
+    path = root / "annotations" / "instances_val.json"
+    coco = json.loads(path.read_text())
+    coco["categories"] = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
+    for i, ann in enumerate(coco["annotations"]):
+        mask = scene(40 + i)[1]
+        x0, y0, x1, y1 = _box(mask)
+        ann["category_id"] = ann["image_id"] + 1
+        if segmentation == "polygon":
+            ann["segmentation"] = [[x0, y0, x1 - 1, y0, x1 - 1, y1 - 1, x0, y1 - 1]]
+        elif i == 0:
+            rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+            ann["segmentation"] = {"size": rle_size or [SIDE, SIDE], "counts": rle["counts"].decode("ascii")}
+        else:
+            ann["segmentation"] = {"size": rle_size or [SIDE, SIDE], "counts": uncompressed_rle(mask)}
+    path.write_text(json.dumps(coco))
+    return {**spec, "root": str(root / "val"), "task": "segmentation", "annotations": str(path)}
+
+
 @kind("annotation", "scored", "VOC07 tree, two images with one box each (control)")
 def make_voc_ok(folder: Path) -> dict:
     return voc_tree(folder / "voc_ok")
@@ -482,6 +543,27 @@ def make_voc_size_mismatch(folder: Path) -> dict:
             f"<xmin>{x0 + 1:g}</xmin><ymin>{y0 + 1:g}</ymin><xmax>{x1:g}</xmax><ymax>{y1:g}</ymax></bndbox>"
             "</object></annotation>")
     return voc_tree(folder / "voc_size_mismatch", xml={"000001": text})
+
+
+@kind("annotation", "scored", "COCO segmentation tree whose categories have VOC's spelling (aeroplane, tvmonitor)")
+def make_coco_seg_voc_names(folder: Path) -> dict:
+    return coco_segmentation_tree(folder / "coco_seg_voc_names", ("aeroplane", "tvmonitor"))
+
+
+@kind("annotation", "scored", "COCO segmentation tree, non-crowd objects as RLE (compressed and uncompressed)")
+def make_coco_seg_rle(folder: Path) -> dict:
+    return coco_segmentation_tree(folder / "coco_seg_rle", ("cat", "cat"), "rle")
+
+
+@kind("annotation", "warn:map to no PASCAL VOC class", "COCO segmentation tree with a category outside the 20 "
+      "VOC classes (toaster): ignored in the class maps, counted in one warning")
+def make_coco_seg_unmapped(folder: Path) -> dict:
+    return coco_segmentation_tree(folder / "coco_seg_unmapped", ("cat", "toaster"))
+
+
+@kind("annotation", "failed:differs from the image", "COCO RLE whose size is not the image's")
+def make_coco_seg_rle_wrong_size(folder: Path) -> dict:
+    return coco_segmentation_tree(folder / "coco_seg_rle_wrong_size", ("cat", "cat"), "rle", rle_size=[32, 32])
 
 
 @kind("annotation", "scored", "COCO tree, two images with one box each (control)")
@@ -795,9 +877,9 @@ class _StageRunner:
         self.predictor = Predictor(backbone, ["simple", "tokencut"], "eigh")
 
     def rows(self, records: list[dict], discovery: bool) -> list[dict]:
-        from dncut.eval.batch import load_record, predict_batch, score_row
+        from dncut.eval.stages import load_record, predict_batch, score_row
 
-        stage1 = [load_record(r, spec=self.spec, image_size=None if discovery else SIDE, s3=None) for r in records]
+        stage1 = [load_record(r, spec=self.spec, image_size=None if discovery else SIDE) for r in records]
         batch = {key: [r[key] for r in stage1] for key in stage1[0]}
         stage2 = predict_batch(self.predictor, batch)
         rows = []
@@ -809,22 +891,26 @@ class _StageRunner:
 
 def run_annotations(folder: Path, kinds: list[Kind] | None = None) -> dict[str, Outcome]:
     """Each annotation kind: ``dataset_records`` (the dataset readers) then, if it loads, the three
-    stages in process; warnings of ``dncut.data.datasets`` are captured."""
+    stages in process (``task: segmentation``: ``segmentation_records`` then ``load_segmentation_record``,
+    rows with ``labels``); warnings of ``dncut.data`` are captured."""
     from dncut.config import EvalDataset
-    from dncut.eval.batch import DISCOVERY_KINDS, dataset_records
+    from dncut.eval.stages import DISCOVERY_KINDS, dataset_records, load_segmentation_record, segmentation_records
 
     runner = _StageRunner()
     out = {}
     for k in kinds or kinds_of("annotation"):
         spec = EvalDataset.model_validate(k.make(folder))
         start = time.perf_counter()
-        with _captured("dncut.data.datasets") as warnings:
+        with _captured("dncut.data") as warnings:  # dncut.data.datasets, dncut.data.class_maps
             try:
-                records = dataset_records(spec)
+                records = segmentation_records(spec) if spec.task == "segmentation" else dataset_records(spec)
             except Exception as exc:  # noqa: BLE001 - the outcome is the error
                 out[k.name] = Outcome(k.name, k.category, _raised(exc), _reason(exc), time.perf_counter() - start)
                 continue
-        rows = runner.rows(records, discovery=spec.kind in DISCOVERY_KINDS)
+        if spec.task == "segmentation":
+            rows = [load_segmentation_record(r, image_size=SIDE) for r in records]
+        else:
+            rows = runner.rows(records, discovery=spec.kind in DISCOVERY_KINDS)
         failed = [r for r in rows if r["status"] != "ok"]
         detail = "; ".join(sorted({f"{r['image_id']}: {r['error']}" for r in failed}))
         if warnings:

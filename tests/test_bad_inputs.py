@@ -25,6 +25,8 @@ METHODS = ["simple", "tokencut"]
 MASK_ENCODINGS = ("mask_grey_0_255", "mask_grey_0_1", "mask_16bit", "mask_rgb_class_colour", "mask_palette",
                   "mask_1bit")
 """Mask kinds that encode the same scene mask losslessly: their scores must be identical."""
+VOID_ENCODINGS = ("mask_grey_voc_void", "mask_palette_voc_void")
+"""The scene mask as VOC labels with a 255 void ring just outside the object (grey and palette)."""
 
 
 def test_the_corpus_is_large_enough_and_well_formed():
@@ -94,6 +96,15 @@ def test_mask_encodings_of_one_mask_score_identically(saliency_run):
         assert rows[("mask_jpeg_nonbinary", m)]["iou"] == pytest.approx(ious["mask_grey_0_255"], abs=0.03)
 
 
+def test_void_ring_masks_read_alike_and_leave_the_ring_out(saliency_run):
+    """Grey and palette VOC labels score alike; the ring is background in the 0/255 mask, so leaving
+    it out removes only true negatives or false positives: IoU can only rise."""
+    rows = {(r["image_id"], r["method"]): r for r in saliency_run["rows"]}
+    for m in METHODS:
+        grey, palette, plain = (rows[(k, m)]["iou"] for k in (*VOID_ENCODINGS, "mask_grey_0_255"))
+        assert grey == palette >= plain, (m, grey, palette, plain)
+
+
 def test_the_eval_run_is_fast(saliency_run):
     assert saliency_run["seconds"] < 45, saliency_run["seconds"]
 
@@ -122,6 +133,20 @@ def test_each_annotation_kind_has_its_expected_outcome(annotation_outcomes):
     wrong = {k.name: (k.expect, annotation_outcomes[k.name].outcome, annotation_outcomes[k.name].reason)
              for k in corpus.kinds_of("annotation") if not corpus.check(annotation_outcomes[k.name], k.expect)}
     assert not wrong, wrong
+
+
+def test_coco_class_maps_as_users_write_them(annotation_outcomes):
+    """VOC spellings give the VOC classes; RLE objects (compressed, uncompressed) are drawn on their pixels."""
+    from PIL import Image
+
+    from dncut.eval.segmentation import SCORE_SIZE
+
+    names = annotation_outcomes["coco_seg_voc_names"].rows
+    assert [sorted(set(np.unique(r["labels"]).tolist()) - {0}) for r in names] == [[1], [20]]  # aeroplane, tv
+    for i, row in enumerate(annotation_outcomes["coco_seg_rle"].rows):
+        cat = Image.fromarray(corpus.scene(40 + i)[1].astype(np.uint8) * 8)  # 8 = cat
+        assert np.array_equal(row["labels"], np.asarray(cat.resize((SCORE_SIZE, SCORE_SIZE), Image.NEAREST))), i
+    assert "'toaster' (1)" in annotation_outcomes["coco_seg_unmapped"].reason
 
 
 def test_malformed_annotation_files_are_named_in_the_error(annotation_outcomes):

@@ -21,7 +21,7 @@ from dncut.data.class_maps import IGNORE, VOC_CLASSES, annotations_by_image, ras
 from dncut.data.datasets import CocoInstances
 from dncut.data.images import load_mask, read_mask
 from dncut.eval import metrics
-from dncut.eval.stages import dataset_records, load_record
+from dncut.eval.stages import dataset_records, load_record, score_map, score_row
 
 COCO_MINI = Path(os.environ.get("DNCUT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "coco-mini"
 
@@ -241,3 +241,29 @@ def test_non_crowd_rle_objects_are_drawn_as_their_class():
         rasterise_coco([{**ann, "segmentation": {"size": [30, 60], "counts": compressed["counts"]}}], {1: "cat"}, (60, 40))
     with pytest.raises(ValueError, match="sum to H"):
         rasterise_coco([{**ann, "segmentation": {"size": [40, 60], "counts": [5, 10]}}], {1: "cat"}, (60, 40))
+
+
+def test_the_void_ring_is_left_out_of_the_evaluation_rows(tmp_path):
+    """The evaluation's own path: a decoded record carries the void, the scored rows leave it out."""
+    labels, objects, ring = _voc_label_mask()
+    Image.fromarray(labels, mode="L").save(tmp_path / "gt.png")
+    Image.fromarray(((objects | ring) * 255).astype(np.uint8), mode="L").save(tmp_path / "map.png")
+    row = score_map({"image_id": "a", "method": "m", "mask_uri": str(tmp_path / "gt.png"),
+                     "map_uri": str(tmp_path / "map.png"), "maps_dir": str(tmp_path)})
+    assert row["status"] == "ok" and row["iou"] == 1.0 and row["acc"] == 1.0
+    Image.new("RGB", (60, 40), (90, 120, 150)).save(tmp_path / "a.png")
+    loaded = load_record({"image_id": "a", "image_uri": str(tmp_path / "a.png"), "mask_uri": str(tmp_path / "gt.png"),
+                          "gt_boxes": "[]", "missing": "", "gt_size": [0, 0]}, spec=spec("efficientnet_lite0_s16"),
+                         image_size=None)
+    assert loaded["status"] == "ok" and np.array_equal(loaded["gt_mask"], objects)
+    assert np.array_equal(loaded["gt_void"], ring)
+    # stage 3 (score_row): a prediction over the whole image, against a GT whose only non-object
+    # pixels are a void ring, scores IoU 1 (0.75 if the ring counted as background)
+    void = np.zeros((64, 64), bool)
+    void[:, :16] = True
+    predicted = {"image_id": "b", "status": "ok", "error": "", "image": np.zeros((64, 64, 3), np.uint8),
+                 "content": np.array([64, 64]), "stride": 16, "simple_map": np.ones((4, 4), np.float32),
+                 "simple_mask": np.ones((4, 4), bool), "gt_mask": ~void}
+    (plain,) = score_row(predicted, methods=["simple"], bilateral=False, discovery=False)
+    (voided,) = score_row({**predicted, "gt_void": void}, methods=["simple"], bilateral=False, discovery=False)
+    assert (plain["iou"], voided["iou"]) == (0.75, 1.0)

@@ -8,6 +8,7 @@ One evaluation image, from its record to its row in ``per_image.parquet``::
                                                  gt_size [W, H] ([0, 0]: none declared)}
       -> decode (load_record, CPU task)         + status, error, image (H, W, 3) uint8,
                                                  gt_mask (H, W) bool ((1, 1) for discovery),
+                                                 gt_void (H, W) bool (left out of the scores),
                                                  input (Hc, Wc, 3) uint8 (dncut.eval.predict.network_input),
                                                  content (2,) int64 = the unpadded part of the input
       -> predict (NCutPredictor, actor)         - input; + stride, <method>_map (h, w) float32,
@@ -45,7 +46,7 @@ import numpy as np
 from dncut.backbone_specs import BackboneSpec
 from dncut.config import DISCOVERY_ONLY_METHODS, EvalDataset
 from dncut.data.datasets import DatasetLayoutError, coco20k_dataset, coco_dataset, saliency_dataset, voc_dataset
-from dncut.data.images import check_mask_foreground, check_mask_size, decode_image, load_mask
+from dncut.data.images import check_mask_foreground, check_mask_size, decode_image, read_mask
 from dncut.eval import metrics
 from dncut.eval.bilateral import refine_mask
 from dncut.eval.methods import box_to_pixels, clean_binary, image_mask, largest_component_box, upsample_map
@@ -97,7 +98,6 @@ def dataset_records(spec: EvalDataset, store: Storage | None = None, default_sce
     store = store or Storage()
     if spec.task == "segmentation":
         return segmentation_records(spec, store)
-    s3 = store.options  # dncut.data.datasets takes the options
     if spec.kind == "scenes":
         n = spec.limit or default_scenes
         return [record(f"scene_{i:05d}", f"scene://{SCENE_SEED + i}") for i in range(n)]
@@ -106,16 +106,16 @@ def dataset_records(spec: EvalDataset, store: Storage | None = None, default_sce
             if not spec.annotations or not spec.image_list:
                 raise DatasetLayoutError(f"dataset {spec.name!r} (coco20k) needs 'annotations' (instances "
                                          "JSON) and 'image_list' (file of the 19,817 image names)")
-            samples = coco20k_dataset(spec.root, spec.annotations, spec.image_list, s3, spec.include_crowd)
+            samples = coco20k_dataset(spec.root, spec.annotations, spec.image_list, store, spec.include_crowd)
         elif spec.kind == "coco":
-            samples = coco_dataset(spec.root, spec.annotations, s3, spec.include_crowd)
+            samples = coco_dataset(spec.root, spec.annotations, store, spec.include_crowd)
         else:
             split = posixpath.splitext(posixpath.basename(spec.image_list))[0] if spec.image_list else "trainval"
-            samples = voc_dataset(spec.root, "2007" if spec.kind == "voc07" else "2012", split, s3)
+            samples = voc_dataset(spec.root, "2007" if spec.kind == "voc07" else "2012", split, store)
         records = [record(s.image_id, s.image_uri, gt_boxes=json.dumps([list(b) for b in s.boxes]), gt_size=s.size)
                    for s in samples]
     else:
-        records = [record(s.image_id, s.image_uri, s.mask_uri) for s in saliency_dataset(spec.kind, spec.root, s3)]
+        records = [record(s.image_id, s.image_uri, s.mask_uri) for s in saliency_dataset(spec.kind, spec.root, store)]
     return records[: spec.limit] if spec.limit else records
 
 
@@ -154,7 +154,7 @@ def load_record(record: dict, *, spec: BackboneSpec, image_size: int | None, sto
 
     Returns:
         The record plus ``status``, ``error``, ``image (H, W, 3) uint8``, ``gt_mask (H, W) bool``
-        (``(1, 1)`` for discovery), ``input (Hc, Wc, 3) uint8`` and ``content (2,)`` = the
+        and ``gt_void (H, W) bool`` (``dncut.data.images.read_mask``; ``(1, 1)`` for discovery), ``input (Hc, Wc, 3) uint8`` and ``content (2,)`` = the
         unpadded part of the input. A failure gives ``status="failed"`` and 1-pixel placeholders.
     """
     store = store or Storage()
@@ -167,6 +167,7 @@ def load_record(record: dict, *, spec: BackboneSpec, image_size: int | None, sto
             from dncut.data.scenes import make_scene
 
             pil, gt = make_scene(int(uri[len("scene://"):]), size=SCENE_SIZE)
+            void = np.zeros(gt.shape, bool)
         else:
             declared = tuple(int(v) for v in record.get("gt_size", (0, 0)))
             # boxes describe the stored pixel frame: an annotated image is not EXIF-rotated
@@ -174,7 +175,8 @@ def load_record(record: dict, *, spec: BackboneSpec, image_size: int | None, sto
             if any(declared) and pil.size != declared:
                 raise ValueError(f"the annotation declares {declared[0]}x{declared[1]} (WxH), the image decodes "
                                  f"to {pil.width}x{pil.height}: not scored in another frame")
-            gt = load_mask(store.read_bytes(record["mask_uri"])) if record["mask_uri"] else None
+            regions = read_mask(store.read_bytes(record["mask_uri"])) if record["mask_uri"] else None
+            gt, void = (regions.foreground, regions.void) if regions else (None, None)
         if gt is not None:
             check_mask_foreground(check_mask_size(pil, gt))
         image = np.asarray(pil.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
@@ -183,11 +185,12 @@ def load_record(record: dict, *, spec: BackboneSpec, image_size: int | None, sto
                              f"({spec.stride} px): no patch grid to cut")
         net, content = network_input(image, stride=spec.stride, image_size=image_size, pad_rgb=spec.pad_rgb)
         row.update(status="ok", error="", image=image, input=net, content=np.asarray(content, np.int64),
-                   gt_mask=np.zeros((1, 1), bool) if gt is None else gt)
+                   gt_mask=np.zeros((1, 1), bool) if gt is None else gt,
+                   gt_void=np.zeros((1, 1), bool) if gt is None else void)
     except Exception as exc:  # noqa: BLE001 - any bad input becomes a failed row
         row.update(status="failed", error=reason(exc), image=np.zeros((1, 1, 3), np.uint8),
                    input=np.zeros((1, 1, 3), np.uint8), content=np.ones(2, np.int64),
-                   gt_mask=np.zeros((1, 1), bool))
+                   gt_mask=np.zeros((1, 1), bool), gt_void=np.zeros((1, 1), bool))
     return row
 
 
@@ -370,16 +373,17 @@ def score_row(row: dict, *, methods: Sequence[str], bilateral: bool, discovery: 
                 out.append(result_row(image_id, m, pred_box=px, hit=hit, example=ex))
                 continue
             gt = np.asarray(row["gt_mask"], bool)
-            scores = metrics.score_saliency(mask.astype(np.float32), gt)
+            void = np.asarray(row["gt_void"], bool) if "gt_void" in row else np.zeros(gt.shape, bool)
+            scores = metrics.score_saliency(mask.astype(np.float32), gt, ignore=void)
             soft = None
             if bilateral:
                 soft, binary = refine_mask(image, mask)
                 cleaned = clean_binary(binary)
-                bs_scores = metrics.score_saliency(soft.astype(np.float32), gt)
+                bs_scores = metrics.score_saliency(soft.astype(np.float32), gt, ignore=void)
             ex = example_payload(image, heat, mask, soft, gt, None, None) if keep else b""
             out.append(result_row(image_id, m, scores=scores, example=ex))
             if bilateral:
-                out.append(result_row(image_id, f"{m}+bs", scores=bs_scores, binary=binary_scores(cleaned, gt)))
+                out.append(result_row(image_id, f"{m}+bs", scores=bs_scores, binary=binary_scores(cleaned[~void], gt[~void])))
         except Exception as exc:  # noqa: BLE001 - a failed post-processing step fails this image only
             out.extend(failed_row(image_id, n, reason(exc)) for n in (m, f"{m}+bs", f"{m}-single") if n in names)
     return out
@@ -403,9 +407,11 @@ def score_map(record: dict, *, store: Storage | None = None) -> dict:
     try:
         if not record["map_uri"]:
             raise FileNotFoundError(f"no map named {record['image_id']}.* in {record['maps_dir']}")
-        gt = check_mask_foreground(load_mask(store.read_bytes(record["mask_uri"])))
+        regions = read_mask(store.read_bytes(record["mask_uri"]))
+        gt = check_mask_foreground(regions.foreground)
         pred = read_map(store.read_bytes(record["map_uri"]), gt.shape)
-        row = result_row(record["image_id"], record["method"], scores=metrics.score_saliency(pred, gt))
+        row = result_row(record["image_id"], record["method"],
+                         scores=metrics.score_saliency(pred, gt, ignore=regions.void))
     except Exception as exc:  # noqa: BLE001
         row = failed_row(record["image_id"], record["method"], reason(exc))
     row["checkpoint"] = record["maps_dir"]
@@ -418,18 +424,13 @@ def segmentation_records(spec: EvalDataset, store: Storage | None = None) -> lis
     ``dncut.data.datasets.coco_samples``: URIs, declared sizes, missing files) as
     ``{image_id, image_uri, gt_size [W, H], annotations}`` (``annotations``: JSON list of the
     image's instances: category name, polygons, crowd flag, box), the first ``spec.limit`` only."""
+    from dncut.data.class_maps import annotations_by_image
     from dncut.data.datasets import coco_samples, read_coco
 
-    s3 = (store or Storage()).options
-    instances = read_coco(spec.root, spec.annotations, s3)  # read once
-    samples, coco = coco_samples(instances, s3, include_crowd=True), instances.data
-    names = {int(c["id"]): c["name"] for c in coco.get("categories", [])}
-    by_file: dict[str, list[dict]] = {}
-    ids = {int(img["id"]): img["file_name"].rsplit(".", 1)[0] for img in coco["images"]}
-    for ann in coco.get("annotations", []):
-        by_file.setdefault(ids.get(int(ann["image_id"]), ""), []).append(
-            {"category": names.get(int(ann["category_id"]), ""), "segmentation": ann.get("segmentation"),
-             "iscrowd": int(ann.get("iscrowd", 0)), "bbox": ann.get("bbox", [0, 0, 0, 0])})
+    store = store or Storage()
+    instances = read_coco(spec.root, spec.annotations, store)  # read once
+    samples = coco_samples(instances, store, include_crowd=True)
+    by_file = annotations_by_image(instances)  # warns once about categories that map to no VOC class
     records = [{"image_id": s.image_id, "image_uri": s.image_uri, "gt_size": list(s.size or (0, 0)),
                 "annotations": json.dumps(by_file.get(s.image_id, []))} for s in samples]
     return records[: spec.limit] if spec.limit else records
