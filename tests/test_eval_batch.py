@@ -360,17 +360,98 @@ def test_predict_writes_masks_maps_boxes_and_failed_rows(ray_session, scene_fold
     summary = predict_folder(str(images), str(out), cfg)
     assert summary == {"images": 4, "rows": 8, "failed": 1, "out": str(out)}
     rows = pq.read_table(out / "predictions.parquet").to_pylist()
-    broken = [r for r in rows if r["image_id"] == "broken"]
+    broken = [r for r in rows if r["image_id"] == "broken.png"]  # image_id: the path below --images
     assert [r["status"] for r in broken] == ["failed", "failed"] and "cannot decode" in broken[0]["error"]
     for r in (r for r in rows if r["status"] == "ok"):
         mask = np.asarray(Image.open(r["mask"]))
-        image = Image.open(images / f"{r['image_id']}.jpg")
+        image = Image.open(images / r["image_id"])
         assert mask.shape == (image.height, image.width) and set(np.unique(mask)) <= {0, 255}
         assert Image.open(r["map"]).size == image.size
         (box,) = json.loads(r["boxes"])
         assert 0 <= box[0] < box[2] <= image.width and 0 <= box[1] < box[3] <= image.height
     scored = evaluate_maps(str(scene_folder / "masks"), [str(out / "masks")], str(tmp_path / "scored"))
     assert {run["method"] for run in scored["runs"]} == {"simple", "tokencut"}
+    per_image = pq.read_table(tmp_path / "scored" / "per_image.parquet").to_pylist()
+    assert {r["image_id"] for r in per_image if r["status"] == "ok"} == {"s0", "s1", "s2"}  # s0.jpg.png -> s0
+
+
+def test_predict_output_names_are_unique_per_input(ray_session, scene_folder: Path, tmp_path: Path):
+    """Inputs whose stems collide (``photo.jpg`` / ``photo.png``, ``sub/x.jpg`` / ``sub_x.jpg``) get one
+    mask and one map file each, named after the path below ``--images`` with its extension, and
+    eval-maps pairs them with ``<stem>.png`` masks (ambiguous stems are failed rows, never a guess)."""
+    from dncut.eval.jobs import predict_folder
+
+    images, gt = tmp_path / "in", tmp_path / "gt"
+    (images / "sub").mkdir(parents=True)
+    (gt / "sub").mkdir(parents=True)
+    names = ["photo.jpg", "photo.png", "sub/x.jpg", "sub_x.jpg"]
+    for i, name in enumerate(names):
+        image, mask = make_scene(200 + i, size=64 + 16 * i)  # a size per input: files are told apart
+        (images / name).write_bytes(_jpeg(image) if name.endswith(".jpg") else _png(np.asarray(image)))
+        (gt / (name.rsplit(".", 1)[0] + ".png")).write_bytes(_png(mask.astype(np.uint8) * 255))
+    cfg = load_config("configs/eval/smoke.yaml", ["eval.methods=[simple]", "eval.image_size=64",
+                                                  "ncut.solver=eigh", "model.backbone=vit_tiny_test"])
+    out = tmp_path / "pred"
+    assert predict_folder(str(images), str(out), cfg)["failed"] == 0
+    rows = pq.read_table(out / "predictions.parquet").to_pylist()
+    assert sorted(r["image_id"] for r in rows) == sorted(names)
+    assert sorted(r["mask"] for r in rows) == sorted(str(out / "masks" / "simple" / f"{n}.png") for n in names)
+    assert sorted(r["map"] for r in rows) == sorted(str(out / "z2" / "simple" / f"{n}.png") for n in names)
+    assert sorted(p.relative_to(out / "masks" / "simple").as_posix()
+                  for p in (out / "masks" / "simple").rglob("*.png")) == sorted(f"{n}.png" for n in names)
+    for r in rows:  # each row points at its own image's files
+        assert Image.open(r["mask"]).size == Image.open(r["map"]).size == Image.open(images / r["image_id"]).size
+    evaluate_maps(str(gt), [str(out / "masks")], str(tmp_path / "scored"))
+    per_image = {r["image_id"]: r for r in pq.read_table(tmp_path / "scored" / "per_image.parquet").to_pylist()}
+    assert {k for k, r in per_image.items() if r["status"] == "ok"} == {"sub/x", "sub_x"}
+    assert "ambiguous" in per_image["photo"]["error"] and "photo.jpg.png" in per_image["photo"]["error"]
+
+
+def test_predict_names_that_differ_only_by_case_are_failed_rows_not_overwrites():
+    """On a case-insensitive file system ``A.jpg`` and ``a.jpg`` would write the same files: the
+    second (sorted) is a failed record naming the first; distinct names all keep their path."""
+    from dncut.eval.stages import pair_maps, predict_records
+
+    recs = predict_records(["/in/a.jpg", "/in/A.jpg", "/in/sub/x.jpg", "/in/sub_x.jpg", "/in/a.png"], "/in/")
+    by_id = {r["image_id"]: r for r in recs}
+    assert sorted(by_id) == ["A.jpg", "a.jpg", "a.png", "sub/x.jpg", "sub_x.jpg"]
+    assert by_id["A.jpg"]["missing"] == "" and "collides with that of /in/A.jpg" in by_id["a.jpg"]["missing"]
+    assert all(by_id[k]["missing"] == "" for k in ("a.png", "sub/x.jpg", "sub_x.jpg"))
+    paired = pair_maps({"x": "gt/x.png", "y": "gt/y.png", "z": "gt/z.png"},
+                       {"x": "m/x.png", "x.jpg": "m/x.jpg.png", "y.jpg": "m/y.jpg.png", "y.png": "m/y.png.png"})
+    assert paired["x"] == ("m/x.png", "") and paired["z"] == ("", "")
+    assert paired["y"][0] == "" and "ambiguous" in paired["y"][1]
+
+
+def _checkpoint_with_objects(tmp_path: Path) -> str:
+    from dncut.backbones import create_backbone
+
+    torch.manual_seed(7)
+    sd = create_backbone("vit_tiny_test").model.state_dict()
+    path = tmp_path / "with_numpy.pth"
+    torch.save({"state_dict": sd, "epoch": np.int64(3), "best": np.float32(0.5)}, path)
+    return str(path)
+
+
+def test_eval_checkpoint_holding_numpy_scalars_needs_the_trust_key(ray_session, scene_folder: Path, tmp_path: Path):
+    """``eval-saliency --checkpoint`` (and ``eval.checkpoints``) read with ``model.trusted_checkpoint``:
+    refused naming the file and the key by default, loaded with ``--set model.trusted_checkpoint=true``."""
+    from dncut.eval.stages import NCutPredictor, TokenExtractor
+
+    path = _checkpoint_with_objects(tmp_path)
+    with pytest.raises(RuntimeError, match=r"with_numpy\.pth.*model\.trusted_checkpoint: true"):
+        TokenExtractor("vit_tiny_test", path, False)
+    TokenExtractor("vit_tiny_test", path, False, trusted=True)
+    NCutPredictor("vit_tiny_test", path, False, ["simple"], solver="eigh", trusted=True)
+    overrides = ["eval.image_size=64", "ncut.solver=eigh", "eval.num_actors=1"]
+    with pytest.raises(Exception, match=r"model\.trusted_checkpoint"):
+        evaluate_saliency(str(scene_folder / "images"), str(scene_folder / "masks"), "vit_tiny_test", path,
+                          "simple", False, str(tmp_path / "refused"), load_config("configs/eval/smoke.yaml", overrides))
+    cfg = load_config("configs/eval/smoke.yaml", [*overrides, "model.trusted_checkpoint=true"])
+    summary = evaluate_saliency(str(scene_folder / "images"), str(scene_folder / "masks"), "vit_tiny_test", path,
+                                "simple", False, str(tmp_path / "trusted"), cfg)
+    (run,) = summary["runs"]
+    assert run["checkpoint"] == path and run["n_images"] - run["n_failed"] == 3
 
 
 def test_summary_order_and_labels_follow_the_evaluation():

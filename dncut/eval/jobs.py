@@ -41,8 +41,8 @@ from dncut.data.images import IMAGE_SUFFIXES
 from dncut.eval.predict import METHODS
 from dncut.eval.report import Accumulator, write_report
 from dncut.eval.stages import (DISCOVERY_KINDS, SEGMENTATION_CLASSES, BackboneFactory, NCutPredictor, TokenExtractor,
-                               dataset_records, load_record, load_segmentation_record, record, result_row,
-                               score_map, score_row, score_segmentation, write_outputs)
+                               dataset_records, load_record, load_segmentation_record, pair_maps, predict_records,
+                               record, result_row, score_map, score_row, score_segmentation, write_outputs)
 from dncut.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def _predictor_kwargs(cfg: Config, backbone: str, checkpoint: str | None, method
                       factory: BackboneFactory | None, found_head: bytes | None) -> dict[str, Any]:
     return {"backbone": backbone, "checkpoint": checkpoint, "pretrained": cfg.model.pretrained, "methods": methods,
             "solver": cfg.ncut.solver, "use_gpu": cfg.eval.gpus_per_actor > 0, "store": store, "factory": factory,
-            "found_head": found_head}
+            "found_head": found_head, "trusted": cfg.model.trusted_checkpoint}
 
 
 # --------------------------------------------------------------------------- saliency / discovery
@@ -217,7 +217,8 @@ def run_segmentation(records: list[dict], *, cfg: Config, dataset: str, backbone
                      num_gpus=ev.gpus_per_actor or None,
                      fn_constructor_kwargs={"backbone": backbone, "checkpoint": checkpoint,
                                             "pretrained": cfg.model.pretrained, "use_gpu": ev.gpus_per_actor > 0,
-                                            "store": store, "factory": factory})
+                                            "store": store, "factory": factory,
+                                            "trusted": cfg.model.trusted_checkpoint})
     )
     rows = sorted(ds.iter_rows(), key=lambda r: str(r["image_id"]))
     ok = [r for r in rows if r["status"] == "ok"]
@@ -340,7 +341,8 @@ def evaluate_maps(masks_dir: str, maps_dirs: str | Sequence[str], out_dir: str,
 
     Args:
         masks_dir: folder of ground-truth masks ``<stem>.png`` (local or ``s3://``).
-        maps_dirs: folder(s) of maps ``<stem>.png``; a folder whose sub-folders are methods
+        maps_dirs: folder(s) of maps ``<stem>.png`` (or ``<stem>.<image ext>.png``, as ``dncut predict``
+            names them; pairing rule: ``dncut.eval.stages.pair_maps``); a folder whose sub-folders are methods
             (like ``sod-val/maps``, or ``dncut predict``'s ``masks/``) gives one run per sub-folder.
         out_dir: output folder or ``s3://`` prefix.
         store: the storage handle (``None``: the environment's defaults).
@@ -358,8 +360,9 @@ def evaluate_maps(masks_dir: str, maps_dirs: str | Sequence[str], out_dir: str,
     records = []
     for method, folder in map_folders(maps_dirs, store):
         maps = stems(folder, "maps", "a folder of <stem>.png maps", store)
-        records += [{"image_id": s, "method": method, "mask_uri": u, "map_uri": maps.get(s, ""),
-                     "maps_dir": folder} for s, u in sorted(masks.items())]
+        paired = pair_maps(masks, maps)  # predict's <stem>.<ext>.png maps pair with <stem>.png masks
+        records += [{"image_id": s, "method": method, "mask_uri": u, "map_uri": paired[s][0],
+                     "missing": paired[s][1], "maps_dir": folder} for s, u in sorted(masks.items())]
     ensure_ray()
     log.info("eval-maps %s: %d masks x %d map folders", dataset, len(masks), len(records) // max(1, len(masks)))
     acc = Accumulator()
@@ -373,8 +376,10 @@ def predict_folder(images: str, out_dir: str, cfg: Config, *, backbone: str | No
                    checkpoint: str | None = None) -> dict[str, Any]:
     """Run ``cfg.eval.methods`` on every image of ``images`` and write what they find (``dncut predict``).
 
-    Outputs under ``out_dir`` (``dncut.eval.stages.write_outputs``): ``masks/<method>/<stem>.png``,
-    ``z2/<method>/<stem>.png`` and ``predictions.parquet`` (one row per image and method: status,
+    Outputs under ``out_dir`` (``dncut.eval.stages.write_outputs``): ``masks/<method>/<path>.png``,
+    ``z2/<method>/<path>.png`` (``<path>``: the image's path below ``images`` with its extension,
+    ``sub/x.jpg`` -> ``masks/<method>/sub/x.jpg.png``, so names never collide; naming rule:
+    ``dncut.eval.stages.predict_records``) and ``predictions.parquet`` (one row per image and method: status,
     error, mask and map URIs, boxes as JSON; failed images are rows with their reason).
     ``dncut eval-maps --masks GT --maps <out>/masks`` scores the masks.
 
@@ -403,9 +408,7 @@ def predict_folder(images: str, out_dir: str, cfg: Config, *, backbone: str | No
     uris = store.check_source(images, IMAGE_SUFFIXES)
     check_checkpoint(checkpoint, store)
     found_head = found_head_for(cfg, backbone, checkpoint, store)
-    prefix = images.rstrip("/") + "/"
-    records = [record(posixpath.splitext(u[len(prefix):] if u.startswith(prefix) else posixpath.basename(u))[0]
-                      .replace("/", "_"), u) for u in uris]
+    records = predict_records(uris, images)  # output names unique per input
     ensure_ray()
     read_cpus, actor_cpus, write_cpus = cpu_split(ev.num_actors)
     ds = (

@@ -46,7 +46,7 @@ import numpy as np
 from dncut.backbone_specs import BackboneSpec
 from dncut.config import DISCOVERY_ONLY_METHODS, EvalDataset
 from dncut.data.datasets import DatasetLayoutError, coco20k_dataset, coco_dataset, saliency_dataset, voc_dataset
-from dncut.data.images import check_mask_foreground, check_mask_size, decode_image, read_mask
+from dncut.data.images import IMAGE_SUFFIXES, check_mask_foreground, check_mask_size, decode_image, read_mask
 from dncut.eval import metrics
 from dncut.eval.bilateral import refine_mask
 from dncut.eval.methods import box_to_pixels, clean_binary, image_mask, largest_component_box, upsample_map
@@ -196,10 +196,12 @@ def load_record(record: dict, *, spec: BackboneSpec, image_size: int | None, sto
 
 # --------------------------------------------------------------------------- the predictor actor
 def load_backbone(factory: BackboneFactory | None, backbone: str, pretrained: bool, checkpoint: str | None,
-                  store: Storage | None = None):
+                  store: Storage | None = None, trusted: bool = False):
     """Build the backbone in an actor, with a message naming what failed. Weights that are neither
     pretrained nor loaded (random init: tests, smoke runs) are drawn from torch seed
     ``RANDOM_INIT_SEED``, so every actor, and an actor Ray restarts, holds the same network.
+    ``trusted``: full unpickling of ``checkpoint`` (config ``model.trusted_checkpoint``,
+    ``dncut.weights.read_checkpoint``; a ``factory`` loads its checkpoints itself).
 
     Raises:
         RuntimeError: the backbone cannot be built (unknown name, unreadable checkpoint), naming both.
@@ -214,7 +216,7 @@ def load_backbone(factory: BackboneFactory | None, backbone: str, pretrained: bo
             from dncut.backbones import create_backbone
 
             return create_backbone(backbone, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint,
-                                   store=store)
+                                   store=store, trusted=trusted)
     except Exception as exc:
         raise RuntimeError(f"cannot build backbone {backbone!r} with checkpoint {checkpoint!r} "
                            f"(pretrained={pretrained}): {exc}") from exc
@@ -242,17 +244,19 @@ class NCutPredictor:
             ``dncut.backbones.create_backbone`` (see ``BackboneFactory``).
         found_head: the FOUND head file's bytes for this backbone and checkpoint
             (``dncut.eval.jobs.found_head_for``); required with method ``found``.
+        trusted: full unpickling of ``checkpoint`` (config ``model.trusted_checkpoint``).
     """
 
     def __init__(self, backbone: str, checkpoint: str | None, pretrained: bool, methods: Sequence[str],
                  solver: str, use_gpu: bool = False, store: Storage | None = None,
-                 factory: BackboneFactory | None = None, found_head: bytes | None = None) -> None:
+                 factory: BackboneFactory | None = None, found_head: bytes | None = None,
+                 trusted: bool = False) -> None:
         from dncut.eval.found import load_head
 
         device = _device(use_gpu)
         if device.type == "cpu":
             retain_freed_memory()
-        model = load_backbone(factory, backbone, pretrained, checkpoint, store).to(device)
+        model = load_backbone(factory, backbone, pretrained, checkpoint, store, trusted).to(device)
         head = load_head(found_head)[0] if found_head is not None else None
         self.predictor = Predictor(model, methods, solver, device, found_head=head)
 
@@ -401,10 +405,13 @@ def read_map(data: bytes, size: tuple[int, int]) -> np.ndarray:
 
 
 def score_map(record: dict, *, store: Storage | None = None) -> dict:
-    """Score (CPU task) one precomputed map (record ``{image_id, method, mask_uri, map_uri, maps_dir}``)
+    """Score (CPU task) one precomputed map (record ``{image_id, method, mask_uri, map_uri, maps_dir}``,
+    optional ``missing``: a reason that fails the row, e.g. ambiguous maps of ``pair_maps``)
     against its mask -> a scored row with ``checkpoint`` = the maps folder (failed on any error)."""
     store = store or Storage()
     try:
+        if record.get("missing"):
+            raise ValueError(record["missing"])
         if not record["map_uri"]:
             raise FileNotFoundError(f"no map named {record['image_id']}.* in {record['maps_dir']}")
         regions = read_mask(store.read_bytes(record["mask_uri"]))
@@ -470,9 +477,10 @@ class TokenExtractor:
     every ok row (``dncut.eval.predict.Predictor.features``; arguments as ``NCutPredictor``)."""
 
     def __init__(self, backbone: str, checkpoint: str | None, pretrained: bool, use_gpu: bool = False,
-                 store: Storage | None = None, factory: BackboneFactory | None = None) -> None:
+                 store: Storage | None = None, factory: BackboneFactory | None = None,
+                 trusted: bool = False) -> None:
         device = _device(use_gpu)
-        model = load_backbone(factory, backbone, pretrained, checkpoint, store).to(device).eval()
+        model = load_backbone(factory, backbone, pretrained, checkpoint, store, trusted).to(device).eval()
         self.predictor = Predictor(model, ["simple"], "eigh", device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -551,10 +559,70 @@ def image_boxes(row: dict, method: str, where: dict, size: tuple[int, int]) -> l
     return (boxes * scale).round(2).tolist()
 
 
+def predict_records(uris: Sequence[str], folder: str) -> list[dict]:
+    """The predict job's records, one per image URI listed below ``folder``, in sorted order.
+
+    Naming rule (the output names of ``write_outputs`` are ``<image_id>.png``): ``image_id`` is the
+    image's path relative to ``folder`` with its extension kept (``sub/x.jpg``; the base name for a
+    URI outside ``folder``), so ``photo.jpg`` / ``photo.png`` and ``sub/x.jpg`` / ``sub_x.jpg`` get
+    four distinct files. Two ids equal but for letter case (``A.jpg``, ``a.jpg``) would overwrite
+    each other's files on a case-insensitive file system: the first in sorted order is kept and
+    every other is a record with ``missing`` set (a failed row naming the kept one), never an
+    overwrite.
+    """
+    prefix = folder.rstrip("/") + "/"
+    owners: dict[str, str] = {}  # casefolded id -> the URI that owns its output names
+    out = []
+    for uri in sorted(uris):
+        image_id = uri[len(prefix):] if uri.startswith(prefix) else posixpath.basename(uri)
+        owner = owners.setdefault(image_id.casefold(), uri)
+        missing = "" if owner == uri else (
+            f"output name {image_id}.png collides with that of {owner} (the same name but for letter case, which "
+            "a case-insensitive file system cannot tell apart): rename one of the two")
+        out.append(record(image_id, uri, missing=missing))
+    return out
+
+
+def map_key_stem(key: str) -> str:
+    """A map's key (its path below the maps folder without ``.png``) -> the stem it scores:
+    an image extension kept by ``dncut predict`` is dropped (``sub/x.jpg`` -> ``sub/x``)."""
+    stem, ext = posixpath.splitext(key)
+    return stem if ext.lower() in IMAGE_SUFFIXES else key
+
+
+def pair_maps(masks: dict[str, str], maps: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Pair ground-truth masks with maps, both ``stem -> URI`` (stems keep their sub-folder).
+
+    Rule: the map whose key is the mask's stem (``x.png`` for mask ``x.png``); else the one map
+    whose key is that stem plus an image extension (``dncut predict``'s ``x.jpg.png``). Several
+    such maps (``x.jpg.png`` and ``x.png.png``) are ambiguous.
+
+    Returns:
+        ``mask stem -> (map URI, "")``, or ``("", reason)`` when no map or several match.
+    """
+    by_stem: dict[str, list[str]] = {}
+    for key in sorted(maps):
+        by_stem.setdefault(map_key_stem(key), []).append(key)
+    out = {}
+    for stem in masks:
+        if stem in maps:
+            out[stem] = (maps[stem], "")
+            continue
+        keys = by_stem.get(stem, [])
+        if len(keys) == 1:
+            out[stem] = (maps[keys[0]], "")
+        elif keys:
+            out[stem] = ("", f"maps {', '.join(k + '.png' for k in keys)} all match mask {stem}: ambiguous")
+        else:
+            out[stem] = ("", "")
+    return out
+
+
 def write_outputs(row: dict, *, methods: list[str], out_dir: str, store: Storage | None = None) -> list[dict]:
     """Write (CPU task, the predict job): one predicted row -> per method
     ``<out_dir>/masks/<method>/<image_id>.png`` (0 / 255, image size) and ``<out_dir>/z2/<method>/
-    <image_id>.png`` (the map min-max scaled to 0..255), and one output row per method:
+    <image_id>.png`` (the map min-max scaled to 0..255; ``image_id`` as ``predict_records`` names
+    it: ``sub/x.jpg`` -> ``masks/<method>/sub/x.jpg.png``), and one output row per method:
     ``{image_id, method, status, error, mask (URI), map (URI), boxes (JSON, image pixels)}``."""
     store = store or Storage()
     image_id = str(row["image_id"])
