@@ -21,7 +21,9 @@ Concurrency rule (``tune.max_concurrent_trials: null``): a trial needs
 (``max(1, data.decode_cpus)``) for its Ray Data pipeline, and ``num_workers * gpus_per_worker``
 GPUs; the trial's Tune driver only waits on the Train controller and reserves 0.01 CPU. At most
 ``floor(cluster CPUs / per-trial CPUs)`` (and ``floor(GPUs / per-trial GPUs)``) trials run at
-once, never fewer than one: a pipeline starved of CPUs hangs at "backpressured".
+once, never fewer than one: a pipeline starved of CPUs hangs at "backpressured". A trial that
+could never schedule its data (its workers leave no node with ``data.decode_cpus`` + 0.01 CPUs) is
+refused before the sweep starts (``dncut.train.resources``).
 
 Resume: running the same sweep again (same storage path and name) restores it with
 ``Tuner.restore(..., resume_errored=True)``; finished trials are kept, unfinished and errored
@@ -48,7 +50,8 @@ from ray.tune import Callback
 from ray.tune.schedulers import AsyncHyperBandScheduler
 
 from dncut import storage
-from dncut.config import Config, ConfigError, LogUniform, parse_config
+from dncut.config import Config, ConfigError, LogUniform, config_diff, parse_config
+from dncut.train.resources import check_cluster
 from dncut.tune_results import (best_trial, format_trials, plot_iou_vs_alpha, sort_rows, trial_row,
                                  trial_run_name, trials_csv)
 
@@ -237,13 +240,13 @@ def check_sweep(cfg: Config) -> int:
         dncut.storage.StorageError: the training source is unreachable or empty.
     """
     from dncut.data.datasets import saliency_dataset
-    from dncut.data.pipeline import s3_options, source_uris
+    from dncut.data.pipeline import source_uris
 
     _check_space(cfg)
     _check_checkpoints(cfg)
     _check_combinations(cfg)
     if cfg.data.val is not None:
-        saliency_dataset("folder", cfg.data.val, s3_options(cfg))
+        saliency_dataset("folder", cfg.data.val, cfg.storage_handle())
     source_uris(cfg)
     return grid_size(cfg)
 
@@ -253,22 +256,10 @@ RERUN_FREE_KEYS = ("eval.", "tracking.", "tune.evaluate_best", "tune.max_concurr
 """Config keys a resumed sweep may change: they do not change what any trial trains."""
 
 
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: data}
-
-
 def changed_keys(saved: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     """Dotted keys whose values differ between a sweep's saved config and a rerun's, except
-    ``RERUN_FREE_KEYS``: ``{"tune.alpha": ([0.05], [0.1])}``."""
-    old, cur = _flat(saved.model_dump(mode="json")), _flat(new.model_dump(mode="json"))
-    keys = sorted(k for k in set(old) | set(cur)
-                  if old.get(k) != cur.get(k) and not any(k == f or k.startswith(f) for f in RERUN_FREE_KEYS))
-    return {k: (old.get(k), cur.get(k)) for k in keys}
+    ``RERUN_FREE_KEYS`` (``dncut.config.config_diff``): ``{"tune.alpha": ([0.05], [0.1])}``."""
+    return config_diff(saved, new, RERUN_FREE_KEYS)
 
 
 def check_rerun(cfg: Config, exp_dir: str, store: storage.Storage, restorable: bool) -> bool:
@@ -518,7 +509,9 @@ def run_sweep(cfg: Config, *, evaluate: bool | None = None, callbacks: Sequence[
         ``SweepResults``: rows (best first), Markdown table, winner, evaluation and file URIs.
 
     Raises:
-        SweepError, ConfigError, DatasetLayoutError, StorageError: before any trial starts.
+        SweepError, ConfigError, DatasetLayoutError, StorageError: before any trial starts
+            (``dncut.train.resources.ResourceError``, a ``ConfigError``: one trial's workers leave no
+            CPU for its decode tasks).
     """
     import ray
     from ray import tune
@@ -532,10 +525,11 @@ def run_sweep(cfg: Config, *, evaluate: bool | None = None, callbacks: Sequence[
     exp_dir = sweep_dir(cfg)
     runs_dir = storage.join(exp_dir, RUNS_DIR)
     resume = check_rerun(cfg, exp_dir, store, restorable(exp_dir, store))
-    if not resume:  # the saved config is the one the trials run with: written once, at the start
-        store.write_bytes(storage.join(exp_dir, SWEEP_CONFIG), cfg.to_yaml().encode())  # fails early
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
+    check_cluster(cfg, extra_cpus=DRIVER_CPUS)  # one trial that can never schedule its data: refused here
+    if not resume:  # the saved config is the one the trials run with: written once, at the start
+        store.write_bytes(storage.join(exp_dir, SWEEP_CONFIG), cfg.to_yaml().encode())  # fails early
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, base=cfg.model_dump(mode="json"), runs_dir=runs_dir),
         {"cpu": DRIVER_CPUS})

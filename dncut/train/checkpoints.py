@@ -14,6 +14,11 @@ A run folder (``Config.run_dir``: ``output_dir/run_name``, local or ``s3://``) h
 
 ``dncut train`` and ``dncut found-train`` write the same files (their ``state.pt`` dicts differ).
 
+A rerun of a run folder that holds trained state (a checkpoint folder, a manifest entry or an
+export) must bring the config it was trained with, up to the keys that do not change what the
+weights mean (``TRAIN_RERUN_KEYS``, ``FOUND_RERUN_KEYS``): ``check_rerun`` refuses any other change
+before a worker starts and before ``config.yaml`` is written, so the folder stays as it was.
+
 dncut keeps its own record: a checkpoint is the folder itself, and it is **intact** when its
 ``progress.json`` reads and its ``state.pt`` holds the byte count recorded there (a truncated,
 half-uploaded or deleted one is not). The manifest names what was uploaded, so a recorded
@@ -40,7 +45,9 @@ from typing import Any
 import torch
 from pyarrow import fs as pafs
 
-from dncut.config import Config
+import yaml
+
+from dncut.config import Config, ConfigError, config_diff, parse_config
 from dncut.storage import Storage
 
 log = logging.getLogger("dncut.train")
@@ -52,6 +59,24 @@ EXPORT_FILE = "backbone.pth"
 MANIFEST_FILE = "checkpoints.json"
 CHECKPOINT_PREFIX = "checkpoint_"
 FIT_PREFIX = "fit_"
+
+
+RERUN_FREE_KEYS = ("run_name", "output_dir", "storage.", "scaling.", "eval.", "tune.", "tracking.",
+                   "data.decode_cpus", "data.val", "data.val_scenes", "model.trusted_checkpoint",
+                   "train.log_every", "train.val_every", "train.checkpoint_every", "train.keep_checkpoints",
+                   "train.max_nan_steps")
+"""Keys any rerun of a run folder may change: where the folder is reached, resources, evaluation,
+tracking, validation and reporting cadence (the weights and the row stream mean the same)."""
+TRAIN_RERUN_KEYS = (*RERUN_FREE_KEYS, "train.max_steps", "train.epochs", "found.")
+"""``dncut train``: also the run's length (extending a run) and FOUND's section, which it does not read."""
+FOUND_RERUN_KEYS = (*RERUN_FREE_KEYS, "found.steps", "train.", "loss.", "ncut.", "model.projector",
+                    "model.proj_dim", "model.hidden_dim", "model.freeze_encoder_bn")
+"""``dncut found-train``: also its length and what it does not read (training's optimiser, loss,
+NCut layer and projector/predictor; the frozen backbone is ``model.backbone`` / ``model.checkpoint``)."""
+
+
+class RerunError(ConfigError):
+    """A rerun of a run folder with a config that changes what its trained state means."""
 
 
 @dataclass(frozen=True)
@@ -209,3 +234,46 @@ def resume_step(cfg: Config, store: Storage | None = None) -> int:
     """The step a rerun of ``cfg.run_dir`` continues at: that of its newest intact checkpoint (0 without one)."""
     ref = resume_point(cfg.with_absolute_paths().run_dir, store or cfg.storage_handle())
     return ref.step if ref else 0
+
+
+def has_trained_state(run: str, store: Storage, outputs: tuple[str, ...] = (EXPORT_FILE,)) -> bool:
+    """Does ``run`` hold a checkpoint folder (intact or not), a manifest entry or one of ``outputs``?"""
+    return bool(_checkpoint_files(run, store) or recorded(run, store)
+                or any(store.exists(store.join(run, f)) for f in outputs))
+
+
+def check_rerun(cfg: Config, store: Storage, free: tuple[str, ...] = TRAIN_RERUN_KEYS,
+                outputs: tuple[str, ...] = (EXPORT_FILE,)) -> None:
+    """Refuse to continue ``cfg.run_dir`` with a config that changes what its trained state means.
+
+    Nothing is checked when the folder has no ``config.yaml`` or no trained state
+    (``has_trained_state``); a config that differs only in ``free`` keys passes. Reads only:
+    the folder's files are left as they are.
+
+    Args:
+        cfg: the rerun's config, local paths absolute (``Config.with_absolute_paths``).
+        free: keys that may change (``dncut.config.config_diff`` ignore entries).
+        outputs: files of the folder that count as trained state (the run's exports).
+
+    Raises:
+        RerunError: one line naming the changed keys (old -> new) and the ways forward.
+    """
+    run = cfg.run_dir
+    saved_uri = store.join(run, CONFIG_FILE)
+    try:
+        text = store.read_bytes(saved_uri)
+    except FileNotFoundError:
+        return
+    if not has_trained_state(run, store, outputs):
+        return
+    try:
+        saved = parse_config(yaml.safe_load(text) or {}, (), saved_uri)
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise RerunError(f"run {run} holds trained state but its {CONFIG_FILE} does not load with this dncut "
+                         f"({' '.join(str(exc).split())}): set a new run_name to start a new run") from None
+    diff = config_diff(saved, cfg, free)
+    if diff:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(diff.items())[:6])
+        more = f" (+{len(diff) - 6} more)" if len(diff) > 6 else ""
+        raise RerunError(f"run {run} was trained with another config ({shown}{more}): set a new run_name to start "
+                         f"a new run, or rerun with its saved config {saved_uri} to continue it")

@@ -1,8 +1,11 @@
 """The driver of a training run: run config, trainer assembly, ``fit``, ``export_run``.
 
     fit(cfg)
-      build_trainer(cfg)   absolute paths (once, here); validate the data source before any worker
-                           starts; the resume step (the run's newest intact checkpoint,
+      build_trainer(cfg)   absolute paths (once, here); before any worker starts: the resource
+                           arithmetic (dncut.train.resources: workers + decode tasks against the
+                           cluster), the rerun check (a run folder with trained state continues only
+                           with its own config, dncut.train.checkpoints.check_rerun), the data
+                           source; then the resume step (the run's newest intact checkpoint,
                            dncut.train.checkpoints); the row stream from that step; config.yaml
                            in the run folder; a TorchTrainer whose RunConfig names a fresh
                            ``fit_<time>`` folder under the run folder
@@ -26,7 +29,9 @@ from dncut.export import ExportFormat, export_hf, push_hf
 from dncut.runtime import worker_env
 from dncut.storage import Storage, read_bytes
 from dncut.tracking import ProgressBar
-from dncut.train.checkpoints import CONFIG_FILE, EXPORT_FILE, new_fit_name, prune_earlier_fits, resume_point
+from dncut.train.checkpoints import (CONFIG_FILE, EXPORT_FILE, check_rerun, new_fit_name, prune_earlier_fits,
+                                     resume_point)
+from dncut.train.resources import check_cluster
 from dncut.train.worker import train_loop_per_worker
 
 log = logging.getLogger("dncut.train")
@@ -102,9 +107,12 @@ def start_step(cfg: Config, store: Storage, last: int) -> int:
 
 
 def build_trainer(cfg: Config, callbacks: list | None = None):
-    """Validate the data source (before any worker starts) and assemble the TorchTrainer.
+    """Check the run against the cluster and its folder, validate the data source (all before any
+    worker starts and before ``config.yaml`` is written), and assemble the TorchTrainer.
 
     Raises:
+        dncut.train.resources.ResourceError: the workers leave no CPU for the decode tasks.
+        dncut.train.checkpoints.RerunError: the run folder was trained with another config.
         dncut.storage.StorageError, dncut.data.datasets.DatasetLayoutError: an unusable source.
     """
     import ray.data
@@ -112,10 +120,12 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the loop logs progress
     cfg = cfg.with_absolute_paths()
+    check_cluster(cfg)
     store = cfg.storage_handle()
+    check_rerun(cfg, store)
     uris = source_uris(cfg)
     if cfg.data.val is not None:  # a validation folder without masks fails here, before any worker
-        saliency_dataset("folder", cfg.data.val, store.options)
+        saliency_dataset("folder", cfg.data.val, store)
     total = cfg.train.total_steps(len(uris))
     start = start_step(cfg, store, total)  # a rerun continues the seeded row stream where it stopped
     ds = train_dataset(cfg, uris, total, start)
@@ -138,7 +148,7 @@ def fit(cfg: Config, *, progress: bool = False):
     trainer = build_trainer(cfg)
     loop = trainer.train_loop_config
     with ProgressBar(cfg.with_absolute_paths().run_dir, loop["total_steps"], start=loop["start_step"],
-                     s3=cfg.storage_handle().options, disable=not progress, desc=cfg.run_name):
+                     store=cfg.storage_handle(), disable=not progress, desc=cfg.run_name):
         return trainer.fit()
 
 

@@ -41,9 +41,10 @@ from dncut.eval.found import (FoundHead, HeadInfo, found_loss, pseudo_masks, ref
                               upsample_logits)
 from dncut.storage import Storage
 from dncut.tracking import ProgressBar, Tracker
-from dncut.train.checkpoints import CONFIG_FILE, load_state, stage
+from dncut.train.checkpoints import FOUND_RERUN_KEYS, CONFIG_FILE, check_rerun, load_state, stage
 from dncut.train.driver import run_config, scaling_config, start_step
 from dncut.train.loop import all_reduce, unwrap
+from dncut.train.resources import check_cluster
 from dncut.train.worker import agreed_resume_point, batches, report_checkpoint, setup_worker
 
 log = logging.getLogger("dncut.found")
@@ -86,7 +87,7 @@ def found_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=f.lr_step, gamma=f.lr_gamma)
     state = resume(head, optimizer, scheduler, rank, cfg, store)
     head = ray.train.torch.prepare_model(head)
-    tracker = Tracker(cfg, cfg.run_dir, state["step"], store.options) if rank == 0 else None
+    tracker = Tracker(cfg, cfg.run_dir, state["step"], store) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     for batch in batches(shard, f.batch_size // world, skip=state["step"] - start, device=device):
         parts = train_found_step(backbone, head, optimizer, scheduler, batch, state, cfg)
@@ -202,7 +203,9 @@ def checkpoint_state(head, optimizer, scheduler, state: dict) -> dict[str, Any]:
 
 
 def build_found_trainer(cfg: Config):
-    """Validate the image source (before any worker starts) and assemble the TorchTrainer."""
+    """Check the run against the cluster and its folder (``dncut.train.driver.build_trainer``; a
+    rerun may change ``FOUND_RERUN_KEYS`` only), validate the image source (all before any worker
+    starts and before ``config.yaml`` is written) and assemble the TorchTrainer."""
     import ray.data
     from ray.train.torch import TorchTrainer
 
@@ -211,7 +214,9 @@ def build_found_trainer(cfg: Config):
         raise ConfigError(f"found.batch_size={cfg.found.batch_size} (global) must be divisible by "
                           f"scaling.num_workers={cfg.scaling.num_workers}")
     cfg = cfg.with_absolute_paths().with_overrides({"train.keep_checkpoints_by": "newest"})
+    check_cluster(cfg)
     store = cfg.storage_handle()
+    check_rerun(cfg, store, FOUND_RERUN_KEYS, outputs=(HEAD_FILE,))
     uris = source_uris(cfg)
     start = start_step(cfg, store, cfg.found.steps)  # a truncated / deleted newest checkpoint: the one before
     store.write_bytes(store.join(cfg.run_dir, CONFIG_FILE), cfg.to_yaml().encode())
@@ -227,6 +232,6 @@ def fit_found(cfg: Config, *, progress: bool = False):
     The head is ``<output_dir>/<run_name>/found_head.safetensors``."""
     trainer = build_found_trainer(cfg)
     start = trainer.train_loop_config["start_step"]
-    with ProgressBar(cfg.with_absolute_paths().run_dir, cfg.found.steps, start=start, s3=cfg.storage_handle().options,
+    with ProgressBar(cfg.with_absolute_paths().run_dir, cfg.found.steps, start=start, store=cfg.storage_handle(),
                      disable=not progress, desc=f"{cfg.run_name} (FOUND)"):
         return trainer.fit()
