@@ -4,19 +4,28 @@ One pipeline per (dataset, backbone, checkpoint); all methods share the backbone
 
     run_evaluation(cfg)        saliency / discovery (dncut eval): datasets x backbones x checkpoints
       records -> map load_record (CPU task) -> map_batches NCutPredictor (actors, eval.num_actors,
-      eval.gpus_per_actor) -> flat_map score_row (CPU task) -> driver: Accumulator -> write_report
+      eval.gpus_per_actor) -> flat_map score_row (CPU task) -> map_batches write_per_image (CPU task:
+      a Parquet part of per_image.parquet) -> driver: Accumulator (running sums only) -> write_report
       segmentation datasets (task: segmentation): records -> map load_segmentation_record ->
       map_batches TokenExtractor -> driver: every image's tokens -> k-means per seed -> mIoU
       (transductive: all tokens of the set live on the driver, N x h*w x C float32)
     evaluate_saliency(...)     one backbone on an images / masks folder pair (dncut eval-saliency)
     evaluate_maps(...)         precomputed saliency maps against masks: map score_map (dncut eval-maps)
     predict_folder(...)        unlabelled images -> masks, maps, boxes: ... NCutPredictor ->
-                               flat_map write_outputs -> predictions.parquet (dncut predict)
+                               flat_map write_outputs -> map_batches: Parquet parts, merged into
+                               predictions.parquet (dncut predict)
 
 Outputs of the evaluations (``dncut.eval.report.write_report``): ``per_image.parquet``,
 ``summary.json``, ``summary.md``, ``examples.png`` and ``config.yaml`` under the run folder
-(``Config.run_dir``) or the given ``out_dir``. Metrics are means over the images that
+(``Config.run_dir``) or the given ``out_dir``, and the offline gallery ``index.html``
+(``dncut.eval.gallery``; predict writes its own ``index.html`` and ``config.yaml`` too). Metrics are means over the images that
 succeeded; failed images are rows with their reason (``dncut.eval.stages``).
+
+Driver memory does not grow with the number of images: per-image rows are written by the
+workers as Parquet parts and streamed into one file at the end (``dncut.eval.report.merge_parts``;
+row order not guaranteed), metrics are running sums (``Accumulator``); what remains per image on
+the driver is its input record (a few hundred bytes). Figures: docs/operations.md, "Evaluation
+driver memory".
 
 Every job builds its ``dncut.storage.Storage`` handle once from the config, checks its inputs
 (dataset layouts, checkpoints, FOUND heads) before any Ray work, and passes the handle to its
@@ -25,7 +34,6 @@ tasks and actors.
 
 from __future__ import annotations
 
-import io
 import logging
 import posixpath
 from collections.abc import Iterable, Sequence
@@ -38,17 +46,21 @@ from dncut.backbone_specs import spec as backbone_spec
 from dncut.config import Config, ConfigError
 from dncut.data.datasets import DatasetLayoutError, pair_by_stem
 from dncut.data.images import IMAGE_SUFFIXES
+from dncut.eval.gallery import write_eval_gallery, write_predict_gallery
 from dncut.eval.predict import METHODS
-from dncut.eval.report import Accumulator, write_report
+from dncut.eval.report import (PER_IMAGE_FILE, Accumulator, clear_parts, merge_parts, parts_folder, write_part,
+                               write_per_image, write_report)
 from dncut.eval.stages import (DISCOVERY_KINDS, SEGMENTATION_CLASSES, BackboneFactory, NCutPredictor, TokenExtractor,
                                dataset_records, load_record, load_segmentation_record, pair_maps, predict_records,
-                               record, result_row, score_map, score_row, score_segmentation, write_outputs)
+                               record, result_row, score_map, score_row, write_outputs)
 from dncut.storage import Storage
 
 log = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "predictions.parquet"
+CONFIG_FILE = "config.yaml"  # the resolved config, beside every evaluation's and predict's outputs
 MAPS_PER_TASK = 16  # precomputed maps scored per Ray task: a task's overhead >> scoring one map
+PART_ROWS = 4096  # rows per Parquet part written by a worker (per_image.parquet, predictions.parquet)
 
 
 # --------------------------------------------------------------------------- driver checks and resources
@@ -160,10 +172,11 @@ def _predictor_kwargs(cfg: Config, backbone: str, checkpoint: str | None, method
 
 # --------------------------------------------------------------------------- saliency / discovery
 def run_pipeline(records: list[dict], *, cfg: Config, dataset: str, discovery: bool, backbone: str,
-                 checkpoint: str | None, acc: Accumulator, store: Storage,
+                 checkpoint: str | None, acc: Accumulator, store: Storage, out_dir: str,
                  factory: BackboneFactory | None = None) -> None:
     """One (dataset, backbone, checkpoint) of saliency (``discovery`` False: images resized to
-    ``eval.image_size``) or discovery (padded, CorLoc): streams its scored rows into ``acc``."""
+    ``eval.image_size``) or discovery (padded, CorLoc): the workers write its per-image rows as
+    parts of ``<out_dir>/per_image.parquet``; the scored rows stream into ``acc`` (not kept)."""
     import ray
 
     ev = cfg.eval
@@ -186,6 +199,9 @@ def run_pipeline(records: list[dict], *, cfg: Config, dataset: str, discovery: b
                                                              found_head))
         .flat_map(score_row, fn_kwargs={"methods": methods, "bilateral": ev.bilateral, "discovery": discovery,
                                         "example_ids": example_ids}, num_cpus=score_cpus)
+        .map_batches(write_per_image, batch_format="pyarrow", batch_size=PART_ROWS, num_cpus=score_cpus,
+                     fn_kwargs={"out_dir": out_dir, "dataset": dataset, "backbone": backbone,
+                                "checkpoint": checkpoint, "store": store})
     )
     for row in ds.iter_rows():
         acc.add(row, dataset=dataset, backbone=backbone, checkpoint=checkpoint,
@@ -194,18 +210,28 @@ def run_pipeline(records: list[dict], *, cfg: Config, dataset: str, discovery: b
 
 # --------------------------------------------------------------------------- segmentation
 def run_segmentation(records: list[dict], *, cfg: Config, dataset: str, backbone: str, checkpoint: str | None,
-                     acc: Accumulator, store: Storage, factory: BackboneFactory | None = None) -> None:
+                     acc: Accumulator, store: Storage, out_dir: str, factory: BackboneFactory | None = None) -> None:
     """One (dataset, backbone, checkpoint) of unsupervised semantic segmentation (paper Table 3;
     protocol: ``dncut.eval.segmentation``): per-image rows and one mIoU per score into ``acc``.
 
     Scores: ``kmeans-k21`` (K = 21, Hungarian matching) and ``kmeans-k<K>`` (K =
     ``eval.segmentation.overcluster_k``, majority vote), each the mean (and std) over
     ``eval.segmentation.seeds``; failed images are rows and are left out of the clustering.
+
+    Memory: the tokens are materialised in Ray's object store (spilled to disk when it is full), not
+    on the driver. Pass 1 streams them to the driver, which keeps a ``TokenSample`` (all tokens up to
+    ``SAMPLE_TOKENS``, then a deterministic sample of that many) and fits one ``Clustering`` per K and
+    seed on it; pass 2 labels every token in Ray tasks (``_segment_batch``), which write the
+    per-image rows and return confusion matrices ``(K, 21)`` that the driver sums.
     """
+    import dataclasses
+
     import ray
 
+    from dncut.eval.segmentation import SAMPLE_TOKENS, TokenSample, assign, fit_clustering, miou
+
     ev, seg = cfg.eval, cfg.eval.segmentation
-    read_cpus, actor_cpus, _ = cpu_split(ev.num_actors)
+    read_cpus, actor_cpus, task_cpus = cpu_split(ev.num_actors)
     check_checkpoint(checkpoint, store)
     log.info("segmentation %s: %d images, backbone %s, checkpoint %s, K = %d and %d, seeds %s", dataset,
              len(records), backbone, checkpoint or "(pretrained)", SEGMENTATION_CLASSES, seg.overcluster_k, seg.seeds)
@@ -219,26 +245,86 @@ def run_segmentation(records: list[dict], *, cfg: Config, dataset: str, backbone
                                             "pretrained": cfg.model.pretrained, "use_gpu": ev.gpus_per_actor > 0,
                                             "store": store, "factory": factory,
                                             "trusted": cfg.model.trusted_checkpoint})
-    )
-    rows = sorted(ds.iter_rows(), key=lambda r: str(r["image_id"]))
-    ok = [r for r in rows if r["status"] == "ok"]
+    ).materialize()
     scores = {f"kmeans-k{SEGMENTATION_CLASSES}": (SEGMENTATION_CLASSES, "hungarian"),
               f"kmeans-k{seg.overcluster_k}": (seg.overcluster_k, "majority")}
+    sample = TokenSample(SAMPLE_TOKENS)
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):  # pass 1: counts and the sample
+        for i, image_id in enumerate(batch["image_id"]):
+            status, error = str(batch["status"][i]), str(batch["error"][i])
+            for method in scores:
+                acc.add(result_row(str(image_id), method, status=status, error=error), dataset=dataset,
+                        backbone=backbone, checkpoint=checkpoint, task="segmentation")
+            if status == "ok":
+                sample.add(str(image_id), np.asarray(batch["tokens"][i]))
+    if sample.total > SAMPLE_TOKENS:
+        log.info("segmentation %s: k-means fitted on %d of %d tokens (deterministic sample)", dataset,
+                 SAMPLE_TOKENS, sample.total)
+    tokens = sample.tokens() if sample.total else None
+    fits: dict[str, list] = {}
+    for method, (k, _) in scores.items():
+        if tokens is not None and len(tokens) >= k:  # labels of the sample are not shipped to the tasks
+            fits[method] = [dataclasses.replace(fit_clustering(tokens, k, seed=s), labels=np.empty(0, np.int64))
+                            for s in seg.seeds]
+    del tokens, sample
+    confs = {m: [np.zeros((scores[m][0], SEGMENTATION_CLASSES), np.int64) for _ in seg.seeds] for m in fits}
+    labelled = ds.map_batches(_segment_batch, batch_format="numpy", batch_size=None, num_cpus=task_cpus,
+                              fn_kwargs={"fits": fits, "methods": list(scores), "out_dir": out_dir, "dataset": dataset,
+                                         "backbone": backbone, "checkpoint": checkpoint, "store": store})
+    for row in labelled.iter_rows():  # pass 2: one row per (method, seed) and batch
+        method, s = str(row["method"]), int(row["seed_index"])
+        confs[method][s] += np.asarray(row["conf"], np.int64).reshape(confs[method][s].shape)
     for method, (k, how) in scores.items():
-        enough = len(ok) and sum(len(r["tokens"]) for r in ok) >= k
-        per_seed = score_segmentation(ok, k, how, seg.seeds) if enough else []
-        for r in rows:
-            acc.add(result_row(str(r["image_id"]), method, status=str(r["status"]), error=str(r["error"])),
-                    dataset=dataset, backbone=backbone, checkpoint=checkpoint, task="segmentation")
+        per_seed = [miou(c, assign(c, how))[0] for c in confs.get(method, [])]
         acc.set_metrics((dataset, method, backbone, checkpoint), {
             "miou": float(np.mean(per_seed)) if per_seed else None,
             "miou_std": float(np.std(per_seed)) if per_seed else None, "seeds": len(per_seed)})
 
 
+def _segment_batch(batch: dict[str, np.ndarray], *, fits: dict[str, list], methods: list[str], out_dir: str,
+                   dataset: str, backbone: str, checkpoint: str | None, store: Storage) -> dict[str, Any]:
+    """Ray task of ``run_segmentation``'s pass 2: the batch's per-image rows as a part of
+    ``per_image.parquet``, and its ok images' tokens labelled by each fitted ``Clustering``, resized
+    to ``SCORE_SIZE`` (nearest) against their ``labels`` -> ``{method, seed_index, conf (K * 21,)}``
+    rows, one per (method, seed)."""
+    import math
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from dncut.eval.report import per_image_row, per_image_schema
+    from dncut.eval.segmentation import SCORE_SIZE, confusion
+
+    rows, confs = [], {m: [np.zeros((f.kmeans.n_clusters, SEGMENTATION_CLASSES), np.int64) for f in fits[m]]
+                       for m in fits}
+    for i, image_id in enumerate(batch["image_id"]):
+        status, error = str(batch["status"][i]), str(batch["error"][i])
+        rows += [per_image_row(result_row(str(image_id), m, status=status, error=error), dataset=dataset,
+                               backbone=backbone, checkpoint=checkpoint) for m in methods]
+        if status != "ok":
+            continue
+        tokens = np.asarray(batch["tokens"][i])  # (h*w, C), a square grid
+        side = math.isqrt(len(tokens))
+        for method, method_fits in fits.items():
+            for s, fit in enumerate(method_fits):
+                grid = fit.predict(tokens).reshape(side, side).astype(np.int32)  # (h, w)
+                pred = np.asarray(Image.fromarray(grid).resize((SCORE_SIZE, SCORE_SIZE), Image.NEAREST))
+                confs[method][s] += confusion(pred, batch["labels"][i], fit.kmeans.n_clusters, SEGMENTATION_CLASSES)
+    if rows:
+        write_part(pa.Table.from_pylist(rows, schema=per_image_schema()),
+                   parts_folder(out_dir, PER_IMAGE_FILE, store), store)
+    out = [(m, s, c.ravel()) for m in confs for s, c in enumerate(confs[m])]
+    return {"method": np.asarray([m for m, _, _ in out], dtype=object),
+            "seed_index": np.asarray([s for _, s, _ in out], np.int64),
+            "conf": np.asarray([c for _, _, c in out] or np.zeros((0, 0), np.int64), dtype=object)}
+
+
 # --------------------------------------------------------------------------- the commands
 def _finish(acc: Accumulator, out_dir: str, cfg: Config | None, store: Storage) -> dict:
+    """Summary of ``acc``; every output written (the workers' per-image parts merged)."""
     summary = acc.summary()
-    write_report(out_dir, summary, acc, config_yaml=cfg.to_yaml() if cfg is not None else None, store=store)
+    write_report(out_dir, summary, acc, config_yaml=(cfg or Config()).to_yaml(), store=store)
+    write_eval_gallery(out_dir, summary, acc.examples, store)  # index.html, after per_image.parquet
     log.info("eval outputs written to %s", out_dir)
     return summary
 
@@ -265,12 +351,13 @@ def run_evaluation(cfg: Config, *, backbone_factory: BackboneFactory | None = No
         for checkpoint in cfg.eval.checkpoints:
             found_head_for(cfg, backbone, checkpoint, store)
     ensure_ray()
+    clear_parts(cfg.run_dir, PER_IMAGE_FILE, store)
     acc = Accumulator(cfg.eval.methods)
     for spec, records in specs:
         for backbone in cfg.eval_backbones():
             for checkpoint in cfg.eval.checkpoints:
                 common = {"cfg": cfg, "dataset": spec.name, "backbone": backbone, "checkpoint": checkpoint,
-                          "acc": acc, "store": store, "factory": backbone_factory}
+                          "acc": acc, "store": store, "out_dir": cfg.run_dir, "factory": backbone_factory}
                 if spec.task == "segmentation":
                     run_segmentation(records, **common)
                 else:
@@ -311,9 +398,10 @@ def evaluate_saliency(images_dir: str, masks_dir: str, backbone: str, checkpoint
     records += [record(s, "", masks[s], missing=f"no image named {s}.* in {images_dir} (image suffixes: "
                        f"{' '.join(IMAGE_SUFFIXES)})") for s in lonely_masks]  # every input is a row
     ensure_ray()
+    clear_parts(out_dir, PER_IMAGE_FILE, store)
     acc = Accumulator(methods)
     run_pipeline(records, cfg=cfg, dataset=dataset_name(images_dir), discovery=False, backbone=backbone,
-                 checkpoint=checkpoint, acc=acc, store=store)
+                 checkpoint=checkpoint, acc=acc, store=store, out_dir=out_dir)
     return _finish(acc, out_dir, cfg, store)
 
 
@@ -329,6 +417,16 @@ def map_folders(maps_dirs: Iterable[str], store: Storage) -> list[tuple[str, str
         else:
             found.extend((d, prefix + d) for d in subdirs)
     return found
+
+
+def _write_map_rows(batch, *, out_dir: str, dataset: str, store: Storage):
+    """``write_per_image`` for scored maps, whose checkpoint (the maps folder) is per row."""
+    for checkpoint in set(batch.column("checkpoint").to_pylist()):
+        import pyarrow.compute as pc
+
+        write_per_image(batch.filter(pc.equal(batch["checkpoint"], checkpoint)), out_dir=out_dir, dataset=dataset,
+                        backbone="maps", checkpoint=checkpoint, store=store)
+    return batch
 
 
 def evaluate_maps(masks_dir: str, maps_dirs: str | Sequence[str], out_dir: str,
@@ -365,9 +463,13 @@ def evaluate_maps(masks_dir: str, maps_dirs: str | Sequence[str], out_dir: str,
                      "missing": paired[s][1], "maps_dir": folder} for s, u in sorted(masks.items())]
     ensure_ray()
     log.info("eval-maps %s: %d masks x %d map folders", dataset, len(masks), len(records) // max(1, len(masks)))
+    clear_parts(out_dir, PER_IMAGE_FILE, store)
     acc = Accumulator()
     ds = ray.data.from_items(records, override_num_blocks=_blocks(len(records), MAPS_PER_TASK))
-    for row in ds.map(score_map, fn_kwargs={"store": store}).iter_rows():
+    ds = ds.map(score_map, fn_kwargs={"store": store}).map_batches(
+        _write_map_rows, batch_format="pyarrow", batch_size=PART_ROWS,
+        fn_kwargs={"out_dir": out_dir, "dataset": dataset, "store": store})
+    for row in ds.iter_rows():
         acc.add(row, dataset=dataset, backbone="maps", checkpoint=row["checkpoint"], task="saliency", pysod=True)
     return _finish(acc, out_dir, None, store)
 
@@ -380,7 +482,9 @@ def predict_folder(images: str, out_dir: str, cfg: Config, *, backbone: str | No
     ``z2/<method>/<path>.png`` (``<path>``: the image's path below ``images`` with its extension,
     ``sub/x.jpg`` -> ``masks/<method>/sub/x.jpg.png``, so names never collide; naming rule:
     ``dncut.eval.stages.predict_records``) and ``predictions.parquet`` (one row per image and method: status,
-    error, mask and map URIs, boxes as JSON; failed images are rows with their reason).
+    error, mask and map URIs, boxes as JSON; failed images are rows with their reason). The workers
+    write the rows as Parquet parts, each sorted by (image_id, method), streamed into one file at
+    the end: rows are not sorted across parts, and the driver never holds them.
     ``dncut eval-maps --masks GT --maps <out>/masks`` scores the masks.
 
     Args:
@@ -398,8 +502,6 @@ def predict_folder(images: str, out_dir: str, cfg: Config, *, backbone: str | No
         dncut.storage.StorageError: the image source is unreachable or empty (before any Ray work).
         FileNotFoundError: the checkpoint does not exist (before any Ray work).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import ray
 
     store, ev = cfg.storage_handle(), cfg.eval
@@ -422,12 +524,30 @@ def predict_folder(images: str, out_dir: str, cfg: Config, *, backbone: str | No
                                                              found_head))
         .flat_map(write_outputs, fn_kwargs={"methods": methods, "out_dir": out_dir, "store": store},
                   num_cpus=write_cpus)
+        .map_batches(_write_predictions, batch_format="pyarrow", batch_size=PART_ROWS, num_cpus=write_cpus,
+                     fn_kwargs={"folder": parts_folder(out_dir, PREDICTIONS_FILE, store), "store": store})
     )
-    rows = sorted(ds.iter_rows(), key=lambda r: (r["image_id"], r["method"]))
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buffer)
-    store.write_bytes(store.join(out_dir, PREDICTIONS_FILE), buffer.getvalue())
-    failed = sorted({r["image_id"] for r in rows if r["status"] != "ok"})
+    clear_parts(out_dir, PREDICTIONS_FILE, store)
+    n_rows, failed = 0, set()  # failed: image ids, a set bounded by the failures' count
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        n_rows += sum(batch["n_rows"].to_pylist())
+        for ids in batch["failed"].to_pylist():
+            failed.update(ids)
+    merge_parts(out_dir, PREDICTIONS_FILE, store)
+    store.write_bytes(store.join(out_dir, CONFIG_FILE), cfg.with_overrides(
+        {"model.backbone": backbone, "eval.backbones": [backbone], "eval.checkpoints": [checkpoint]}).to_yaml().encode())
+    write_predict_gallery(out_dir, {r["image_id"]: r["image_uri"] for r in records}, store, ev.examples)
     if failed:
-        log.warning("predict: %d of %d images failed, e.g. %s", len(failed), len(records), failed[:3])
-    return {"images": len(records), "rows": len(rows), "failed": len(failed), "out": out_dir}
+        log.warning("predict: %d of %d images failed, e.g. %s", len(failed), len(records), sorted(failed)[:3])
+    return {"images": len(records), "rows": n_rows, "failed": len(failed), "out": out_dir}
+
+
+def _write_predictions(batch, *, folder: str, store: Storage):
+    """Ray Data step: the batch's prediction rows, sorted by (image_id, method), as a Parquet part of
+    ``predictions.parquet``; returns one row ``{n_rows, failed: [image ids]}`` for the driver's counts."""
+    import pyarrow as pa
+
+    if batch.num_rows:
+        write_part(batch.sort_by([("image_id", "ascending"), ("method", "ascending")]), folder, store)
+    failed = sorted({r["image_id"] for r in batch.select(["image_id", "status"]).to_pylist() if r["status"] != "ok"})
+    return pa.table({"n_rows": [batch.num_rows], "failed": [failed]})

@@ -1,16 +1,21 @@
 """Evaluation reports: streaming aggregation, Markdown tables, the examples figure, output files.
 
-* ``Accumulator``: takes the scored rows of ``dncut.eval.stages`` one at a time (no per-image
-  curves are kept) and gives ``summary() -> {"runs": [...]}`` and ``table() -> pyarrow.Table``
-  (one row per image and method).
+* ``Accumulator``: takes the scored rows of ``dncut.eval.stages`` one at a time and keeps only
+  running sums, fixed-size Fβ curves per run, the example payloads of ``eval.examples`` images and
+  at most ``FAILED_SAMPLE`` failed images: its memory does not grow with the number of images.
+  ``summary() -> {"runs": [...]}``.
+* Per-image rows (``per_image.parquet``) never pass through the driver's memory: the workers write
+  them in parts (``write_per_image``, ``write_part``: ``<out>/<file>.parts/<uuid>.parquet``) and the
+  driver streams the parts into one Parquet file, part by part (``merge_parts``); row order is not
+  guaranteed (rows of one batch stay together).
 * ``format_table(summary) -> str``: the paper's layout (Tab. 1: rows = methods, columns =
   datasets x Acc / IoU / maxFβ, "without" then "with bilateral solver"; Tab. 2: CorLoc per
   discovery dataset), values in percent.
 * ``example_payload(...) -> bytes`` (built in the workers, thumbnails <= 160 px) and
   ``examples_png(items) -> bytes``: grid image | z2 heat map | mask | refined mask | ground truth.
 * ``write_report(out_dir, summary, acc, config_yaml, store)``: ``summary.json``, ``summary.md``,
-  ``per_image.parquet``, ``examples.png`` and ``config.yaml`` through the ``dncut.storage.Storage``
-  handle (so ``s3://`` works).
+  ``per_image.parquet`` (merged from the workers' parts), ``examples.png`` and ``config.yaml``
+  through the ``dncut.storage.Storage`` handle (so ``s3://`` works).
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import io
 import json
 import math
 import pickle
+import posixpath
 import re
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +42,10 @@ _LABELS = {"acc": "Acc", "iou": "IoU", "max_fbeta": "maxFβ", "mae": "MAE", "acc
            "iou_binary": "IoU (bin)", "max_fbeta_pysod": "maxFβ (pysod)", "mae_pysod": "MAE (pysod)",
            "corloc": "CorLoc", "miou": "mIoU", "miou_std": "mIoU std"}
 _MEANS = ("acc", "iou", "mae", "acc_binary", "iou_binary", "pysod_mae", "corloc_hit")
+PER_IMAGE_FILE = "per_image.parquet"
+PARTS_SUFFIX = ".parts"  # <out>/<file>.parts/: the workers' Parquet parts of <out>/<file>, merged at the end
+FAILED_SAMPLE = 100  # failed images the Accumulator keeps for summary.md (all of them are in per_image.parquet)
+_FLOAT_COLUMNS = ("acc", "iou", "max_fbeta", "mae", "acc_binary", "iou_binary")
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -92,8 +103,124 @@ class _RunStats:
         return out
 
 
+def per_image_schema():
+    """The ``pyarrow`` schema of ``per_image.parquet`` (nulls where a metric does not apply)."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("dataset", pa.string()), ("method", pa.string()), ("backbone", pa.string()),
+        ("checkpoint", pa.string()), ("image_id", pa.string()),
+        *[(k, pa.float64()) for k in _FLOAT_COLUMNS],
+        ("pred_box", pa.list_(pa.float64())), ("corloc_hit", pa.bool_()),
+        ("status", pa.string()), ("error", pa.string()),
+    ])
+
+
+def per_image_row(row: dict, *, dataset: str, backbone: str, checkpoint: str | None) -> dict[str, Any]:
+    """One scored row (``dncut.eval.stages.score_row`` / ``score_map`` / ``result_row``) as its
+    ``per_image.parquet`` record (``per_image_schema``): non-finite metrics and boxes -> null."""
+    clean = lambda v: float(v) if _finite(v) else None  # noqa: E731
+    box = np.asarray(row["pred_box"], np.float64)
+    return {
+        "dataset": dataset, "method": str(row["method"]), "backbone": backbone, "checkpoint": checkpoint,
+        "image_id": str(row["image_id"]), **{k: clean(row[k]) for k in _FLOAT_COLUMNS},
+        "pred_box": box.tolist() if box.shape == (4,) and np.all(np.isfinite(box)) else None,
+        "corloc_hit": bool(row["corloc_hit"]) if _finite(row["corloc_hit"]) else None,
+        "status": str(row["status"]), "error": str(row["error"]) or None,
+    }
+
+
+def parts_folder(out_dir: str, name: str, store: storage.Storage) -> str:
+    """``<out_dir>/<name>.parts``: where the workers write the parts of ``<out_dir>/<name>``."""
+    return store.join(out_dir, name + PARTS_SUFFIX)
+
+
+def write_part(table, folder: str, store: storage.Storage) -> str:
+    """Write ``table`` (a ``pyarrow.Table``) as ``<folder>/<uuid4>.parquet``; returns its URI.
+    Called in the workers (Ray tasks), so the rows never reach the driver."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    uri = store.join(folder, f"{uuid.uuid4().hex}.parquet")
+    store.write_bytes(uri, buf.getvalue())
+    return uri
+
+
+def write_per_image(batch, *, out_dir: str, dataset: str, backbone: str, checkpoint: str | None,
+                    store: storage.Storage):
+    """Ray Data ``map_batches`` step (``batch_format="pyarrow"``): the batch's scored rows as a part of
+    ``<out_dir>/per_image.parquet``; returns the batch unchanged (the driver aggregates it)."""
+    import pyarrow as pa
+
+    rows = [per_image_row(r, dataset=dataset, backbone=backbone, checkpoint=checkpoint) for r in batch.to_pylist()]
+    if rows:
+        write_part(pa.Table.from_pylist(rows, schema=per_image_schema()),
+                   parts_folder(out_dir, PER_IMAGE_FILE, store), store)
+    return batch
+
+
+def _remove(uri: str, store: storage.Storage) -> None:
+    import pyarrow.fs as pafs
+
+    fs, path = store.filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def clear_parts(out_dir: str, name: str, store: storage.Storage) -> None:
+    """Remove the parts left by an interrupted run of ``<out_dir>/<name>`` (call before a job starts)."""
+    _remove(parts_folder(out_dir, name, store), store)
+
+
+def merge_parts(out_dir: str, name: str, store: storage.Storage, schema=None) -> int:
+    """Stream the parts of ``<out_dir>/<name>`` (``write_part``) into the single Parquet file
+    ``<out_dir>/<name>``, one part in memory at a time, then remove the parts.
+
+    Args:
+        schema: the file's schema (``None``: the first part's; an empty file without columns when
+            there is no part).
+
+    Returns:
+        The number of rows written.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = parts_folder(out_dir, name, store)
+    parts = store.list_files(folder, (".parquet",)) if store.exists(folder) else []
+    out_fs, out_path = store.filesystem(store.join(out_dir, name))
+    if not store.is_s3(out_dir):
+        out_fs.create_dir(posixpath.dirname(out_path), recursive=True)
+    n = 0
+    writer = None
+    with out_fs.open_output_stream(out_path) as sink:
+        for uri in parts:
+            part_fs, part_path = store.filesystem(uri)
+            table = pq.read_table(part_path, filesystem=part_fs)
+            if schema is not None:
+                table = table.cast(schema)
+            writer = writer or pq.ParquetWriter(sink, table.schema)
+            writer.write_table(table)
+            n += table.num_rows
+        if writer is None:
+            pq.write_table(pa.Table.from_pylist([], schema=schema) if schema is not None else pa.table({}), sink)
+        else:
+            writer.close()
+    _remove(folder, store)
+    return n
+
+
 class Accumulator:
-    """Streams scored rows into run statistics, per-image records and example payloads.
+    """Streams scored rows into run statistics, example payloads and a bounded sample of failures.
+
+    Memory: running sums and one Fβ curve per run, the ``eval.examples`` payloads, at most
+    ``FAILED_SAMPLE`` failed images (``failures``: ``{dataset, image_id, method, error}``) and the
+    count of failed rows (``n_failed_rows``); nothing per image otherwise (the per-image rows go to
+    ``per_image.parquet`` from the workers: ``write_per_image``).
 
     Args:
         method_order: order of the methods in the summary (others follow, sorted).
@@ -102,8 +229,10 @@ class Accumulator:
     def __init__(self, method_order: Sequence[str] = ()) -> None:
         self.method_order = list(method_order)
         self.runs: dict[tuple[str, str, str, str | None], _RunStats] = {}
-        self.rows: list[dict[str, Any]] = []
+        self.failures: list[dict[str, str]] = []
+        self.n_failed_rows = 0
         self.examples: dict[tuple[str, str, str | None], list[tuple[str, str, bytes]]] = {}
+        self._failed_keys: set[tuple[str, str]] = set()
         self._dataset_order: dict[str, int] = {}
         self._checkpoint_order: dict[str | None, int] = {}
 
@@ -115,19 +244,23 @@ class Accumulator:
         self._checkpoint_order.setdefault(checkpoint, len(self._checkpoint_order))
         key = (dataset, method, backbone, checkpoint)
         self.runs.setdefault(key, _RunStats(task, pysod)).add(row)
-        clean = lambda v: float(v) if _finite(v) else None  # noqa: E731
-        box = np.asarray(row["pred_box"], np.float64)
-        self.rows.append({
-            "dataset": dataset, "method": method, "backbone": backbone, "checkpoint": checkpoint,
-            "image_id": str(row["image_id"]),
-            **{k: clean(row[k]) for k in ("acc", "iou", "max_fbeta", "mae", "acc_binary", "iou_binary")},
-            "pred_box": box.tolist() if np.all(np.isfinite(box)) else None,
-            "corloc_hit": bool(row["corloc_hit"]) if _finite(row["corloc_hit"]) else None,
-            "status": str(row["status"]), "error": str(row["error"]) or None,
-        })
-        if len(row.get("example", b"")):
+        if str(row["status"]) != "ok":
+            self.n_failed_rows += 1
+            image = (dataset, str(row["image_id"]))
+            if image not in self._failed_keys and len(self._failed_keys) <= FAILED_SAMPLE:
+                self._failed_keys.add(image)  # one more than the sample: tells "more" from "exactly"
+                if len(self.failures) < FAILED_SAMPLE:
+                    self.failures.append({"dataset": dataset, "image_id": image[1], "method": method,
+                                          "error": str(row["error"])})
+        example = row.get("example")
+        if example is not None and len(example):
             self.examples.setdefault((dataset, backbone, checkpoint), []).append(
-                (str(row["image_id"]), method, bytes(row["example"])))
+                (str(row["image_id"]), method, bytes(example)))
+
+    @property
+    def more_failures(self) -> bool:
+        """More than ``FAILED_SAMPLE`` images failed (``failures`` is a sample)."""
+        return len(self._failed_keys) > FAILED_SAMPLE
 
     def set_metrics(self, key: tuple[str, str, str, str | None], metrics: dict[str, Any]) -> None:
         """Dataset-level metrics of a run whose rows were added (segmentation: ``miou``, ``miou_std``, ``seeds``)."""
@@ -152,19 +285,6 @@ class Accumulator:
             runs.append({"dataset": dataset, "method": method, "backbone": backbone, "checkpoint": checkpoint,
                          "n_images": stats.n_images, "n_failed": stats.n_failed, "metrics": stats.metrics()})
         return {"runs": runs}
-
-    def table(self):
-        """Per-image rows as a ``pyarrow.Table`` (nulls where a metric does not apply)."""
-        import pyarrow as pa
-
-        schema = pa.schema([
-            ("dataset", pa.string()), ("method", pa.string()), ("backbone", pa.string()),
-            ("checkpoint", pa.string()), ("image_id", pa.string()),
-            *[(k, pa.float64()) for k in ("acc", "iou", "max_fbeta", "mae", "acc_binary", "iou_binary")],
-            ("pred_box", pa.list_(pa.float64())), ("corloc_hit", pa.bool_()),
-            ("status", pa.string()), ("error", pa.string()),
-        ])
-        return pa.Table.from_pylist(self.rows, schema=schema)
 
 
 # --------------------------------------------------------------------------- tables
@@ -264,15 +384,23 @@ def format_details(summary: dict) -> str:
     return "\n".join(_markdown(header, rows))
 
 
-def format_failures(rows: list[dict], limit: int = 100) -> str:
-    """Markdown list of the images that failed (one line per dataset and image, with the reason)."""
-    failed = {(r["dataset"], r["image_id"]): r["error"] for r in rows if r["status"] != "ok"}
+def format_failures(failures: list[dict], limit: int = FAILED_SAMPLE, more: bool = False) -> str:
+    """Markdown list of the images that failed (one line per dataset and image, with the reason).
+
+    Args:
+        failures: rows with ``dataset``, ``image_id``, ``status`` (optional) and ``error``
+            (``Accumulator.failures``).
+        limit: lines at most.
+        more: the list is a sample: more images failed than it holds (``Accumulator.more_failures``).
+    """
+    failed = {(r["dataset"], r["image_id"]): r["error"] for r in failures if r.get("status", "failed") != "ok"}
     if not failed:
         return ""
-    lines = [f"\n## Failed images ({len(failed)})\n"]
+    more = more or len(failed) > limit
+    lines = [f"\n## Failed images ({f'more than {limit}' if more else len(failed)})\n"]
     lines += [f"- {d} / {i}: {e}" for (d, i), e in list(failed.items())[:limit]]
-    if len(failed) > limit:
-        lines.append(f"- ... and {len(failed) - limit} more (see per_image.parquet)")
+    if more:
+        lines.append(f"- ... and more (every failed row, with its reason, is in {PER_IMAGE_FILE})")
     return "\n".join(lines) + "\n"
 
 
@@ -393,15 +521,14 @@ def write_report(out_dir: str, summary: dict, acc: Accumulator, *, config_yaml: 
     Args:
         out_dir: destination folder / prefix.
         summary: from ``acc.summary()``.
-        acc: the accumulator (per-image rows, examples).
+        acc: the accumulator (failures, examples); the per-image rows are the parts the workers
+            wrote (``write_per_image``), merged here into ``per_image.parquet``.
         config_yaml: the resolved config text (``config.yaml``), if any.
         store: the storage handle (``None``: the environment's defaults).
 
     Returns:
         The URIs written.
     """
-    import pyarrow.parquet as pq
-
     store = store or storage.Storage()
     written: list[str] = []
 
@@ -410,12 +537,11 @@ def write_report(out_dir: str, summary: dict, acc: Accumulator, *, config_yaml: 
         store.write_bytes(uri, data)
         written.append(uri)
 
-    buf = io.BytesIO()
-    pq.write_table(acc.table(), buf)
-    put("per_image.parquet", buf.getvalue())
+    merge_parts(out_dir, PER_IMAGE_FILE, store, per_image_schema())
+    written.append(store.join(out_dir, PER_IMAGE_FILE))
     put("summary.json", json.dumps(summary, indent=2).encode())
     md = (f"# Evaluation results\n\n{format_table(summary)}\n\n## All runs (fractions)\n\n"
-          f"{format_details(summary)}\n{format_failures(acc.rows)}")
+          f"{format_details(summary)}\n{format_failures(acc.failures, more=acc.more_failures)}")
     put("summary.md", md.encode())
     for n, (group, items) in enumerate(acc.examples.items()):
         dataset, backbone, checkpoint = group

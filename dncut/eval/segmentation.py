@@ -9,9 +9,22 @@ REFERENCE §7, facts read from the peers' public code; dncut's own implementatio
          K > classes (overclustering): each cluster to the class it overlaps most (majority vote)
       -> mIoU from TP / FP / FN accumulated over the dataset, averaged over the classes
 
+Bounded memory (issue 26): the evaluation job (``dncut.eval.jobs.run_segmentation``) fits the
+scaler, PCA and k-means on a ``TokenSample``: every token while the set has at most
+``SAMPLE_TOKENS`` (the protocol above exactly: the fit sees all tokens, in image-id order), else a
+deterministic uniform sample of ``SAMPLE_TOKENS`` of them (each token's priority is a hash of its
+image id and index; the lowest priorities are kept, whatever order the images arrive in). The
+fitted ``Clustering`` then labels every token of every image in the workers
+(``Clustering.predict``), so the clustering stays transductive over the whole set; only the fit is
+on a sample when the set is larger than the cap (VOC val at 28 x 28 tokens: 1,449 x 784 = 1.14 M
+tokens, about 2.3 x the cap), which changes the centroids by the sampling noise of a 500 k-token
+sample (figures: docs/operations.md, "Evaluation driver memory").
+
 Shapes::
 
     cluster_tokens(tokens (N, C), k, seed) -> (N,) int cluster ids
+    fit_clustering(tokens (N, C), k, seed) -> Clustering; Clustering.predict(tokens (M, C)) -> (M,) ids
+    TokenSample(cap).add(image_id, tokens (n, C)); .tokens() -> (min(total, cap), C)
     confusion(clusters (M,), labels (M,), k, classes) -> (k, classes) int64 pixel counts
     assign(conf (k, classes), how) -> (k,) class of each cluster
     miou(conf, assignment) -> (mIoU, per-class IoU (classes,))
@@ -22,19 +35,23 @@ The ground truth (``VOC_CLASSES``, ``IGNORE``, ``rasterise_coco``: an image's CO
 
 from __future__ import annotations
 
-from typing import Literal
+import zlib
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
 from dncut.data.class_maps import IGNORE, VOC_CLASSES, rasterise_coco
 
-__all__ = ["IGNORE", "KMEANS_ITERS", "KMEANS_RESTARTS", "PCA_DIMS", "SCORE_SIZE", "VOC_CLASSES", "assign", "cluster_tokens",
-           "confusion", "miou", "rasterise_coco"]
+__all__ = ["IGNORE", "KMEANS_ITERS", "KMEANS_RESTARTS", "PCA_DIMS", "SAMPLE_TOKENS", "SCORE_SIZE", "VOC_CLASSES",
+           "Clustering", "TokenSample", "assign", "cluster_tokens", "confusion", "fit_clustering", "miou",
+           "rasterise_coco"]
 
 PCA_DIMS = 50
 KMEANS_ITERS = 100
 KMEANS_RESTARTS = 5
 SCORE_SIZE = 100  # px: maps and ground truth are compared at 100 x 100 (nearest)
+SAMPLE_TOKENS = 500_000  # tokens the k-means fit sees at most (float32 x 384 channels: 0.7 GiB on the driver)
 
 
 def cluster_tokens(tokens: np.ndarray, k: int, seed: int = 0, pca_dims: int = PCA_DIMS) -> np.ndarray:
@@ -52,6 +69,31 @@ def cluster_tokens(tokens: np.ndarray, k: int, seed: int = 0, pca_dims: int = PC
     Raises:
         ValueError: fewer tokens than clusters.
     """
+    return fit_clustering(tokens, k, seed, pca_dims).labels
+
+
+@dataclass
+class Clustering:
+    """A fitted StandardScaler -> PCA -> k-means (picklable: sent to the workers).
+
+    Attributes:
+        scaler, pca, kmeans: the fitted scikit-learn steps.
+        labels: ``(N,)`` cluster ids of the tokens it was fitted on.
+    """
+
+    scaler: Any
+    pca: Any
+    kmeans: Any
+    labels: np.ndarray
+
+    def predict(self, tokens: np.ndarray) -> np.ndarray:
+        """``tokens (M, C)`` -> ``(M,)`` int cluster ids (the nearest centroid after scaling and PCA)."""
+        x = self.pca.transform(self.scaler.transform(np.asarray(tokens, np.float64)))
+        return self.kmeans.predict(x)
+
+
+def fit_clustering(tokens: np.ndarray, k: int, seed: int = 0, pca_dims: int = PCA_DIMS) -> Clustering:
+    """Fit StandardScaler -> PCA -> k-means on ``tokens (N, C)`` (arguments and errors as ``cluster_tokens``)."""
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
@@ -59,9 +101,62 @@ def cluster_tokens(tokens: np.ndarray, k: int, seed: int = 0, pca_dims: int = PC
     tokens = np.asarray(tokens, np.float64)
     if tokens.ndim != 2 or len(tokens) < k:
         raise ValueError(f"need (N, C) tokens with N >= k={k}, got {tokens.shape}")
-    x = StandardScaler().fit_transform(tokens)
-    x = PCA(n_components=min(pca_dims, *x.shape), random_state=seed).fit_transform(x)
-    return KMeans(k, n_init=KMEANS_RESTARTS, max_iter=KMEANS_ITERS, random_state=seed).fit_predict(x)
+    scaler = StandardScaler().fit(tokens)
+    x = scaler.transform(tokens)
+    pca = PCA(n_components=min(pca_dims, *x.shape), random_state=seed)
+    x = pca.fit_transform(x)
+    kmeans = KMeans(k, n_init=KMEANS_RESTARTS, max_iter=KMEANS_ITERS, random_state=seed)
+    labels = kmeans.fit_predict(x)
+    return Clustering(scaler, pca, kmeans, labels)
+
+
+class TokenSample:
+    """A bounded, deterministic sample of the tokens of a set of images (bottom-k by priority).
+
+    Every token gets the priority ``uniform(0, 1)`` drawn from a generator seeded with the CRC-32 of
+    its image id (token ``j`` of an image: the ``j``-th draw); the ``cap`` lowest priorities are kept,
+    so the sample does not depend on the order the images arrive in. ``tokens()`` returns the kept
+    tokens in (image id, token index) order: all of them, in the order of a sorted concatenation,
+    while ``total <= cap``. Memory: at most ``2 * cap`` tokens between trims.
+
+    Args:
+        cap: tokens kept at most (``SAMPLE_TOKENS``).
+    """
+
+    def __init__(self, cap: int = SAMPLE_TOKENS) -> None:
+        self.cap = int(cap)
+        self.total = 0
+        self._parts: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []  # (id, index, priority, tokens)
+        self._held = 0
+
+    def add(self, image_id: str, tokens: np.ndarray) -> None:
+        """Offer one image's ``tokens (n, C)``."""
+        tokens = np.asarray(tokens)
+        n = len(tokens)
+        self.total += n
+        priority = np.random.default_rng(zlib.crc32(str(image_id).encode())).random(n)
+        self._parts.append((str(image_id), np.arange(n), priority, tokens))
+        self._held += n
+        if self._held > 2 * self.cap:
+            self._trim()
+
+    def _trim(self) -> None:
+        if self._held <= self.cap:
+            return
+        cut = np.partition(np.concatenate([p for _, _, p, _ in self._parts]), self.cap - 1)[self.cap - 1]
+        parts = []
+        for image_id, index, priority, tokens in self._parts:
+            keep = priority <= cut
+            if keep.any():
+                parts.append((image_id, index[keep], priority[keep], tokens[keep]))
+        self._parts = parts
+        self._held = sum(len(i) for _, i, _, _ in parts)
+
+    def tokens(self) -> np.ndarray:
+        """``(min(total, cap), C)`` float32 tokens, in (image id, token index) order."""
+        self._trim()
+        parts = sorted(self._parts, key=lambda p: p[0])
+        return np.concatenate([t for _, _, _, t in parts]).astype(np.float32, copy=False)
 
 
 def confusion(clusters: np.ndarray, labels: np.ndarray, k: int, classes: int) -> np.ndarray:

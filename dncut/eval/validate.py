@@ -89,7 +89,7 @@ def score_backbone(backbone: torch.nn.Module, rows: list[dict[str, Any]], cfg: C
                 acc.add(scored, dataset="val", backbone=backbone.spec.name, checkpoint=None, task="saliency")
     (run,) = acc.summary()["runs"]
     if run["n_failed"]:
-        reasons = [r["error"] for r in acc.rows if r["status"] != "ok"]
+        reasons = [r["error"] for r in acc.failures]
         log.warning("validation: %d of %d images failed and are left out, e.g. %s", run["n_failed"], len(rows),
                     reasons[:2])
     scores = {k: float("nan") if run["metrics"][k] is None else float(run["metrics"][k])

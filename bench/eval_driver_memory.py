@@ -1,0 +1,150 @@
+"""Driver memory of the evaluation job against the number of images (issue 26).
+
+    flock /tmp/dncut-ray.lock nice -n 5 .venv/bin/python bench/eval_driver_memory.py --sizes 1000 10000 50000
+    # the code of another commit, e.g. before the change (a git worktree, not a stash):
+    git worktree add /tmp/dncut-before <commit>
+    flock /tmp/dncut-ray.lock nice -n 5 .venv/bin/python bench/eval_driver_memory.py --code /tmp/dncut-before \
+        --sizes 1000 10000 --key before
+
+Each size runs in a fresh Python process with its own local Ray (``--cpus`` logical CPUs):
+``dncut.eval.jobs.evaluate_saliency`` on ``N`` generated ``--side`` px images with random masks
+(backbone ``vit_tiny_test``, random weights, method ``simple``, ``eval.image_size = --side``, one
+inference actor, no examples). A thread samples the driver process's own ``/proc/self/status``
+(``VmRSS``) every ``--interval`` s; the Ray workers are other processes and are not counted.
+Reported per size: the driver's RSS before the job (after ``ray.init`` and listing the inputs),
+its peak during the job (sampled) and ``VmHWM`` (kernel peak), their difference (growth), wall time;
+and the least-squares slope of peak and growth in MiB per 1,000 images. Target: <= 2 MiB per 1,000.
+
+Writes ``bench/results/eval_driver_memory.json`` (each run under ``--key``; other keys are kept).
+Findings: docs/operations.md ("Evaluation driver memory").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results" / "eval_driver_memory.json"
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def make_images(root: Path, n: int, side: int) -> tuple[Path, Path]:
+    """``n`` random ``side`` px RGB JPEGs and binary PNG masks (a random rectangle) under ``root``."""
+    from PIL import Image
+
+    images, masks = root / "images", root / "masks"
+    images.mkdir(parents=True, exist_ok=True)
+    masks.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(images / f"{i:06d}.jpg")
+        mask = np.zeros((side, side), np.uint8)
+        y, x = rng.integers(0, side // 2, 2)
+        mask[y:y + side // 2, x:x + side // 2] = 255
+        Image.fromarray(mask).save(masks / f"{i:06d}.png")
+    return images, masks
+
+
+def one_size(n: int, side: int, cpus: int, interval: float) -> dict:
+    """Run one size in this process (the driver) and measure it."""
+    import ray
+
+    import dncut
+    from dncut.config import Config
+    from dncut.eval.jobs import evaluate_saliency
+
+    work = Path(tempfile.mkdtemp(prefix=f"dncut_drvmem_{n}_"))
+    images, masks = make_images(work, n, side)
+    ray.init(num_cpus=cpus, logging_level="WARNING", include_dashboard=False)
+    cfg = Config().with_overrides({"model.backbone": "vit_tiny_test", "model.pretrained": False,
+                                   "eval.image_size": side, "eval.batch_size": 64, "eval.num_actors": 1,
+                                   "eval.gpus_per_actor": 0, "eval.examples": 0, "ncut.solver": "eigh"})
+    before = _status_kib("VmRSS")
+    peak, stop = [before], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _status_kib("VmRSS"))
+            time.sleep(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    summary = evaluate_saliency(str(images), str(masks), "vit_tiny_test", None, "simple", False, str(work / "out"),
+                                cfg=cfg)
+    wall = time.perf_counter() - start
+    stop.set()
+    thread.join()
+    ray.shutdown()
+    run = summary["runs"][0]
+    assert run["n_images"] == n, run
+    mib = lambda kib: round(kib / 1024, 1)  # noqa: E731
+    return {"images": n, "wall_s": round(wall, 1), "images_per_s": round(n / wall, 1),
+            "driver_rss_before_mib": mib(before), "driver_rss_peak_mib": mib(peak[0]),
+            "driver_vmhwm_mib": mib(_status_kib("VmHWM")), "driver_growth_mib": mib(peak[0] - before),
+            "n_failed": run["n_failed"], "dncut": str(Path(dncut.__file__).parent)}
+
+
+def slope(xs: list[float], ys: list[float]) -> float | None:
+    """Least-squares slope of ``ys`` against ``xs`` in units per 1,000 ``xs``."""
+    if len(xs) < 2:
+        return None
+    return round(float(np.polyfit(np.asarray(xs) / 1000.0, ys, 1)[0]), 2)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
+    parser.add_argument("--side", type=int, default=32, help="image side, px (a multiple of the patch, 8)")
+    parser.add_argument("--cpus", type=int, default=2, help="logical CPUs of each local Ray")
+    parser.add_argument("--interval", type=float, default=0.05, help="RSS sampling interval, s")
+    parser.add_argument("--code", default=None, help="a checkout whose dncut to measure (PYTHONPATH)")
+    parser.add_argument("--key", default="after", help="key of this run in the JSON")
+    parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # child process: one size
+    args = parser.parse_args(argv)
+    if args.one is not None:
+        print("RESULT " + json.dumps(one_size(args.one, args.side, args.cpus, args.interval)), flush=True)
+        return {}
+    env = dict(os.environ)
+    if args.code:
+        env["PYTHONPATH"] = str(Path(args.code).resolve()) + os.pathsep + env.get("PYTHONPATH", "")
+    rows = []
+    for n in args.sizes:
+        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--side", str(args.side), "--cpus",
+                              str(args.cpus), "--interval", str(args.interval)], env=env, check=True,
+                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout
+        row = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    xs = [r["images"] for r in rows]
+    result = {"machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') >> 30} GiB",
+              "settings": {"side": args.side, "cpus": args.cpus, "backbone": "vit_tiny_test", "method": "simple",
+                           "batch_size": 64, "num_actors": 1},
+              "sizes": rows,
+              "slope_peak_mib_per_1k": slope(xs, [r["driver_rss_peak_mib"] for r in rows]),
+              "slope_growth_mib_per_1k": slope(xs, [r["driver_growth_mib"] for r in rows])}
+    stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    stored[args.key] = result
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(stored, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("slope_peak_mib_per_1k", "slope_growth_mib_per_1k")}))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The evaluation driver keeps nothing per image (issue 26): per-image rows are written by the
+workers, metrics are running sums, the k-means fit sees a bounded sample.
+
+The job's summary is checked against an independent computation: the same images decoded,
+predicted and scored in this process, aggregated by hand with numpy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dncut.config import Config
+from dncut.eval.report import FAILED_SAMPLE, Accumulator, format_failures
+from dncut.eval.segmentation import TokenSample, cluster_tokens, fit_clustering
+from dncut.eval.stages import result_row
+
+
+def _folder(root: Path, n: int, side: int = 32) -> tuple[Path, Path]:
+    from PIL import Image
+
+    images, masks = root / "images", root / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
+        mask = np.zeros((side, side), np.uint8)
+        y, x = rng.integers(0, side // 2, 2)
+        mask[y:y + side // 2, x:x + side // 2] = 255
+        Image.fromarray(mask).save(masks / f"{i:03d}.png")
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    Image.fromarray(np.zeros((side, side), np.uint8)).save(masks / "broken.png")
+    return images, masks
+
+
+def test_summary_equals_rows_scored_in_process_and_averaged_by_hand(ray_session, tmp_path: Path):
+    import pyarrow.parquet as pq
+    import torch
+
+    from dncut.backbone_specs import spec as backbone_spec
+    from dncut.eval.jobs import evaluate_saliency
+    from dncut.eval.predict import Predictor
+    from dncut.eval.stages import load_backbone, load_record, predict_batch, record, score_row
+
+    images, masks = _folder(tmp_path, 10)
+    cfg = Config().with_overrides({"model.pretrained": False, "eval.image_size": 32, "eval.batch_size": 4,
+                                   "eval.examples": 0, "ncut.solver": "eigh"})
+    out = tmp_path / "out"
+    summary = evaluate_saliency(str(images), str(masks), "vit_tiny_test", None, "simple", False, str(out), cfg)
+
+    # independent: decode, predict and score in this process, aggregate with numpy
+    model = load_backbone(None, "vit_tiny_test", False, None, None).eval()
+    predictor = Predictor(model, ["simple"], "eigh", torch.device("cpu"))
+    recs = [record(p.stem, str(p), str(masks / p.name)) for p in sorted(images.iterdir())]
+    rows = [load_record(r, spec=backbone_spec("vit_tiny_test"), image_size=32) for r in recs]
+    scored = []
+    for start in range(0, len(rows), 4):
+        chunk = rows[start:start + 4]
+        with torch.inference_mode():
+            pred = predict_batch(predictor, {k: [r[k] for r in chunk] for k in chunk[0]})
+        for i in range(len(chunk)):
+            scored += score_row({k: v[i] for k, v in pred.items()}, methods=["simple"], bilateral=False,
+                                discovery=False)
+    ok = [r for r in scored if r["status"] == "ok"]
+    (run,) = summary["runs"]
+    assert run["n_images"] == 11 and run["n_failed"] == 1 and len(ok) == 10
+    for key in ("acc", "iou", "mae"):
+        assert run["metrics"][key] == pytest.approx(np.mean([r[key] for r in ok]), rel=1e-9, abs=1e-12), key
+    curve = np.mean([np.asarray(r["fbeta_curve"], np.float64) for r in ok], axis=0)
+    assert run["metrics"]["max_fbeta"] == pytest.approx(float(curve.max()), rel=1e-9)
+
+    # per_image.parquet: one file (the workers' parts merged, then removed), one row per image
+    assert (out / "per_image.parquet").is_file() and not (out / "per_image.parquet.parts").exists()
+    table = pq.read_table(out / "per_image.parquet").to_pylist()
+    assert sorted(r["image_id"] for r in table) == sorted(r["image_id"] for r in scored)
+    by_id = {r["image_id"]: r for r in scored}
+    for r in table:
+        if r["status"] == "ok":
+            assert r["iou"] == pytest.approx(float(by_id[r["image_id"]]["iou"]), rel=1e-9)
+    assert [r["status"] for r in table if r["image_id"] == "broken"] == ["failed"]
+    assert "## Failed images (1)" in (out / "summary.md").read_text()
+
+
+def test_accumulator_keeps_no_row_per_image():
+    """100k rows (a tenth failed): running sums, one curve per run and a bounded sample of failures."""
+    acc = Accumulator(["simple"])
+    curve = np.linspace(0, 1, 255)
+    for i in range(100_000):
+        failed = i % 10 == 0
+        row = result_row(f"img{i}", "simple", status="failed" if failed else "ok", error="bad" if failed else "")
+        row.update(acc=0.5, iou=0.25, mae=0.1, fbeta_curve=curve, pysod_curve=curve)
+        acc.add(row, dataset="d", backbone="b", checkpoint=None, task="saliency")
+    (run,) = acc.summary()["runs"]
+    assert run["n_images"] == 100_000 and run["n_failed"] == 10_000
+    assert run["metrics"]["iou"] == pytest.approx(0.25) and run["metrics"]["max_fbeta"] == pytest.approx(1.0)
+    assert len(acc.failures) == FAILED_SAMPLE and acc.more_failures and acc.n_failed_rows == 10_000
+    assert len(acc._failed_keys) == FAILED_SAMPLE + 1 and not acc.examples
+    assert not any(isinstance(v, list) and len(v) > FAILED_SAMPLE for v in vars(acc).values())
+    md = format_failures(acc.failures, more=acc.more_failures)
+    assert f"## Failed images (more than {FAILED_SAMPLE})" in md and md.count("\n- ") == FAILED_SAMPLE + 1
+
+
+def test_token_sample_is_every_token_under_the_cap_and_a_fixed_sample_above():
+    rng = np.random.default_rng(0)
+    images = {f"img{i:02d}": rng.normal(size=(16, 3)).astype(np.float32) for i in range(20)}  # 320 tokens
+    full = TokenSample(cap=320)
+    for name in reversed(list(images)):  # arrival order does not matter
+        full.add(name, images[name])
+    assert np.array_equal(full.tokens(), np.concatenate([images[k] for k in sorted(images)]))
+
+    samples = []
+    for order in (sorted(images), sorted(images, reverse=True), list(rng.permutation(sorted(images)))):
+        s = TokenSample(cap=50)
+        for name in order:
+            s.add(name, images[name])
+        samples.append(s.tokens())
+        assert s.total == 320 and len(samples[-1]) == 50
+    assert all(np.array_equal(samples[0], t) for t in samples[1:])
+    every = {tuple(t) for t in np.concatenate(list(images.values()))}
+    assert all(tuple(t) in every for t in samples[0])
+
+
+def test_fitted_clustering_labels_every_token_as_the_fit_does():
+    """``Clustering.predict`` (the workers' pass) agrees with the labels of the fit itself (the
+    protocol's ``fit_predict``) on the tokens the fit saw."""
+    rng = np.random.default_rng(1)
+    tokens = np.concatenate([rng.normal(loc=c, size=(200, 8)) for c in (-3, 0, 3)]).astype(np.float32)
+    fit = fit_clustering(tokens, 3, seed=0, pca_dims=4)
+    assert np.array_equal(fit.predict(tokens), cluster_tokens(tokens, 3, seed=0, pca_dims=4))
