@@ -1,7 +1,8 @@
 """Self-supervised dense learning on Ray Train (paper Sec. 3.3-3.4, 4 "Training details").
 
     loop.py         builders, lr schedule, LoopState, train_one_step, collectives (no Ray)
-    checkpoints.py  the one checkpoint format, the intact check, the resume point
+    checkpoints.py  the one checkpoint format, the intact check, the resume point, the rerun check
+    resources.py    resource arithmetic at start: Train workers + decode tasks against the cluster
     chief.py        rank 0's duties: validation, tracking, checkpoint files, export (no Ray)
     worker.py       the Ray Train adapter: train_loop_per_worker, report
     driver.py       run config, trainer assembly, fit, export_run
