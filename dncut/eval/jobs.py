@@ -18,8 +18,9 @@ One pipeline per (dataset, backbone, checkpoint); all methods share the backbone
 Outputs of the evaluations (``dncut.eval.report.write_report``): ``per_image.parquet``,
 ``summary.json``, ``summary.md``, ``examples.png`` and ``config.yaml`` under the run folder
 (``Config.run_dir``) or the given ``out_dir``, and the offline gallery ``index.html``
-(``dncut.eval.gallery``; predict writes its own ``index.html`` and ``config.yaml`` too). Metrics are means over the images that
-succeeded; failed images are rows with their reason (``dncut.eval.stages``).
+(``dncut.eval.gallery``; predict writes its own ``index.html`` and ``config.yaml`` too). Metrics
+are means over the images that succeeded; failed images are rows with their reason
+(``dncut.eval.stages``).
 
 Driver memory does not grow with the number of images: per-image rows are written by the
 workers as Parquet parts and streamed into one file at the end (``dncut.eval.report.merge_parts``;
