@@ -19,9 +19,11 @@ from typing import Sequence
 
 log = logging.getLogger("dncut")
 
+DISCOVERY_METHODS = ("simple", "tokencut", "most")
+"""``dncut eval-discovery``'s default methods: every NCut method that scores discovery (FOUND needs a head)."""
 DEMO_CONFIG = "train/demo"  # a bundled config (dncut.config.resolve_config)
 CONFIG_KIND = {"train": "train", "demo": "train", "tune": "sweep", "eval": "eval", "eval-saliency": "eval",
-               "predict": "eval", "found-train": "found"}
+               "eval-discovery": "eval", "predict": "eval", "found-train": "found"}
 """The bundled-config folder a command looks in first (``dncut train --config smoke`` = ``train/smoke``)."""
 
 
@@ -62,6 +64,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("Saliency, object discovery and segmentation of the config's datasets x methods x backbones "
              "(a Ray Data batch job).",
              "dncut eval --config configs/eval/smoke.yaml"),
+    "eval-discovery": ("Object discovery (CorLoc) of one backbone on a COCO instances JSON or a VOC root, no YAML "
+                       "needed.",
+                       "dncut eval-discovery --images DIR --annotations instances.json --limit 100 --out outputs/disc"),
     "eval-maps": ("Score folders of precomputed saliency maps against ground-truth masks (no model, no Ray).",
                   "dncut eval-maps --masks GT_DIR --maps MAPS_DIR --out outputs/maps"),
     "eval-saliency": ("Unsupervised saliency of one backbone on an images/ + masks/ folder pair, no YAML needed.",
@@ -115,6 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluate-best", action=argparse.BooleanOptionalAction, default=None,
                    help="run the eval section on the best trial's exported backbone (default: tune.evaluate_best)")
     p = _command(sub, "eval")
+    _add_config_args(p)
+
+    p = _command(sub, "eval-discovery")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="folder of the images named in --annotations (COCO), local or s3://")
+    source.add_argument("--voc", metavar="ROOT", help="a VOC root: VOCdevkit/VOC<year>/ or VOC<year>/ itself, "
+                                                      "with JPEGImages/, Annotations/ and ImageSets/Main/")
+    p.add_argument("--annotations", default=None, metavar="JSON",
+                   help="COCO instances JSON of the --images (boxes; iscrowd regions dropped)")
+    p.add_argument("--year", default="2007", choices=["2007", "2012"], help="VOC year of --voc; default 2007")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="first N images only; default all")
+    p.add_argument("--backbone", default=None, choices=list_backbones(), metavar="NAME",
+                   help="backbone name (`dncut backbones`); default: the config's model.backbone")
+    p.add_argument("--checkpoint", default=None, help="backbone weights (local or s3://); default: pretrained")
+    p.add_argument("--method", nargs="+", default=list(DISCOVERY_METHODS), choices=typing.get_args(EvalMethod),
+                   metavar="METHOD", help=f"one or more of {', '.join(typing.get_args(EvalMethod))}; default "
+                                          f"{' '.join(DISCOVERY_METHODS)} (every NCut method that scores discovery)")
+    p.add_argument("--out", required=True, help="output folder (summary.json, summary.md, per_image.parquet)")
     _add_config_args(p)
 
     p = _command(sub, "eval-maps")
@@ -191,7 +214,11 @@ def load(args: argparse.Namespace):
         return load_config(resolve_config(args.config, CONFIG_KIND.get(args.command)), args.overrides,
                            reader=storage.read_bytes)
     except (ConfigError, FileNotFoundError) as exc:
-        raise SystemExit(f"dncut: config error: {exc}") from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        if len(lines) == 2:  # one mistake: one line, the key first, then where
+            lines = [f"{lines[1]} ({lines[0].rstrip(':')})"]
+        print(f"dncut {args.command}: config error: " + "\n  ".join(lines), file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def run_report(run: str, out: str | None) -> int:
@@ -240,46 +267,205 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
     ray.init(address=address, logging_level=logging.DEBUG if verbose else logging.ERROR, log_to_driver=verbose)
 
 
+PROGRESS_EVERY_S = 30
+"""Without a terminal (CI logs, ``ray job logs``): one progress line at most this often."""
+LOG_FILE = "dncut.log"
+"""The driver's log (dncut's lines and Ray Data's own) under an evaluation's output folder."""
+
+
+class _CompactProgress(logging.Filter):
+    """Ray Data's non-terminal progress block (a banner, totals, one line per operator) -> one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Total Progress"):
+            return False
+        record.msg, record.args = f"progress: {message.split(':', 1)[1].strip()} rows", None
+        return True
+
+
+def setup_console(quiet: bool, verbose: bool) -> None:
+    """What reaches this console: ``-q`` the result (and warnings, errors); default dncut's INFO
+    lines and progress (bars on a terminal, else one compact line every ``PROGRESS_EVERY_S``);
+    ``-v`` everything, Ray's own lines included. Ray Data's own INFO lines go to its log file
+    (and the output folder's ``dncut.log``: ``log_to_folder``)."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("dncut").setLevel(level)
+    for name in ("botocore", "boto3", "s3transfer", "urllib3"):  # their DEBUG lines print request headers (key ids)
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    if quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    tty = sys.stdout.isatty()
+    if not tty:
+        os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", str(PROGRESS_EVERY_S))
+    import ray.data
+    from ray.data._internal.progress import logging_progress
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = not quiet
+    logging_progress.LoggingExecutionProgressManager.LOG_REPORT_INTERVAL_SEC = PROGRESS_EVERY_S
+    if verbose:
+        return
+    # "Progress bars disabled" / "Progress will be logged": the choice made here, not news
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR if quiet else logging.WARNING)
+    progress = logging.getLogger(logging_progress.__name__)
+    progress.setLevel(logging.INFO)
+    if not any(isinstance(f, _CompactProgress) for f in progress.filters):
+        progress.addFilter(_CompactProgress())
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        progress.addHandler(console)
+        progress.propagate = False  # not through Ray Data's console handler, which shows warnings only
+    for handler in logging.getLogger("ray.data").handlers:  # Ray Data's console: warnings only
+        if not isinstance(handler, logging.FileHandler) and type(handler).__name__ != "SessionFileHandler":
+            handler.setLevel(logging.WARNING)
+
+
+def log_to_folder(folder: str) -> None:
+    """Append the driver's dncut lines and Ray Data's own (INFO and up) to ``folder/dncut.log``
+    (local folders; on S3 Ray Data's lines stay in Ray's session log folder)."""
+    from dncut.storage import Storage
+
+    if Storage.is_s3(folder):
+        return
+    os.makedirs(folder, exist_ok=True)
+    for name in ("dncut", "ray.data"):  # one folder per command: drop an earlier command's file (in-process calls)
+        logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if getattr(h, "dncut_folder_log", False)]:
+            logger.removeHandler(old)
+            old.close()
+    handler = logging.FileHandler(os.path.join(folder, LOG_FILE))
+    handler.dncut_folder_log = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    for name in ("dncut", "ray.data"):
+        logging.getLogger(name).addHandler(handler)
+
+
+def precheck(args: argparse.Namespace, cfg=None) -> None:
+    """Every input of the command, checked before Ray starts (``dncut.checks``).
+
+    Raises:
+        dncut.checks.InputError: the first mistake found, naming the input and the fix.
+    """
+    from dncut import checks
+    from dncut.storage import Storage
+
+    store = cfg.storage_handle() if cfg is not None else Storage()
+    command = args.command
+    if command in ("export", "report"):
+        from dncut.tracking import HISTORY_FILE
+
+        checks.check_run_folder(args.run, store, ["config.yaml", "backbone.pth"] if command == "export"
+                                else [HISTORY_FILE])
+        if args.out:
+            checks.check_output(args.out, "--out")
+        return
+    if command == "eval-maps":
+        checks.check_folder(args.masks, "--masks", store, "a folder of <stem>.png ground-truth masks",
+                            checks.MASK_SUFFIXES)
+        for folder in args.maps:
+            checks.check_folder(folder, "--maps", store, "a folder of <stem>.png maps, or a folder of such folders",
+                                checks.MASK_SUFFIXES)
+        checks.check_output(args.out, "--out")
+        return
+    if command in ("train", "demo", "found-train"):
+        checks.check_training(cfg, store)
+        return
+    if command == "tune":
+        checks.check_training(cfg, store)
+        if args.evaluate_best or (args.evaluate_best is None and cfg.tune.evaluate_best):
+            checks.check_eval_datasets(cfg, store)
+        return
+    if command == "eval":
+        checks.check_evaluation(cfg, store)
+        return
+    backbone = args.backbone or cfg.model.backbone
+    checks.check_output(args.out, "--out")
+    if command == "eval-saliency":
+        checks.check_folder(args.images, "--images", store, "a folder of <stem>.jpg|png images")
+        checks.check_folder(args.masks, "--masks", store, "a folder of <stem>.png masks with the images' stems",
+                            checks.MASK_SUFFIXES)
+    elif command == "predict":
+        checks.check_folder(args.images, "--images", store, "a folder (or s3:// prefix) of images")
+    elif command == "eval-discovery":
+        if args.images is not None and not args.annotations:
+            raise checks.InputError("--images needs --annotations: the COCO instances JSON of those images "
+                                    "(or give a VOC root with --voc)")
+        if args.annotations:
+            checks.check_file(args.annotations, "--annotations", store, "give a COCO instances JSON")
+        if args.limit is not None and args.limit < 1:
+            raise checks.InputError(f"--limit {args.limit}: give a positive number of images")
+    checks.check_checkpoint(args.checkpoint, "--checkpoint", store)
+    checks.check_weights(backbone, cfg.model.pretrained, args.checkpoint, "--backbone")
+    if command == "eval-discovery":
+        checks.check_evaluation(cfg, store, f"--voc {args.voc}" if args.voc else f"--images {args.images}")
+    elif "found" in cfg.eval.methods or command == "eval-saliency" and "found" in args.method:
+        checks.check_found_heads(cfg, [backbone], [args.checkpoint], store)
+
+
+def discovery_config(args: argparse.Namespace, cfg):
+    """The config ``dncut eval-discovery`` runs: one discovery set built from the options."""
+    from dncut.eval.jobs import dataset_name
+
+    if args.voc is not None:
+        dataset = {"name": f"VOC{args.year}", "kind": "voc07" if args.year == "2007" else "voc12", "root": args.voc}
+    else:
+        dataset = {"name": dataset_name(args.images), "kind": "coco", "root": args.images,
+                   "annotations": args.annotations}
+    if args.limit is not None:
+        dataset["limit"] = args.limit
+    out = args.out.rstrip("/")
+    parent, _, name = out.rpartition("/")
+    return cfg.with_overrides({"eval.datasets": [dataset], "eval.methods": list(dict.fromkeys(args.method)),
+                               "eval.backbones": [args.backbone or cfg.model.backbone],
+                               "eval.checkpoints": [args.checkpoint], "eval.image_size": None,
+                               "output_dir": parent or ".", "run_name": name})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.quiet, args.verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
-    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
-    for name in ("botocore", "boto3", "s3transfer", "urllib3"):  # their DEBUG lines print request headers (key ids)
-        logging.getLogger(name).setLevel(max(level, logging.INFO))
-    if args.quiet:
-        os.environ.setdefault("TQDM_DISABLE", "1")
-        import ray.data
-
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    if args.command == "eval-maps":
-        from dncut.eval.jobs import evaluate_maps
-        from dncut.eval.report import format_table
-
-        print(format_table(evaluate_maps(args.masks, args.maps, args.out)))
-        return 0
-    if args.command == "backbones":
-        print(backbones_table())
-        return 0
-    if args.command == "report":
-        return run_report(args.run, args.out)
-    if args.command == "export":
-        from dncut.train import export_run
-
-        try:
-            print("\n".join(export_run(args.run, args.format, args.out, push_to_hub=args.push_to_hub)))
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise SystemExit(f"dncut export: {exc}") from None
-        return 0
-    cfg = load(args)
+    from dncut.checks import InputError
     from dncut.config import ConfigError
     from dncut.data.datasets import DatasetLayoutError
     from dncut.storage import StorageError
 
+    setup_console(args.quiet, args.verbose)
+    if args.command == "backbones":
+        print(backbones_table())
+        return 0
+    cfg = load(args) if args.command in CONFIG_KIND else None
     try:
+        if args.command == "eval-discovery":
+            cfg = discovery_config(args, cfg)
+        precheck(args, cfg)
+    except (InputError, ConfigError) as exc:  # a user's mistake: one line, exit code 2, Ray never started
+        print(f"dncut {args.command}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "eval-maps":
+            from dncut.eval.jobs import evaluate_maps
+            from dncut.eval.report import format_table
+
+            log_to_folder(args.out)
+            print(format_table(evaluate_maps(args.masks, args.maps, args.out)))
+            return 0
+        if args.command == "report":
+            return run_report(args.run, args.out)
+        if args.command == "export":
+            from dncut.train import export_run
+
+            try:
+                print("\n".join(export_run(args.run, args.format, args.out, push_to_hub=args.push_to_hub)))
+            except (ValueError, RuntimeError, OSError) as exc:
+                raise SystemExit(f"dncut export: {exc}") from None
+            return 0
         return run_command(args, cfg)
-    except (ConfigError, DatasetLayoutError, StorageError) as exc:  # bad input: the message, no traceback
-        raise SystemExit(f"dncut {args.command}: {exc}") from None
+    except (ConfigError, DatasetLayoutError, StorageError, InputError) as exc:  # bad input: the message, no traceback
+        print(f"dncut {args.command}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
 
 
 def run_command(args: argparse.Namespace, cfg) -> int:
@@ -306,6 +492,15 @@ def run_command(args: argparse.Namespace, cfg) -> int:
         from dncut.eval.report import format_table
 
         init_ray(args.address, args.verbose)
+        log_to_folder(cfg.run_dir)
+        print(format_table(run_evaluation(cfg)))
+        return 0
+    if args.command == "eval-discovery":
+        from dncut.eval.jobs import run_evaluation
+        from dncut.eval.report import format_table
+
+        init_ray(args.address, args.verbose)
+        log_to_folder(cfg.run_dir)
         print(format_table(run_evaluation(cfg)))
         return 0
     if args.command == "eval-saliency":
@@ -313,6 +508,7 @@ def run_command(args: argparse.Namespace, cfg) -> int:
         from dncut.eval.report import format_table
 
         init_ray(args.address, args.verbose)
+        log_to_folder(args.out)
         summary = evaluate_saliency(args.images, args.masks, args.backbone or cfg.model.backbone, args.checkpoint, args.method,
                                     args.bilateral, args.out, cfg)
         print(format_table(summary))
@@ -321,6 +517,7 @@ def run_command(args: argparse.Namespace, cfg) -> int:
         from dncut.eval.jobs import predict_folder
 
         init_ray(args.address, args.verbose)
+        log_to_folder(args.out)
         print(json.dumps(predict_folder(args.images, args.out, cfg, backbone=args.backbone,
                                         checkpoint=args.checkpoint), indent=2))
         return 0

@@ -41,7 +41,7 @@ def test_top_level_help_lists_every_command():
 
     proc = dncut("--help")
     assert proc.returncode == 0, _output(proc)
-    assert len(COMMANDS) == 11
+    assert len(COMMANDS) == 12
     for command, (_, example) in COMMANDS.items():
         assert f"\n    {command}" in proc.stdout, command
         assert example in proc.stdout, example

@@ -1,0 +1,150 @@
+"""A user's first minutes: mistakes caught before Ray starts, a quiet console, discovery without YAML.
+
+* Mistakes (``dncut.checks`` via ``dncut.cli.precheck``): exit code 2, one line naming the input,
+  no traceback, seconds not minutes, and Ray never started (``RAY_ADDRESS`` points at a closed port,
+  and the in-process case asserts ``ray.is_initialized()`` stays false).
+* ``dncut -q eval-saliency`` on 6 images prints at most 10 lines and none of Ray Data's (Ray).
+* ``dncut eval-discovery`` on a 2-image COCO JSON prints CorLoc per method (Ray).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import first_minutes  # noqa: E402  (bench/first_minutes.py: the same mistakes, timed)
+
+FAST_S = 30  # a caught mistake: imports + the check, no Ray (a loaded 2-core box: ~5-13 s)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("first-minutes")
+    first_minutes.scratch(root)
+    return root
+
+
+FAST_CASES = [c for c in first_minutes.CASES if c[0] not in ("eval dataset root missing", "--voc not a VOC root")]
+
+
+@pytest.mark.parametrize("mistake, argv, env", FAST_CASES, ids=[f"{c[1][0]}: {c[0]}" for c in FAST_CASES])
+def test_a_mistake_is_one_line_exit_2_before_ray(work, mistake, argv, env):
+    row = first_minutes.run_case(work, mistake, argv, env)
+    assert row["exit_code"] == 2, row
+    assert row["ok"], row  # one line on stderr, no traceback
+    assert row["seconds"] < FAST_S, row
+    assert row["message"].startswith(f"dncut {argv[0]}: "), row
+    assert "127.0.0.1:9" not in row["message"], "got past the checks and reached Ray"
+    names = {a for a in argv if a.startswith("--") and a not in ("--config", "--set")}
+    keys = [a.split("=")[0] for a in argv if "=" in a]
+    names |= set(keys) | {k.split(".")[0] + "." for k in keys} | {argv[1]}  # --set keys or their section; RUN
+    assert any(name in row["message"] for name in names), (names, row)  # the input is named
+
+
+def test_in_process_main_returns_2_and_ray_never_starts(tmp_path, capsys):
+    import ray
+
+    from dncut.cli import main
+
+    if ray.is_initialized():
+        pytest.skip("a Ray session of another test is up in this process")
+    assert main(["eval-saliency", "--images", str(tmp_path / "nope"), "--masks", str(tmp_path),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--images" in err and "no such folder" in err and "Traceback" not in err
+    assert not ray.is_initialized()
+    assert main(["eval-discovery", "--images", str(tmp_path), "--annotations", str(tmp_path / "instances.json"),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "--annotations" in capsys.readouterr().err and not ray.is_initialized()
+
+
+def test_not_a_run_folder(work):
+    row = first_minutes.run_case(work, "export", ["export", "notrun"], None)
+    assert row["exit_code"] == 2 and "not a run folder" in row["message"], row
+
+
+# ============================================================================ Ray: console and discovery
+def _dncut(cwd: Path, *argv: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "dncut.cli", *argv], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.ray
+def test_quiet_eval_saliency_prints_only_the_result(tmp_path):
+    from dncut.data.scenes import make_scene
+
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    for i in range(6):
+        image, mask = make_scene(900 + i, size=64)
+        image.save(tmp_path / "images" / f"s{i}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "masks" / f"s{i}.png")
+    proc = _dncut(tmp_path, "-q", "eval-saliency", "--images", "images", "--masks", "masks", "--backbone",
+                  "vit_tiny_test", "--method", "simple", "--out", "out", "--set", "eval.image_size=64",
+                  "--set", "model.pretrained=false")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) <= 10, lines
+    assert not [line for line in lines if "streaming_executor" in line or "Progress bars" in line], lines
+    assert any(line.startswith("| simple") for line in lines), lines
+    log = (tmp_path / "out" / "dncut.log").read_text()
+    assert "Starting execution of Dataset" in log  # Ray Data's own lines: in the output folder's log
+
+
+def _coco(root: Path, n: int = 2) -> Path:
+    from dncut.data.scenes import make_scene
+
+    (root / "images").mkdir(parents=True)
+    images, annotations = [], []
+    for i in range(n):
+        image, mask = make_scene(700 + i, size=64)
+        image.save(root / "images" / f"c{i}.jpg")
+        ys, xs = np.nonzero(mask)
+        x0, y0 = int(xs.min()), int(ys.min())
+        images.append({"id": i + 1, "file_name": f"c{i}.jpg", "width": 64, "height": 64})
+        annotations.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0, "area": 1.0,
+                            "bbox": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]})
+    path = root / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": 1, "name": "thing"}]}))
+    return path
+
+
+@pytest.mark.ray
+def test_eval_discovery_from_the_command_line_prints_corloc_per_method(tmp_path):
+    annotations = _coco(tmp_path / "set")
+    proc = _dncut(tmp_path, "-q", "eval-discovery", "--images", "set/images", "--annotations", str(annotations),
+                  "--backbone", "vit_tiny_test", "--set", "model.pretrained=false", "--out", "disc", "--limit", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "CorLoc" in proc.stdout
+    for method in ("simple", "tokencut", "most"):
+        assert any(line.startswith(f"| {method} |") for line in proc.stdout.splitlines()), proc.stdout
+    summary = json.loads((tmp_path / "disc" / "summary.json").read_text())
+    runs = summary["runs"]
+    assert {r["method"] for r in runs} >= {"simple", "tokencut", "most"}
+    assert all(r["n_images"] == 2 for r in runs)
+
+
+def test_eval_discovery_missing_annotations_fails_before_ray(tmp_path):
+    _coco(tmp_path / "set")
+    start = time.perf_counter()
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "dncut.cli", "eval-discovery", "--images", "set/images",
+                           "--annotations", "set/missing.json", "--out", "disc"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and time.perf_counter() - start < FAST_S
+    assert proc.stderr.strip().splitlines() == [
+        "dncut eval-discovery: --annotations set/missing.json does not exist; give a COCO instances JSON"]
+    assert not (tmp_path / "disc").exists()
