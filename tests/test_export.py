@@ -270,15 +270,19 @@ def test_cli_export_of_a_run_folder(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert (out / "model.safetensors").read_bytes() == (hf / "model.safetensors").read_bytes()
 
 
-def test_cli_export_errors_are_one_line_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_export_errors_are_one_line_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture) -> None:
     import huggingface_hub.constants
 
     backbone = _finetuned("vit_tiny_test", seed=5)
     with pytest.raises(SystemExit, match=r"dncut export: .*backbone\.pth holds 'vit_tiny_test', config\.yaml says "
                                          r"'efficientnet_lite0'"):
         cli.main(["export", str(_fake_run(tmp_path / "a", backbone, "efficientnet_lite0"))])
-    with pytest.raises(SystemExit, match=r"dncut export: .*config\.yaml"):
-        cli.main(["export", str(tmp_path / "no_such_run")])
+    assert cli.main(["export", str(tmp_path / "no_such_run")]) == 2  # caught before anything is read
+    assert cli.main(["export", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-2].startswith("dncut export: ") and "no_such_run: no such folder" in err[-2]
+    assert err[-1].startswith("dncut export: ") and "is not a run folder (no config.yaml, backbone.pth)" in err[-1]
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(SystemExit, match=r"dncut export: could not push vit_tiny_test .*'me/tiny'"):
         cli.main(["export", str(_fake_run(tmp_path / "b", backbone)), "--push-to-hub", "me/tiny"])
