@@ -330,17 +330,22 @@ def log_to_folder(folder: str) -> None:
     if Storage.is_s3(folder):
         return
     os.makedirs(folder, exist_ok=True)
-    for name in ("dncut", "ray.data"):  # one folder per command: drop an earlier command's file (in-process calls)
-        logger = logging.getLogger(name)
-        for old in [h for h in logger.handlers if getattr(h, "dncut_folder_log", False)]:
-            logger.removeHandler(old)
-            old.close()
+    close_folder_log()
     handler = logging.FileHandler(os.path.join(folder, LOG_FILE))
     handler.dncut_folder_log = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     handler.setLevel(logging.INFO)
     for name in ("dncut", "ray.data"):
         logging.getLogger(name).addHandler(handler)
+
+
+def close_folder_log() -> None:
+    """Detach and close the file of ``log_to_folder`` (at the end of a command run in-process)."""
+    for name in ("dncut", "ray.data"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if getattr(h, "dncut_folder_log", False)]:
+            logger.removeHandler(handler)
+            handler.close()
 
 
 def precheck(args: argparse.Namespace, cfg=None) -> None:
@@ -432,10 +437,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dncut.data.datasets import DatasetLayoutError
     from dncut.storage import StorageError
 
-    setup_console(args.quiet, args.verbose)
     if args.command == "backbones":
         print(backbones_table())
         return 0
+    setup_console(args.quiet, args.verbose)
     cfg = load(args) if args.command in CONFIG_KIND else None
     try:
         if args.command == "eval-discovery":
@@ -466,6 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DatasetLayoutError, StorageError, InputError) as exc:  # bad input: the message, no traceback
         print(f"dncut {args.command}: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    finally:
+        close_folder_log()
 
 
 def run_command(args: argparse.Namespace, cfg) -> int:
