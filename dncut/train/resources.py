@@ -67,20 +67,13 @@ def _bundles(node: Mapping[str, float], cpus: float, gpus: float) -> int:
     return max(k, 0)
 
 
-def _fits(nodes: Sequence[Mapping[str, float]], extra: Sequence[Mapping[str, float]], workers: int, cpus: float,
-          gpus: float, decode: float) -> bool:
-    """Do ``workers`` bundles fit on ``nodes`` + ``extra`` with ``decode`` CPUs left on one node (any
-    of ``nodes``, or one of ``extra`` that also holds a bundle)?"""
-    caps = [_bundles(n, cpus, gpus) for n in (*nodes, *extra)]
-    total = sum(caps)
-    for j, node in enumerate((*nodes, *extra)):
+def _fits(nodes: Sequence[Mapping[str, float]], workers: int, cpus: float, gpus: float, decode: float) -> bool:
+    """Do ``workers`` bundles fit on ``nodes`` with ``decode`` CPUs left on one of them? (Exact for
+    identical bundles: try each node as the decode task's.)"""
+    caps = [_bundles(n, cpus, gpus) for n in nodes]
+    for j, node in enumerate(nodes):
         left = float(node.get("CPU", 0.0)) - decode
-        if left < -EPS:
-            continue
-        k = _bundles({**node, "CPU": max(left, 0.0)}, cpus, gpus)
-        if j >= len(nodes) and k < 1:
-            continue
-        if total - caps[j] + k >= workers:
+        if left >= -EPS and sum(caps) - caps[j] + _bundles({**node, "CPU": max(left, 0.0)}, cpus, gpus) >= workers:
             return True
     return False
 
@@ -119,7 +112,7 @@ def check_resources(cfg: Config, nodes: Sequence[Mapping[str, float]], kinds: Se
             f"(scaling.num_workers x scaling.cpus_per_worker{', scaling.gpus_per_worker' if gpus else ''}) plus "
             f"{decode:g} CPUs on one node for a Ray Data decode task (data.decode_cpus"
             f"{f' + {extra_cpus:g} for the trial driver' if extra_cpus else ''})")
-    if _fits(nodes, (), n, cpus, gpus, decode):
+    if _fits(nodes, n, cpus, gpus, decode):
         return None
     have = f"the cluster has {_describe(nodes)}"
     if kinds is None:
