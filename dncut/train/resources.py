@@ -19,8 +19,9 @@ Rule (``check_resources``), with per-node sizes (``ray.nodes()``):
   extra CPUs) while the nodes hold ``num_workers`` bundles (bundles are identical, so this is exact:
   ``floor`` of each node's CPUs / GPUs per bundle, summed). Otherwise it is refused, naming the
   numbers and the keys to change.
-* an autoscaling cluster (Ray's cluster config lists node kinds with a ``max_count``, as ``ray up``
-  and KubeRay write it): the same test on the cluster as it is passes silently. Otherwise the run
+* a cluster that may grow (``kinds``: node types with a ``max_count``; on a live cluster
+  ``cluster_nodes`` passes the node shapes present, unbounded, since Ray's public API does not
+  describe the autoscaler): the same test on the cluster as it is passes silently. Otherwise the run
   starts with a WARNING that it waits for the autoscaler when (a) the present nodes plus the listed
   kinds at their ``max_count`` hold the workers, and (b) on a node-size basis there is room for a
   decode task wherever the workers land: a present node that cannot hold a worker has the CPUs, or
@@ -146,25 +147,18 @@ def _decode_room(nodes: Sequence[Mapping[str, float]], kinds: Sequence[Mapping[s
     return False
 
 
-def cluster_nodes() -> tuple[list[dict[str, float]], list[NodeKind] | None]:
-    """``(alive nodes' resources, autoscaler node kinds or None)`` of the connected Ray cluster.
+def cluster_nodes() -> tuple[list[dict[str, float]], list[NodeKind]]:
+    """``(alive nodes' resources, node kinds the cluster may grow by)`` of the connected Ray cluster.
 
-    The node kinds come from the cluster config Ray's autoscaler publishes (``ray up``, KubeRay);
-    without one (a local ``ray.init()``, ``ray start`` by hand) the cluster is fixed."""
+    Ray's public API does not say whether an autoscaler runs or what it may add, so the kinds are the
+    node shapes present, unbounded: a run that only needs *more nodes like these* starts with a
+    warning (an autoscaler adds them; without one, Ray Train waits and says so), and a run whose
+    worker leaves no decode CPU on any node shape is refused, however far the cluster grows."""
     import ray
 
     nodes = [{k: float(v) for k, v in n.get("Resources", {}).items()} for n in ray.nodes() if n.get("Alive")]
-    try:
-        from ray._private.state import state
-
-        config = state.get_cluster_config()
-    except Exception as exc:  # noqa: BLE001 - an API of Ray's internals: without it, treat the cluster as fixed
-        log.debug("no autoscaler cluster config (%s)", exc)
-        config = None
-    if config is None or not config.node_group_configs:
-        return nodes, None
-    kinds = [NodeKind({k: float(v) for k, v in g.resources.items()}, int(g.max_count)) for g in config.node_group_configs]
-    return nodes, kinds
+    shapes = {(n.get("CPU", 0.0), n.get("GPU", 0.0)) for n in nodes}
+    return nodes, [NodeKind({"CPU": cpu, "GPU": gpu}) for cpu, gpu in sorted(shapes)]
 
 
 def check_cluster(cfg: Config, *, extra_cpus: float = 0.0) -> None:
