@@ -1,4 +1,4 @@
-"""Driver memory of the evaluation job against the number of images (issue 26).
+"""Driver memory of the evaluation job against the number of images.
 
     flock /tmp/dncut-ray.lock nice -n 5 .venv/bin/python bench/eval_driver_memory.py --sizes 1000 10000 50000
     # the code of another commit, e.g. before the change (a git worktree, not a stash):
