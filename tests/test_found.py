@@ -278,5 +278,5 @@ def test_found_train_resume_and_evaluate(ray_session, tmp_path):
         logits = head(backbone(torch.from_numpy(np.asarray(Image.open(folder / "s7.png").convert("RGB")).copy())
                                .permute(2, 0, 1)[None]))  # (1, 8, 8)
     expected = F.interpolate(logits[:, None], size=(64, 64), mode="bilinear", align_corners=False)[0, 0] > 0
-    written = np.asarray(Image.open(out / "masks" / "found" / "s7.png")) > 127
+    written = np.asarray(Image.open(out / "masks" / "found" / "s7.png.png")) > 127  # the input name, extension kept
     assert (written == expected.numpy()).all()

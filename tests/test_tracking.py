@@ -153,4 +153,4 @@ def test_dncut_report_writes_the_curves_of_a_run_folder(tmp_path):
     assert "4 reports, step 4/4" in proc.stdout and (tmp_path / CURVES_FILE).is_file()
     empty = subprocess.run([sys.executable, "-m", "dncut.cli", "report", str(tmp_path / "none")], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
-    assert empty.returncode != 0 and "no metrics.jsonl" in empty.stderr
+    assert empty.returncode == 2 and "no such folder" in empty.stderr and "Traceback" not in empty.stderr
