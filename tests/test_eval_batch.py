@@ -410,7 +410,7 @@ def test_predict_output_names_are_unique_per_input(ray_session, scene_folder: Pa
 def test_predict_names_that_differ_only_by_case_are_failed_rows_not_overwrites():
     """On a case-insensitive file system ``A.jpg`` and ``a.jpg`` would write the same files: the
     second (sorted) is a failed record naming the first; distinct names all keep their path."""
-    from dncut.eval.stages import pair_maps, predict_records
+    from dncut.eval.outputs import pair_maps, predict_records
 
     recs = predict_records(["/in/a.jpg", "/in/A.jpg", "/in/sub/x.jpg", "/in/sub_x.jpg", "/in/a.png"], "/in/")
     by_id = {r["image_id"]: r for r in recs}

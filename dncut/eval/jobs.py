@@ -48,12 +48,13 @@ from dncut.config import Config, ConfigError
 from dncut.data.datasets import DatasetLayoutError, pair_by_stem
 from dncut.data.images import IMAGE_SUFFIXES
 from dncut.eval.gallery import write_eval_gallery, write_predict_gallery
+from dncut.eval.outputs import pair_maps, predict_records, write_outputs
 from dncut.eval.predict import METHODS
 from dncut.eval.report import (PER_IMAGE_FILE, Accumulator, clear_parts, merge_parts, parts_folder, write_part,
                                write_per_image, write_report)
 from dncut.eval.stages import (DISCOVERY_KINDS, SEGMENTATION_CLASSES, BackboneFactory, NCutPredictor, TokenExtractor,
-                               dataset_records, load_record, load_segmentation_record, pair_maps, predict_records,
-                               record, result_row, score_map, score_row, write_outputs)
+                               dataset_records, load_record, load_segmentation_record, record, result_row,
+                               score_map, score_row)
 from dncut.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -441,7 +442,7 @@ def evaluate_maps(masks_dir: str, maps_dirs: str | Sequence[str], out_dir: str,
     Args:
         masks_dir: folder of ground-truth masks ``<stem>.png`` (local or ``s3://``).
         maps_dirs: folder(s) of maps ``<stem>.png`` (or ``<stem>.<image ext>.png``, as ``dncut predict``
-            names them; pairing rule: ``dncut.eval.stages.pair_maps``); a folder whose sub-folders are methods
+            names them; pairing rule: ``dncut.eval.outputs.pair_maps``); a folder whose sub-folders are methods
             (like ``sod-val/maps``, or ``dncut predict``'s ``masks/``) gives one run per sub-folder.
         out_dir: output folder or ``s3://`` prefix.
         store: the storage handle (``None``: the environment's defaults).
@@ -479,10 +480,10 @@ def predict_folder(images: str, out_dir: str, cfg: Config, *, backbone: str | No
                    checkpoint: str | None = None) -> dict[str, Any]:
     """Run ``cfg.eval.methods`` on every image of ``images`` and write what they find (``dncut predict``).
 
-    Outputs under ``out_dir`` (``dncut.eval.stages.write_outputs``): ``masks/<method>/<path>.png``,
+    Outputs under ``out_dir`` (``dncut.eval.outputs.write_outputs``): ``masks/<method>/<path>.png``,
     ``z2/<method>/<path>.png`` (``<path>``: the image's path below ``images`` with its extension,
     ``sub/x.jpg`` -> ``masks/<method>/sub/x.jpg.png``, so names never collide; naming rule:
-    ``dncut.eval.stages.predict_records``) and ``predictions.parquet`` (one row per image and method: status,
+    ``dncut.eval.outputs.predict_records``) and ``predictions.parquet`` (one row per image and method: status,
     error, mask and map URIs, boxes as JSON; failed images are rows with their reason). The workers
     write the rows as Parquet parts, each sorted by (image_id, method), streamed into one file at
     the end: rows are not sorted across parts, and the driver never holds them.
