@@ -213,11 +213,14 @@ def load(args: argparse.Namespace):
     try:
         return load_config(resolve_config(args.config, CONFIG_KIND.get(args.command)), args.overrides,
                            reader=storage.read_bytes)
-    except (ConfigError, FileNotFoundError) as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        if len(lines) == 2:  # one mistake: one line, the key first, then where
-            lines = [f"{lines[1]} ({lines[0].rstrip(':')})"]
-        print(f"dncut {args.command}: config error: " + "\n  ".join(lines), file=sys.stderr)
+    except ConfigError as exc:
+        problems = list(exc.problems) or [str(exc)]
+        if len(problems) == 1 and exc.source:  # one mistake: one line, the key first, then where
+            problems = [f"{problems[0]} (invalid config {exc.source})"]
+        print(f"dncut {args.command}: config error: " + "\n  ".join(problems), file=sys.stderr)
+        raise SystemExit(2) from None
+    except FileNotFoundError as exc:
+        print(f"dncut {args.command}: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

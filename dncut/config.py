@@ -262,7 +262,8 @@ def parse_config(
         return Config.model_validate(merged)
     except ValidationError as exc:
         lines = [_format_error(err) for err in exc.errors(include_url=False)]
-        raise ConfigError(f"invalid config ({source}):\n  " + "\n  ".join(lines)) from None
+        raise ConfigError(f"invalid config ({source}):\n  " + "\n  ".join(lines), problems=lines,
+                          source=str(source)) from None
 
 
 def _flat(data: Any, prefix: str = "") -> dict[str, Any]:

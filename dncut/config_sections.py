@@ -26,7 +26,18 @@ DISCOVERY_ONLY_METHODS = ("most",)  # multi-object boxes: scored on discovery se
 
 
 class ConfigError(ValueError):
-    """A config that cannot be used; the message names the dotted key(s) at fault."""
+    """A config that cannot be used; the message names the dotted key(s) at fault.
+
+    Args:
+        message: the whole text.
+        problems: one line per mistake (``"model.backbon: unknown key, ..."``), where validation
+            found several; empty for a single-cause error, whose message is the one problem.
+        source: the file (or ``<config>``) the mistakes are in.
+    """
+
+    def __init__(self, message: str, *, problems: tuple[str, ...] | list[str] = (), source: str = "") -> None:
+        super().__init__(message)
+        self.problems, self.source = tuple(problems), source
 
 
 def _check_backbone(name: str) -> str:
