@@ -14,6 +14,8 @@ inference actor, no examples). A thread samples the driver process's own ``/proc
 Reported per size: the driver's RSS before the job (after ``ray.init`` and listing the inputs),
 its peak during the job (sampled) and ``VmHWM`` (kernel peak), their difference (growth), wall time;
 and the least-squares slope of peak and growth in MiB per 1,000 images. Target: <= 2 MiB per 1,000.
+The same for ``RssAnon`` (private heap) and ``RssShmem`` (object-store pages the driver touched),
+whose sum with ``RssFile`` is ``VmRSS``.
 
 Writes ``bench/results/eval_driver_memory.json`` (each run under ``--key``; other keys are kept).
 Findings: docs/operations.md ("Evaluation driver memory").
@@ -36,11 +38,23 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results" / "eval_driver_memory.json"
 
 
+FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+"""``/proc/self/status`` fields sampled: VmRSS = RssAnon (the driver's private heap) + RssFile (mapped
+files: libraries) + RssShmem (shared memory the driver touched: pages of Ray's object store, which the
+object store owns and reuses, not the driver)."""
+
+
 def _status_kib(field: str) -> int:
+    return _status()[field]
+
+
+def _status() -> dict[str, int]:
+    out = {}
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
+        name, _, value = line.partition(":")
+        if name in FIELDS or name == "VmHWM":
+            out[name] = int(value.split()[0])
+    return out
 
 
 def make_images(root: Path, n: int, side: int) -> tuple[Path, Path]:
@@ -74,12 +88,13 @@ def one_size(n: int, side: int, cpus: int, interval: float) -> dict:
     cfg = Config().with_overrides({"model.backbone": "vit_tiny_test", "model.pretrained": False,
                                    "eval.image_size": side, "eval.batch_size": 64, "eval.num_actors": 1,
                                    "eval.gpus_per_actor": 0, "eval.examples": 0, "ncut.solver": "eigh"})
-    before = _status_kib("VmRSS")
-    peak, stop = [before], threading.Event()
+    before = _status()
+    peak, stop = dict(before), threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], _status_kib("VmRSS"))
+            for field, kib in _status().items():
+                peak[field] = max(peak[field], kib)
             time.sleep(interval)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -95,8 +110,11 @@ def one_size(n: int, side: int, cpus: int, interval: float) -> dict:
     assert run["n_images"] == n, run
     mib = lambda kib: round(kib / 1024, 1)  # noqa: E731
     return {"images": n, "wall_s": round(wall, 1), "images_per_s": round(n / wall, 1),
-            "driver_rss_before_mib": mib(before), "driver_rss_peak_mib": mib(peak[0]),
-            "driver_vmhwm_mib": mib(_status_kib("VmHWM")), "driver_growth_mib": mib(peak[0] - before),
+            "driver_rss_before_mib": mib(before["VmRSS"]), "driver_rss_peak_mib": mib(peak["VmRSS"]),
+            "driver_vmhwm_mib": mib(_status_kib("VmHWM")), "driver_growth_mib": mib(peak["VmRSS"] - before["VmRSS"]),
+            "driver_anon_before_mib": mib(before["RssAnon"]), "driver_anon_peak_mib": mib(peak["RssAnon"]),
+            "driver_anon_growth_mib": mib(peak["RssAnon"] - before["RssAnon"]),
+            "driver_shmem_peak_mib": mib(peak["RssShmem"]), "driver_file_peak_mib": mib(peak["RssFile"]),
             "n_failed": run["n_failed"], "dncut": str(Path(dncut.__file__).parent)}
 
 
@@ -137,12 +155,14 @@ def main(argv: list[str] | None = None) -> dict:
                            "batch_size": 64, "num_actors": 1},
               "sizes": rows,
               "slope_peak_mib_per_1k": slope(xs, [r["driver_rss_peak_mib"] for r in rows]),
-              "slope_growth_mib_per_1k": slope(xs, [r["driver_growth_mib"] for r in rows])}
+              "slope_growth_mib_per_1k": slope(xs, [r["driver_growth_mib"] for r in rows]),
+              "slope_anon_peak_mib_per_1k": slope(xs, [r["driver_anon_peak_mib"] for r in rows]),
+              "slope_shmem_peak_mib_per_1k": slope(xs, [r["driver_shmem_peak_mib"] for r in rows])}
     stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     stored[args.key] = result
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(stored, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("slope_peak_mib_per_1k", "slope_growth_mib_per_1k")}))
+    print(json.dumps({k: v for k, v in result.items() if k.startswith("slope_")}))
     return result
 
 

@@ -92,11 +92,66 @@ def run_case(work: Path, mistake: str, argv: list[str], env_extra: dict[str, str
         code, out, err = proc.returncode, proc.stdout, proc.stderr
     except subprocess.TimeoutExpired:
         code, out, err = None, "", f"timed out after {TIMEOUT_S} s"
-    seconds = time.perf_counter() - start
+    return _row(mistake, argv, time.perf_counter() - start, code, out, err)
+
+
+def _row(mistake: str, argv: list[str], seconds: float, code, out: str, err: str) -> dict:
     lines = [line for line in err.splitlines() if line.strip()]
     return {"command": argv[0], "mistake": mistake, "argv": " ".join(argv), "seconds": round(seconds, 2),
             "exit_code": code, "message": lines[0] if lines else "", "stderr_lines": len(lines),
             "ok": code == 2 and len(lines) == 1 and "Traceback" not in err + out}
+
+
+def run_cases_in_one_process(work: Path, cases: list[tuple[str, list[str], dict[str, str] | None]]) -> list[dict]:
+    """The ``cases`` run one after another by ``dncut.cli.main`` inside one subprocess (the
+    environment of ``run_case``, a case's own variables set for that case only): one interpreter
+    start for all, so a row's seconds leave out the imports. An exception that escapes ``main`` is a
+    traceback on the row's stderr (so the row is not ``ok``)."""
+    env = {k: v for k, v in os.environ.items() if k not in AWS_VARS}
+    env.update({"RAY_ADDRESS": "127.0.0.1:9", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO),
+                "AWS_SHARED_CREDENTIALS_FILE": str(work / "none"), "AWS_CONFIG_FILE": str(work / "none")})
+    proc = subprocess.run([sys.executable, __file__, "--in-process"], input=json.dumps(cases), cwd=work, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S * 2)
+    rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    if len(rows) != len(cases):
+        raise RuntimeError(f"{len(rows)} of {len(cases)} cases ran (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return rows
+
+
+def _in_process_child() -> int:
+    """``--in-process``: read the cases (JSON) from stdin, run each with ``dncut.cli.main``, print rows."""
+    import contextlib
+    import io
+    import logging
+    import traceback
+
+    from dncut.cli import main as dncut_main
+
+    for mistake, argv, env_extra in json.loads(sys.stdin.read()):
+        saved = {k: os.environ.get(k) for k in env_extra or {}}
+        os.environ.update(env_extra or {})
+        out, err = io.StringIO(), io.StringIO()
+        for handler in list(logging.root.handlers):  # basicConfig binds the stderr of its first call
+            logging.root.removeHandler(handler)
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = dncut_main(argv)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) or exc.code is None else 1
+                if not isinstance(exc.code, int) and exc.code is not None:
+                    print(exc.code, file=sys.stderr)
+            except BaseException:  # noqa: BLE001 - reported on the row as a traceback
+                code = 1
+                traceback.print_exc()
+        seconds = time.perf_counter() - start
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        print("ROW " + json.dumps(_row(mistake, argv, seconds, code, out.getvalue(), err.getvalue())), flush=True)
+    return 0
 
 
 def markdown(rows: list[dict]) -> str:
@@ -122,4 +177,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_in_process_child() if sys.argv[1:] == ["--in-process"] else main())
