@@ -23,7 +23,10 @@ others):
                      random moment of the evaluation job (vit_tiny_test with fixed weights from a
                      file): every image must still have exactly one row per method in
                      per_image.parquet (rows lost and duplicated count as lost), each equal (status,
-                     IoU) to a clean run's. ``eval_actor_kill_random_weights``: the same with the smoke
+                     IoU) to a clean run's. The recovery is dncut's: the pipeline runs again on the
+                     images without all their rows (``reruns``: the WARNING lines of dncut.eval.retry);
+                     Ray restarts no actor (``max_restarts=0``; ``ray_restarts`` counts them: 0).
+                     ``eval_actor_kill_random_weights``: the same with the smoke
                      config's random weights (``pretrained: false``, no checkpoint; 1 trial).
 ``sweep_worker_kill`` a 2-trial smoke sweep; one trial's RayTrainWorker SIGKILLed mid-run: that trial
                      resumes (or is ERROR with its reason), the other finishes.
@@ -547,14 +550,18 @@ def trial_ckpt_delete(workdir: Path, trial: int, rng: random.Random, fault: bool
 
 def _eval_job(cfg, kill: bool, rng: random.Random) -> dict:
     """Run the evaluation job in a thread, SIGKILLing its inference actor a random moment after it started
-    when ``kill``; returns ``{table (pandas, per_image.parquet) or None, error, killed_after_s, wall_s}``."""
+    when ``kill``; returns ``{table (pandas, per_image.parquet) or None, error, killed_after_s, wall_s,
+    warnings (dncut's WARNING lines), ray_restarts (Ray restarts of the job's inference actors)}``."""
     import pyarrow.parquet as pq
     import ray
+    from ray._private import state
 
     from dncut.eval.jobs import run_evaluation
 
     job = ray.get_runtime_context().get_job_id()
+    before = {aid for aid, a in state.actors().items() if "NCutPredictor" in a["ActorClassName"]}
     start = time.monotonic()
+    capture = CaptureWarnings().__enter__()
     thread, outcome = run_in_thread(lambda: run_evaluation(cfg))
     killed = None
     if kill:
@@ -569,10 +576,14 @@ def _eval_job(cfg, kill: bool, rng: random.Random) -> dict:
             killed = round(time.monotonic() - start, 2)
     thread.join(timeout=240)  # a clean job of 160 images: ~20 s
     wall = round(time.monotonic() - start, 2)
+    capture.__exit__()
     err = outcome.get("error") or (None if not thread.is_alive() else TimeoutError("the job did not end in 240 s"))
     files = list(Path(cfg.output_dir).rglob(f"{cfg.run_name}/**/per_image.parquet"))
     table = pq.read_table(files[0]).to_pandas() if err is None and files else None
-    return {"table": table, "error": err, "killed_after_s": killed, "wall_s": wall}
+    restarts = sum(a["NumRestarts"] for aid, a in state.actors().items()
+                   if aid not in before and a["JobID"] == job and "NCutPredictor" in a["ActorClassName"])
+    return {"table": table, "error": err, "killed_after_s": killed, "wall_s": wall, "warnings": capture.lines,
+            "ray_restarts": restarts}
 
 
 def trial_eval_actor_kill(workdir: Path, trial: int, rng: random.Random, fault: bool = True, n_images: int = 160,
@@ -607,7 +618,8 @@ def trial_eval_actor_kill(workdir: Path, trial: int, rng: random.Random, fault: 
     res = _result(kind, trial, images=n_images)
     clean = _eval_job(config("clean"), False, rng) if fault else None
     run = _eval_job(config("killed"), fault, rng)
-    res.update(wall_s=run["wall_s"], killed_after_s=run["killed_after_s"])
+    res.update(wall_s=run["wall_s"], killed_after_s=run["killed_after_s"], ray_restarts=run["ray_restarts"],
+               reruns=[w[:300] for w in run["warnings"] if "runs the pipeline again" in w])
     methods = list(config("x").eval.methods)
     table = run["table"]
     if table is None:

@@ -10,7 +10,8 @@ test and ``python bench/chaos.py`` (the repeated trials, the table) run the same
     truncated               intact checkpoint and says so (a dncut.train WARNING)
     eval actor SIGKILL      the inference actor killed mid-job (fixed weights from a file): every
                             image has exactly one row per method in per_image.parquet, each with the
-                            status and IoU of a clean run of the same job
+                            status and IoU of a clean run of the same job; dncut ran the pipeline
+                            again (its WARNING), Ray restarted no actor
     driver SIGKILL + rerun  ``python -m dncut.cli train`` killed at a random step, run again: resumes
                             from the newest checkpoint (the worker log says so) and finishes
 
@@ -70,6 +71,9 @@ def test_killed_eval_actor_loses_no_row(ray_session, tmp_path):
     assert res["rows"] == res["images"] * 2  # 2 methods
     assert res["duplicated_rows"] == 0 and res["rows_lost"] == 0, res
     assert res["rows_changed_vs_clean"] == 0, res["message"]  # same status and IoU as a clean run, row for row
+    assert res["ray_restarts"] == 0, res  # max_restarts=0: no Ray restart (nor its E line about #53727) ...
+    assert len(res["reruns"]) == 1 and "dncut runs the pipeline again" in res["reruns"][0], res  # ... dncut's re-run
+    print(res["reruns"][0])
     assert res["survived"]
 
 

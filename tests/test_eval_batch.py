@@ -147,11 +147,34 @@ def scene_folder(tmp_path: Path) -> Path:
     return root
 
 
-def test_evaluate_saliency_lite0_both_methods_with_solver(ray_session, scene_folder: Path, tmp_path: Path):
+RAY_RESTART_LINE = "constructor arguments in the object store"  # Ray core's E line for max_restarts > 0
+
+
+def _ray_log_sizes() -> dict[Path, int]:
+    """Size of every file of this Ray session's logs folder (the driver's core log among them)."""
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    return {p: p.stat().st_size for p in logs.rglob("*") if p.is_file()}
+
+
+def _ray_log_text_since(sizes: dict[Path, int]) -> str:
+    """What the session's log files gained since ``sizes`` (``_ray_log_sizes``)."""
+    text = []
+    for path in _ray_log_sizes():
+        with open(path, "rb") as f:
+            f.seek(sizes.get(path, 0))
+            text.append(f.read().decode(errors="replace"))
+    return "".join(text)
+
+
+def test_evaluate_saliency_lite0_both_methods_with_solver(ray_session, scene_folder: Path, tmp_path: Path, capfd):
     out = tmp_path / "out"
     cfg = Config().with_overrides({"eval.image_size": 128, "eval.batch_size": 4, "eval.examples": 2})
+    logs = _ray_log_sizes()
     summary = evaluate_saliency(str(scene_folder / "images"), str(scene_folder / "masks"), "efficientnet_lite0",
                                 None, ["simple", "tokencut"], True, str(out), cfg)
+    console = capfd.readouterr()
+    assert "Starting execution of Dataset" in _ray_log_text_since(logs)  # the run's lines are in these logs ...
+    assert RAY_RESTART_LINE not in _ray_log_text_since(logs) + console.out + console.err  # ... but not that one
     _check_summary_schema(summary)
     runs = {r["method"]: r for r in summary["runs"]}
     assert list(runs) == ["simple", "tokencut", "simple+bs", "tokencut+bs"]
@@ -489,3 +512,111 @@ def test_randomly_initialised_backbones_are_the_same_network_in_every_actor():
     torch.manual_seed(3)
     NCutPredictor("vit_tiny_test", None, False, ["simple"], solver="eigh")
     assert torch.equal(torch.rand(1), expected)  # the caller's RNG is left alone
+
+
+# --------------------------------------------------------------------------- a dead inference actor (dncut.eval.retry)
+def _actor_pool_calls(source: str) -> list:
+    """The ``map_batches`` calls of ``source`` whose ``compute`` is an ``ActorPoolStrategy``."""
+    import ast
+
+    calls = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "map_batches":
+            compute = next((k.value for k in node.keywords if k.arg == "compute"), None)
+            if compute is not None and "ActorPoolStrategy" in ast.unparse(compute):
+                calls.append(node)
+    return calls
+
+
+def test_every_actor_pool_is_started_without_ray_restarts():
+    """Every actor pool of dncut passes ``max_restarts=0`` (``ACTOR_REMOTE_ARGS``): Ray core prints
+    "constructor arguments in the object store and max_restarts > 0" (E) for Ray Data's pool actors
+    otherwise; dncut re-runs the pipeline after a death instead (``run_with_retries``)."""
+    from dncut.eval.retry import ACTOR_REMOTE_ARGS
+
+    assert ACTOR_REMOTE_ARGS == {"max_restarts": 0}
+    root = Path(__file__).resolve().parents[1] / "dncut"
+    found = 0
+    for path in sorted(root.rglob("*.py")):
+        source = path.read_text()
+        for call in _actor_pool_calls(source) if "ActorPoolStrategy" in source else []:
+            found += 1
+            spread = [k.value for k in call.keywords if k.arg is None]
+            explicit = {k.arg: k.value for k in call.keywords if k.arg == "max_restarts"}
+            assert any(getattr(v, "id", None) == "ACTOR_REMOTE_ARGS" for v in spread) or (
+                "max_restarts" in explicit and getattr(explicit["max_restarts"], "value", None) == 0), \
+                f"{path.name}:{call.lineno}: an actor pool without max_restarts=0"
+    assert found >= 3  # run_pipeline, run_segmentation, predict_folder
+
+
+def test_merge_keeps_one_row_per_key(tmp_path: Path):
+    """Parts that repeat rows (an image run again after an actor died, a retried task) merge into one
+    row per (dataset, backbone, checkpoint, image_id, method); rows that differ in any key column stay."""
+    import pyarrow as pa
+
+    from dncut.eval.report import PER_IMAGE_FILE, PER_IMAGE_KEY, merge_parts, parts_folder, per_image_schema, write_part
+
+    store = storage.Storage()
+    folder = parts_folder(str(tmp_path), PER_IMAGE_FILE, store)
+
+    def row(image_id, method, checkpoint=None, iou=0.5):
+        return {"dataset": "d", "backbone": "b", "checkpoint": checkpoint, "image_id": image_id, "method": method,
+                "iou": iou, "status": "ok"}
+
+    first = [row("a", "simple"), row("a", "tokencut"), row("b", "simple"), row("a", "simple", "/ft.pth")]
+    again = [row("a", "simple"), row("b", "tokencut"), row("b", "simple"), row("c", "simple")]
+    for rows in (first, again, again[:1]):
+        write_part(pa.Table.from_pylist(rows, schema=per_image_schema()), folder, store)
+    n = merge_parts(str(tmp_path), PER_IMAGE_FILE, store, per_image_schema(), unique=PER_IMAGE_KEY)
+    keys = [tuple(r[k] for k in PER_IMAGE_KEY) for r in pq.read_table(tmp_path / PER_IMAGE_FILE).to_pylist()]
+    assert n == len(keys) == len(set(keys)) == 6
+    assert set(keys) == {("d", "b", None, "a", "simple"), ("d", "b", None, "a", "tokencut"),
+                         ("d", "b", None, "b", "simple"), ("d", "b", "/ft.pth", "a", "simple"),
+                         ("d", "b", None, "b", "tokencut"), ("d", "b", None, "c", "simple")}
+    assert not (tmp_path / (PER_IMAGE_FILE + ".parts")).exists()
+
+
+def test_a_dead_actor_reruns_only_the_images_without_all_their_rows(caplog):
+    """``run_with_retries`` + ``RowLedger``: an actor death (also wrapped) re-runs the images whose rows
+    did not all arrive, each row counted once, with one WARNING; another error is raised at once; a
+    death in each of ``ATTEMPTS`` runs is a clear error."""
+    import logging
+
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from dncut.eval.retry import ATTEMPTS, ActorRetriesExhausted, RowLedger, actor_death, run_with_retries
+
+    records = [{"image_id": i} for i in ("a", "b", "c", "d")]
+    ledger, counted, calls = RowLedger(["simple", "tokencut"]), [], []
+
+    def run(todo):  # the first run dies after a's rows and b's first row arrived
+        calls.append([r["image_id"] for r in todo])
+        rows = [(r["image_id"], m) for r in todo for m in ("simple", "tokencut")]
+        for n, (image_id, method) in enumerate(rows):
+            if len(calls) == 1 and n == 3:
+                raise RuntimeError("pipeline failed") from ActorDiedError()
+            if ledger.first(image_id, method):
+                counted.append((image_id, method))
+
+    with caplog.at_level(logging.WARNING, logger="dncut.eval.retry"):
+        run_with_retries(run, records, missing=lambda: ledger.missing(records), what="eval d b @ pretrained")
+    assert calls == [["a", "b", "c", "d"], ["b", "c", "d"]]
+    assert sorted(counted) == sorted((i, m) for i in "abcd" for m in ("simple", "tokencut"))
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "eval d b @ pretrained: an inference actor died (ActorDiedError" in warning and "3 of 4 images" in warning
+
+    assert actor_death(RayTaskError("f", "tb", ActorDiedError())) is not None
+    assert actor_death(ValueError("bad input")) is None
+    with pytest.raises(ValueError, match="bad input"):  # not a death: no re-run
+        run_with_retries(lambda todo: (_ for _ in ()).throw(ValueError("bad input")), records,
+                         missing=lambda: records, what="x")
+
+    calls.clear()
+
+    def always_dies(todo):
+        calls.append(len(todo))
+        raise ActorDiedError()
+
+    with pytest.raises(ActorRetriesExhausted, match=rf"x: an inference actor died in each of {ATTEMPTS} runs.*4 of 4"):
+        run_with_retries(always_dies, records, missing=lambda: records, what="x")
+    assert calls == [4] * ATTEMPTS

@@ -28,6 +28,10 @@ row order not guaranteed), metrics are running sums (``Accumulator``); what rema
 the driver is its input record (a few hundred bytes). Figures: docs/operations.md, "Evaluation
 driver memory".
 
+An inference actor that dies (OOM kill, SIGKILL, node lost) fails the pipeline; the driver runs it
+again on the images without all their rows, at most ``dncut.eval.retry.ATTEMPTS`` runs, and counts
+and writes each row once (``dncut.eval.retry``: Ray does not restart the actors, ``max_restarts=0``).
+
 Every job builds its ``dncut.storage.Storage`` handle once from the config, checks its inputs
 (dataset layouts, checkpoints, FOUND heads) before any Ray work, and passes the handle to its
 tasks and actors.
@@ -52,9 +56,10 @@ from dncut.eval.outputs import pair_maps, predict_records, write_outputs
 from dncut.eval.predict import METHODS
 from dncut.eval.report import (PER_IMAGE_FILE, Accumulator, clear_parts, merge_parts, parts_folder, write_part,
                                write_per_image, write_report)
+from dncut.eval.retry import ACTOR_REMOTE_ARGS, RowLedger, run_with_retries
 from dncut.eval.stages import (DISCOVERY_KINDS, SEGMENTATION_CLASSES, BackboneFactory, NCutPredictor, TokenExtractor,
                                dataset_records, load_record, load_segmentation_record, record, result_row,
-                               score_map, score_row)
+                               row_methods, score_map, score_row)
 from dncut.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,7 @@ PREDICTIONS_FILE = "predictions.parquet"
 CONFIG_FILE = "config.yaml"  # the resolved config, beside every evaluation's and predict's outputs
 MAPS_PER_TASK = 16  # precomputed maps scored per Ray task: a task's overhead >> scoring one map
 PART_ROWS = 4096  # rows per Parquet part written by a worker (per_image.parquet, predictions.parquet)
+PREDICTION_KEY = ("image_id", "method")  # one row each in predictions.parquet
 
 
 # --------------------------------------------------------------------------- driver checks and resources
@@ -178,7 +184,12 @@ def run_pipeline(records: list[dict], *, cfg: Config, dataset: str, discovery: b
                  factory: BackboneFactory | None = None) -> None:
     """One (dataset, backbone, checkpoint) of saliency (``discovery`` False: images resized to
     ``eval.image_size``) or discovery (padded, CorLoc): the workers write its per-image rows as
-    parts of ``<out_dir>/per_image.parquet``; the scored rows stream into ``acc`` (not kept)."""
+    parts of ``<out_dir>/per_image.parquet``; the scored rows stream into ``acc`` (not kept), each
+    (image, method) once, also across the re-runs after an actor died (``dncut.eval.retry``).
+
+    Raises:
+        dncut.eval.retry.ActorRetriesExhausted: an inference actor died in each run.
+    """
     import ray
 
     ev = cfg.eval
@@ -190,24 +201,31 @@ def run_pipeline(records: list[dict], *, cfg: Config, dataset: str, discovery: b
     example_ids = frozenset(r["image_id"] for r in records[: ev.examples])
     log.info("eval %s: %d images, backbone %s, checkpoint %s, methods %s%s", dataset, len(records),
              backbone, checkpoint or "(pretrained)", methods, " + bilateral" if ev.bilateral else "")
-    ds = (
-        ray.data.from_items(records, override_num_blocks=_blocks(len(records), ev.batch_size))
-        .map(load_record, fn_kwargs={"spec": bspec, "image_size": None if discovery else ev.image_size,
-                                     "store": store}, num_cpus=read_cpus)
-        .map_batches(NCutPredictor, batch_size=ev.batch_size, batch_format="numpy",
-                     compute=ray.data.ActorPoolStrategy(size=ev.num_actors), num_cpus=actor_cpus,
-                     num_gpus=ev.gpus_per_actor or None,
-                     fn_constructor_kwargs=_predictor_kwargs(cfg, backbone, checkpoint, methods, store, factory,
-                                                             found_head))
-        .flat_map(score_row, fn_kwargs={"methods": methods, "bilateral": ev.bilateral, "discovery": discovery,
-                                        "example_ids": example_ids}, num_cpus=score_cpus)
-        .map_batches(write_per_image, batch_format="pyarrow", batch_size=PART_ROWS, num_cpus=score_cpus,
-                     fn_kwargs={"out_dir": out_dir, "dataset": dataset, "backbone": backbone,
-                                "checkpoint": checkpoint, "store": store})
-    )
-    for row in ds.iter_rows():
-        acc.add(row, dataset=dataset, backbone=backbone, checkpoint=checkpoint,
-                task="discovery" if discovery else "saliency")
+    ledger = RowLedger(row_methods(methods, bilateral=ev.bilateral, discovery=discovery))
+
+    def run(todo: list[dict]) -> None:
+        ds = (
+            ray.data.from_items(todo, override_num_blocks=_blocks(len(todo), ev.batch_size))
+            .map(load_record, fn_kwargs={"spec": bspec, "image_size": None if discovery else ev.image_size,
+                                         "store": store}, num_cpus=read_cpus)
+            .map_batches(NCutPredictor, batch_size=ev.batch_size, batch_format="numpy",
+                         compute=ray.data.ActorPoolStrategy(size=ev.num_actors), num_cpus=actor_cpus,
+                         num_gpus=ev.gpus_per_actor or None, **ACTOR_REMOTE_ARGS,
+                         fn_constructor_kwargs=_predictor_kwargs(cfg, backbone, checkpoint, methods, store, factory,
+                                                                 found_head))
+            .flat_map(score_row, fn_kwargs={"methods": methods, "bilateral": ev.bilateral, "discovery": discovery,
+                                            "example_ids": example_ids}, num_cpus=score_cpus)
+            .map_batches(write_per_image, batch_format="pyarrow", batch_size=PART_ROWS, num_cpus=score_cpus,
+                         fn_kwargs={"out_dir": out_dir, "dataset": dataset, "backbone": backbone,
+                                    "checkpoint": checkpoint, "store": store})
+        )
+        for row in ds.iter_rows():
+            if ledger.first(str(row["image_id"]), str(row["method"])):
+                acc.add(row, dataset=dataset, backbone=backbone, checkpoint=checkpoint,
+                        task="discovery" if discovery else "saliency")
+
+    run_with_retries(run, records, missing=lambda: ledger.missing(records),
+                     what=f"eval {dataset} {backbone} @ {checkpoint or 'pretrained'}")
 
 
 # --------------------------------------------------------------------------- segmentation
@@ -237,17 +255,25 @@ def run_segmentation(records: list[dict], *, cfg: Config, dataset: str, backbone
     check_checkpoint(checkpoint, store)
     log.info("segmentation %s: %d images, backbone %s, checkpoint %s, K = %d and %d, seeds %s", dataset,
              len(records), backbone, checkpoint or "(pretrained)", SEGMENTATION_CLASSES, seg.overcluster_k, seg.seeds)
-    ds = (
-        ray.data.from_items(records, override_num_blocks=_blocks(len(records), ev.batch_size))
-        .map(load_segmentation_record, fn_kwargs={"image_size": seg.image_size, "store": store}, num_cpus=read_cpus)
-        .map_batches(TokenExtractor, batch_size=ev.batch_size, batch_format="numpy",
-                     compute=ray.data.ActorPoolStrategy(size=ev.num_actors), num_cpus=actor_cpus,
-                     num_gpus=ev.gpus_per_actor or None,
-                     fn_constructor_kwargs={"backbone": backbone, "checkpoint": checkpoint,
-                                            "pretrained": cfg.model.pretrained, "use_gpu": ev.gpus_per_actor > 0,
-                                            "store": store, "factory": factory,
-                                            "trusted": cfg.model.trusted_checkpoint})
-    ).materialize()
+    extracted = []  # the materialised tokens of the run that finished
+
+    def extract(todo: list[dict]) -> None:  # an actor death re-runs the whole token pass (nothing reached acc)
+        extracted[:] = [(
+            ray.data.from_items(todo, override_num_blocks=_blocks(len(todo), ev.batch_size))
+            .map(load_segmentation_record, fn_kwargs={"image_size": seg.image_size, "store": store},
+                 num_cpus=read_cpus)
+            .map_batches(TokenExtractor, batch_size=ev.batch_size, batch_format="numpy",
+                         compute=ray.data.ActorPoolStrategy(size=ev.num_actors), num_cpus=actor_cpus,
+                         num_gpus=ev.gpus_per_actor or None, **ACTOR_REMOTE_ARGS,
+                         fn_constructor_kwargs={"backbone": backbone, "checkpoint": checkpoint,
+                                                "pretrained": cfg.model.pretrained,
+                                                "use_gpu": ev.gpus_per_actor > 0, "store": store, "factory": factory,
+                                                "trusted": cfg.model.trusted_checkpoint})
+        ).materialize()]
+
+    run_with_retries(extract, records, missing=lambda: records,
+                     what=f"segmentation {dataset} {backbone} @ {checkpoint or 'pretrained'}")
+    (ds,) = extracted
     scores = {f"kmeans-k{SEGMENTATION_CLASSES}": (SEGMENTATION_CLASSES, "hungarian"),
               f"kmeans-k{seg.overcluster_k}": (seg.overcluster_k, "majority")}
     sample = TokenSample(SAMPLE_TOKENS)
@@ -486,7 +512,9 @@ def predict_folder(images: str, out_dir: str, cfg: Config, *, backbone: str | No
     ``dncut.eval.outputs.predict_records``) and ``predictions.parquet`` (one row per image and method: status,
     error, mask and map URIs, boxes as JSON; failed images are rows with their reason). The workers
     write the rows as Parquet parts, each sorted by (image_id, method), streamed into one file at
-    the end: rows are not sorted across parts, and the driver never holds them.
+    the end: rows are not sorted across parts, and the driver never holds them. After an actor
+    died, the images without all their rows run again (``dncut.eval.retry``): their files are
+    overwritten with the same names, their rows kept once (``PREDICTION_KEY``).
     ``dncut eval-maps --masks GT --maps <out>/masks`` scores the masks.
 
     Args:
@@ -503,6 +531,7 @@ def predict_folder(images: str, out_dir: str, cfg: Config, *, backbone: str | No
     Raises:
         dncut.storage.StorageError: the image source is unreachable or empty (before any Ray work).
         FileNotFoundError: the checkpoint does not exist (before any Ray work).
+        dncut.eval.retry.ActorRetriesExhausted: an inference actor died in each run.
     """
     import ray
 
@@ -515,27 +544,31 @@ def predict_folder(images: str, out_dir: str, cfg: Config, *, backbone: str | No
     records = predict_records(uris, images)  # output names unique per input
     ensure_ray()
     read_cpus, actor_cpus, write_cpus = cpu_split(ev.num_actors)
-    ds = (
-        ray.data.from_items(records, override_num_blocks=_blocks(len(records), ev.batch_size))
-        .map(load_record, fn_kwargs={"spec": backbone_spec(backbone), "image_size": ev.image_size, "store": store},
-             num_cpus=read_cpus)
-        .map_batches(NCutPredictor, batch_size=ev.batch_size, batch_format="numpy",
-                     compute=ray.data.ActorPoolStrategy(size=ev.num_actors), num_cpus=actor_cpus,
-                     num_gpus=ev.gpus_per_actor or None,
-                     fn_constructor_kwargs=_predictor_kwargs(cfg, backbone, checkpoint, methods, store, None,
-                                                             found_head))
-        .flat_map(write_outputs, fn_kwargs={"methods": methods, "out_dir": out_dir, "store": store},
-                  num_cpus=write_cpus)
-        .map_batches(_write_predictions, batch_format="pyarrow", batch_size=PART_ROWS, num_cpus=write_cpus,
-                     fn_kwargs={"folder": parts_folder(out_dir, PREDICTIONS_FILE, store), "store": store})
-    )
+    ledger, failed = RowLedger(methods), set()  # failed: image ids, a set bounded by the failures' count
+
+    def run(todo: list[dict]) -> None:
+        ds = (
+            ray.data.from_items(todo, override_num_blocks=_blocks(len(todo), ev.batch_size))
+            .map(load_record, fn_kwargs={"spec": backbone_spec(backbone), "image_size": ev.image_size,
+                                         "store": store}, num_cpus=read_cpus)
+            .map_batches(NCutPredictor, batch_size=ev.batch_size, batch_format="numpy",
+                         compute=ray.data.ActorPoolStrategy(size=ev.num_actors), num_cpus=actor_cpus,
+                         num_gpus=ev.gpus_per_actor or None, **ACTOR_REMOTE_ARGS,
+                         fn_constructor_kwargs=_predictor_kwargs(cfg, backbone, checkpoint, methods, store, None,
+                                                                 found_head))
+            .flat_map(write_outputs, fn_kwargs={"methods": methods, "out_dir": out_dir, "store": store},
+                      num_cpus=write_cpus)
+            .map_batches(_write_predictions, batch_format="pyarrow", batch_size=PART_ROWS, num_cpus=write_cpus,
+                         fn_kwargs={"folder": parts_folder(out_dir, PREDICTIONS_FILE, store), "store": store})
+        )
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for image_id, method, status in zip(*(batch[c].to_pylist() for c in ("image_id", "method", "status"))):
+                if ledger.first(image_id, method) and status != "ok":
+                    failed.add(image_id)
+
     clear_parts(out_dir, PREDICTIONS_FILE, store)
-    n_rows, failed = 0, set()  # failed: image ids, a set bounded by the failures' count
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        n_rows += sum(batch["n_rows"].to_pylist())
-        for ids in batch["failed"].to_pylist():
-            failed.update(ids)
-    merge_parts(out_dir, PREDICTIONS_FILE, store)
+    run_with_retries(run, records, missing=lambda: ledger.missing(records), what=f"predict {images}")
+    n_rows = merge_parts(out_dir, PREDICTIONS_FILE, store, unique=PREDICTION_KEY)
     store.write_bytes(store.join(out_dir, CONFIG_FILE), cfg.with_overrides(
         {"model.backbone": backbone, "eval.backbones": [backbone], "eval.checkpoints": [checkpoint]}).to_yaml().encode())
     write_predict_gallery(out_dir, {r["image_id"]: r["image_uri"] for r in records}, store, ev.examples)
@@ -546,10 +579,7 @@ def predict_folder(images: str, out_dir: str, cfg: Config, *, backbone: str | No
 
 def _write_predictions(batch, *, folder: str, store: Storage):
     """Ray Data step: the batch's prediction rows, sorted by (image_id, method), as a Parquet part of
-    ``predictions.parquet``; returns one row ``{n_rows, failed: [image ids]}`` for the driver's counts."""
-    import pyarrow as pa
-
+    ``predictions.parquet``; returns their ``{image_id, method, status}`` for the driver's counts."""
     if batch.num_rows:
         write_part(batch.sort_by([("image_id", "ascending"), ("method", "ascending")]), folder, store)
-    failed = sorted({r["image_id"] for r in batch.select(["image_id", "status"]).to_pylist() if r["status"] != "ok"})
-    return pa.table({"n_rows": [batch.num_rows], "failed": [failed]})
+    return batch.select(["image_id", "method", "status"])

@@ -7,7 +7,9 @@
 * Per-image rows (``per_image.parquet``) never pass through the driver's memory: the workers write
   them in parts (``write_per_image``, ``write_part``: ``<out>/<file>.parts/<uuid>.parquet``) and the
   driver streams the parts into one Parquet file, part by part (``merge_parts``); row order is not
-  guaranteed (rows of one batch stay together).
+  guaranteed (rows of one batch stay together). A row written twice (an image run again after an
+  actor died, ``dncut.eval.retry``; a Ray task retried after it wrote its part) is kept once:
+  ``PER_IMAGE_KEY`` is unique in ``per_image.parquet``.
 * ``format_table(summary) -> str``: the paper's layout (Tab. 1: rows = methods, columns =
   datasets x Acc / IoU / maxFβ, "without" then "with bilateral solver"; Tab. 2: CorLoc per
   discovery dataset), values in percent.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import pickle
 import posixpath
@@ -35,6 +38,7 @@ import numpy as np
 
 from dncut import storage
 
+log = logging.getLogger(__name__)
 GENERIC_WEIGHT_FILES = ("backbone.pth", "model.safetensors", "checkpoint.pth", "state.pt")
 THUMB = 160  # longest side of example thumbnails, pixels
 SALIENCY_METRICS = ("acc", "iou", "max_fbeta")  # paper Tab. 1 columns, in this order
@@ -43,6 +47,7 @@ _LABELS = {"acc": "Acc", "iou": "IoU", "max_fbeta": "maxFβ", "mae": "MAE", "acc
            "corloc": "CorLoc", "miou": "mIoU", "miou_std": "mIoU std"}
 _MEANS = ("acc", "iou", "mae", "acc_binary", "iou_binary", "pysod_mae", "corloc_hit")
 PER_IMAGE_FILE = "per_image.parquet"
+PER_IMAGE_KEY = ("dataset", "backbone", "checkpoint", "image_id", "method")  # one row each in per_image.parquet
 PARTS_SUFFIX = ".parts"  # <out>/<file>.parts/: the workers' Parquet parts of <out>/<file>, merged at the end
 FAILED_SAMPLE = 100  # failed images the Accumulator keeps for summary.md (all of them are in per_image.parquet)
 _FLOAT_COLUMNS = ("acc", "iou", "max_fbeta", "mae", "acc_binary", "iou_binary")
@@ -176,13 +181,37 @@ def clear_parts(out_dir: str, name: str, store: storage.Storage) -> None:
     _remove(parts_folder(out_dir, name, store), store)
 
 
-def merge_parts(out_dir: str, name: str, store: storage.Storage, schema=None) -> int:
+def _keys(table, unique: Sequence[str]) -> list[tuple]:
+    return list(zip(*(table.column(c).to_pylist() for c in unique)))
+
+
+def _read_part(uri: str, store: storage.Storage, columns: Sequence[str] | None = None):
+    import pyarrow.parquet as pq
+
+    part_fs, part_path = store.filesystem(uri)
+    return pq.read_table(part_path, filesystem=part_fs, columns=list(columns) if columns else None)
+
+
+def _repeated_hashes(parts: list[str], unique: Sequence[str], store: storage.Storage) -> tuple[list, np.ndarray]:
+    """Per part, the ``hash()`` of each row's key ``(n,) int64``; and the hashes that occur more than
+    once over all parts (the rows that may repeat a key: same key, or a rare hash collision)."""
+    hashes = [np.fromiter((hash(k) for k in _keys(_read_part(uri, store, unique), unique)), np.int64)
+              for uri in parts]
+    values, counts = np.unique(np.concatenate(hashes) if hashes else np.zeros(0, np.int64), return_counts=True)
+    return hashes, values[counts > 1]
+
+
+def merge_parts(out_dir: str, name: str, store: storage.Storage, schema=None, unique: Sequence[str] = ()) -> int:
     """Stream the parts of ``<out_dir>/<name>`` (``write_part``) into the single Parquet file
     ``<out_dir>/<name>``, one part in memory at a time, then remove the parts.
 
     Args:
         schema: the file's schema (``None``: the first part's; an empty file without columns when
             there is no part).
+        unique: key columns: of the rows with the same key, the first read is kept, the others
+            dropped (rows written twice: an image run again, a task retried). Memory: one 8-byte
+            hash per row (a first pass over the key columns), the exact keys of the rows whose
+            hash repeats.
 
     Returns:
         The number of rows written.
@@ -192,15 +221,24 @@ def merge_parts(out_dir: str, name: str, store: storage.Storage, schema=None) ->
 
     folder = parts_folder(out_dir, name, store)
     parts = store.list_files(folder, (".parquet",)) if store.exists(folder) else []
+    hashes, repeated = _repeated_hashes(parts, unique, store) if unique else ([], np.zeros(0, np.int64))
+    kept: set[tuple] = set()  # exact keys of the rows kept among those whose hash repeats
+    dropped = 0
     out_fs, out_path = store.filesystem(store.join(out_dir, name))
     if not store.is_s3(out_dir):
         out_fs.create_dir(posixpath.dirname(out_path), recursive=True)
     n = 0
     writer = None
     with out_fs.open_output_stream(out_path) as sink:
-        for uri in parts:
-            part_fs, part_path = store.filesystem(uri)
-            table = pq.read_table(part_path, filesystem=part_fs)
+        for i, uri in enumerate(parts):
+            table = _read_part(uri, store)
+            if len(repeated) and np.isin(hashes[i], repeated).any():
+                keys, keep = _keys(table, unique), np.ones(table.num_rows, bool)
+                for j in np.flatnonzero(np.isin(hashes[i], repeated)):
+                    keep[j] = keys[j] not in kept
+                    kept.add(keys[j])
+                dropped += int((~keep).sum())
+                table = table.filter(pa.array(keep))
             if schema is not None:
                 table = table.cast(schema)
             writer = writer or pq.ParquetWriter(sink, table.schema)
@@ -211,6 +249,8 @@ def merge_parts(out_dir: str, name: str, store: storage.Storage, schema=None) ->
         else:
             writer.close()
     _remove(folder, store)
+    if dropped:
+        log.info("%s: %d rows written twice kept once (key %s)", name, dropped, ", ".join(unique))
     return n
 
 
@@ -537,7 +577,7 @@ def write_report(out_dir: str, summary: dict, acc: Accumulator, *, config_yaml: 
         store.write_bytes(uri, data)
         written.append(uri)
 
-    merge_parts(out_dir, PER_IMAGE_FILE, store, per_image_schema())
+    merge_parts(out_dir, PER_IMAGE_FILE, store, per_image_schema(), unique=PER_IMAGE_KEY)
     written.append(store.join(out_dir, PER_IMAGE_FILE))
     put("summary.json", json.dumps(summary, indent=2).encode())
     md = (f"# Evaluation results\n\n{format_table(summary)}\n\n## All runs (fractions)\n\n"

@@ -334,6 +334,18 @@ def most_rows(row: dict, image: np.ndarray, heat: np.ndarray, mask: np.ndarray, 
             result_row(image_id, "most-single", pred_box=single, hit=float(bool(hits) and hits[0]))]
 
 
+def row_methods(methods: Sequence[str], *, bilateral: bool, discovery: bool) -> list[str]:
+    """The method names of the rows ``score_row`` gives for every image, failed or not: ``methods``
+    (without ``DISCOVERY_ONLY_METHODS`` on saliency sets), then ``<method>+bs`` (``bilateral``, saliency)
+    and ``most-single`` (discovery with ``most``); empty when no method applies."""
+    if not discovery:
+        methods = [m for m in methods if m not in DISCOVERY_ONLY_METHODS]
+    if not methods:
+        return []
+    return [*methods, *([f"{m}+bs" for m in methods] if bilateral and not discovery else []),
+            *(["most-single"] if discovery and "most" in methods else [])]
+
+
 def score_row(row: dict, *, methods: Sequence[str], bilateral: bool, discovery: bool,
               example_ids: frozenset[str] = frozenset()) -> list[dict]:
     """Score (CPU task): one image's predictions -> one scored row per method (+bs, most-single).
@@ -347,12 +359,11 @@ def score_row(row: dict, *, methods: Sequence[str], bilateral: bool, discovery: 
     rows. ``example_ids``: images whose ``example`` thumbnail is kept.
     """
     image_id = str(row["image_id"])
+    names = row_methods(methods, bilateral=bilateral, discovery=discovery)
+    if not names:
+        return []
     if not discovery:
         methods = [m for m in methods if m not in DISCOVERY_ONLY_METHODS]
-    names = [*methods, *([f"{m}+bs" for m in methods] if bilateral and not discovery else []),
-             *(["most-single"] if discovery and "most" in methods else [])]
-    if not methods:
-        return []
     if row["status"] != "ok":
         return [failed_row(image_id, m, str(row["error"])) for m in names]
     image, size = row["image"], row["image"].shape[:2]

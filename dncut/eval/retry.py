@@ -1,0 +1,137 @@
+"""The evaluation jobs' rule for a dead inference actor: dncut runs the pipeline again, Ray does not
+restart the actor.
+
+Why not Ray's restart: Ray Data starts each actor-pool worker with its constructor arguments in the
+object store (the ``DataContext`` and the map transformer are ``ray.put`` references), so an actor
+with ``max_restarts > 0`` makes Ray core print an E-severity line on every job ("has constructor
+arguments in the object store and max_restarts > 0", ray-project/ray#53727): the restart fails once
+those objects are gone. So every ``map_batches`` with an ``ActorPoolStrategy`` in dncut passes
+``max_restarts=0`` (``ACTOR_REMOTE_ARGS``), and when an actor dies (OOM kill, SIGKILL, node lost) the
+Ray Data pipeline fails with ``ray.exceptions.ActorDiedError`` (a ``RayActorError``). The driver
+then (``run_with_retries``) logs one WARNING line and runs the pipeline again on the images that do
+not have all their rows yet (``RowLedger``), at most ``ATTEMPTS`` runs in all; after the last it
+raises ``ActorRetriesExhausted`` (never a short table).
+
+No row twice: a re-run image may already have rows in a Parquet part (the workers write parts
+before the rows reach the driver), so the merge keeps one row per key
+(``dncut.eval.report.merge_parts(unique=...)``), and the driver counts each (image, method) once
+(``RowLedger.first``). Rows of a re-run image equal the first run's: the weights are fixed
+(a checkpoint, pretrained weights, or a random initialisation drawn from
+``dncut.eval.stages.RANDOM_INIT_SEED``).
+
+Driver memory: the ledger holds one small int per image of the pipeline (a bit per method), about
+150 bytes per image, dropped when the pipeline ends.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS = 3
+"""Runs of one pipeline (dataset, backbone, checkpoint) in all: the first and up to two re-runs after an
+inference actor died. One death is an accident (a node lost, a process killed); a death in each of three
+runs means something kills the actors every time (memory, a broken device), and a fourth run would
+fail the same way, so the job stops and says so."""
+
+ACTOR_REMOTE_ARGS = {"max_restarts": 0}
+"""Ray options of every actor pool of the evaluation jobs (``map_batches(..., **ACTOR_REMOTE_ARGS)``):
+no Ray restart (see the module docstring); Ray Data then sets no task retries on the actor either."""
+
+
+class ActorRetriesExhausted(RuntimeError):
+    """An inference actor died in each of the ``ATTEMPTS`` runs of one pipeline."""
+
+
+def actor_death(exc: BaseException) -> BaseException | None:
+    """The ``ray.exceptions.RayActorError`` (``ActorDiedError``, ``ActorUnavailableError``) that
+    ``exc`` is or wraps (through ``__cause__``, ``__context__`` and ``RayTaskError.cause``), else ``None``."""
+    from ray.exceptions import RayActorError
+
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, RayActorError):
+            return err
+        todo += [err.__cause__, err.__context__, getattr(err, "cause", None)]
+    return None
+
+
+class RowLedger:
+    """Which of each image's rows (one per method name) reached the driver in this pipeline.
+
+    Args:
+        names: the method names every image gives a row for (``dncut.eval.stages.row_methods``).
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.bits = {name: 1 << i for i, name in enumerate(dict.fromkeys(names))}
+        self.full = (1 << len(self.bits)) - 1
+        self.seen: dict[str, int] = {}  # image_id -> bits of the methods whose row arrived
+
+    def first(self, image_id: str, method: str) -> bool:
+        """Record the row of (``image_id``, ``method``); ``False`` when it had arrived already (a
+        re-run image: the row is not counted again).
+
+        Raises:
+            KeyError: ``method`` is not one of ``names``.
+        """
+        bit, had = self.bits[method], self.seen.get(image_id, 0)
+        self.seen[image_id] = had | bit
+        return not had & bit
+
+    def complete(self, image_id: str) -> bool:
+        """Every row of ``image_id`` arrived."""
+        return self.seen.get(image_id, 0) == self.full
+
+    def forget(self, image_ids) -> None:
+        """Drop what arrived of ``image_ids`` (their rows will be counted again from a re-run)."""
+        for image_id in image_ids:
+            self.seen.pop(image_id, None)
+
+    def missing(self, records: Sequence[dict]) -> list[dict]:
+        """The ``records`` whose image has not given all its rows yet."""
+        return [r for r in records if not self.complete(str(r["image_id"]))]
+
+
+def run_with_retries(run: Callable[[list[dict]], None], records: list[dict], *, missing: Callable[[], list[dict]],
+                     what: str, attempts: int = ATTEMPTS) -> None:
+    """Call ``run(records)``; while it fails because an actor died, call ``run(missing())`` again, at
+    most ``attempts`` calls in all (no call when nothing is missing).
+
+    Args:
+        run: runs the pipeline on the records it is given, streaming its rows to the driver.
+        records: every record of the pipeline.
+        missing: the records still without all their rows (called after a failed run).
+        what: the pipeline, for the messages (``"eval ECSSD vit_small @ pretrained"``).
+
+    Raises:
+        ActorRetriesExhausted: an actor died in each of the ``attempts`` runs (the last death chained).
+        Exception: whatever ``run`` raised for any other reason, unchanged.
+    """
+    todo = records
+    for attempt in range(1, attempts + 1):
+        try:
+            run(todo)
+            return
+        except Exception as exc:
+            death = actor_death(exc)
+            if death is None:
+                raise
+            todo = missing()
+            if not todo:
+                return
+            reason = " ".join(f"{type(death).__name__}: {death}".split())[:300]
+            if attempt == attempts:
+                raise ActorRetriesExhausted(
+                    f"{what}: an inference actor died in each of {attempts} runs of the pipeline; "
+                    f"{len(todo)} of {len(records)} images have no complete rows (last: {reason})") from exc
+            log.warning("%s: an inference actor died (%s); dncut runs the pipeline again on the %d of %d images "
+                        "without all their rows (run %d of at most %d)", what, reason, len(todo), len(records),
+                        attempt + 1, attempts)
