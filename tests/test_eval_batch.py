@@ -603,7 +603,8 @@ def test_a_dead_actor_reruns_only_the_images_without_all_their_rows(caplog):
     assert calls == [["a", "b", "c", "d"], ["b", "c", "d"]]
     assert sorted(counted) == sorted((i, m) for i in "abcd" for m in ("simple", "tokencut"))
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert "eval d b @ pretrained: an inference actor died (ActorDiedError" in warning and "3 of 4 images" in warning
+    assert warning.startswith("eval d b @ pretrained: an inference actor died; dncut runs the pipeline again on "
+                              "the 3 of 4 images") and "ActorDiedError, raised as RuntimeError" in warning
 
     assert actor_death(RayTaskError("f", "tb", ActorDiedError())) is not None
     assert actor_death(ValueError("bad input")) is None

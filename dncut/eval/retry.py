@@ -127,11 +127,12 @@ def run_with_retries(run: Callable[[list[dict]], None], records: list[dict], *, 
             todo = missing()
             if not todo:
                 return
-            reason = " ".join(f"{type(death).__name__}: {death}".split())[:300]
+            raised = "" if death is exc else f", raised as {type(exc).__name__}"
+            reason = f"{type(death).__name__}{raised}: {' '.join(str(death).split())[:200]}"
             if attempt == attempts:
                 raise ActorRetriesExhausted(
                     f"{what}: an inference actor died in each of {attempts} runs of the pipeline; "
                     f"{len(todo)} of {len(records)} images have no complete rows (last: {reason})") from exc
-            log.warning("%s: an inference actor died (%s); dncut runs the pipeline again on the %d of %d images "
-                        "without all their rows (run %d of at most %d)", what, reason, len(todo), len(records),
-                        attempt + 1, attempts)
+            log.warning("%s: an inference actor died; dncut runs the pipeline again on the %d of %d images "
+                        "without all their rows (run %d of at most %d). %s", what, len(todo), len(records),
+                        attempt + 1, attempts, reason)
