@@ -33,7 +33,7 @@ was interrupted replays its ``final_metrics.json`` instead of training again.
 
 ASHA never stops a trial at its last report (its export follows that report). A trial killed
 by ASHA leaves its workers' placement group behind when Ray Train's own cleaner cannot reach
-the dashboard; ``ReleaseStoppedTrials`` frees it. Tables and statuses: ``dncut.tune_results``.
+the dashboard; ``ReleaseStoppedTrials`` removes it (by the id its rank 0 recorded). Tables and statuses: ``dncut.tune_results``.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ log = logging.getLogger("dncut.tune")
 
 RUNS_DIR = "runs"
 FINAL_METRICS = "final_metrics.json"
+PLACEMENT_GROUP_FILE = "placement_group.txt"  # a trial's Train workers' placement group id (hex)
 CSV_FILE = "trials.csv"
 MD_FILE = "trials.md"
 PLOT_FILE = "val_iou_vs_alpha.png"
@@ -316,7 +317,8 @@ def train_trial(params: dict[str, Any], *, base: dict[str, Any], runs_dir: str) 
     if store.exists(final_uri):  # finished before the sweep was interrupted
         ray.tune.report(json.loads(store.read_bytes(final_uri)))
         return
-    result = build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+    result = build_trainer(cfg, callbacks=[TuneReportCallback()],
+                           placement_group_file=storage.join(cfg.run_dir, PLACEMENT_GROUP_FILE)).fit()
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str, bool))}
     if result.checkpoint is not None:
         metrics["checkpoint_path"] = result.checkpoint.path
@@ -334,62 +336,72 @@ class FinishingASHA(AsyncHyperBandScheduler):
         return decision
 
 
-def release_orphaned_placement_groups() -> int:
-    """Remove this job's placement groups whose creating actor has died; returns how many.
-
-    A trial stopped by ASHA is killed with its Ray Train controller, and the workers'
-    placement group outlives it (its lifetime is the job's). Ray Train's own cleaner needs the
-    dashboard's state API; without a dashboard the CPUs stay reserved until the driver exits
-    and later trials wait forever. This reads the GCS table directly (no dashboard needed).
-    """
+def release_placement_group(uri: str, store: storage.Storage) -> bool:
+    """Remove the placement group whose id (hex) the file ``uri`` holds, unless it is gone already;
+    whether one was removed. Public Ray API only (``ray.util.placement_group_table``, ``remove_placement_group``)."""
     import ray
-    from ray._private.state import state as gcs_state
-    from ray.core.generated import gcs_pb2
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
-    job = ray.get_runtime_context().get_job_id()
-    removed = 0
-    for raw in gcs_state._connect_and_get_accessor().get_placement_group_table():
-        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        created_by_actor = bool(pg.creator_actor_id) and not ray.ActorID(pg.creator_actor_id).is_nil()
-        if (not created_by_actor or not pg.creator_actor_dead or pg.is_detached  # drivers' groups: Tune's own
-                or pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.creator_job_id.hex() != job):
-            continue
-        try:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
-            removed += 1
-        except Exception as exc:  # noqa: BLE001 - already removed by Ray Train's own cleaner
-            log.debug("placement group %s: %s", pg.placement_group_id.hex(), exc)
-    if removed:
-        log.info("released %d placement group(s) of stopped trials", removed)
-    return removed
+    if not store.exists(uri):
+        return False
+    pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(store.read_bytes(uri).decode().strip())))
+    if placement_group_table(pg).get("state", "REMOVED") == "REMOVED":
+        return False
+    try:
+        remove_placement_group(pg)
+    except Exception as exc:  # noqa: BLE001 - removed meanwhile by Ray Train's own cleaner
+        log.debug("placement group in %s: %s", uri, exc)
+        return False
+    return True
 
 
 class ReleaseStoppedTrials(Callback):
-    """Tune callback: every ``interval_s`` and after each trial, ``release_orphaned_placement_groups``."""
+    """Tune callback: the Train workers' placement group of each ended trial is removed.
 
-    def __init__(self, interval_s: float = 2.0) -> None:
-        self.interval_s = interval_s
+    Rule: a trial ASHA stops is killed with its Ray Train controller, and the placement group of
+    the controller's workers lives as long as the job (Ray Train's own cleaner needs the dashboard's
+    state API). Rank 0 of each trial's Train run writes that group's id to
+    ``<run dir>/placement_group.txt`` (``PLACEMENT_GROUP_FILE``); every ``interval_s`` for
+    ``watch_s`` after a trial ended (a controller killed late may have started another group), and
+    at the end of the sweep, the group named there is removed if it still exists.
+    """
+
+    def __init__(self, runs_dir: str, store: storage.Storage, interval_s: float = 2.0, watch_s: float = 60.0) -> None:
+        self.runs_dir, self.store = runs_dir, store
+        self.interval_s, self.watch_s = interval_s, watch_s
+        self._ended: dict[str, tuple[float, str]] = {}  # trial id -> (when it ended, its placement group file)
         self._last = 0.0
-        self._broken = False
 
     def _release(self, force: bool = False) -> None:
         import time
 
-        if self._broken or (not force and time.monotonic() - self._last < self.interval_s):
+        now = time.monotonic()
+        if not force and now - self._last < self.interval_s:
             return
-        self._last = time.monotonic()
-        try:
-            release_orphaned_placement_groups()
-        except Exception as exc:  # noqa: BLE001 - private Ray API changed: rely on Ray Train's cleaner
-            self._broken = True
-            log.warning("cannot release placement groups of stopped trials (%s); relying on Ray Train", exc)
+        self._last = now
+        for trial_id, (ended, uri) in list(self._ended.items()):
+            try:
+                if release_placement_group(uri, self.store):
+                    log.info("released the placement group of stopped trial %s", trial_id)
+            except Exception as exc:  # noqa: BLE001 - a sweep never fails for its cleaner
+                log.warning("placement group of trial %s (%s): %s", trial_id, uri, exc)
+            if now - ended > self.watch_s:
+                del self._ended[trial_id]
+
+    def _trial_ended(self, trial) -> None:
+        import time
+
+        run_dir = storage.join(self.runs_dir, trial_run_name(trial.trial_id, trial.config))
+        self._ended[trial.trial_id] = (time.monotonic(), storage.join(run_dir, PLACEMENT_GROUP_FILE))
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:  # noqa: D102
         self._release()
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:  # noqa: D102
-        self._release(force=True)
+        self._trial_ended(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:  # noqa: D102
+        self._trial_ended(trial)
 
     def on_experiment_end(self, trials: list, **info) -> None:  # noqa: D102
         import time
@@ -493,7 +505,7 @@ def _tuner(cfg: Config, trainable, exp_dir: str, total_steps: int, num_trials: i
                                     trial_dirname_creator=trial_dirname, reuse_actors=False),
         run_config=tune.RunConfig(name=cfg.tune.name, storage_path=parent, storage_filesystem=custom_fs,
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                                  callbacks=[ReleaseStoppedTrials(), *(callbacks or [])], verbose=1),
+                                  callbacks=[ReleaseStoppedTrials(storage.join(exp_dir, RUNS_DIR), store), *(callbacks or [])], verbose=1),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 
@@ -62,6 +63,10 @@ def s3_bucket(s3_server) -> str:
 def ray_session(s3_server):
     import ray
 
+    # Ray Train's preemption watcher (one more actor process per fit) polls node drain state: a
+    # one-node local cluster is never drained. The tests' fits start without it (Ray reads the
+    # variable in the process that calls fit()).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})

@@ -349,6 +349,38 @@ def test_the_loop_imports_no_ray():
     assert run.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_what_ray_unpickles_to_plan_a_run_imports_no_torch(tmp_path):
+    """Ray Train's controller, dataset manager and split coordinator unpickle the training function
+    and the dataset's row function before the first step: in a fresh process they load without
+    torch (``dncut.train.entry``, ``dncut.data.deferred``); the row function then makes exactly the
+    rows ``ViewMaker`` makes."""
+    import pickle
+    import subprocess
+    import sys
+
+    import ray.cloudpickle
+
+    from dncut.data.deferred import Deferred
+    from dncut.data.pipeline import ViewMaker
+    from dncut.train.entry import train_loop_per_worker
+
+    cfg = smoke_config(tmp_path)
+    deferred = Deferred("dncut.data.pipeline:ViewMaker", cfg.model_dump(mode="json"))
+    blob = tmp_path / "plan.pkl"
+    blob.write_bytes(ray.cloudpickle.dumps((train_loop_per_worker, deferred)))
+    code = (f"import pickle, sys; fn, maker = pickle.loads(open({str(blob)!r}, 'rb').read()); "
+            "print(callable(fn), callable(maker), 'torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["True", "True", "False"]
+    row = {"uri": "scene://7", "epoch": 1, "key": 3}
+    got, want = pickle.loads(pickle.dumps(deferred))(row), ViewMaker(cfg)(row)
+    assert got.keys() == want.keys() and got["ok"]
+    for key in want:
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
+
+
 @pytest.mark.ray
 def test_checkpoints_kept_by_val_iou(ray_session, tmp_path):
     """``train.keep_checkpoints_by: val_iou`` keeps the best-scoring checkpoints (and the newest)."""

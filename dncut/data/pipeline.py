@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from dncut.config import Config
+from dncut.data.deferred import Deferred
 from dncut.data.images import IMAGE_SUFFIXES, decode_image, decode_rgb, image_size, is_jpeg
 from dncut.data.scenes import make_scene
 from dncut import photometric
@@ -177,12 +178,14 @@ def found_dataset(cfg: Config, uris: list[str], start_step: int = 0):
     f = cfg.found
     epochs = epochs_needed(len(uris), f.steps, f.batch_size, cfg.scaling.num_workers, start_step)
     rows = epoch_rows(uris, cfg.seed, epochs)[start_step * f.batch_size:]
-    return _decoded(ray.data.from_items(rows, override_num_blocks=num_blocks(len(rows))), FoundViewMaker(cfg), cfg)
+    return _decoded(ray.data.from_items(rows, override_num_blocks=num_blocks(len(rows))),
+                    Deferred(f"{__name__}:FoundViewMaker", cfg.model_dump(mode="json")), cfg)
 
 
 def _decoded(ds, maker, cfg: Config):
     """``ds`` mapped by a view maker as stateless CPU tasks (a callable instance, not a class, so
-    Ray Data scales the tasks), with every CPU Ray Data may use available to them.
+    Ray Data scales the tasks; a ``dncut.data.deferred.Deferred``, so the processes that only
+    plan the dataset do not import what the maker needs), with every CPU Ray Data may use available to them.
 
     Ray Data reserves by default half of its resources per operator for the others
     (``DataContext.op_resource_reservation_enabled``); with the decode the only operator that
@@ -252,7 +255,8 @@ def train_dataset(cfg: Config, uris: list[str], total_steps: int, start_step: in
 
     epochs = epochs_needed(len(uris), total_steps, cfg.train.batch_size, cfg.scaling.num_workers, start_step)
     rows = epoch_rows(uris, cfg.seed, epochs)[start_step * cfg.train.batch_size:]
-    return _decoded(ray.data.from_items(rows, override_num_blocks=num_blocks(len(rows))), ViewMaker(cfg), cfg)
+    return _decoded(ray.data.from_items(rows, override_num_blocks=num_blocks(len(rows))),
+                    Deferred(f"{__name__}:ViewMaker", cfg.model_dump(mode="json")), cfg)
 
 
 def train_data_config():

@@ -10,7 +10,7 @@
                            and train_data.json (the images listed) in the run folder; a
                            TorchTrainer whose RunConfig names a fresh ``fit_<time>`` folder under
                            the run folder
-      -> trainer.fit()     workers: dncut.train.worker.train_loop_per_worker
+      -> trainer.fit()     workers: dncut.train.worker.train_loop_per_worker (via dncut.train.entry)
 
 ``dncut found-train`` assembles its trainer from the same pieces (``scaling_config``,
 ``run_config``; ``dncut.train.found``).
@@ -35,7 +35,7 @@ from dncut.tracking import ProgressBar, read_history
 from dncut.train.checkpoints import (CONFIG_FILE, EXPORT_FILE, check_rerun, new_fit_name, prune_earlier_fits,
                                      resume_point)
 from dncut.train.resources import check_cluster
-from dncut.train.worker import train_loop_per_worker
+from dncut.train.entry import train_loop_per_worker
 
 log = logging.getLogger("dncut.train")
 
@@ -110,9 +110,11 @@ def start_step(cfg: Config, store: Storage, last: int) -> int:
     return min(ref.step if ref else 0, last)
 
 
-def build_trainer(cfg: Config, callbacks: list | None = None):
+def build_trainer(cfg: Config, callbacks: list | None = None, placement_group_file: str | None = None):
     """Check the run against the cluster and its folder, validate the data source (all before any
     worker starts and before ``config.yaml`` is written), and assemble the TorchTrainer.
+    ``placement_group_file``: a URI where rank 0 writes its workers' placement group id (hex), for
+    a sweep to remove it after a stop (``dncut.tune.ReleaseStoppedTrials``).
 
     Raises:
         dncut.train.resources.ResourceError: the workers leave no CPU for the decode tasks.
@@ -138,7 +140,8 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
         {"source": cfg.data.train, "images": len(uris)}).encode())
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "total_steps": total, "start_step": start},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "total_steps": total, "start_step": start,
+                           "placement_group_file": placement_group_file},
         scaling_config=scaling_config(cfg),
         run_config=run_config(cfg, callbacks, store=store),
         datasets={"train": ds},

@@ -42,7 +42,8 @@ LOG_FILE = "train.log"  # the workers' dncut log lines, under a local run folder
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Run by every Ray Train worker. ``loop_config``: ``{"config": Config dict (absolute paths),
-    "total_steps": int, "start_step": int}`` (the step the dataset's first row belongs to, see
+    "total_steps": int, "start_step": int, "placement_group_file": URI or None}`` (the step the
+    dataset's first row belongs to; where rank 0 writes the workers' placement group id, see
     ``dncut.train.driver.build_trainer``).
 
     Raises:
@@ -50,12 +51,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """
     import ray.train
     import ray.train.torch
+    import ray.util
 
     cfg, total = Config.model_validate(loop_config["config"]), int(loop_config["total_steps"])
     start = int(loop_config.get("start_step", 0))
     store = cfg.storage_handle()
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     device = setup_worker(cfg, rank)
+    if rank == 0 and loop_config.get("placement_group_file"):
+        group = ray.util.get_current_placement_group()
+        if group is not None:
+            store.write_bytes(loop_config["placement_group_file"], group.id.hex().encode())
     model, criterion = build_model(cfg, store), build_loss(cfg)
     optimizer = build_optimizer(model, cfg)
     sched = run_schedule(cfg, total)
@@ -143,6 +149,7 @@ def report(model, optimizer, state: LoopState, total: int, sched: np.ndarray, cf
     """Validation when due (rank 0), then ``ray.train.report`` (a barrier of all workers) of the
     metrics, with rank 0's checkpoint when due; then ``release_freed_memory``."""
     import ray.train
+    import ray.util
 
     if chief is not None and val_due(state.step, total, cfg):
         state.last_val = chief.validate(model, state.step)
@@ -163,6 +170,7 @@ def report_checkpoint(metrics: dict[str, Any], checkpoint, cfg: Config, store: S
     ``run_dir/<fit>/checkpoint_<step>_<time>`` before the call returns, then recorded in dncut's
     manifest (``dncut.train.checkpoints.record``)."""
     import ray.train
+    import ray.util
 
     name = checkpoint_name(int(metrics["step"])) if checkpoint is not None else None
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
