@@ -38,7 +38,10 @@ fail the same way, so the job stops and says so."""
 
 ACTOR_REMOTE_ARGS = {"max_restarts": 0}
 """Ray options of every actor pool of the evaluation jobs (``map_batches(..., **ACTOR_REMOTE_ARGS)``):
-no Ray restart (see the module docstring); Ray Data then sets no task retries on the actor either."""
+no Ray restart (see the module docstring); Ray Data then sets no task retries on the actor either.
+Ray Data 2.60 takes ``max_restarts`` only through ``map_batches``' extra keyword arguments, which it
+marks deprecated (a ``RayDeprecationWarning``; removed in Ray 2.64, where this needs its replacement:
+``ray`` is pinned in ``constraints.txt``)."""
 
 
 class ActorRetriesExhausted(RuntimeError):
