@@ -100,15 +100,22 @@ def _result(kind: str, trial: int, **fields: Any) -> dict[str, Any]:
     return out
 
 
-def make_recorder(path: Path):
+def make_recorder(path: Path, hold_at: int | None = None, hold_s: float = 0.0):
     """A ``ray.train.UserCallback`` appending every report (step, checkpoint) and worker failure to ``path``
-    (it runs in the Ray Train controller actor; built in a function so cloudpickle ships it by value)."""
+    (it runs in the Ray Train controller actor; built in a function so cloudpickle ships it by value).
+
+    ``hold_at``: after recording that step's report the controller waits ``hold_s`` seconds, so the
+    workers wait in their next ``ray.train.report``: a fault injected meanwhile lands mid-run, however
+    fast the steps are."""
     import ray.train
 
     class Recorder(ray.train.UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            self._write({"event": "report", "step": int(metrics[0]["step"]), "t": time.time(),
+            step = int(metrics[0]["step"])
+            self._write({"event": "report", "step": step, "t": time.time(),
                          "checkpoint": None if checkpoint is None else checkpoint.path})
+            if step == hold_at:
+                time.sleep(hold_s)
 
         def after_exception(self, run_context, worker_exceptions):
             self._write({"event": "failure", "t": time.time(),
@@ -207,15 +214,6 @@ def ensure_ray(num_cpus: int = 4) -> None:
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
 
 
-def first_checkpoint_then_random_step(events_path: Path, rng: random.Random, total: int, alive) -> int:
-    """Wait for the first checkpoint, then for a random step in (first checkpoint, total - 2]; returns that step."""
-    wait_for(lambda: any(e.get("checkpoint") for e in read_events(events_path)), 300, "the first checkpoint", alive)
-    target = rng.randint(CKPT_EVERY, total - 2)
-    wait_for(lambda: last_step(read_events(events_path)) >= target, 300, f"step {target}", alive)
-    time.sleep(rng.uniform(0.0, 1.0))  # somewhere inside the next step
-    return target
-
-
 def restart_accounting(events: list[dict]) -> tuple[int | None, int | None, int | None, list[str]]:
     """(last step reported before the first failure, last checkpoint step before it, first step after it, errors)."""
     fail = next((i for i, e in enumerate(events) if e["event"] == "failure"), None)
@@ -230,27 +228,37 @@ def restart_accounting(events: list[dict]) -> tuple[int | None, int | None, int 
 # ============================================================================= training faults
 
 
+HOLD_S = 5.0
+"""Seconds the controller holds the run at the step a worker is killed after (``make_recorder``)."""
+
+
 def trial_worker_kill(workdir: Path, trial: int, rng: random.Random, fault: bool = True, total: int = 12) -> dict:
-    """SIGKILL the Train worker at a random step after the first checkpoint (max_failures=1)."""
+    """SIGKILL the Train worker while the run waits after a random step past the first checkpoint
+    (max_failures=1); the kill lands before the run's end however fast the steps are."""
     import ray
 
     from dncut.train import build_trainer
+    from dncut.train.checkpoints import resume_point
 
     ensure_ray()
     cfg = train_config(workdir, "run_name=wk", f"train.max_steps={total}", f"train.checkpoint_every={CKPT_EVERY}",
                        "train.keep_checkpoints=2", "scaling.max_failures=1")
     events = workdir / "events.jsonl"
     start = time.monotonic()
-    thread, outcome = run_in_thread(build_trainer(cfg, callbacks=[make_recorder(events)]).fit)
+    at = rng.randint(CKPT_EVERY, total - 2)  # after the first checkpoint, before the end
+    recorder = make_recorder(events, hold_at=at if fault else None, hold_s=HOLD_S)
+    thread, outcome = run_in_thread(build_trainer(cfg, callbacks=[recorder]).fit)
     job = ray.get_runtime_context().get_job_id()
     res = _result("worker_kill", trial)
     if fault:
-        at = first_checkpoint_then_random_step(events, rng, total, thread.is_alive)
+        wait_for(lambda: last_step(read_events(events)) >= at, 300, f"step {at}", thread.is_alive)
         workers = wait_for(lambda: {k: a for k, a in live_actors("RayTrainWorker").items() if a["JobID"] == job},
                            30, "the RayTrainWorker actor", thread.is_alive)
         pid = next(iter(workers.values()))["Pid"]
         sigkill(pid, "RayTrainWorker")
         res["killed_after_step"] = at
+        point = resume_point(cfg.run_dir, cfg.storage_handle())  # rank 0 may be a step past the held report
+        res["resume_checkpoint"] = point.step if point else 0
     thread.join(timeout=600)
     res["wall_s"] = round(time.monotonic() - start, 2)
     result = outcome.get("result")
@@ -268,7 +276,8 @@ def trial_worker_kill(workdir: Path, trial: int, rng: random.Random, fault: bool
     if reached is None:
         res["message"] = f"no worker failure recorded ({err or 'run finished'})"
         return res
-    res["steps_lost"] = reached - ckpt
+    ckpt = max(ckpt or 0, res["resume_checkpoint"])  # the newest intact checkpoint when the worker died
+    res["last_checkpoint"], res["steps_lost"] = ckpt, max(reached, ckpt) - ckpt
     ok = res["outcome"] == "finished" and resumed == ckpt + 1 and res["steps_lost"] <= CKPT_EVERY
     res["survived"] = ok
     res["message"] = (f"killed after step {reached}; restarted from checkpoint {ckpt} at step {resumed}; "

@@ -361,6 +361,13 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session, tmp_path):
     before, after = log[:failures[0]], [e for e in log[failures[0]:] if e["event"] == "report"]
     last_ckpt = max(e["step"] for e in before if e["event"] == "report" and e["checkpoint"])
     assert last_ckpt >= 2
-    assert after[0]["step"] == last_ckpt + 1, "the restart must continue from the last checkpoint"
+    # rank 0 may have uploaded and recorded the next checkpoint while the other worker, killed, never
+    # reported that step to Ray: the restart continues from the newest intact one (its workers log
+    # which), at most one interval past the last one Ray saw
+    train_log = (Path(cfg.run_dir) / "train.log").read_text()
+    resumed = [int(line.split("at step")[1].split()[0]) for line in train_log.splitlines() if "resumed from" in line]
+    assert resumed and last_ckpt <= resumed[-1] <= last_ckpt + cfg.train.checkpoint_every, (last_ckpt, resumed)
+    assert after[0]["step"] == resumed[-1] + 1, "the restart must continue from the last checkpoint"
+    last_ckpt = resumed[-1]
     assert [e["step"] for e in after] == list(range(last_ckpt + 1, total + 1))
     assert killed not in _train_workers(job_id).values()
