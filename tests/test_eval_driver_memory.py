@@ -130,3 +130,56 @@ def test_fitted_clustering_labels_every_token_as_the_fit_does():
     tokens = np.concatenate([rng.normal(loc=c, size=(200, 8)) for c in (-3, 0, 3)]).astype(np.float32)
     fit = fit_clustering(tokens, 3, seed=0, pca_dims=4)
     assert np.array_equal(fit.predict(tokens), cluster_tokens(tokens, 3, seed=0, pca_dims=4))
+
+
+def test_driver_rows_carry_each_batch_curves_summed_once_per_method():
+    """``driver_rows`` (what the Parquet writer returns to the driver): no per-image curve, one summed
+    curve per method and batch; the Accumulator fed these rows gives the summary of the full rows (equal
+    for one batch; to float64 rounding of the grouping over several); ``counted`` rows are left out."""
+    import pyarrow as pa
+
+    from dncut.eval.stages import failed_row
+    from dncut.eval.streamed import CURVES, driver_rows
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(60):
+        for method in ("simple", "tokencut"):
+            if i % 7 == 0:
+                rows.append(failed_row(f"img{i}", method, "bad"))
+                continue
+            row = result_row(f"img{i}", method)
+            row.update(acc=rng.random(), iou=rng.random(), mae=rng.random(), pysod_mae=rng.random(),
+                       fbeta_curve=rng.random(255), pysod_curve=rng.random(256))
+            rows.append(row)
+    table = pa.Table.from_pylist(rows)
+
+    def summary(batches) -> dict:
+        acc = Accumulator(["simple", "tokencut"])
+        for batch in batches:
+            for row in batch:
+                acc.add(row, dataset="d", backbone="b", checkpoint=None, task="saliency")
+        return acc.summary()
+
+    full = summary([rows])
+    one = driver_rows(table)
+    assert one.num_rows == len(rows) and summary([one.to_pylist()]) == full
+    for name in CURVES:
+        carried = [r for r in one.to_pylist() if r[name] is not None]
+        assert sorted(r["method"] for r in carried) == ["simple", "tokencut"], name
+        assert all(r["status"] == "ok" for r in carried)
+    assert one.nbytes < table.nbytes / 10  # the driver reads ~4 KB less per row
+
+    split = summary([driver_rows(table.slice(k, 32)).to_pylist() for k in range(0, table.num_rows, 32)])
+    for a, b in zip(full["runs"], split["runs"]):
+        assert (a["n_images"], a["n_failed"]) == (b["n_images"], b["n_failed"])
+        assert {k: v for k, v in a["metrics"].items() if k != "max_fbeta"} == \
+            {k: v for k, v in b["metrics"].items() if k != "max_fbeta"}
+        assert b["metrics"]["max_fbeta"] == pytest.approx(a["metrics"]["max_fbeta"], rel=1e-14)
+
+    counted = frozenset({("img1", "simple"), ("img2", "tokencut")})
+    left = driver_rows(table, counted)
+    assert left.num_rows == len(rows) - 2
+    assert not {(r["image_id"], r["method"]) for r in left.to_pylist()} & counted
+    kept = [r for r in rows if (r["image_id"], r["method"]) not in counted]
+    assert summary([left.to_pylist()]) == summary([kept])

@@ -185,10 +185,13 @@ def run_pipeline(records: list[dict], *, cfg: Config, dataset: str, discovery: b
     """One (dataset, backbone, checkpoint) of saliency (``discovery`` False: images resized to
     ``eval.image_size``) or discovery (padded, CorLoc): the workers write its per-image rows as
     parts of ``<out_dir>/per_image.parquet``; the scored rows stream into ``acc`` (not kept), each
-    (image, method) once, also across the re-runs after an actor died (``dncut.eval.retry``).
+    (image, method) once, also across the re-runs after an actor died (``dncut.eval.retry``: a
+    re-run's writers leave out the rows that reached the driver before). The rows reach the driver
+    without their per-image Fβ curves, summed per batch (``dncut.eval.streamed``).
 
     Raises:
         dncut.eval.retry.ActorRetriesExhausted: an inference actor died in each run.
+        RuntimeError: a row reached the driver twice (an image id repeated in ``records``).
     """
     import ray
 
@@ -204,6 +207,8 @@ def run_pipeline(records: list[dict], *, cfg: Config, dataset: str, discovery: b
     ledger = RowLedger(row_methods(methods, bilateral=ev.bilateral, discovery=discovery))
 
     def run(todo: list[dict]) -> None:
+        counted = frozenset((str(r["image_id"]), name) for r in todo for name, bit in ledger.bits.items()
+                            if ledger.seen.get(str(r["image_id"]), 0) & bit)  # a re-run's rows that arrived
         ds = (
             ray.data.from_items(todo, override_num_blocks=_blocks(len(todo), ev.batch_size))
             .map(load_record, fn_kwargs={"spec": bspec, "image_size": None if discovery else ev.image_size,
@@ -217,12 +222,14 @@ def run_pipeline(records: list[dict], *, cfg: Config, dataset: str, discovery: b
                                             "example_ids": example_ids}, num_cpus=score_cpus)
             .map_batches(write_per_image, batch_format="pyarrow", batch_size=PART_ROWS, num_cpus=score_cpus,
                          fn_kwargs={"out_dir": out_dir, "dataset": dataset, "backbone": backbone,
-                                    "checkpoint": checkpoint, "store": store})
+                                    "checkpoint": checkpoint, "store": store, "counted": counted})
         )
-        for row in ds.iter_rows():
-            if ledger.first(str(row["image_id"]), str(row["method"])):
-                acc.add(row, dataset=dataset, backbone=backbone, checkpoint=checkpoint,
-                        task="discovery" if discovery else "saliency")
+        for row in ds.iter_rows():  # its batch summed the row's curves: a repeat cannot be dropped here
+            if not ledger.first(str(row["image_id"]), str(row["method"])):
+                raise RuntimeError(f"eval {dataset}: the row of ({row['image_id']}, {row['method']}) reached the "
+                                   "driver twice (an image id repeated in the records?)")
+            acc.add(row, dataset=dataset, backbone=backbone, checkpoint=checkpoint,
+                    task="discovery" if discovery else "saliency")
 
     run_with_retries(run, records, missing=lambda: ledger.missing(records),
                      what=f"eval {dataset} {backbone} @ {checkpoint or 'pretrained'}")

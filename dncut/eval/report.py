@@ -30,13 +30,14 @@ import pickle
 import posixpath
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from dncut import storage
+from dncut.eval.streamed import driver_rows
 
 log = logging.getLogger(__name__)
 GENERIC_WEIGHT_FILES = ("backbone.pth", "model.safetensors", "checkpoint.pth", "state.pt")
@@ -81,7 +82,7 @@ class _RunStats:
             if _finite(row.get(key)):
                 self.sums[key] = self.sums.get(key, 0.0) + float(row[key])
                 self.counts[key] = self.counts.get(key, 0) + 1
-        if self.task == "saliency":
+        if self.task == "saliency" and row["fbeta_curve"] is not None:  # None: its batch's sum is on another row
             curve, pcurve = np.asarray(row["fbeta_curve"], np.float64), np.asarray(row["pysod_curve"], np.float64)
             self.fbeta = curve if self.fbeta is None else self.fbeta + curve
             self.pysod_fbeta = pcurve if self.pysod_fbeta is None else self.pysod_fbeta + pcurve
@@ -153,16 +154,17 @@ def write_part(table, folder: str, store: storage.Storage) -> str:
 
 
 def write_per_image(batch, *, out_dir: str, dataset: str, backbone: str, checkpoint: str | None,
-                    store: storage.Storage):
+                    store: storage.Storage, counted: Set[tuple[str, str]] = frozenset()):
     """Ray Data ``map_batches`` step (``batch_format="pyarrow"``): the batch's scored rows as a part of
-    ``<out_dir>/per_image.parquet``; returns the batch unchanged (the driver aggregates it)."""
+    ``<out_dir>/per_image.parquet``; returns what the driver aggregates: ``driver_rows(batch, counted)``
+    (the rows without ``counted``, their curves summed per method, ``dncut.eval.streamed``)."""
     import pyarrow as pa
 
     rows = [per_image_row(r, dataset=dataset, backbone=backbone, checkpoint=checkpoint) for r in batch.to_pylist()]
     if rows:
         write_part(pa.Table.from_pylist(rows, schema=per_image_schema()),
                    parts_folder(out_dir, PER_IMAGE_FILE, store), store)
-    return batch
+    return driver_rows(batch, counted)
 
 
 def _remove(uri: str, store: storage.Storage) -> None:
