@@ -185,3 +185,35 @@ def test_every_option_of_every_command_has_help():
 
     walk(build_parser(), "dncut")
     assert not missing, missing
+
+
+def test_without_a_terminal_progress_is_one_line_at_most_every_30_s(monkeypatch):
+    """``setup_console`` (default verbosity, stdout not a terminal) on Ray Data's own non-terminal
+    progress manager driven by a fake clock: one ``progress: <done>/<total> rows`` line per
+    ``PROGRESS_EVERY_S``, none of Ray's banner or operator lines."""
+    import io
+    import logging
+
+    from ray.data._internal.progress import logging_progress
+
+    from dncut.cli import PROGRESS_EVERY_S, setup_console
+
+    monkeypatch.setattr("sys.stdout", io.StringIO())  # not a terminal
+    setup_console(quiet=False, verbose=False)
+    records: list[str] = []
+    sink = logging.Handler()
+    sink.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger(logging_progress.__name__)
+    logger.addHandler(sink)
+    now = [1000.0]
+    try:
+        manager = logging_progress.LoggingExecutionProgressManager("ds", {}, False, False, _get_time=lambda: now[0])
+        manager.update_total_progress(5, 10)
+        for t in (0, 10, PROGRESS_EVERY_S - 1, PROGRESS_EVERY_S + 1, 2 * PROGRESS_EVERY_S + 2):
+            now[0] = 1000.0 + t
+            manager.refresh()
+            manager.update_total_progress(1, 10)
+    finally:
+        logger.removeHandler(sink)
+    assert PROGRESS_EVERY_S == 30
+    assert records == ["progress: 5/10 rows", "progress: 8/10 rows", "progress: 9/10 rows"], records
