@@ -17,7 +17,7 @@ from ray.tune import Callback
 from dncut.config import ConfigError, load_config
 from dncut.data.datasets import DatasetLayoutError
 from dncut.tune import SweepError, check_sweep, max_concurrent_trials, run_sweep, sweep_dir
-from dncut.tune_results import (COLUMNS, failure_reason, format_trials, plot_iou_vs_alpha, trial_run_name,
+from dncut.tune.results import (COLUMNS, failure_reason, format_trials, plot_iou_vs_alpha, trial_run_name,
                                 trials_csv)
 
 SMOKE = "configs/sweep/smoke.yaml"
@@ -75,7 +75,7 @@ def test_failure_reason_finds_innermost_error():
 
 
 def test_sort_and_best_trial_hand_rows():
-    from dncut.tune_results import best_trial, sort_rows
+    from dncut.tune.results import best_trial, sort_rows
 
     rows = [dict(trial_id=i, status=s, final_metric=v, export="e" if s == "TERMINATED" else None)
             for i, (s, v) in enumerate([("TERMINATED", None), ("TERMINATED", 0.2), ("ERROR", None),
@@ -113,11 +113,11 @@ def test_trial_config_applies_sample_and_per_backbone_checkpoint(tmp_path):
 
 
 def test_paper_sweep_config_is_valid():
-    from dncut.tune import _check_combinations, _check_space, grid_size
+    from dncut.tune.space import check_combinations, check_space, grid_size
 
     cfg = load_config("configs/sweep/paper.yaml")
-    _check_space(cfg)
-    _check_combinations(cfg)
+    check_space(cfg)
+    check_combinations(cfg)
     assert grid_size(cfg) == 5 * 7 * 3 and 0.0 in cfg.tune.alpha
     assert set(cfg.tune.checkpoints) <= set(cfg.tune_backbones())
     # set, not derived: on the autoscaling cluster (min_workers 0) the start has no GPU node
