@@ -608,6 +608,9 @@ def test_a_dead_actor_reruns_only_the_images_without_all_their_rows(caplog):
 
     assert actor_death(RayTaskError("f", "tb", ActorDiedError())) is not None
     assert actor_death(ValueError("bad input")) is None
+    init_failed = ActorDiedError(RayTaskError("__init__", "tb", ValueError("not a checkpoint")))
+    assert init_failed.actor_init_failed and actor_death(RuntimeError("x").with_traceback(None)) is None
+    assert actor_death(init_failed) is None  # a constructor that raised: the same on every run, not retried
     with pytest.raises(ValueError, match="bad input"):  # not a death: no re-run
         run_with_retries(lambda todo: (_ for _ in ()).throw(ValueError("bad input")), records,
                          missing=lambda: records, what="x")

@@ -50,7 +50,9 @@ class ActorRetriesExhausted(RuntimeError):
 
 def actor_death(exc: BaseException) -> BaseException | None:
     """The ``ray.exceptions.RayActorError`` (``ActorDiedError``, ``ActorUnavailableError``) that
-    ``exc`` is or wraps (through ``__cause__``, ``__context__`` and ``RayTaskError.cause``), else ``None``."""
+    ``exc`` is or wraps (through ``__cause__``, ``__context__`` and ``RayTaskError.cause``), else ``None``.
+    An actor whose constructor raised (``actor_init_failed``: a bad checkpoint, a missing file) is
+    not a death to run again for: ``None``, and the error goes to the user unchanged."""
     from ray.exceptions import RayActorError
 
     seen: set[int] = set()
@@ -60,8 +62,8 @@ def actor_death(exc: BaseException) -> BaseException | None:
         if err is None or id(err) in seen:
             continue
         seen.add(id(err))
-        if isinstance(err, RayActorError):
-            return err
+        if isinstance(err, RayActorError):  # raised in the actor's constructor: the same on every run
+            return None if err.actor_init_failed else err
         todo += [err.__cause__, err.__context__, getattr(err, "cause", None)]
     return None
 
