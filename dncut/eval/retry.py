@@ -26,6 +26,7 @@ Driver memory: the ledger holds one small int per image of the pipeline (a bit p
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,11 @@ no Ray restart (see the module docstring); Ray Data then sets no task retries on
 Ray Data 2.60 takes ``max_restarts`` only through ``map_batches``' extra keyword arguments, which it
 marks deprecated (a ``RayDeprecationWarning``; removed in Ray 2.64, where this needs its replacement:
 ``ray`` is pinned in ``constraints.txt``)."""
+
+
+# That warning would be the one line of noise in a quiet run (``dncut -q``): silenced for the jobs'
+# own calls only (the warning is attributed to the calling module, dncut.eval.jobs).
+warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated", module=r"dncut\.eval\.jobs")
 
 
 class ActorRetriesExhausted(RuntimeError):
