@@ -129,8 +129,8 @@ def read_checkpoint(uri: str, store: Storage | None = None, *, trusted: bool = F
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
-        what = lines[0].removeprefix("WeightsUnpickler error: ").split(" was not")[0] if lines else type(err).__name__
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
+        what = ", ".join(unsafe[:3]) if unsafe else type(err).__name__
         raise CheckpointError(
             f"{uri}: holds Python objects besides tensors ({what}); if you trust this file, set "
             f"{TRUST_KEY}: true (full unpickling, which can run code stored in it)") from err

@@ -206,11 +206,11 @@ def run_pipeline(records: list[dict], *, cfg: Config, dataset: str, discovery: b
              backbone, checkpoint or "(pretrained)", methods, " + bilateral" if ev.bilateral else "")
     ledger = RowLedger(row_methods(methods, bilateral=ev.bilateral, discovery=discovery))
 
-    def run(todo: list[dict]) -> None:
-        counted = frozenset((str(r["image_id"]), name) for r in todo for name, bit in ledger.bits.items()
+    def run(pending: list[dict]) -> None:
+        counted = frozenset((str(r["image_id"]), name) for r in pending for name, bit in ledger.bits.items()
                             if ledger.seen.get(str(r["image_id"]), 0) & bit)  # a re-run's rows that arrived
         ds = (
-            ray.data.from_items(todo, override_num_blocks=_blocks(len(todo), ev.batch_size))
+            ray.data.from_items(pending, override_num_blocks=_blocks(len(pending), ev.batch_size))
             .map(load_record, fn_kwargs={"spec": bspec, "image_size": None if discovery else ev.image_size,
                                          "store": store}, num_cpus=read_cpus)
             .map_batches(NCutPredictor, batch_size=ev.batch_size, batch_format="numpy",
@@ -264,9 +264,9 @@ def run_segmentation(records: list[dict], *, cfg: Config, dataset: str, backbone
              len(records), backbone, checkpoint or "(pretrained)", SEGMENTATION_CLASSES, seg.overcluster_k, seg.seeds)
     extracted = []  # the materialised tokens of the run that finished
 
-    def extract(todo: list[dict]) -> None:  # an actor death re-runs the whole token pass (nothing reached acc)
+    def extract(pending: list[dict]) -> None:  # an actor death re-runs the whole token pass (nothing reached acc)
         extracted[:] = [(
-            ray.data.from_items(todo, override_num_blocks=_blocks(len(todo), ev.batch_size))
+            ray.data.from_items(pending, override_num_blocks=_blocks(len(pending), ev.batch_size))
             .map(load_segmentation_record, fn_kwargs={"image_size": seg.image_size, "store": store},
                  num_cpus=read_cpus)
             .map_batches(TokenExtractor, batch_size=ev.batch_size, batch_format="numpy",
@@ -553,9 +553,9 @@ def predict_folder(images: str, out_dir: str, cfg: Config, *, backbone: str | No
     read_cpus, actor_cpus, write_cpus = cpu_split(ev.num_actors)
     ledger, failed = RowLedger(methods), set()  # failed: image ids, a set bounded by the failures' count
 
-    def run(todo: list[dict]) -> None:
+    def run(pending: list[dict]) -> None:
         ds = (
-            ray.data.from_items(todo, override_num_blocks=_blocks(len(todo), ev.batch_size))
+            ray.data.from_items(pending, override_num_blocks=_blocks(len(pending), ev.batch_size))
             .map(load_record, fn_kwargs={"spec": backbone_spec(backbone), "image_size": ev.image_size,
                                          "store": store}, num_cpus=read_cpus)
             .map_batches(NCutPredictor, batch_size=ev.batch_size, batch_format="numpy",

@@ -62,15 +62,15 @@ def actor_death(exc: BaseException) -> BaseException | None:
     from ray.exceptions import RayActorError
 
     seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        err = todo.pop()
+    pending = [exc]
+    while pending:
+        err = pending.pop()
         if err is None or id(err) in seen:
             continue
         seen.add(id(err))
         if isinstance(err, RayActorError):  # raised in the actor's constructor: the same on every run
             return None if err.actor_init_failed else err
-        todo += [err.__cause__, err.__context__, getattr(err, "cause", None)]
+        pending += [err.__cause__, err.__context__, getattr(err, "cause", None)]
     return None
 
 
@@ -126,24 +126,24 @@ def run_with_retries(run: Callable[[list[dict]], None], records: list[dict], *, 
         ActorRetriesExhausted: an actor died in each of the ``attempts`` runs (the last death chained).
         Exception: whatever ``run`` raised for any other reason, unchanged.
     """
-    todo = records
+    pending = records
     for attempt in range(1, attempts + 1):
         try:
-            run(todo)
+            run(pending)
             return
         except Exception as exc:
             death = actor_death(exc)
             if death is None:
                 raise
-            todo = missing()
-            if not todo:
+            pending = missing()
+            if not pending:
                 return
             raised = "" if death is exc else f", raised as {type(exc).__name__}"
             reason = f"{type(death).__name__}{raised}: {' '.join(str(death).split())[:200]}"
             if attempt == attempts:
                 raise ActorRetriesExhausted(
                     f"{what}: an inference actor died in each of {attempts} runs of the pipeline; "
-                    f"{len(todo)} of {len(records)} images have no complete rows (last: {reason})") from exc
+                    f"{len(pending)} of {len(records)} images have no complete rows (last: {reason})") from exc
             log.warning("%s: an inference actor died; dncut runs the pipeline again on the %d of %d images "
-                        "without all their rows (run %d of at most %d). %s", what, len(todo), len(records),
+                        "without all their rows (run %d of at most %d). %s", what, len(pending), len(records),
                         attempt + 1, attempts, reason)
