@@ -183,3 +183,49 @@ def test_driver_rows_carry_each_batch_curves_summed_once_per_method():
     assert not {(r["image_id"], r["method"]) for r in left.to_pylist()} & counted
     kept = [r for r in rows if (r["image_id"], r["method"]) not in counted]
     assert summary([left.to_pylist()]) == summary([kept])
+
+
+def test_merge_holds_one_row_group_at_a_time(tmp_path: Path, monkeypatch):
+    """``merge_parts`` feeds the writer row group by row group, never a whole part (a part of 10 row
+    groups of 3 rows: 10 writes of at most 3 rows), and keeps every row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dncut import storage
+    from dncut.eval.report import PER_IMAGE_FILE, PER_IMAGE_KEY, merge_parts, parts_folder, per_image_row, per_image_schema
+
+    store = storage.Storage()
+    folder = Path(parts_folder(str(tmp_path), PER_IMAGE_FILE, store))
+    folder.mkdir(parents=True)
+    rows = [per_image_row(result_row(f"img{i:02d}", "simple"), dataset="d", backbone="b", checkpoint=None)
+            for i in range(30)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=per_image_schema()), folder / "a.parquet", row_group_size=3)
+    fed = []
+    write = pq.ParquetWriter.write_table
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", lambda self, table, *a, **k: (
+        fed.append(table.num_rows), write(self, table, *a, **k))[1])
+    assert merge_parts(str(tmp_path), PER_IMAGE_FILE, store, per_image_schema(), unique=PER_IMAGE_KEY) == 30
+    assert fed == [3] * 10
+    assert sorted(pq.read_table(tmp_path / PER_IMAGE_FILE).column("image_id").to_pylist()) == \
+        sorted(r["image_id"] for r in rows)
+
+
+def test_records_table_blocks_and_ledger_keep_every_record():
+    """The driver's records as one Arrow table: blocks of ``rows`` records copied out (not slices of
+    the whole), their rows equal to the dicts; ``RowLedger.missing`` filters the table as it does a list."""
+    from dncut.eval.retry import RowLedger
+    from dncut.eval.stages import record
+    from dncut.eval.streamed import record_blocks, records_table
+
+    records = [record(f"img{i}", f"/x/img{i}.jpg", f"/m/img{i}.png", missing="gone" if i == 3 else "")
+               for i in range(10)]
+    table = records_table(records)
+    blocks = record_blocks(table, 4)
+    assert [b.num_rows for b in blocks] == [4, 4, 2]
+    assert [r for b in blocks for r in b.to_pylist()] == records
+    assert all(b.nbytes < table.nbytes for b in blocks)
+    ledger = RowLedger(["simple"])
+    for i in (0, 2, 5):
+        ledger.first(f"img{i}", "simple")
+    assert ledger.missing(table).to_pylist() == ledger.missing(records)
+    assert len(ledger.missing(table)) == 7

@@ -22,11 +22,11 @@ Outputs of the evaluations (``dncut.eval.report.write_report``): ``per_image.par
 are means over the images that succeeded; failed images are rows with their reason
 (``dncut.eval.stages``).
 
-Driver memory does not grow with the number of images: per-image rows are written by the
-workers as Parquet parts and streamed into one file at the end (``dncut.eval.report.merge_parts``;
-row order not guaranteed), metrics are running sums (``Accumulator``); what remains per image on
-the driver is its input record (a few hundred bytes). Figures: docs/operations.md, "Evaluation
-driver memory".
+Driver memory: per-image rows are written by the workers as Parquet parts and streamed into one
+file at the end, row group by row group (``dncut.eval.report.merge_parts``; row order not
+guaranteed), metrics are running sums (``Accumulator``); what remains per image on the driver is
+its input record in one Arrow table (``dncut.eval.streamed.records_table``, ~150 bytes) and its
+``RowLedger`` entry. Figures: docs/operations.md, "Evaluation driver memory".
 
 An inference actor that dies (OOM kill, SIGKILL, node lost) fails the pipeline; the driver runs it
 again on the images without all their rows, at most ``dncut.eval.retry.ATTEMPTS`` runs, and counts
@@ -40,8 +40,7 @@ tasks and actors.
 from __future__ import annotations
 
 import logging
-import posixpath
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -49,17 +48,18 @@ import numpy as np
 from dncut import storage
 from dncut.backbone_specs import spec as backbone_spec
 from dncut.config import Config, ConfigError
-from dncut.data.datasets import DatasetLayoutError, pair_by_stem
 from dncut.data.images import IMAGE_SUFFIXES
 from dncut.eval.gallery import write_eval_gallery, write_predict_gallery
+from dncut.eval.inputs import dataset_name, map_folders, saliency_records, stems  # noqa: F401 - public here too
 from dncut.eval.outputs import pair_maps, predict_records, write_outputs
 from dncut.eval.predict import METHODS
 from dncut.eval.report import (PER_IMAGE_FILE, Accumulator, clear_parts, merge_parts, parts_folder, write_part,
                                write_per_image, write_report)
 from dncut.eval.retry import ACTOR_REMOTE_ARGS, RowLedger, run_with_retries
 from dncut.eval.stages import (DISCOVERY_KINDS, SEGMENTATION_CLASSES, BackboneFactory, NCutPredictor, TokenExtractor,
-                               dataset_records, load_record, load_segmentation_record, record, result_row,
+                               dataset_records, load_record, load_segmentation_record, result_row,
                                row_methods, score_map, score_row)
+from dncut.eval.streamed import record_blocks, records_table
 from dncut.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -145,28 +145,6 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(methods))
 
 
-def stems(folder: str, what: str, layout: str, store: Storage) -> dict[str, str]:
-    """``stem -> URI`` of the images below ``folder`` (stems keep their sub-folder).
-
-    Raises:
-        DatasetLayoutError: the folder is missing, unreachable or holds no image, naming ``layout``.
-    """
-    try:
-        files = store.check_source(folder, IMAGE_SUFFIXES)
-    except storage.StorageError as exc:
-        raise DatasetLayoutError(f"{what} folder {folder}: {exc}; expected layout: {layout}") from None
-    prefix = folder.rstrip("/") + "/"
-    return {posixpath.splitext(f[len(prefix):] if f.startswith(prefix) else posixpath.basename(f))[0]: f
-            for f in files}
-
-
-def dataset_name(folder: str) -> str:
-    """A dataset's name from its folder: ``.../DUTS/images`` -> ``DUTS``, ``.../ECSSD`` -> ``ECSSD``."""
-    parts = [p for p in folder.rstrip("/").split("/") if p]
-    generic = {"images", "masks", "gt", "imgs", "image", "mask"}
-    return parts[-2] if len(parts) > 1 and parts[-1].lower() in generic else (parts[-1] if parts else folder)
-
-
 def _blocks(n: int, per_block: int) -> int:
     return max(1, -(-n // per_block))
 
@@ -178,8 +156,38 @@ def _predictor_kwargs(cfg: Config, backbone: str, checkpoint: str | None, method
             "found_head": found_head, "trusted": cfg.model.trusted_checkpoint}
 
 
+def predicted_rows(records, *, cfg: Config, backbone: str, checkpoint: str | None, methods: list[str],
+                   store: Storage, image_size: int | None, spec=None, factory: BackboneFactory | None = None,
+                   found_head: bytes | None = None):
+    """Records -> predicted rows: the pipeline head that evaluation and predict share, a lazy
+    ``ray.data.Dataset``: blocks of ``eval.batch_size`` records -> ``load_record`` (CPU task; ``image_size``
+    None pads, the discovery protocol) -> ``NCutPredictor`` (an actor pool of ``eval.num_actors``,
+    ``eval.gpus_per_actor``; ``ACTOR_REMOTE_ARGS``: no Ray restart).
+
+    Args:
+        records: ``dncut.eval.stages.record`` dicts, or a ``pyarrow.Table`` of them
+            (``dncut.eval.streamed.records_table``: ~150 bytes an image on the driver, not ~1 KB).
+        spec: the backbone's ``BackboneSpec`` (default: ``factory.spec``, else the registered one).
+    """
+    import ray
+
+    ev = cfg.eval
+    spec = spec or (factory.spec if factory is not None else backbone_spec(backbone))
+    read_cpus, actor_cpus, _ = cpu_split(ev.num_actors)
+    if hasattr(records, "column"):
+        ds = ray.data.from_arrow(record_blocks(records, ev.batch_size))
+    else:
+        ds = ray.data.from_items(list(records), override_num_blocks=_blocks(len(records), ev.batch_size))
+    return (ds.map(load_record, fn_kwargs={"spec": spec, "image_size": image_size, "store": store}, num_cpus=read_cpus)
+            .map_batches(NCutPredictor, batch_size=ev.batch_size, batch_format="numpy",
+                         compute=ray.data.ActorPoolStrategy(size=ev.num_actors), num_cpus=actor_cpus,
+                         num_gpus=ev.gpus_per_actor or None, **ACTOR_REMOTE_ARGS,
+                         fn_constructor_kwargs=_predictor_kwargs(cfg, backbone, checkpoint, methods, store, factory,
+                                                                 found_head)))
+
+
 # --------------------------------------------------------------------------- saliency / discovery
-def run_pipeline(records: list[dict], *, cfg: Config, dataset: str, discovery: bool, backbone: str,
+def run_pipeline(records, *, cfg: Config, dataset: str, discovery: bool, backbone: str,
                  checkpoint: str | None, acc: Accumulator, store: Storage, out_dir: str,
                  factory: BackboneFactory | None = None) -> None:
     """One (dataset, backbone, checkpoint) of saliency (``discovery`` False: images resized to
@@ -187,37 +195,32 @@ def run_pipeline(records: list[dict], *, cfg: Config, dataset: str, discovery: b
     parts of ``<out_dir>/per_image.parquet``; the scored rows stream into ``acc`` (not kept), each
     (image, method) once, also across the re-runs after an actor died (``dncut.eval.retry``: a
     re-run's writers leave out the rows that reached the driver before). The rows reach the driver
-    without their per-image Fβ curves, summed per batch (``dncut.eval.streamed``).
+    without their per-image Fβ curves, summed per batch (``dncut.eval.streamed``). ``records``:
+    ``dncut.eval.stages.record`` dicts or, for a driver that stays small, their ``records_table``.
 
     Raises:
         dncut.eval.retry.ActorRetriesExhausted: an inference actor died in each run.
         RuntimeError: a row reached the driver twice (an image id repeated in ``records``).
     """
-    import ray
-
     ev = cfg.eval
     methods = check_methods(ev.methods)
     found_head = found_head_for(cfg, backbone, checkpoint, store)
-    bspec = factory.spec if factory is not None else backbone_spec(backbone)
     check_checkpoint(checkpoint, store)
-    read_cpus, actor_cpus, score_cpus = cpu_split(ev.num_actors)
-    example_ids = frozenset(r["image_id"] for r in records[: ev.examples])
+    score_cpus = cpu_split(ev.num_actors)[2]
+    head = records.slice(0, ev.examples).column("image_id").to_pylist() if hasattr(records, "column") else [
+        r["image_id"] for r in records[: ev.examples]]
+    example_ids = frozenset(head)
     log.info("eval %s: %d images, backbone %s, checkpoint %s, methods %s%s", dataset, len(records),
              backbone, checkpoint or "(pretrained)", methods, " + bilateral" if ev.bilateral else "")
     ledger = RowLedger(row_methods(methods, bilateral=ev.bilateral, discovery=discovery))
 
     def run(pending: list[dict]) -> None:
-        counted = frozenset((str(r["image_id"]), name) for r in pending for name, bit in ledger.bits.items()
-                            if ledger.seen.get(str(r["image_id"]), 0) & bit)  # a re-run's rows that arrived
+        ids = pending.column("image_id").to_pylist() if hasattr(pending, "column") else [r["image_id"] for r in pending]
+        counted = frozenset((str(i), name) for i in ids for name, bit in ledger.bits.items()
+                            if ledger.seen.get(str(i), 0) & bit)  # a re-run's rows that arrived
         ds = (
-            ray.data.from_items(pending, override_num_blocks=_blocks(len(pending), ev.batch_size))
-            .map(load_record, fn_kwargs={"spec": bspec, "image_size": None if discovery else ev.image_size,
-                                         "store": store}, num_cpus=read_cpus)
-            .map_batches(NCutPredictor, batch_size=ev.batch_size, batch_format="numpy",
-                         compute=ray.data.ActorPoolStrategy(size=ev.num_actors), num_cpus=actor_cpus,
-                         num_gpus=ev.gpus_per_actor or None, **ACTOR_REMOTE_ARGS,
-                         fn_constructor_kwargs=_predictor_kwargs(cfg, backbone, checkpoint, methods, store, factory,
-                                                                 found_head))
+            predicted_rows(pending, cfg=cfg, backbone=backbone, checkpoint=checkpoint, methods=methods, store=store,
+                           image_size=None if discovery else ev.image_size, factory=factory, found_head=found_head)
             .flat_map(score_row, fn_kwargs={"methods": methods, "bilateral": ev.bilateral, "discovery": discovery,
                                             "example_ids": example_ids}, num_cpus=score_cpus)
             .map_batches(write_per_image, batch_format="pyarrow", batch_size=PART_ROWS, num_cpus=score_cpus,
@@ -382,6 +385,7 @@ def run_evaluation(cfg: Config, *, backbone_factory: BackboneFactory | None = No
     store = cfg.storage_handle()
     # every dataset's layout is checked before any Ray work
     specs = [(spec, dataset_records(spec, store, cfg.data.val_scenes)) for spec in cfg.eval.datasets]
+    specs = [(spec, recs if spec.task == "segmentation" else records_table(recs)) for spec, recs in specs]
     for backbone in cfg.eval_backbones():  # and every FOUND head is found before any Ray work
         for checkpoint in cfg.eval.checkpoints:
             found_head_for(cfg, backbone, checkpoint, store)
@@ -424,14 +428,7 @@ def evaluate_saliency(images_dir: str, masks_dir: str, backbone: str, checkpoint
     cfg = (cfg or Config()).with_overrides({"eval.methods": methods, "eval.bilateral": bool(bilateral),
                                            "eval.backbones": [backbone], "eval.checkpoints": [checkpoint]})
     store = cfg.storage_handle()
-    layout = "--images DIR of <stem>.jpg|png images and --masks DIR of <stem>.png masks (same stems)"
-    images = stems(images_dir, "images", layout, store)
-    masks = stems(masks_dir, "masks", layout, store)
-    samples, lonely, lonely_masks = pair_by_stem(images, masks)
-    records = [record(s.image_id, s.image_uri, s.mask_uri) for s in samples]
-    records += [record(s, images[s], missing=f"no mask named {s}.* in {masks_dir}") for s in lonely]
-    records += [record(s, "", masks[s], missing=f"no image named {s}.* in {images_dir} (image suffixes: "
-                       f"{' '.join(IMAGE_SUFFIXES)})") for s in lonely_masks]  # every input is a row
+    records = saliency_records(images_dir, masks_dir, store)
     ensure_ray()
     clear_parts(out_dir, PER_IMAGE_FILE, store)
     acc = Accumulator(methods)
@@ -440,28 +437,17 @@ def evaluate_saliency(images_dir: str, masks_dir: str, backbone: str, checkpoint
     return _finish(acc, out_dir, cfg, store)
 
 
-def map_folders(maps_dirs: Iterable[str], store: Storage) -> list[tuple[str, str]]:
-    """``(method name, folder)`` per run: a folder of maps, or a parent whose sub-folders are methods."""
-    found = []
-    for folder in maps_dirs:
-        files = stems(folder, "maps", "a folder of <stem>.png maps, or a folder of such folders", store)
-        prefix = folder.rstrip("/") + "/"
-        subdirs = sorted({k.split("/")[0] for k in files if "/" in k})
-        if any("/" not in k for k in files) or not subdirs:
-            found.append((posixpath.basename(folder.rstrip("/")), folder))
-        else:
-            found.extend((d, prefix + d) for d in subdirs)
-    return found
-
-
 def _write_map_rows(batch, *, out_dir: str, dataset: str, store: Storage):
-    """``write_per_image`` for scored maps, whose checkpoint (the maps folder) is per row."""
-    for checkpoint in set(batch.column("checkpoint").to_pylist()):
-        import pyarrow.compute as pc
+    """``write_per_image`` for scored maps, whose checkpoint (the maps folder) is per row: per maps folder
+    (in order of first appearance), its rows as a Parquet part, and its ``driver_rows`` (curves summed
+    per method within the folder: two folders may share a method name)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-        write_per_image(batch.filter(pc.equal(batch["checkpoint"], checkpoint)), out_dir=out_dir, dataset=dataset,
-                        backbone="maps", checkpoint=checkpoint, store=store)
-    return batch
+    out = [write_per_image(batch.filter(pc.equal(batch["checkpoint"], checkpoint)), out_dir=out_dir,
+                           dataset=dataset, backbone="maps", checkpoint=checkpoint, store=store)
+           for checkpoint in dict.fromkeys(batch.column("checkpoint").to_pylist())]
+    return pa.concat_tables(out) if out else batch
 
 
 def evaluate_maps(masks_dir: str, maps_dirs: str | Sequence[str], out_dir: str,
@@ -500,11 +486,12 @@ def evaluate_maps(masks_dir: str, maps_dirs: str | Sequence[str], out_dir: str,
     log.info("eval-maps %s: %d masks x %d map folders", dataset, len(masks), len(records) // max(1, len(masks)))
     clear_parts(out_dir, PER_IMAGE_FILE, store)
     acc = Accumulator()
-    ds = ray.data.from_items(records, override_num_blocks=_blocks(len(records), MAPS_PER_TASK))
+    ds = ray.data.from_arrow(record_blocks(records_table(records), MAPS_PER_TASK))  # the dicts dropped here
+    del records
     ds = ds.map(score_map, fn_kwargs={"store": store}).map_batches(
         _write_map_rows, batch_format="pyarrow", batch_size=PART_ROWS,
         fn_kwargs={"out_dir": out_dir, "dataset": dataset, "store": store})
-    for row in ds.iter_rows():
+    for row in ds.iter_rows():  # without per-image curves: each batch's, summed per maps folder and method
         acc.add(row, dataset=dataset, backbone="maps", checkpoint=row["checkpoint"], task="saliency", pysod=True)
     return _finish(acc, out_dir, None, store)
 
@@ -540,8 +527,6 @@ def predict_folder(images: str, out_dir: str, cfg: Config, *, backbone: str | No
         FileNotFoundError: the checkpoint does not exist (before any Ray work).
         dncut.eval.retry.ActorRetriesExhausted: an inference actor died in each run.
     """
-    import ray
-
     store, ev = cfg.storage_handle(), cfg.eval
     backbone = backbone or cfg.model.backbone
     methods = check_methods(ev.methods)
@@ -550,19 +535,13 @@ def predict_folder(images: str, out_dir: str, cfg: Config, *, backbone: str | No
     found_head = found_head_for(cfg, backbone, checkpoint, store)
     records = predict_records(uris, images)  # output names unique per input
     ensure_ray()
-    read_cpus, actor_cpus, write_cpus = cpu_split(ev.num_actors)
+    write_cpus = cpu_split(ev.num_actors)[2]
     ledger, failed = RowLedger(methods), set()  # failed: image ids, a set bounded by the failures' count
 
     def run(pending: list[dict]) -> None:
         ds = (
-            ray.data.from_items(pending, override_num_blocks=_blocks(len(pending), ev.batch_size))
-            .map(load_record, fn_kwargs={"spec": backbone_spec(backbone), "image_size": ev.image_size,
-                                         "store": store}, num_cpus=read_cpus)
-            .map_batches(NCutPredictor, batch_size=ev.batch_size, batch_format="numpy",
-                         compute=ray.data.ActorPoolStrategy(size=ev.num_actors), num_cpus=actor_cpus,
-                         num_gpus=ev.gpus_per_actor or None, **ACTOR_REMOTE_ARGS,
-                         fn_constructor_kwargs=_predictor_kwargs(cfg, backbone, checkpoint, methods, store, None,
-                                                                 found_head))
+            predicted_rows(pending, cfg=cfg, backbone=backbone, checkpoint=checkpoint, methods=methods, store=store,
+                           image_size=ev.image_size, found_head=found_head)
             .flat_map(write_outputs, fn_kwargs={"methods": methods, "out_dir": out_dir, "store": store},
                       num_cpus=write_cpus)
             .map_batches(_write_predictions, batch_format="pyarrow", batch_size=PART_ROWS, num_cpus=write_cpus,

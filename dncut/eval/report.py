@@ -187,25 +187,31 @@ def _keys(table, unique: Sequence[str]) -> list[tuple]:
     return list(zip(*(table.column(c).to_pylist() for c in unique)))
 
 
-def _read_part(uri: str, store: storage.Storage, columns: Sequence[str] | None = None):
+def row_groups(uri: str, store: storage.Storage, columns: Sequence[str] | None = None):
+    """The row groups of the Parquet file ``uri``, one ``pyarrow.Table`` at a time (``columns`` only,
+    when given): what ``merge_parts`` holds of a part at once."""
     import pyarrow.parquet as pq
 
     part_fs, part_path = store.filesystem(uri)
-    return pq.read_table(part_path, filesystem=part_fs, columns=list(columns) if columns else None)
+    with part_fs.open_input_file(part_path) as source:
+        part = pq.ParquetFile(source)
+        for i in range(part.num_row_groups):
+            yield part.read_row_group(i, columns=list(columns) if columns else None, use_threads=False)
 
 
 def _repeated_hashes(parts: list[str], unique: Sequence[str], store: storage.Storage) -> tuple[list, np.ndarray]:
-    """Per part, the ``hash()`` of each row's key ``(n,) int64``; and the hashes that occur more than
-    once over all parts (the rows that may repeat a key: same key, or a rare hash collision)."""
-    hashes = [np.fromiter((hash(k) for k in _keys(_read_part(uri, store, unique), unique)), np.int64)
-              for uri in parts]
+    """Per part and row group, the ``hash()`` of each row's key ``(n,) int64``; and the hashes that occur
+    more than once over all parts (the rows that may repeat a key: same key, or a rare hash collision)."""
+    hashes = [np.fromiter((hash(k) for k in _keys(group, unique)), np.int64)
+              for uri in parts for group in row_groups(uri, store, unique)]
     values, counts = np.unique(np.concatenate(hashes) if hashes else np.zeros(0, np.int64), return_counts=True)
     return hashes, values[counts > 1]
 
 
 def merge_parts(out_dir: str, name: str, store: storage.Storage, schema=None, unique: Sequence[str] = ()) -> int:
     """Stream the parts of ``<out_dir>/<name>`` (``write_part``) into the single Parquet file
-    ``<out_dir>/<name>``, one part in memory at a time, then remove the parts.
+    ``<out_dir>/<name>``, one row group of one part in memory at a time (``row_groups``; each written
+    as it is read, through one ``pyarrow.parquet.ParquetWriter``), then remove the parts.
 
     Args:
         schema: the file's schema (``None``: the first part's; an empty file without columns when
@@ -231,9 +237,9 @@ def merge_parts(out_dir: str, name: str, store: storage.Storage, schema=None, un
         out_fs.create_dir(posixpath.dirname(out_path), recursive=True)
     n = 0
     writer = None
+    groups = (group for uri in parts for group in row_groups(uri, store))
     with out_fs.open_output_stream(out_path) as sink:
-        for i, uri in enumerate(parts):
-            table = _read_part(uri, store)
+        for i, table in enumerate(groups):
             if len(repeated) and np.isin(hashes[i], repeated).any():
                 keys, keep = _keys(table, unique), np.ones(table.num_rows, bool)
                 for j in np.flatnonzero(np.isin(hashes[i], repeated)):

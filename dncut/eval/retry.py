@@ -20,7 +20,8 @@ before the rows reach the driver), so the merge keeps one row per key
 ``dncut.eval.stages.RANDOM_INIT_SEED``).
 
 Driver memory: the ledger holds one small int per image of the pipeline (a bit per method), about
-150 bytes per image, dropped when the pipeline ends.
+150 bytes per image, dropped when the pipeline ends; the records may be a ``pyarrow.Table``
+(``dncut.eval.streamed.records_table``) rather than a list of dicts.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -106,19 +108,25 @@ class RowLedger:
         for image_id in image_ids:
             self.seen.pop(image_id, None)
 
-    def missing(self, records: Sequence[dict]) -> list[dict]:
-        """The ``records`` whose image has not given all its rows yet."""
+    def missing(self, records):
+        """The ``records`` whose image has not given all its rows yet: a list of record dicts, or a
+        ``pyarrow.Table`` of them (``dncut.eval.streamed.records_table``: the rows of the table)."""
+        if hasattr(records, "column"):
+            import pyarrow as pa
+
+            ids = records.column("image_id").to_pylist()
+            return records.filter(pa.array([not self.complete(str(i)) for i in ids], pa.bool_()))
         return [r for r in records if not self.complete(str(r["image_id"]))]
 
 
-def run_with_retries(run: Callable[[list[dict]], None], records: list[dict], *, missing: Callable[[], list[dict]],
+def run_with_retries(run: Callable[[Any], None], records, *, missing: Callable[[], Any],
                      what: str, attempts: int = ATTEMPTS) -> None:
     """Call ``run(records)``; while it fails because an actor died, call ``run(missing())`` again, at
     most ``attempts`` calls in all (no call when nothing is missing).
 
     Args:
         run: runs the pipeline on the records it is given, streaming its rows to the driver.
-        records: every record of the pipeline.
+        records: every record of the pipeline (a list, or a ``pyarrow.Table`` of them).
         missing: the records still without all their rows (called after a failed run).
         what: the pipeline, for the messages (``"eval ECSSD vit_small @ pretrained"``).
 
@@ -136,7 +144,7 @@ def run_with_retries(run: Callable[[list[dict]], None], records: list[dict], *, 
             if death is None:
                 raise
             pending = missing()
-            if not pending:
+            if len(pending) == 0:
                 return
             raised = "" if death is exc else f", raised as {type(exc).__name__}"
             reason = f"{type(death).__name__}{raised}: {' '.join(str(death).split())[:200]}"

@@ -1,5 +1,13 @@
-"""What an evaluation's workers send its driver: each scored row without its Fβ curves, and each
-batch's curves summed on one row per method.
+"""What an evaluation's driver holds and receives per image: its records as one compact Arrow table,
+and from the workers each scored row without its Fβ curves, each batch's curves summed on one row per
+method.
+
+Records: ``records_table(records)`` holds a pipeline's input records (``dncut.eval.stages.record``
+dicts) as one ``pyarrow.Table``, ~150 bytes an image (image id, URIs, JSON boxes) against ~1 KB for
+the dicts and the listing's dicts behind them; ``record_blocks(table, rows)`` cuts it into compact
+blocks of ``rows`` records (copies, not slices: a pickled slice carries its parent's buffers) for
+``ray.data.from_arrow``. The rows each block gives are those ``ray.data.from_items`` gives for the
+same dicts (the same Arrow conversion).
 
 Rule: the per-image Fβ curves (``fbeta_curve`` (255,) and ``pysod_curve`` (256,) float64, ~4 KB a
 row, ``dncut.eval.stages.result_row``) never reach the driver one by one. The Parquet-writing step
@@ -21,11 +29,29 @@ neither returned nor summed.
 
 from __future__ import annotations
 
-from collections.abc import Set
+from collections.abc import Sequence, Set
 
 import numpy as np
 
 CURVES = ("fbeta_curve", "pysod_curve")  # per-image curve columns, summed per batch and method
+
+
+def records_table(records: Sequence[dict]):
+    """``records`` (``dncut.eval.stages.record`` dicts, one schema) -> one ``pyarrow.Table``, a row each,
+    in order; an empty list -> a table of no row and no column."""
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(list(records)) if len(records) else pa.table({})
+
+
+def record_blocks(table, rows: int) -> list:
+    """``table`` -> tables of at most ``rows`` rows each (at least one), copied out of ``table``."""
+    import pyarrow as pa
+
+    if table.num_rows == 0:
+        return [table]
+    return [table.take(pa.array(np.arange(start, min(start + rows, table.num_rows))))
+            for start in range(0, table.num_rows, rows)]
 
 
 def _curves(column, n: int) -> np.ndarray:
