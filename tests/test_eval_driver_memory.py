@@ -229,3 +229,37 @@ def test_records_table_blocks_and_ledger_keep_every_record():
         ledger.first(f"img{i}", "simple")
     assert ledger.missing(table).to_pylist() == ledger.missing(records)
     assert len(ledger.missing(table)) == 7
+
+
+def test_column_wise_listing_gives_the_records_of_the_dicts(tmp_path: Path):
+    """``saliency_records`` (column-wise: no dict per record) equals ``records_table`` of the record
+    dicts built from the two ``stems`` dicts and ``pair_by_stem``: same rows, order, values and missing
+    reasons, with images without a mask, masks without an image, sub-folders, a stem of two files
+    (the later file kept), dots and non-ASCII names."""
+    from dncut.data.datasets import pair_by_stem
+    from dncut.data.images import IMAGE_SUFFIXES
+    from dncut.eval.inputs import saliency_records, stems
+    from dncut.eval.stages import record
+    from dncut.eval.streamed import records_table
+    from dncut.storage import Storage
+
+    images, masks = tmp_path / "DUTS" / "images", tmp_path / "DUTS" / "masks"
+    for folder, names in ((images, ["b.jpg", "a.jpg", "a.png", "é.jpg", "z.png", "sub/x.jpg", "only_img.jpg",
+                                    "Ω.png", "c.d.jpg", "sub/y.png"]),
+                          (masks, ["a.png", "b.png", "é.png", "sub/x.png", "only_mask.png", "c.d.png", "zz.png"])):
+        for name in names:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(b"x")
+    store = Storage()
+    image_stems = stems(str(images), "images", "l", store)
+    mask_stems = stems(str(masks), "masks", "l", store)
+    samples, lonely, lonely_masks = pair_by_stem(image_stems, mask_stems)
+    records = [record(s.image_id, s.image_uri, s.mask_uri) for s in samples]
+    records += [record(s, image_stems[s], missing=f"no mask named {s}.* in {masks}") for s in lonely]
+    records += [record(s, "", mask_stems[s], missing=f"no image named {s}.* in {images} (image suffixes: "
+                       f"{' '.join(IMAGE_SUFFIXES)})") for s in lonely_masks]
+    table = saliency_records(str(images), str(masks), store)
+    assert table.schema == records_table(records).schema and table.to_pylist() == records
+    assert [r["image_id"] for r in records] == ["a", "b", "c.d", "sub/x", "é", "only_img", "sub/y", "z", "Ω",
+                                                "only_mask", "zz"]
+    assert records[0]["image_uri"].endswith("a.png")

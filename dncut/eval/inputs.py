@@ -2,6 +2,7 @@
 
     stems(folder, ...)                      {stem: URI} of the images below a folder (sub-folders kept)
     dataset_name(folder)                    ``.../DUTS/images`` -> ``DUTS``
+    stem_columns(folder, ...)               the same as two sorted ``pyarrow`` arrays (stems, URIs)
     saliency_records(images, masks, store)  an images / masks folder pair -> one ``records_table``
     map_folders(maps_dirs, store)           (method, folder) per run of ``dncut eval-maps``
 
@@ -15,26 +16,54 @@ import posixpath
 from collections.abc import Iterable
 
 from dncut import storage
-from dncut.data.datasets import DatasetLayoutError, pair_by_stem
+from dncut.data.datasets import DatasetLayoutError
 from dncut.data.images import IMAGE_SUFFIXES
-from dncut.eval.stages import record
-from dncut.eval.streamed import records_table
 from dncut.storage import Storage
 
 
+def _stem(uri: str, prefix: str) -> str:
+    """A file's stem below the folder ``prefix`` (``prefix/sub/x.jpg`` -> ``sub/x``; outside it, the basename's)."""
+    return posixpath.splitext(uri[len(prefix):] if uri.startswith(prefix) else posixpath.basename(uri))[0]
+
+
+def _listing(folder: str, what: str, layout: str, store: Storage) -> list[str]:
+    try:
+        return store.check_source(folder, IMAGE_SUFFIXES)
+    except storage.StorageError as exc:
+        raise DatasetLayoutError(f"{what} folder {folder}: {exc}; expected layout: {layout}") from None
+
+
 def stems(folder: str, what: str, layout: str, store: Storage) -> dict[str, str]:
-    """``stem -> URI`` of the images below ``folder`` (stems keep their sub-folder).
+    """``stem -> URI`` of the images below ``folder`` (stems keep their sub-folder; of two files with
+    one stem, the later in the sorted listing).
 
     Raises:
         DatasetLayoutError: the folder is missing, unreachable or holds no image, naming ``layout``.
     """
-    try:
-        files = store.check_source(folder, IMAGE_SUFFIXES)
-    except storage.StorageError as exc:
-        raise DatasetLayoutError(f"{what} folder {folder}: {exc}; expected layout: {layout}") from None
     prefix = folder.rstrip("/") + "/"
-    return {posixpath.splitext(f[len(prefix):] if f.startswith(prefix) else posixpath.basename(f))[0]: f
-            for f in files}
+    return {_stem(f, prefix): f for f in _listing(folder, what, layout, store)}
+
+
+def stem_columns(folder: str, what: str, layout: str, store: Storage):
+    """What ``stems`` gives as two ``pyarrow`` string arrays ``(stems, uris)``, sorted by stem (code
+    point order, as ``sorted``), without a Python object per file beyond the storage's listing.
+
+    Raises:
+        DatasetLayoutError: as ``stems``.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    files = _listing(folder, what, layout, store)
+    prefix = folder.rstrip("/") + "/"
+    keys = pa.array((_stem(f, prefix) for f in files), pa.string(), size=len(files))
+    uris = pa.array(files, pa.string())
+    del files
+    order = pc.sort_indices(keys)  # a stable sort: files of one stem stay in listing order
+    keys, uris = keys.take(order), uris.take(order)
+    last = pc.not_equal(keys.slice(0, len(keys) - 1), keys.slice(1))  # (n-1,): the next file has another stem
+    keep = pa.concat_arrays([last, pa.array([True])])  # the last file of each stem, as the dict keeps
+    return keys.filter(keep), uris.filter(keep)
 
 
 def dataset_name(folder: str) -> str:
@@ -45,22 +74,43 @@ def dataset_name(folder: str) -> str:
 
 
 def saliency_records(images_dir: str, masks_dir: str, store: Storage):
-    """The records of an images / masks folder pair as one ``records_table`` (``dncut.eval.streamed``:
-    the listing's dicts are dropped on return): the pairs by stem, sorted, then the images without a
-    mask and the masks without an image, each a record with ``missing`` set (a failed row).
+    """The records of an images / masks folder pair as one ``records_table`` (``dncut.eval.streamed``),
+    built column by column (no dict per record, no object per pair): the pairs by stem, sorted, then
+    the images without a mask and the masks without an image, each a record with ``missing`` set (a
+    failed row). The rows equal ``records_table`` of the ``dncut.eval.stages.record`` dicts of
+    ``dncut.data.datasets.pair_by_stem`` on the two ``stems`` dicts.
 
     Raises:
         DatasetLayoutError: a folder is missing, unreachable or holds no image.
     """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     layout = "--images DIR of <stem>.jpg|png images and --masks DIR of <stem>.png masks (same stems)"
-    images = stems(images_dir, "images", layout, store)
-    masks = stems(masks_dir, "masks", layout, store)
-    samples, lonely, lonely_masks = pair_by_stem(images, masks)
-    records = [record(s.image_id, s.image_uri, s.mask_uri) for s in samples]
-    records += [record(s, images[s], missing=f"no mask named {s}.* in {masks_dir}") for s in lonely]
-    records += [record(s, "", masks[s], missing=f"no image named {s}.* in {images_dir} (image suffixes: "
-                       f"{' '.join(IMAGE_SUFFIXES)})") for s in lonely_masks]  # every input is a row
-    return records_table(records)
+    image_ids, image_uris = stem_columns(images_dir, "images", layout, store)
+    mask_ids, mask_uris = stem_columns(masks_dir, "masks", layout, store)
+    has_mask = pc.is_in(image_ids, value_set=mask_ids)
+    has_image = pc.is_in(mask_ids, value_set=image_ids)
+    no_mask, no_image = pc.invert(has_mask), pc.invert(has_image)
+    lonely, lonely_masks = image_ids.filter(no_mask), mask_ids.filter(no_image)
+    n_pairs, n = pc.sum(has_mask).as_py() or 0, len(image_ids) + len(lonely_masks)
+    blank = lambda k: pa.repeat("", k)  # noqa: E731
+    suffixes = " ".join(IMAGE_SUFFIXES)
+    columns = {  # every input is a row: the pairs, the images without a mask, the masks without an image
+        "image_id": pa.concat_arrays([image_ids.filter(has_mask), lonely, lonely_masks]),
+        "image_uri": pa.concat_arrays([image_uris.filter(has_mask), image_uris.filter(no_mask),
+                                       blank(len(lonely_masks))]),
+        "mask_uri": pa.concat_arrays([mask_uris.filter(has_image), blank(len(lonely)), mask_uris.filter(no_image)]),
+        "gt_boxes": pa.repeat("[]", n),
+        "missing": pa.concat_arrays([
+            blank(n_pairs), pc.binary_join_element_wise("no mask named ", lonely, f".* in {masks_dir}", ""),
+            pc.binary_join_element_wise("no image named ", lonely_masks,
+                                        f".* in {images_dir} (image suffixes: {suffixes})", "")]),
+        "gt_size": pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)),
+                                            pa.array(np.zeros(2 * n, np.int64))),  # [0, 0] each, as ``record``
+    }
+    return pa.table(columns)
 
 
 def map_folders(maps_dirs: Iterable[str], store: Storage) -> list[tuple[str, str]]:
