@@ -67,7 +67,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-discovery": ("Object discovery (CorLoc) of one backbone on a COCO instances JSON or a VOC root, no YAML "
                        "needed.",
                        "dncut eval-discovery --images DIR --annotations instances.json --limit 100 --out outputs/disc"),
-    "eval-maps": ("Score folders of precomputed saliency maps against ground-truth masks (no model, no Ray).",
+    "eval-maps": ("Score folders of precomputed saliency maps against ground-truth masks (no model; Ray Data tasks score them).",
                   "dncut eval-maps --masks GT_DIR --maps MAPS_DIR --out outputs/maps"),
     "eval-saliency": ("Unsupervised saliency of one backbone on an images/ + masks/ folder pair, no YAML needed.",
                       "dncut eval-saliency --images DIR/images --masks DIR/masks --backbone efficientnet_lite0 "

@@ -69,7 +69,7 @@ class ModelConfig(Section):
     projector: bool = Field(True, description="true; false is the 'no projector' ablation, which collapses (paper Tab. 5)")
     proj_dim: int = Field(256, ge=1, description="256 (authors); output channels of projector and predictor")
     hidden_dim: int | None = Field(None, ge=1, description="null = backbone channels (384 for ViT-S, as the authors)")
-    freeze_encoder_bn: bool = Field(False, description="false: the encoder's BatchNorm statistics adapt to the training crops (better on sod-val's held-out half: bench/results/finetune_quality_bn_adapt.json vs finetune_quality.json); true keeps the pretrained running statistics (eval mode) while the weights train (CNN backbones only; ViTs have none)")
+    freeze_encoder_bn: bool = Field(False, description="false: the encoder's BatchNorm statistics adapt to the training crops (better on sod-val's held-out half: docs/results.md, 'Does finetuning help on real photos?'); true keeps the pretrained running statistics (eval mode) while the weights train (CNN backbones only; ViTs have none)")
 
 
 class NCutConfig(Section):

@@ -295,6 +295,23 @@ def read_bytes(uri: str, s3: S3Options | None = None) -> bytes:
         return stream.read()
 
 
+def new_file_mode() -> int:
+    """The mode a new file of this process gets (``0o666`` less the umask): what ``write_bytes`` gives the
+    files it renames into place, as ``open()`` would. The umask is read from ``/proc/self/status``
+    (thread-safe), else set and restored."""
+    try:
+        with open("/proc/self/status") as status:
+            lines = status.read().splitlines()
+        for line in lines:
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_bytes(uri: str, data: bytes, s3: S3Options | None = None) -> None:
     """Write a whole file, creating local parent folders.
 
@@ -315,6 +332,7 @@ def write_bytes(uri: str, data: bytes, s3: S3Options | None = None) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        os.fchmod(fd, new_file_mode())  # mkstemp's 0600 is for the temporary only
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)

@@ -131,6 +131,19 @@ def test_links_and_named_results_exist(page):
         assert (ROOT / "bench" / "results" / name).is_file(), f"{page.name}: names bench/results/{name}, absent"
 
 
+SOURCES = sorted([*(ROOT / "configs").rglob("*.yaml"), *(ROOT / "dncut").rglob("*.py"), *(ROOT / "jobs").glob("*.py"),
+                  *(ROOT / "deploy").rglob("*.yaml"), ROOT / "cluster.yaml"])
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_bench_and_experiment_paths_named_in_configs_and_code_exist(source):
+    """Config comments, docstrings and help texts that cite a bench, an experiment or a result name a path
+    that exists (they went stale when investigations moved to experiments/ and result variants were deleted)."""
+    text = source.read_text()
+    for path in re.findall(r"\b((?:bench|experiments)/[\w./-]*[\w/])", text):
+        assert (ROOT / path).exists(), f"{source.relative_to(ROOT)}: names {path}, absent"
+
+
 # ----------------------------------------------------------------------------- bench/
 
 

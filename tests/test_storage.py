@@ -77,6 +77,20 @@ def test_s3_options_pickle_and_validation():
 # ----------------------------------------------------------------------------- local
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_get_the_mode_open_would_give(tmp_path, umask):
+    """A file written by write_bytes (a temporary renamed into place) has the mode of a file made
+    with open() under the same umask, not mkstemp's 0600."""
+    old = os.umask(umask)
+    try:
+        storage.write_bytes(str(tmp_path / "ours.json"), b"{}")
+        with open(tmp_path / "theirs.json", "wb"):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ours.json").stat().st_mode & 0o777 == (tmp_path / "theirs.json").stat().st_mode & 0o777
+
+
 def test_local_write_read_list_exists(tmp_path):
     root = str(tmp_path / "root")
     storage.write_bytes(os.path.join(root, "sub", "deep", "b.JPG"), b"bbb")
