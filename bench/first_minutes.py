@@ -34,7 +34,8 @@ AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "
 
 
 def scratch(root: Path) -> None:
-    """images/ + masks/ (2 pairs), empty/, a_file.txt, notrun/ (a folder with one image), val_no_masks/."""
+    """images/ + masks/ (2 pairs), empty/, a_file.txt, notrun/ (a folder with one image), val_no_masks/,
+    earlier_pred/ (an earlier ``dncut predict``'s predictions.parquet and masks/)."""
     rng = np.random.default_rng(0)
     for sub in ("images", "masks", "empty", "notrun", "val_no_masks/images"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -44,6 +45,8 @@ def scratch(root: Path) -> None:
     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "val_no_masks/images/a.jpg")
     (root / "notrun" / "notes.txt").write_text("not a run\n")
     (root / "a_file.txt").write_text("x\n")
+    (root / "earlier_pred" / "masks" / "simple").mkdir(parents=True, exist_ok=True)
+    (root / "earlier_pred" / "predictions.parquet").write_bytes(b"PAR1")
 
 
 SAL = ["eval-saliency", "--images", "images", "--masks", "masks", "--out", "out"]
@@ -60,6 +63,7 @@ CASES: list[tuple[str, list[str], dict[str, str] | None]] = [
     ("S3 endpoint unreachable", ["predict", "--images", "s3://bucket/images", "--out", "out"],
      {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_ENDPOINT_URL": "http://127.0.0.1:1"}),
     ("--images folder empty", ["predict", "--images", "empty", "--out", "out"], None),
+    ("--out holds an earlier prediction", ["predict", "--images", "images", "--out", "earlier_pred"], None),
     ("--masks missing", ["eval-maps", "--masks", "gt", "--maps", "masks", "--out", "out"], None),
     ("--maps folder empty", ["eval-maps", "--masks", "masks", "--maps", "empty", "--out", "out"], None),
     ("not a run folder", ["export", "notrun"], None),

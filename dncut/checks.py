@@ -88,6 +88,24 @@ def check_output(uri: str, what: str) -> None:
         raise InputError(f"{what} {uri}: {parent} is not writable; choose another output folder")
 
 
+PREDICT_OUTPUTS = ("predictions.parquet", "masks", "z2")
+"""What ``dncut predict`` writes under its output folder (``dncut.eval.jobs.predict_folder``)."""
+
+
+def check_no_earlier_prediction(uri: str, what: str, store: Storage) -> None:
+    """``dncut predict`` writes into a folder that holds no earlier prediction: its file names follow the
+    inputs, so a second run's masks would sit beside the first's, which ``predictions.parquet`` no longer
+    lists and ``dncut eval-maps`` would score all the same.
+
+    Raises:
+        InputError: naming what is there and the two ways forward.
+    """
+    found = [name for name in PREDICT_OUTPUTS if store.exists(Storage.join(uri, name))]
+    if found:
+        raise InputError(f"{what} {uri} already holds a prediction ({', '.join(found)}): its files would mix with "
+                         "this run's; give a new output folder, or delete that one first")
+
+
 def check_weights(backbone: str, pretrained: bool, checkpoint: str | None, where: str) -> None:
     """A backbone without downloadable weights needs a checkpoint (or ``model.pretrained=false``).
 

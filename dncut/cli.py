@@ -397,6 +397,7 @@ def precheck(args: argparse.Namespace, cfg=None) -> None:
                             checks.MASK_SUFFIXES)
     elif command == "predict":
         checks.check_folder(args.images, "--images", store, "a folder (or s3:// prefix) of images")
+        checks.check_no_earlier_prediction(args.out, "--out", store)
     elif command == "eval-discovery":
         if args.images is not None and not args.annotations:
             raise checks.InputError("--images needs --annotations: the COCO instances JSON of those images "
