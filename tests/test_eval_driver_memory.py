@@ -132,26 +132,86 @@ def test_fitted_clustering_labels_every_token_as_the_fit_does():
     assert np.array_equal(fit.predict(tokens), cluster_tokens(tokens, 3, seed=0, pca_dims=4))
 
 
-def test_driver_rows_carry_each_batch_curves_summed_once_per_method():
-    """``driver_rows`` (what the Parquet writer returns to the driver): no per-image curve, one summed
-    curve per method and batch; the Accumulator fed these rows gives the summary of the full rows (equal
-    for one batch; to float64 rounding of the grouping over several); ``counted`` rows are left out."""
-    import pyarrow as pa
-
+def _hand_made_rows(n: int, seed: int = 0) -> list[dict]:
+    """Scored rows of two methods: failed rows, NaN / inf / None metrics, examples on some rows."""
     from dncut.eval.stages import failed_row
-    from dncut.eval.streamed import CURVES, driver_rows
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     rows = []
-    for i in range(60):
+    for i in range(n):
         for method in ("simple", "tokencut"):
-            if i % 7 == 0:
-                rows.append(failed_row(f"img{i}", method, "bad"))
+            if i % 7 == 0 or (method == "tokencut" and i % 5 == 1):
+                rows.append(failed_row(f"img{i}", method, f"bad {i} {method}"))
                 continue
-            row = result_row(f"img{i}", method)
-            row.update(acc=rng.random(), iou=rng.random(), mae=rng.random(), pysod_mae=rng.random(),
+            row = result_row(f"img{i}", method, example=b"thumb%d" % i if i % 11 == 2 else b"")
+            row.update(acc=rng.random(), iou=[rng.random(), np.nan, np.inf][i % 3], mae=rng.random(),
+                       pysod_mae=None if i % 4 == 0 else rng.random(), acc_binary=rng.random() if i % 2 else np.nan,
+                       iou_binary=np.nan, corloc_hit=float(i % 2) if i % 3 else np.nan,
                        fbeta_curve=rng.random(255), pysod_curve=rng.random(256))
             rows.append(row)
+    return rows
+
+
+def _acc_state(acc: Accumulator) -> tuple:
+    return (acc.summary(), acc.failures, acc.n_failed_rows, acc.examples, acc._failed_keys, acc.more_failures,
+            {k: (s.sums, s.counts, s.n_images, s.n_failed) for k, s in acc.runs.items()})
+
+
+def _add_batches(tables, task: str = "saliency") -> Accumulator:
+    from dncut.eval.report import _MEANS
+    from dncut.eval.streamed import batch_payloads, driver_rows
+
+    acc = Accumulator(["simple", "tokencut"])
+    for table in tables:
+        for payload in batch_payloads(driver_rows(table, metrics=_MEANS)):
+            acc.add_batch(payload, dataset="d", backbone="b", checkpoint=None, task=task)
+    return acc
+
+
+def test_add_batch_is_repeated_add():
+    """``Accumulator.add_batch`` of the payloads ``driver_rows`` makes of each batch equals ``add`` of
+    each row of the batch, method by method in row order, with the batch's curves summed on its last
+    ok row: the same float64 sums bit for bit, counts, failures (past ``FAILED_SAMPLE``), examples."""
+    import pyarrow as pa
+
+    from dncut.eval.streamed import CURVES
+
+    rows = _hand_made_rows(400)
+    batches = [rows[k:k + 96] for k in range(0, len(rows), 96)]
+    for task in ("saliency", "discovery"):
+        expected = Accumulator(["simple", "tokencut"])
+        for batch in batches:
+            for method in ("simple", "tokencut"):
+                mine = [dict(r) for r in batch if r["method"] == method]
+                ok = [r for r in mine if r["status"] == "ok"]
+                for name in CURVES:  # the batch's sum on its last ok row, as the driver gets it
+                    total = None
+                    for r in ok:
+                        total = np.array(r[name]) if total is None else total + r[name]
+                    for r in mine:
+                        r[name] = None
+                    if ok:
+                        ok[-1][name] = total
+                for r in mine:
+                    expected.add(r, dataset="d", backbone="b", checkpoint=None, task=task)
+        got = _add_batches([pa.Table.from_pylist(b) for b in batches], task)
+        assert _acc_state(got) == _acc_state(expected), task
+        assert got.n_failed_rows > FAILED_SAMPLE and len(got.failures) == FAILED_SAMPLE and got.examples
+    run = {r["method"]: r for r in got.summary()["runs"]}
+    assert run["simple"]["n_failed"] == len([r for r in rows if r["method"] == "simple" and r["status"] != "ok"])
+
+
+def test_driver_rows_carry_one_payload_per_batch_and_method():
+    """``driver_rows`` (what the Parquet writer returns to the driver): one row per method, compact
+    per-image values, no per-image curve; the Accumulator fed these gives the summary of the full rows
+    (equal for one batch; to float64 rounding of the curves' grouping over several); ``counted`` rows
+    are left out."""
+    import pyarrow as pa
+
+    from dncut.eval.report import _MEANS
+    from dncut.eval.streamed import driver_rows
+
+    rows = _hand_made_rows(60)
     table = pa.Table.from_pylist(rows)
 
     def summary(batches) -> dict:
@@ -162,15 +222,12 @@ def test_driver_rows_carry_each_batch_curves_summed_once_per_method():
         return acc.summary()
 
     full = summary([rows])
-    one = driver_rows(table)
-    assert one.num_rows == len(rows) and summary([one.to_pylist()]) == full
-    for name in CURVES:
-        carried = [r for r in one.to_pylist() if r[name] is not None]
-        assert sorted(r["method"] for r in carried) == ["simple", "tokencut"], name
-        assert all(r["status"] == "ok" for r in carried)
-    assert one.nbytes < table.nbytes / 10  # the driver reads ~4 KB less per row
+    one = driver_rows(table, metrics=_MEANS)
+    assert one.column("method").to_pylist() == ["simple", "tokencut"]
+    assert _add_batches([table]).summary() == full
+    assert one.nbytes < table.nbytes / 20  # no curves, no per-row strings but ids and errors
 
-    split = summary([driver_rows(table.slice(k, 32)).to_pylist() for k in range(0, table.num_rows, 32)])
+    split = _add_batches([table.slice(k, 32) for k in range(0, table.num_rows, 32)]).summary()
     for a, b in zip(full["runs"], split["runs"]):
         assert (a["n_images"], a["n_failed"]) == (b["n_images"], b["n_failed"])
         assert {k: v for k, v in a["metrics"].items() if k != "max_fbeta"} == \
@@ -178,11 +235,14 @@ def test_driver_rows_carry_each_batch_curves_summed_once_per_method():
         assert b["metrics"]["max_fbeta"] == pytest.approx(a["metrics"]["max_fbeta"], rel=1e-14)
 
     counted = frozenset({("img1", "simple"), ("img2", "tokencut")})
-    left = driver_rows(table, counted)
-    assert left.num_rows == len(rows) - 2
-    assert not {(r["image_id"], r["method"]) for r in left.to_pylist()} & counted
+    left = driver_rows(table, counted, _MEANS)
+    assert sum(len(ids) for ids in left.column("image_id").to_pylist()) == len(rows) - 2
+    assert not {(i, m) for ids, m in zip(left.column("image_id").to_pylist(), left.column("method").to_pylist())
+                for i in ids} & counted
     kept = [r for r in rows if (r["image_id"], r["method"]) not in counted]
-    assert summary([left.to_pylist()]) == summary([kept])
+    assert _add_batches([table.filter(pa.array([(r["image_id"], r["method"]) not in counted for r in rows]))]
+                        ).summary() == summary([kept])
+    assert _acc_state(_add_batches([table.slice(0, 0)])) == _acc_state(Accumulator(["simple", "tokencut"]))
 
 
 def test_merge_holds_one_row_group_at_a_time(tmp_path: Path, monkeypatch):
@@ -263,3 +323,32 @@ def test_column_wise_listing_gives_the_records_of_the_dicts(tmp_path: Path):
     assert [r["image_id"] for r in records] == ["a", "b", "c.d", "sub/x", "é", "only_img", "sub/y", "z", "Ω",
                                                 "only_mask", "zz"]
     assert records[0]["image_uri"].endswith("a.png")
+
+
+def test_ledger_is_one_byte_a_record_and_keeps_the_rerun_rules():
+    """``RowLedger`` over the records: a ``uint8`` per record (up to 8 methods), a row arriving twice
+    (in one batch or across batches) is not first, ``counted`` names the rows that arrived of the
+    records still missing some, ``missing`` filters the table; a repeated record id shares its bits."""
+    import pyarrow as pa
+
+    from dncut.eval.retry import RowLedger
+    from dncut.eval.stages import record
+    from dncut.eval.streamed import records_table
+
+    table = records_table([record(f"img{i}", f"/x/img{i}.jpg") for i in range(1000)] + [record("img3", "/y.jpg")])
+    ledger = RowLedger(["simple", "tokencut"], table)
+    assert ledger.seen.dtype == np.uint8 and ledger.seen.nbytes == 1001
+    assert ledger.first_batch(pa.array(["img1", "img2", "img1"]), "simple").tolist() == [True, True, False]
+    assert ledger.first_batch(["img2", "img3"], "simple").tolist() == [False, True]
+    assert ledger.first_batch(["img2"], "tokencut").tolist() == [True] and not ledger.first("img2", "tokencut")
+    assert ledger.complete("img2") and not ledger.complete("img1")
+    assert ledger.counted(ledger.missing(table)) == {("img1", "simple"), ("img3", "simple")}
+    assert ("img2", "tokencut") in ledger.counted(table)
+    missing = ledger.missing(table)
+    assert missing.num_rows == 1000 and "img2" not in missing.column("image_id").to_pylist()
+    ledger.first("img3", "tokencut")
+    assert ledger.missing(table).num_rows == 998  # both records of img3 complete
+    ledger.forget(["img2"])
+    assert ledger.first("img2", "simple")
+    with pytest.raises(KeyError):
+        ledger.first("img1", "most")

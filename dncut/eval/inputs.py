@@ -5,6 +5,7 @@
     stem_columns(folder, ...)               the same as two sorted ``pyarrow`` arrays (stems, URIs)
     saliency_records(images, masks, store)  an images / masks folder pair -> one ``records_table``
     map_folders(maps_dirs, store)           (method, folder) per run of ``dncut eval-maps``
+    map_records(masks, maps_dirs, store)    the records of ``dncut eval-maps``, one ``records_table``
 
 Every listing fails before any Ray work with a ``DatasetLayoutError`` naming the folder and the
 layout expected.
@@ -13,11 +14,13 @@ layout expected.
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from dncut import storage
 from dncut.data.datasets import DatasetLayoutError
 from dncut.data.images import IMAGE_SUFFIXES
+from dncut.eval.outputs import pair_maps
+from dncut.eval.streamed import records_table
 from dncut.storage import Storage
 
 
@@ -125,3 +128,21 @@ def map_folders(maps_dirs: Iterable[str], store: Storage) -> list[tuple[str, str
         else:
             found.extend((d, prefix + d) for d in subdirs)
     return found
+
+
+def map_records(masks_dir: str, maps_dirs: Sequence[str], store: Storage):
+    """The records of ``dncut eval-maps``: per run of ``map_folders``, one record per mask (sorted by
+    stem) ``{image_id, method, mask_uri, map_uri, missing, maps_dir}`` (pairing rule:
+    ``dncut.eval.outputs.pair_maps``), as one ``records_table``; and the number of masks.
+
+    Raises:
+        DatasetLayoutError: a folder is missing, unreachable or holds no image.
+    """
+    masks = stems(masks_dir, "masks", "a folder of <stem>.png ground-truth masks", store)
+    records = []
+    for method, folder in map_folders(maps_dirs, store):
+        maps = stems(folder, "maps", "a folder of <stem>.png maps", store)
+        paired = pair_maps(masks, maps)  # predict's <stem>.<ext>.png maps pair with <stem>.png masks
+        records += [{"image_id": s, "method": method, "mask_uri": u, "map_uri": paired[s][0],
+                     "missing": paired[s][1], "maps_dir": folder} for s, u in sorted(masks.items())]
+    return records_table(records), len(masks)

@@ -26,7 +26,8 @@ Driver memory: per-image rows are written by the workers as Parquet parts and st
 file at the end, row group by row group (``dncut.eval.report.merge_parts``; row order not
 guaranteed), metrics are running sums (``Accumulator``); what remains per image on the driver is
 its input record in one Arrow table (``dncut.eval.streamed.records_table``, ~150 bytes) and its
-``RowLedger`` entry. Figures: docs/operations.md, "Evaluation driver memory".
+``RowLedger`` byte; the rows reach it as one payload row per batch and method
+(``dncut.eval.streamed.driver_rows``). Figures: docs/operations.md, "Evaluation driver memory".
 
 An inference actor that dies (OOM kill, SIGKILL, node lost) fails the pipeline; the driver runs it
 again on the images without all their rows, at most ``dncut.eval.retry.ATTEMPTS`` runs, and counts
@@ -50,8 +51,9 @@ from dncut.backbone_specs import spec as backbone_spec
 from dncut.config import Config, ConfigError
 from dncut.data.images import IMAGE_SUFFIXES
 from dncut.eval.gallery import write_eval_gallery, write_predict_gallery
-from dncut.eval.inputs import dataset_name, map_folders, saliency_records, stems  # noqa: F401 - public here too
-from dncut.eval.outputs import pair_maps, predict_records, write_outputs
+from dncut.eval.inputs import (dataset_name, map_folders, map_records, saliency_records,  # noqa: F401 - public
+                               stems)
+from dncut.eval.outputs import predict_records, write_outputs
 from dncut.eval.predict import METHODS
 from dncut.eval.report import (PER_IMAGE_FILE, Accumulator, clear_parts, merge_parts, parts_folder, write_part,
                                write_per_image, write_report)
@@ -59,7 +61,7 @@ from dncut.eval.retry import ACTOR_REMOTE_ARGS, RowLedger, run_with_retries
 from dncut.eval.stages import (DISCOVERY_KINDS, SEGMENTATION_CLASSES, BackboneFactory, NCutPredictor, TokenExtractor,
                                dataset_records, load_record, load_segmentation_record, result_row,
                                row_methods, score_map, score_row)
-from dncut.eval.streamed import record_blocks, records_table
+from dncut.eval.streamed import batch_payloads, record_blocks, records_table
 from dncut.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -195,7 +197,7 @@ def run_pipeline(records, *, cfg: Config, dataset: str, discovery: bool, backbon
     parts of ``<out_dir>/per_image.parquet``; the scored rows stream into ``acc`` (not kept), each
     (image, method) once, also across the re-runs after an actor died (``dncut.eval.retry``: a
     re-run's writers leave out the rows that reached the driver before). The rows reach the driver
-    without their per-image Fβ curves, summed per batch (``dncut.eval.streamed``). ``records``:
+    as one payload row per batch and method (``dncut.eval.streamed.driver_rows``). ``records``:
     ``dncut.eval.stages.record`` dicts or, for a driver that stays small, their ``records_table``.
 
     Raises:
@@ -212,12 +214,11 @@ def run_pipeline(records, *, cfg: Config, dataset: str, discovery: bool, backbon
     example_ids = frozenset(head)
     log.info("eval %s: %d images, backbone %s, checkpoint %s, methods %s%s", dataset, len(records),
              backbone, checkpoint or "(pretrained)", methods, " + bilateral" if ev.bilateral else "")
-    ledger = RowLedger(row_methods(methods, bilateral=ev.bilateral, discovery=discovery))
+    ledger = RowLedger(row_methods(methods, bilateral=ev.bilateral, discovery=discovery), records)
+    task = "discovery" if discovery else "saliency"
 
-    def run(pending: list[dict]) -> None:
-        ids = pending.column("image_id").to_pylist() if hasattr(pending, "column") else [r["image_id"] for r in pending]
-        counted = frozenset((str(i), name) for i in ids for name, bit in ledger.bits.items()
-                            if ledger.seen.get(str(i), 0) & bit)  # a re-run's rows that arrived
+    def run(pending) -> None:
+        counted = ledger.counted(pending)  # a re-run's rows that arrived already
         ds = (
             predicted_rows(pending, cfg=cfg, backbone=backbone, checkpoint=checkpoint, methods=methods, store=store,
                            image_size=None if discovery else ev.image_size, factory=factory, found_head=found_head)
@@ -227,12 +228,14 @@ def run_pipeline(records, *, cfg: Config, dataset: str, discovery: bool, backbon
                          fn_kwargs={"out_dir": out_dir, "dataset": dataset, "backbone": backbone,
                                     "checkpoint": checkpoint, "store": store, "counted": counted})
         )
-        for row in ds.iter_rows():  # its batch summed the row's curves: a repeat cannot be dropped here
-            if not ledger.first(str(row["image_id"]), str(row["method"])):
-                raise RuntimeError(f"eval {dataset}: the row of ({row['image_id']}, {row['method']}) reached the "
-                                   "driver twice (an image id repeated in the records?)")
-            acc.add(row, dataset=dataset, backbone=backbone, checkpoint=checkpoint,
-                    task="discovery" if discovery else "saliency")
+        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):  # one row per batch and method
+            for payload in batch_payloads(table):  # its rows summed: a repeat cannot be dropped here
+                fresh = ledger.first_batch(payload["image_id"], payload["method"])
+                if not fresh.all():
+                    repeated = payload["image_id"][int(np.argmin(fresh))].as_py()
+                    raise RuntimeError(f"eval {dataset}: the row of ({repeated}, {payload['method']}) reached the "
+                                       "driver twice (an image id repeated in the records?)")
+                acc.add_batch(payload, dataset=dataset, backbone=backbone, checkpoint=checkpoint, task=task)
 
     run_with_retries(run, records, missing=lambda: ledger.missing(records),
                      what=f"eval {dataset} {backbone} @ {checkpoint or 'pretrained'}")
@@ -439,15 +442,18 @@ def evaluate_saliency(images_dir: str, masks_dir: str, backbone: str, checkpoint
 
 def _write_map_rows(batch, *, out_dir: str, dataset: str, store: Storage):
     """``write_per_image`` for scored maps, whose checkpoint (the maps folder) is per row: per maps folder
-    (in order of first appearance), its rows as a Parquet part, and its ``driver_rows`` (curves summed
-    per method within the folder: two folders may share a method name)."""
+    (in order of first appearance), its rows as a Parquet part, and its ``driver_rows`` (one row per
+    method within the folder: two folders may share a method name) with a ``checkpoint`` column."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    out = [write_per_image(batch.filter(pc.equal(batch["checkpoint"], checkpoint)), out_dir=out_dir,
-                           dataset=dataset, backbone="maps", checkpoint=checkpoint, store=store)
-           for checkpoint in dict.fromkeys(batch.column("checkpoint").to_pylist())]
-    return pa.concat_tables(out) if out else batch
+    out = []
+    for checkpoint in dict.fromkeys(batch.column("checkpoint").to_pylist()) or [None]:  # [None]: no row
+        rows = batch.filter(pc.equal(batch["checkpoint"], checkpoint)) if checkpoint is not None else batch
+        payload = write_per_image(rows, out_dir=out_dir, dataset=dataset, backbone="maps", checkpoint=checkpoint,
+                                  store=store)
+        out.append(payload.append_column("checkpoint", pa.array([checkpoint] * payload.num_rows, pa.string())))
+    return pa.concat_tables(out)
 
 
 def evaluate_maps(masks_dir: str, maps_dirs: str | Sequence[str], out_dir: str,
@@ -474,25 +480,21 @@ def evaluate_maps(masks_dir: str, maps_dirs: str | Sequence[str], out_dir: str,
 
     store = store or Storage()
     maps_dirs = [maps_dirs] if isinstance(maps_dirs, str) else list(maps_dirs)
-    masks = stems(masks_dir, "masks", "a folder of <stem>.png ground-truth masks", store)
     dataset = dataset_name(masks_dir)
-    records = []
-    for method, folder in map_folders(maps_dirs, store):
-        maps = stems(folder, "maps", "a folder of <stem>.png maps", store)
-        paired = pair_maps(masks, maps)  # predict's <stem>.<ext>.png maps pair with <stem>.png masks
-        records += [{"image_id": s, "method": method, "mask_uri": u, "map_uri": paired[s][0],
-                     "missing": paired[s][1], "maps_dir": folder} for s, u in sorted(masks.items())]
+    records, n_masks = map_records(masks_dir, maps_dirs, store)
     ensure_ray()
-    log.info("eval-maps %s: %d masks x %d map folders", dataset, len(masks), len(records) // max(1, len(masks)))
+    log.info("eval-maps %s: %d masks x %d map folders", dataset, n_masks, len(records) // max(1, n_masks))
     clear_parts(out_dir, PER_IMAGE_FILE, store)
     acc = Accumulator()
-    ds = ray.data.from_arrow(record_blocks(records_table(records), MAPS_PER_TASK))  # the dicts dropped here
+    ds = ray.data.from_arrow(record_blocks(records, MAPS_PER_TASK))
     del records
     ds = ds.map(score_map, fn_kwargs={"store": store}).map_batches(
         _write_map_rows, batch_format="pyarrow", batch_size=PART_ROWS,
         fn_kwargs={"out_dir": out_dir, "dataset": dataset, "store": store})
-    for row in ds.iter_rows():  # without per-image curves: each batch's, summed per maps folder and method
-        acc.add(row, dataset=dataset, backbone="maps", checkpoint=row["checkpoint"], task="saliency", pysod=True)
+    for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):  # a row per batch, folder, method
+        for payload in batch_payloads(table):
+            acc.add_batch(payload, dataset=dataset, backbone="maps", checkpoint=payload["checkpoint"],
+                          task="saliency", pysod=True)
     return _finish(acc, out_dir, None, store)
 
 
@@ -527,6 +529,9 @@ def predict_folder(images: str, out_dir: str, cfg: Config, *, backbone: str | No
         FileNotFoundError: the checkpoint does not exist (before any Ray work).
         dncut.eval.retry.ActorRetriesExhausted: an inference actor died in each run.
     """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     store, ev = cfg.storage_handle(), cfg.eval
     backbone = backbone or cfg.model.backbone
     methods = check_methods(ev.methods)
@@ -536,7 +541,7 @@ def predict_folder(images: str, out_dir: str, cfg: Config, *, backbone: str | No
     records = predict_records(uris, images)  # output names unique per input
     ensure_ray()
     write_cpus = cpu_split(ev.num_actors)[2]
-    ledger, failed = RowLedger(methods), set()  # failed: image ids, a set bounded by the failures' count
+    ledger, failed = RowLedger(methods, records), set()  # failed: image ids, bounded by the failures' count
 
     def run(pending: list[dict]) -> None:
         ds = (
@@ -548,9 +553,11 @@ def predict_folder(images: str, out_dir: str, cfg: Config, *, backbone: str | No
                          fn_kwargs={"folder": parts_folder(out_dir, PREDICTIONS_FILE, store), "store": store})
         )
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for image_id, method, status in zip(*(batch[c].to_pylist() for c in ("image_id", "method", "status"))):
-                if ledger.first(image_id, method) and status != "ok":
-                    failed.add(image_id)
+            for method in pc.unique(batch["method"]).to_pylist():
+                rows = batch.filter(pc.equal(batch["method"], method))
+                fresh = ledger.first_batch(rows["image_id"], method) & ~np.asarray(
+                    pc.equal(rows["status"], "ok").to_numpy(zero_copy_only=False), bool)
+                failed.update(rows["image_id"].filter(pa.array(fresh)).to_pylist())
 
     clear_parts(out_dir, PREDICTIONS_FILE, store)
     run_with_retries(run, records, missing=lambda: ledger.missing(records), what=f"predict {images}")

@@ -1,12 +1,15 @@
 """Evaluation reports: streaming aggregation, Markdown tables, the examples figure, output files.
 
-* ``Accumulator``: takes the scored rows of ``dncut.eval.stages`` one at a time and keeps only
-  running sums, fixed-size Fβ curves per run, the example payloads of ``eval.examples`` images and
-  at most ``FAILED_SAMPLE`` failed images: its memory does not grow with the number of images.
+* ``Accumulator``: takes the scored rows of ``dncut.eval.stages`` one at a time (``add``), or one
+  method's rows of a batch at once (``add_batch``: what the workers return, ``dncut.eval.streamed``),
+  and keeps only running sums, fixed-size Fβ curves per run, the example payloads of
+  ``eval.examples`` images and at most ``FAILED_SAMPLE`` failed images: its memory does not grow
+  with the number of images.
   ``summary() -> {"runs": [...]}``.
 * Per-image rows (``per_image.parquet``) never pass through the driver's memory: the workers write
   them in parts (``write_per_image``, ``write_part``: ``<out>/<file>.parts/<uuid>.parquet``) and the
-  driver streams the parts into one Parquet file, part by part (``merge_parts``); row order is not
+  driver streams the parts into one Parquet file, part by part (``merge_parts``; both in
+  ``dncut.eval.streamed``, importable from here too); row order is not
   guaranteed (rows of one batch stay together). A row written twice (an image run again after an
   actor died, ``dncut.eval.retry``; a Ray task retried after it wrote its part) is kept once:
   ``PER_IMAGE_KEY`` is unique in ``per_image.parquet``.
@@ -27,9 +30,7 @@ import json
 import logging
 import math
 import pickle
-import posixpath
 import re
-import uuid
 from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from dncut import storage
-from dncut.eval.streamed import driver_rows
+from dncut.eval.streamed import (PARTS_SUFFIX, clear_parts, driver_rows, merge_parts,  # noqa: F401 - public here too
+                                 parts_folder, row_groups, write_part)
 
 log = logging.getLogger(__name__)
 GENERIC_WEIGHT_FILES = ("backbone.pth", "model.safetensors", "checkpoint.pth", "state.pt")
@@ -49,7 +51,6 @@ _LABELS = {"acc": "Acc", "iou": "IoU", "max_fbeta": "maxFβ", "mae": "MAE", "acc
 _MEANS = ("acc", "iou", "mae", "acc_binary", "iou_binary", "pysod_mae", "corloc_hit")
 PER_IMAGE_FILE = "per_image.parquet"
 PER_IMAGE_KEY = ("dataset", "backbone", "checkpoint", "image_id", "method")  # one row each in per_image.parquet
-PARTS_SUFFIX = ".parts"  # <out>/<file>.parts/: the workers' Parquet parts of <out>/<file>, merged at the end
 FAILED_SAMPLE = 100  # failed images the Accumulator keeps for summary.md (all of them are in per_image.parquet)
 _FLOAT_COLUMNS = ("acc", "iou", "max_fbeta", "mae", "acc_binary", "iou_binary")
 
@@ -84,6 +85,27 @@ class _RunStats:
                 self.counts[key] = self.counts.get(key, 0) + 1
         if self.task == "saliency" and row["fbeta_curve"] is not None:  # None: its batch's sum is on another row
             curve, pcurve = np.asarray(row["fbeta_curve"], np.float64), np.asarray(row["pysod_curve"], np.float64)
+            self.fbeta = curve if self.fbeta is None else self.fbeta + curve
+            self.pysod_fbeta = pcurve if self.pysod_fbeta is None else self.pysod_fbeta + pcurve
+
+    def add_batch(self, payload: dict) -> None:
+        """``add`` of each row of one ``dncut.eval.streamed.batch_payloads`` dict: the ``ok`` rows'
+        finite values added one by one in row order (the same float64 sums), the batch's curve sums."""
+        ok = payload["ok"]
+        n_ok = int(np.count_nonzero(ok))
+        self.n_images += len(ok)
+        self.n_failed += len(ok) - n_ok
+        if not n_ok:
+            return
+        for key in _MEANS:
+            values = payload["metrics"].get(key)
+            if values is None:
+                continue
+            for value in values[np.isfinite(values)].tolist():  # (n_ok,) -> the finite ones, row order
+                self.sums[key] = self.sums.get(key, 0.0) + value
+                self.counts[key] = self.counts.get(key, 0) + 1
+        if self.task == "saliency" and payload["fbeta_curve"] is not None:
+            curve, pcurve = payload["fbeta_curve"], np.asarray(payload["pysod_curve"], np.float64)
             self.fbeta = curve if self.fbeta is None else self.fbeta + curve
             self.pysod_fbeta = pcurve if self.pysod_fbeta is None else self.pysod_fbeta + pcurve
 
@@ -136,130 +158,18 @@ def per_image_row(row: dict, *, dataset: str, backbone: str, checkpoint: str | N
     }
 
 
-def parts_folder(out_dir: str, name: str, store: storage.Storage) -> str:
-    """``<out_dir>/<name>.parts``: where the workers write the parts of ``<out_dir>/<name>``."""
-    return store.join(out_dir, name + PARTS_SUFFIX)
-
-
-def write_part(table, folder: str, store: storage.Storage) -> str:
-    """Write ``table`` (a ``pyarrow.Table``) as ``<folder>/<uuid4>.parquet``; returns its URI.
-    Called in the workers (Ray tasks), so the rows never reach the driver."""
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    uri = store.join(folder, f"{uuid.uuid4().hex}.parquet")
-    store.write_bytes(uri, buf.getvalue())
-    return uri
-
-
 def write_per_image(batch, *, out_dir: str, dataset: str, backbone: str, checkpoint: str | None,
                     store: storage.Storage, counted: Set[tuple[str, str]] = frozenset()):
     """Ray Data ``map_batches`` step (``batch_format="pyarrow"``): the batch's scored rows as a part of
     ``<out_dir>/per_image.parquet``; returns what the driver aggregates: ``driver_rows(batch, counted)``
-    (the rows without ``counted``, their curves summed per method, ``dncut.eval.streamed``)."""
+    (the rows without ``counted``, one payload row per method, ``dncut.eval.streamed``)."""
     import pyarrow as pa
 
     rows = [per_image_row(r, dataset=dataset, backbone=backbone, checkpoint=checkpoint) for r in batch.to_pylist()]
     if rows:
         write_part(pa.Table.from_pylist(rows, schema=per_image_schema()),
                    parts_folder(out_dir, PER_IMAGE_FILE, store), store)
-    return driver_rows(batch, counted)
-
-
-def _remove(uri: str, store: storage.Storage) -> None:
-    import pyarrow.fs as pafs
-
-    fs, path = store.filesystem(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        fs.delete_dir(path)
-    elif info.type == pafs.FileType.File:
-        fs.delete_file(path)
-
-
-def clear_parts(out_dir: str, name: str, store: storage.Storage) -> None:
-    """Remove the parts left by an interrupted run of ``<out_dir>/<name>`` (call before a job starts)."""
-    _remove(parts_folder(out_dir, name, store), store)
-
-
-def _keys(table, unique: Sequence[str]) -> list[tuple]:
-    return list(zip(*(table.column(c).to_pylist() for c in unique)))
-
-
-def row_groups(uri: str, store: storage.Storage, columns: Sequence[str] | None = None):
-    """The row groups of the Parquet file ``uri``, one ``pyarrow.Table`` at a time (``columns`` only,
-    when given): what ``merge_parts`` holds of a part at once."""
-    import pyarrow.parquet as pq
-
-    part_fs, part_path = store.filesystem(uri)
-    with part_fs.open_input_file(part_path) as source:
-        part = pq.ParquetFile(source)
-        for i in range(part.num_row_groups):
-            yield part.read_row_group(i, columns=list(columns) if columns else None, use_threads=False)
-
-
-def _repeated_hashes(parts: list[str], unique: Sequence[str], store: storage.Storage) -> tuple[list, np.ndarray]:
-    """Per part and row group, the ``hash()`` of each row's key ``(n,) int64``; and the hashes that occur
-    more than once over all parts (the rows that may repeat a key: same key, or a rare hash collision)."""
-    hashes = [np.fromiter((hash(k) for k in _keys(group, unique)), np.int64)
-              for uri in parts for group in row_groups(uri, store, unique)]
-    values, counts = np.unique(np.concatenate(hashes) if hashes else np.zeros(0, np.int64), return_counts=True)
-    return hashes, values[counts > 1]
-
-
-def merge_parts(out_dir: str, name: str, store: storage.Storage, schema=None, unique: Sequence[str] = ()) -> int:
-    """Stream the parts of ``<out_dir>/<name>`` (``write_part``) into the single Parquet file
-    ``<out_dir>/<name>``, one row group of one part in memory at a time (``row_groups``; each written
-    as it is read, through one ``pyarrow.parquet.ParquetWriter``), then remove the parts.
-
-    Args:
-        schema: the file's schema (``None``: the first part's; an empty file without columns when
-            there is no part).
-        unique: key columns: of the rows with the same key, the first read is kept, the others
-            dropped (rows written twice: an image run again, a task retried). Memory: one 8-byte
-            hash per row (a first pass over the key columns), the exact keys of the rows whose
-            hash repeats.
-
-    Returns:
-        The number of rows written.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    folder = parts_folder(out_dir, name, store)
-    parts = store.list_files(folder, (".parquet",)) if store.exists(folder) else []
-    hashes, repeated = _repeated_hashes(parts, unique, store) if unique else ([], np.zeros(0, np.int64))
-    kept: set[tuple] = set()  # exact keys of the rows kept among those whose hash repeats
-    dropped = 0
-    out_fs, out_path = store.filesystem(store.join(out_dir, name))
-    if not store.is_s3(out_dir):
-        out_fs.create_dir(posixpath.dirname(out_path), recursive=True)
-    n = 0
-    writer = None
-    groups = (group for uri in parts for group in row_groups(uri, store))
-    with out_fs.open_output_stream(out_path) as sink:
-        for i, table in enumerate(groups):
-            if len(repeated) and np.isin(hashes[i], repeated).any():
-                keys, keep = _keys(table, unique), np.ones(table.num_rows, bool)
-                for j in np.flatnonzero(np.isin(hashes[i], repeated)):
-                    keep[j] = keys[j] not in kept
-                    kept.add(keys[j])
-                dropped += int((~keep).sum())
-                table = table.filter(pa.array(keep))
-            if schema is not None:
-                table = table.cast(schema)
-            writer = writer or pq.ParquetWriter(sink, table.schema)
-            writer.write_table(table)
-            n += table.num_rows
-        if writer is None:
-            pq.write_table(pa.Table.from_pylist([], schema=schema) if schema is not None else pa.table({}), sink)
-        else:
-            writer.close()
-    _remove(folder, store)
-    if dropped:
-        log.info("%s: %d rows written twice kept once (key %s)", name, dropped, ", ".join(unique))
-    return n
+    return driver_rows(batch, counted, _MEANS)
 
 
 class Accumulator:
@@ -293,17 +203,32 @@ class Accumulator:
         key = (dataset, method, backbone, checkpoint)
         self.runs.setdefault(key, _RunStats(task, pysod)).add(row)
         if str(row["status"]) != "ok":
-            self.n_failed_rows += 1
-            image = (dataset, str(row["image_id"]))
-            if image not in self._failed_keys and len(self._failed_keys) <= FAILED_SAMPLE:
-                self._failed_keys.add(image)  # one more than the sample: tells "more" from "exactly"
-                if len(self.failures) < FAILED_SAMPLE:
-                    self.failures.append({"dataset": dataset, "image_id": image[1], "method": method,
-                                          "error": str(row["error"])})
+            self._failed(dataset, str(row["image_id"]), method, str(row["error"]))
         example = row.get("example")
         if example is not None and len(example):
             self.examples.setdefault((dataset, backbone, checkpoint), []).append(
                 (str(row["image_id"]), method, bytes(example)))
+
+    def add_batch(self, payload: dict, *, dataset: str, backbone: str, checkpoint: str | None, task: str,
+                  pysod: bool = False) -> None:
+        """Add the rows of one method in one batch, as ``add`` of each row in row order would: a
+        ``dncut.eval.streamed.batch_payloads`` dict (what ``write_per_image`` returns to the driver)."""
+        method = str(payload["method"])
+        self._dataset_order.setdefault(dataset, len(self._dataset_order))
+        self._checkpoint_order.setdefault(checkpoint, len(self._checkpoint_order))
+        self.runs.setdefault((dataset, method, backbone, checkpoint), _RunStats(task, pysod)).add_batch(payload)
+        for image_id, error in payload["failed"]:
+            self._failed(dataset, str(image_id), method, str(error))
+        for image_id, example in payload["examples"]:
+            self.examples.setdefault((dataset, backbone, checkpoint), []).append((str(image_id), method, bytes(example)))
+
+    def _failed(self, dataset: str, image_id: str, method: str, error: str) -> None:
+        self.n_failed_rows += 1
+        image = (dataset, image_id)
+        if image not in self._failed_keys and len(self._failed_keys) <= FAILED_SAMPLE:
+            self._failed_keys.add(image)  # one more than the sample: tells "more" from "exactly"
+            if len(self.failures) < FAILED_SAMPLE:
+                self.failures.append({"dataset": dataset, "image_id": image_id, "method": method, "error": error})
 
     @property
     def more_failures(self) -> bool:

@@ -19,8 +19,9 @@ before the rows reach the driver), so the merge keeps one row per key
 (a checkpoint, pretrained weights, or a random initialisation drawn from
 ``dncut.eval.stages.RANDOM_INIT_SEED``).
 
-Driver memory: the ledger holds one small int per image of the pipeline (a bit per method), about
-150 bytes per image, dropped when the pipeline ends; the records may be a ``pyarrow.Table``
+Driver memory: the ledger holds one small unsigned int per record of the pipeline (a bit per method:
+one byte an image up to 8 methods), indexed like the records (their ids looked up with
+``pyarrow.compute.index_in``), dropped when the pipeline ends; the records may be a ``pyarrow.Table``
 (``dncut.eval.streamed.records_table``) rather than a list of dicts.
 """
 
@@ -30,6 +31,8 @@ import logging
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +79,67 @@ def actor_death(exc: BaseException) -> BaseException | None:
     return None
 
 
+def _ids(records):
+    """The image ids of ``records`` (record dicts, or a ``pyarrow.Table`` of them) as one
+    ``pyarrow.StringArray``."""
+    import pyarrow as pa
+
+    if hasattr(records, "column"):
+        return records.column("image_id").cast(pa.string()).combine_chunks()
+    return pa.array([str(r["image_id"]) for r in records], pa.string())
+
+
 class RowLedger:
-    """Which of each image's rows (one per method name) reached the driver in this pipeline.
+    """Which of each image's rows (one per method name) reached the driver in this pipeline: one
+    small unsigned int per record (a bit per method; ``uint8`` up to 8 methods), indexed like the
+    records, not a Python object per image.
 
     Args:
         names: the method names every image gives a row for (``dncut.eval.stages.row_methods``).
+        records: the pipeline's records (dicts, or their ``dncut.eval.streamed.records_table``): the
+            ids the ledger indexes (the table's own column, not a copy). Ids outside them (or all
+            ids, without ``records``) are added as their rows arrive. Of two records with one id,
+            the first holds the id's bits (a row of that id arriving twice is a repeat).
     """
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], records=None) -> None:
+        import pyarrow as pa
+
         self.bits = {name: 1 << i for i, name in enumerate(dict.fromkeys(names))}
         self.full = (1 << len(self.bits)) - 1
-        self.seen: dict[str, int] = {}  # image_id -> bits of the methods whose row arrived
+        self.ids = _ids(records) if records is not None else pa.array([], pa.string())  # (n,) the indexed ids
+        self.seen = np.zeros(len(self.ids), np.min_scalar_type(max(self.full, 1)))  # (n,) bits of arrived rows
+
+    def _index(self, ids, add: bool) -> np.ndarray:
+        """``ids`` -> their indices ``(m,)`` int64 (-1: not indexed; added first when ``add``)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        ids = ids.cast(pa.string()) if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(
+            [str(i) for i in ids], pa.string())
+        at = pc.index_in(ids, value_set=self.ids)
+        if add and at.null_count:
+            new = pc.unique(ids.filter(pc.is_null(at)))
+            self.ids = pa.concat_arrays([self.ids, new.combine_chunks() if hasattr(new, "combine_chunks") else new])
+            self.seen = np.concatenate([self.seen, np.zeros(len(new), self.seen.dtype)])
+            at = pc.index_in(ids, value_set=self.ids)
+        return np.asarray(pc.fill_null(at, -1).to_numpy(zero_copy_only=False), np.int64)
+
+    def first_batch(self, image_ids, method: str) -> np.ndarray:
+        """Record the rows of (each of ``image_ids``, ``method``) (a sequence or a ``pyarrow`` string
+        array) -> ``(m,)`` bool: ``False`` for a row that had arrived already, in an earlier call or
+        earlier in ``image_ids`` (``first`` of each in turn).
+
+        Raises:
+            KeyError: ``method`` is not one of ``names``.
+        """
+        bit = self.bits[method]
+        at = self._index(image_ids, add=True)  # (m,)
+        fresh = np.zeros(len(at), bool)
+        fresh[np.unique(at, return_index=True)[1]] = True  # the first of each id in the batch
+        fresh &= (self.seen[at] & bit) == 0
+        self.seen[at] |= bit
+        return fresh
 
     def first(self, image_id: str, method: str) -> bool:
         """Record the row of (``image_id``, ``method``); ``False`` when it had arrived already (a
@@ -95,28 +148,39 @@ class RowLedger:
         Raises:
             KeyError: ``method`` is not one of ``names``.
         """
-        bit, had = self.bits[method], self.seen.get(image_id, 0)
-        self.seen[image_id] = had | bit
-        return not had & bit
+        return bool(self.first_batch([image_id], method)[0])
+
+    def _arrived(self, records) -> np.ndarray:
+        at = self._index(_ids(records), add=False)  # (n,)
+        return np.where(at >= 0, self.seen[np.maximum(at, 0)], 0) if len(self.seen) else np.zeros(len(at), np.int64)
 
     def complete(self, image_id: str) -> bool:
         """Every row of ``image_id`` arrived."""
-        return self.seen.get(image_id, 0) == self.full
+        return bool(self._arrived([{"image_id": image_id}])[0] == self.full)
 
     def forget(self, image_ids) -> None:
         """Drop what arrived of ``image_ids`` (their rows will be counted again from a re-run)."""
-        for image_id in image_ids:
-            self.seen.pop(image_id, None)
+        at = self._index(list(image_ids), add=False)
+        self.seen[at[at >= 0]] = 0
+
+    def counted(self, records) -> frozenset[tuple[str, str]]:
+        """The ``(image_id, method)`` pairs of ``records`` whose rows arrived already (what a re-run's
+        writers leave out, ``dncut.eval.streamed.driver_rows``); Python objects for those only."""
+        arrived = self._arrived(records)
+        some = np.flatnonzero(arrived)
+        ids = _ids(records).take(some).to_pylist() if len(some) else []
+        return frozenset((i, name) for i, got in zip(ids, arrived[some].tolist())
+                         for name, bit in self.bits.items() if got & bit)
 
     def missing(self, records):
         """The ``records`` whose image has not given all its rows yet: a list of record dicts, or a
         ``pyarrow.Table`` of them (``dncut.eval.streamed.records_table``: the rows of the table)."""
+        done = self._arrived(records) == self.full  # (n,)
         if hasattr(records, "column"):
             import pyarrow as pa
 
-            ids = records.column("image_id").to_pylist()
-            return records.filter(pa.array([not self.complete(str(i)) for i in ids], pa.bool_()))
-        return [r for r in records if not self.complete(str(r["image_id"]))]
+            return records.filter(pa.array(~done))
+        return [r for r, d in zip(records, done.tolist()) if not d]
 
 
 def run_with_retries(run: Callable[[Any], None], records, *, missing: Callable[[], Any],
