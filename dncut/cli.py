@@ -302,17 +302,15 @@ def setup_console(quiet: bool, verbose: bool) -> None:
     tty = sys.stdout.isatty()
     if not tty:
         os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", str(PROGRESS_EVERY_S))
-    import ray.data
-    from ray.data._internal.progress import logging_progress
+    import ray.data  # Ray Data reads the variable above when it loads its progress module
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not quiet
-    logging_progress.LoggingExecutionProgressManager.LOG_REPORT_INTERVAL_SEC = PROGRESS_EVERY_S
     if verbose:
         return
     # "Progress bars disabled" / "Progress will be logged": the choice made here, not news
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR if quiet else logging.WARNING)
-    progress = logging.getLogger(logging_progress.__name__)
+    progress = logging.getLogger("ray.data._internal.progress.logging_progress")  # Ray Data's progress lines
     progress.setLevel(logging.INFO)
     if not any(isinstance(f, _CompactProgress) for f in progress.filters):
         progress.addFilter(_CompactProgress())

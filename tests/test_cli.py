@@ -8,6 +8,7 @@ config message asserted here (and would take far longer than the timeout allows)
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -187,33 +188,34 @@ def test_every_option_of_every_command_has_help():
     assert not missing, missing
 
 
-def test_without_a_terminal_progress_is_one_line_at_most_every_30_s(monkeypatch):
-    """``setup_console`` (default verbosity, stdout not a terminal) on Ray Data's own non-terminal
-    progress manager driven by a fake clock: one ``progress: <done>/<total> rows`` line per
-    ``PROGRESS_EVERY_S``, none of Ray's banner or operator lines."""
-    import io
-    import logging
-
-    from ray.data._internal.progress import logging_progress
-
-    from dncut.cli import PROGRESS_EVERY_S, setup_console
-
-    monkeypatch.setattr("sys.stdout", io.StringIO())  # not a terminal
-    setup_console(quiet=False, verbose=False)
-    records: list[str] = []
-    sink = logging.Handler()
-    sink.emit = lambda record: records.append(record.getMessage())
-    logger = logging.getLogger(logging_progress.__name__)
-    logger.addHandler(sink)
-    now = [1000.0]
-    try:
-        manager = logging_progress.LoggingExecutionProgressManager("ds", {}, False, False, _get_time=lambda: now[0])
-        manager.update_total_progress(5, 10)
-        for t in (0, 10, PROGRESS_EVERY_S - 1, PROGRESS_EVERY_S + 1, 2 * PROGRESS_EVERY_S + 2):
-            now[0] = 1000.0 + t
-            manager.refresh()
-            manager.update_total_progress(1, 10)
-    finally:
-        logger.removeHandler(sink)
-    assert PROGRESS_EVERY_S == 30
+def test_without_a_terminal_progress_is_one_line_at_most_every_30_s():
+    """``setup_console`` (default verbosity, stdout a pipe) in a fresh process, then Ray Data's own
+    non-terminal progress manager driven by a fake clock: one ``progress: <done>/<total> rows`` line per
+    ``PROGRESS_EVERY_S``, none of Ray's banner or operator lines. (dncut sets Ray Data's public
+    variable before Ray Data loads; it touches none of Ray Data's classes.)"""
+    script = """
+import json, logging
+from dncut.cli import PROGRESS_EVERY_S, setup_console
+setup_console(quiet=False, verbose=False)
+from ray.data._internal.progress import logging_progress  # the test drives Ray Data's manager itself
+records = []
+sink = logging.Handler()
+sink.emit = lambda record: records.append(record.getMessage())
+logging.getLogger(logging_progress.__name__).addHandler(sink)
+now = [1000.0]
+manager = logging_progress.LoggingExecutionProgressManager("ds", {}, False, False, _get_time=lambda: now[0])
+manager.update_total_progress(5, 10)
+for t in (0, 10, PROGRESS_EVERY_S - 1, PROGRESS_EVERY_S + 1, 2 * PROGRESS_EVERY_S + 2):
+    now[0] = 1000.0 + t
+    manager.refresh()
+    manager.update_total_progress(1, 10)
+print("RECORDS " + json.dumps([PROGRESS_EVERY_S, records]))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "TQDM_DISABLE")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=ROOT)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RECORDS ")]
+    assert line, proc.stderr[-2000:]
+    every, records = json.loads(line[0][len("RECORDS "):])
+    assert every == 30
     assert records == ["progress: 5/10 rows", "progress: 8/10 rows", "progress: 9/10 rows"], records
