@@ -34,14 +34,16 @@ AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "
 
 
 def scratch(root: Path) -> None:
-    """images/ + masks/ (2 pairs), empty/, a_file.txt, notrun/ (a folder with one image), val_no_masks/,
+    """images/ + masks/ (2 pairs), masks_renamed/ (the masks as <stem>_mask.png), empty/, a_file.txt, notrun/ (a folder with one image), val_no_masks/,
     earlier_pred/ (an earlier ``dncut predict``'s predictions.parquet and masks/)."""
     rng = np.random.default_rng(0)
-    for sub in ("images", "masks", "empty", "notrun", "val_no_masks/images"):
+    for sub in ("images", "masks", "masks_renamed", "empty", "notrun", "val_no_masks/images"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     for name in ("a", "b"):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "images" / f"{name}.jpg")
         Image.fromarray((rng.random((32, 32)) > 0.5).astype(np.uint8) * 255).save(root / "masks" / f"{name}.png")
+        Image.fromarray((rng.random((32, 32)) > 0.5).astype(np.uint8) * 255).save(
+            root / "masks_renamed" / f"{name}_mask.png")
     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "val_no_masks/images/a.jpg")
     (root / "notrun" / "notes.txt").write_text("not a run\n")
     (root / "a_file.txt").write_text("x\n")
@@ -53,6 +55,8 @@ SAL = ["eval-saliency", "--images", "images", "--masks", "masks", "--out", "out"
 CASES: list[tuple[str, list[str], dict[str, str] | None]] = [
     ("--images folder misspelt", ["eval-saliency", "--images", "imgaes", "--masks", "masks", "--out", "out"], None),
     ("--masks folder empty", ["eval-saliency", "--images", "images", "--masks", "empty", "--out", "out"], None),
+    ("masks named unlike the images", ["eval-saliency", "--images", "images", "--masks", "masks_renamed",
+                                       "--out", "out"], None),
     ("--images is a file", ["eval-saliency", "--images", "a_file.txt", "--masks", "masks", "--out", "out"], None),
     ("--checkpoint missing", [*SAL, "--checkpoint", "runs/x/backbone.pth"], None),
     ("backbone without downloadable weights, no checkpoint", [*SAL, "--backbone", "vit_tiny_test"], None),

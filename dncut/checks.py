@@ -20,12 +20,15 @@ What is checked:
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Sequence
 
 from dncut.backbone_specs import spec as backbone_spec
 from dncut.config import Config, ConfigError
 from dncut.storage import Storage, StorageError
+
+logger = logging.getLogger(__name__)
 
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -54,6 +57,30 @@ def check_folder(uri: str, what: str, store: Storage, fix: str = "",
         return store.check_source(uri, tuple(suffixes) if suffixes is not None else IMAGE_SUFFIXES)
     except StorageError as exc:
         raise InputError(f"{what} {uri}: {_one_line(exc)}{'; ' + fix if fix else ''}") from None
+
+
+def check_saliency_pairs(images: str, image_files: Sequence[str], masks: str, mask_files: Sequence[str]) -> None:
+    """Images and masks pair on their stem below their folders (``dncut.data.datasets.relative_stem``):
+    a layout where none pairs is a mistake, not a run of failed rows; some unpaired files are failed
+    rows of the run, announced here with their counts.
+
+    Raises:
+        InputError: no image has a mask of its stem, naming one of each and the naming rule.
+    """
+    from dncut.data.datasets import relative_stem
+
+    image_stems = {relative_stem(images, u): u for u in image_files}
+    mask_stems = {relative_stem(masks, u): u for u in mask_files}
+    paired = image_stems.keys() & mask_stems.keys()
+    if not paired:
+        image, mask = image_files[0].rsplit("/", 1)[-1], mask_files[0].rsplit("/", 1)[-1]
+        raise InputError(f"--masks {masks}: none of the {len(image_stems)} images of --images has a mask of its stem "
+                         f"(e.g. image {image}, mask {mask}): name each mask <image stem>.png")
+    lonely, lonely_masks = len(image_stems) - len(paired), len(mask_stems) - len(paired)
+    if lonely or lonely_masks:
+        logger.warning("%d of %d images have no mask of their stem and %d masks no image: each is a failed row "
+                       "of the run (e.g. %s)", lonely, len(image_stems), lonely_masks,
+                       sorted((image_stems.keys() | mask_stems.keys()) - paired)[0])
 
 
 def check_file(uri: str, what: str, store: Storage, fix: str = "") -> None:

@@ -390,9 +390,10 @@ def precheck(args: argparse.Namespace, cfg=None) -> None:
     backbone = args.backbone or cfg.model.backbone
     checks.check_output(args.out, "--out")
     if command == "eval-saliency":
-        checks.check_folder(args.images, "--images", store, "a folder of <stem>.jpg|png images")
-        checks.check_folder(args.masks, "--masks", store, "a folder of <stem>.png masks with the images' stems",
-                            checks.MASK_SUFFIXES)
+        image_files = checks.check_folder(args.images, "--images", store, "a folder of <stem>.jpg|png images")
+        mask_files = checks.check_folder(args.masks, "--masks", store,
+                                         "a folder of <stem>.png masks with the images' stems", checks.MASK_SUFFIXES)
+        checks.check_saliency_pairs(args.images, image_files, args.masks, mask_files)
     elif command == "predict":
         checks.check_folder(args.images, "--images", store, "a folder (or s3:// prefix) of images")
         checks.check_no_earlier_prediction(args.out, "--out", store)

@@ -161,3 +161,21 @@ def test_eval_discovery_missing_annotations_fails_before_ray(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "dncut eval-discovery: --annotations set/missing.json does not exist; give a COCO instances JSON"]
     assert not (tmp_path / "disc").exists()
+
+
+def test_partly_paired_folders_run_and_say_how_many_images_lack_a_mask(tmp_path, caplog):
+    """Some images without a mask (and a mask without an image) are failed rows of the run, announced
+    before it with their counts; none paired at all is the mistake above."""
+    import logging
+
+    from dncut import checks
+
+    images = [str(tmp_path / "im" / f"{n}.jpg") for n in ("a", "b", "c")]
+    masks = [str(tmp_path / "gt" / f"{n}.png") for n in ("a", "b", "z")]
+    with caplog.at_level(logging.WARNING, logger="dncut.checks"):
+        checks.check_saliency_pairs(str(tmp_path / "im"), images, str(tmp_path / "gt"), masks)
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 of 3 images have no mask of their stem and 1 masks no image: each is a failed row of the run (e.g. c)"]
+    with pytest.raises(checks.InputError, match="none of the 3 images"):
+        checks.check_saliency_pairs(str(tmp_path / "im"), images, str(tmp_path / "gt"),
+                                    [str(tmp_path / "gt" / f"{n}_mask.png") for n in ("a", "b", "c")])

@@ -111,13 +111,18 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+def relative_stem(folder_uri: str, uri: str) -> str:
+    """A file's stem below its folder, the key images and masks pair on: ``<folder>/sub/x.jpg`` -> ``sub/x``."""
+    prefix = folder_uri.rstrip("/") + "/"
+    relative = uri[len(prefix) :] if uri.startswith(prefix) else os.path.basename(uri)
+    return posixpath.splitext(relative.replace(os.sep, "/"))[0]
+
+
 def _stem_map(folder_uri: str, uris: Sequence[str]) -> dict[str, str]:
     """Relative stem -> URI; two files with one stem are a layout error."""
-    prefix = folder_uri.rstrip("/") + "/"
     stems: dict[str, str] = {}
     for uri in uris:
-        relative = uri[len(prefix) :] if uri.startswith(prefix) else os.path.basename(uri)
-        stem = posixpath.splitext(relative.replace(os.sep, "/"))[0]
+        stem = relative_stem(folder_uri, uri)
         if stem in stems:
             raise DatasetLayoutError(
                 f"two files share the stem {stem!r} in {folder_uri}: {stems[stem]} and {uri}"
