@@ -186,6 +186,8 @@ def test_coco_json_with_voc_category_names_gives_the_voc_classes(caplog):
                              "iscrowd": 0, "bbox": [0, 0, 8, 8]} for i, c in enumerate([1, 2, 2, 2, 3, 1])]}
     with caplog.at_level(logging.WARNING, logger="dncut.data.class_maps"):
         by_image = annotations_by_image(CocoInstances("x/instances.json", "x", coco))
+        again = annotations_by_image(CocoInstances("x/instances.json", "x", coco))  # the job after the checks
+    assert again == by_image
     assert sorted(by_image) == ["a", "b"] and sum(map(len, by_image.values())) == 6
     assert [r.getMessage() for r in caplog.records] == [
         "x/instances.json: 4 objects of 2 categories map to no PASCAL VOC class and are ignored in the class maps: "

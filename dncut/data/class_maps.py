@@ -154,6 +154,9 @@ def rasterise_coco(annotations: Sequence[dict], categories: dict[int, str], size
     return np.asarray(canvas, np.uint8)
 
 
+_WARNED: set[str] = set()  # instances JSONs warned about in this process
+
+
 def annotations_by_image(instances: CocoInstances) -> dict[str, list[dict]]:
     """An instances JSON's objects grouped by image file stem, each as ``{"category": name,
     "segmentation", "iscrowd", "bbox"}`` (what :func:`rasterise_coco` needs, JSON-serialisable).
@@ -173,7 +176,8 @@ def annotations_by_image(instances: CocoInstances) -> dict[str, list[dict]]:
         by_file.setdefault(stems.get(int(ann["image_id"]), ""), []).append(
             {"category": name, "segmentation": ann.get("segmentation"), "iscrowd": int(ann.get("iscrowd", 0)),
              "bbox": ann.get("bbox", [0, 0, 0, 0])})
-    if unmapped:
+    if unmapped and instances.path not in _WARNED:  # the pre-Ray checks and the job read the same JSON
+        _WARNED.add(instances.path)
         listed = ", ".join(f"{name!r} ({n})" for name, n in unmapped.most_common())
         logger.warning("%s: %d objects of %d categories map to no PASCAL VOC class and are ignored in the class "
                        "maps: %s", instances.path, sum(unmapped.values()), len(unmapped), listed)
