@@ -17,8 +17,8 @@ from ray.tune import Callback
 from dncut.config import ConfigError, load_config
 from dncut.data.datasets import DatasetLayoutError
 from dncut.tune import SweepError, check_sweep, max_concurrent_trials, run_sweep, sweep_dir
-from dncut.tune.results import (COLUMNS, failure_reason, format_trials, plot_iou_vs_alpha, trial_run_name,
-                                trials_csv)
+from dncut.tune.results import (COLUMNS, PLOT_COLUMN, PLOT_YLABEL, alpha_points, failure_reason, format_trials,
+                                iou_vs_alpha_figure, plot_iou_vs_alpha, trial_row, trial_run_name, trials_csv)
 
 SMOKE = "configs/sweep/smoke.yaml"
 
@@ -99,6 +99,67 @@ def test_table_csv_and_plot_from_hand_rows():
     assert back[1]["best_val_iou"] == "" and list(back[0]) == list(COLUMNS)
     png = Image.open(io.BytesIO(plot_iou_vs_alpha(rows)))  # alpha = 0 -> symlog axis, must not fail
     assert png.format == "PNG" and png.size[0] > 100
+
+
+def _history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _plotted_lines(rows) -> dict[str, dict[float, float]]:
+    """{backbone: {alpha: y}} read back from the figure's own lines, and its y label."""
+    ax = iou_vs_alpha_figure(rows).axes[0]
+    assert ax.get_ylabel() == PLOT_YLABEL
+    return {ln.get_label(): dict(zip(map(float, ln.get_xdata()), map(float, ln.get_ydata()))) for ln in ax.lines}
+
+
+def test_row_states_what_the_run_did_not_tunes_last_result(tmp_path):
+    """ASHA stopped the trial on its step-2 report while its run had already reached step 4 (the
+    new user's sweep): the row's steps, metrics and checkpoint are the run's, not Tune's step 2;
+    step 0 (the starting weights) counts for no best."""
+    import pandas as pd
+    from types import SimpleNamespace
+
+    params = {"alpha": 0.1, "lr": 5e-4, "backbone": "vit_tiny_test"}
+    run = tmp_path / "runs" / trial_run_name("t_00001", params)
+    run.mkdir(parents=True)
+    val = {0: 0.80, 2: 0.70, 4: 0.75}  # weights of step -> val_iou; the start is the best
+    lines = [{"step": s, "total_steps": 4, "lr": 5e-4, "val_iou": val[v], "val_max_fbeta": val[v] + 0.05,
+              "val_step": v, "collapsed": False} for s, v in ((1, 0), (2, 2), (3, 2), (4, 4))]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    for step in (2, 4):
+        ckpt = run / "fit_1" / f"checkpoint_{step:07d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "progress.json").write_text(json.dumps({"step": step}))
+        (ckpt / "state.pt").write_bytes(b"x")
+    seen = pd.DataFrame([dict(x, trial_id="t_00001", checkpoint_path=str(run / "fit_1" / "checkpoint_0000002"))
+                         for x in lines[:2]])  # Tune received steps 1 and 2
+    result = SimpleNamespace(config=params, metrics={"trial_id": "t_00001"}, path=str(tmp_path / "trial_t_00001"),
+                             metrics_dataframe=seen, error=None)
+    row = trial_row(result, runs_dir=str(tmp_path / "runs"), metric="val_iou", mode="max", tune_status="TERMINATED")
+    assert row["status"] == "EARLY_STOPPED" and row["export"] is None
+    assert (row["final_step"], row["total_steps"], row["tune_step"]) == (4, 4, 2)
+    assert row["final_metric"] == row["final_val_iou"] == 0.75 and row["val_step"] == 4
+    assert row["best_val_iou"] == 0.75 and row["best_step"] == 4  # not step 0's 0.80
+    assert row["best_val_max_fbeta"] == pytest.approx(0.80)
+    assert row["checkpoint"].endswith("checkpoint_0000004")
+    assert "after step 2/4" in row["reason"] and "reached step 4" in row["reason"], row["reason"]
+    (run / "backbone.pth").write_bytes(b"x")  # the run raced to its export: it finished
+    done = trial_row(result, runs_dir=str(tmp_path / "runs"), metric="val_iou", mode="max", tune_status="TERMINATED")
+    assert done["status"] == "TERMINATED" and done["final_step"] == 4 and "after its run had finished" in done["reason"]
+
+
+def test_plot_values_are_the_quantity_on_its_axis():
+    row = {k: None for k in COLUMNS}
+    rows = [dict(row, trial_id=i, backbone=b, alpha=a, lr=lr, status=s, final_val_iou=v, val_step=at,
+                 best_val_iou=0.99, collapsed=False)
+            for i, (b, a, lr, s, v, at) in enumerate([
+                ("b", 0.1, 1e-3, "TERMINATED", 0.50, 4), ("b", 0.1, 1e-4, "EARLY_STOPPED", 0.60, 2),
+                ("b", 0.3, 1e-3, "TERMINATED", 0.40, 4), ("b", 1.0, 1e-3, "TERMINATED", 0.90, 0),  # step 0 only
+                ("c", 0.1, 1e-3, "ERROR", 0.70, 2), ("c", 0.3, 1e-3, "TERMINATED", 0.20, 4)])]
+    assert PLOT_COLUMN == "final_val_iou" and "final validation IoU" in PLOT_YLABEL
+    expected = {"b": {0.1: 0.60, 0.3: 0.40}, "c": {0.3: 0.20}}  # best over lr; no step-0-only, no error
+    assert alpha_points(rows) == expected
+    assert _plotted_lines(rows) == expected
 
 
 def test_trial_config_applies_sample_and_per_backbone_checkpoint(tmp_path):
@@ -199,14 +260,31 @@ def test_smoke_sweep_end_to_end(ray_session, tmp_path):
     assert len(rows) == 4 and set(rows[0]) == set(COLUMNS)
     assert (root / "trials.md").read_text().count("\n") == 2 + 4
     assert Image.open(root / "val_iou_vs_alpha.png").format == "PNG"
-    for r in out.rows:  # table values against what each Train run itself returned
+    time.sleep(3)  # a stopped trial's Train run, if still alive, would go on recording steps
+    for r in out.rows:  # table values against what each Train run itself recorded
+        run = Path(r["run_dir"])
+        history = _history(run)
+        steps_on_disk = [int(p.name.split("_")[1]) for p in run.glob("fit_*/checkpoint_*") if p.is_dir()]
+        assert r["final_step"] == history[-1]["step"] and max(steps_on_disk, default=0) <= r["final_step"], (r, steps_on_disk)
+        assert r["final_metric"] == r["final_val_iou"] == pytest.approx(history[-1]["val_iou"])
+        assert r["val_step"] == history[-1]["val_step"] >= 1
         assert 0.0 <= r["best_val_iou"] <= 1.0 and r["best_val_iou"] >= r["final_metric"] - 1e-12
+        assert r["tune_step"] <= r["final_step"]
         if r["status"] == "TERMINATED":
-            final = json.loads((Path(r["run_dir"]) / "final_metrics.json").read_text())
+            final = json.loads((Path(r["run_dir"]) / "final_metrics.json").read_text()) if (
+                run / "final_metrics.json").is_file() else history[-1]  # no file: ASHA stopped it after the end
             assert r["final_metric"] == pytest.approx(final["val_iou"]) and r["final_step"] == final["step"] == 4
             assert Path(r["export"]).is_file()
-        else:  # stopped by ASHA (it may have raced to its export before being killed)
-            assert r["final_step"] < r["total_steps"]
+        else:  # stopped by ASHA: no export, the steps its run did reach
+            assert r["status"] == "EARLY_STOPPED" and r["export"] is None and "stopped by ASHA" in r["reason"]
+            assert r["final_step"] <= r["total_steps"] and not (run / "backbone.pth").exists()
+    expected: dict = {}
+    for r in out.rows:
+        at = expected.setdefault(r["backbone"], {})
+        at[r["alpha"]] = max(at.get(r["alpha"], 0.0), _history(Path(r["run_dir"]))[-1]["val_iou"])
+    plotted = _plotted_lines(out.rows)  # the plotted values are the runs' final val IoUs
+    assert set(plotted) == set(expected)
+    assert all(plotted[b] == pytest.approx(expected[b]) for b in expected), (plotted, expected)
     # the winner: best final val_iou among finished trials, evaluated by the evaluation job
     finished = [r for r in out.rows if r["status"] == "TERMINATED"]
     assert out.best["trial_id"] == max(finished, key=lambda r: r["final_metric"])["trial_id"]
@@ -238,7 +316,8 @@ def test_asha_failure_and_resume(ray_session, tmp_path):
 
     trial 0 (lr 1e-3) runs to the end (2 steps), then the driver crashes; the sweep is restarted;
     trial 1 (lr 1e30) reports step 1 then fails on non-finite losses -> ERROR, the sweep goes on;
-    trial 2 (lr 5e-4) is below the rung-1 cutoff (a percentile of values >= 1e-3) -> stopped at step 1.
+    trial 2 (lr 5e-4) is below the rung-1 cutoff (a percentile of values >= 1e-3) -> stopped at step 1
+    (its run may record step 2 before the stop reaches it; the row states what the run did).
     """
     cfg = sweep_config(tmp_path, "tune.backbones=[vit_tiny_test]", "tune.alpha=[0.05]",
                        "tune.lr=[1.0e-3, 1.0e30, 5.0e-4]", "tune.metric=lr", "tune.max_concurrent_trials=1",
@@ -265,7 +344,10 @@ def test_asha_failure_and_resume(ray_session, tmp_path):
     assert done["trial_id"] == first_id and done["status"] == "TERMINATED" and done["final_step"] == 2
     assert _mtimes(first_run) == before  # the finished trial was not trained again
     assert failed["status"] == "ERROR" and "non-finite losses" in failed["reason"], failed
-    assert stopped["status"] == "EARLY_STOPPED" and stopped["final_step"] == 1, stopped
+    assert stopped["tune_step"] == 1 and stopped["final_step"] == _history(Path(stopped["run_dir"]))[-1]["step"]
+    # ASHA's stop reaches the run a report or two late: on a 2-step run it may have finished and exported
+    assert stopped["status"] == ("TERMINATED" if stopped["export"] and stopped["final_step"] == 2
+                                 else "EARLY_STOPPED"), stopped
     assert out.best["trial_id"] == first_id and out.eval_summary is None
     assert "ERROR" in (Path(out.sweep_dir) / "trials.md").read_text()
     time.sleep(3)  # the last trial's actors exit

@@ -7,8 +7,9 @@
          train_trial(params)                        one Tune trial = one Ray Train run
            cfg.with_overrides({loss.alpha, train.lr, model.backbone, run_name, output_dir})
            build_trainer(trial_cfg, callbacks=[TuneReportCallback()]).fit()
-      -> trials.csv / trials.md   one row per trial: config, best/final validation, status, paths
-      -> val_iou_vs_alpha.png     best validation IoU against alpha, one line per backbone
+      -> trials.csv / trials.md   one row per trial, read from its run's own records: config,
+                                  status, steps run, final/best validation, paths
+      -> val_iou_vs_alpha.png     final validation IoU against alpha (best over lr), one line per backbone
       -> best_eval/               run_evaluation of the winner's exported backbone (optional)
 
 Layout under the sweep directory ``<tune.storage_path or output_dir/tune>/<tune.name>``
@@ -31,7 +32,11 @@ ones continue from their last Ray Train checkpoint (a trial's run name depends o
 Tune trial id and parameters). A trial whose Train run had already finished when the sweep
 was interrupted replays its ``final_metrics.json`` instead of training again.
 
-ASHA never stops a trial at its last report (its export follows that report). A trial killed
+ASHA never stops a trial at its last report (its export follows that report). A stopped trial's
+Train run ends with its trial's actor (the Train controller is owned by it); it cannot run ahead
+of Tune by more than the reports waiting in Ray's one-slot queues (worker -> controller -> trial),
+so it may record a step or two past the report ASHA stopped it on: the table shows the run's last
+step (``dncut.tune.results``). A trial killed
 by ASHA leaves its workers' placement group behind when Ray Train's own cleaner cannot reach
 the dashboard; ``ReleaseStoppedTrials`` removes it (by the id its rank 0 recorded). Tables and statuses: ``dncut.tune.results``.
 
