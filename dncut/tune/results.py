@@ -324,6 +324,12 @@ def iou_vs_alpha_figure(rows: Sequence[Mapping[str, Any]]):
         ax.set_xscale("symlog", linthresh=min(positive))
     elif positive:
         ax.set_xscale("log")
+    if alphas:  # ticks at the swept alphas only (a log axis over < 2 decades labels its minor ticks too)
+        from matplotlib.ticker import NullFormatter
+
+        ticks = sorted(set(alphas))
+        ax.set_xticks(ticks, [f"{a:g}" for a in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("loss.alpha (regularization weight)")
     ax.set_ylabel(PLOT_YLABEL)
     ax.set_title("Sweep: final validation IoU vs alpha, best over lr (x = stopped early)", fontsize=10)
