@@ -415,7 +415,7 @@ def precheck(args: argparse.Namespace, cfg=None) -> None:
 
 def discovery_config(args: argparse.Namespace, cfg):
     """The config ``dncut eval-discovery`` runs: one discovery set built from the options."""
-    from dncut.eval.jobs import dataset_name
+    from dncut.eval.inputs import dataset_name
 
     if args.voc is not None:
         dataset = {"name": f"VOC{args.year}", "kind": "voc07" if args.year == "2007" else "voc12", "root": args.voc}

@@ -492,6 +492,9 @@ def test_summary_order_and_labels_follow_the_evaluation():
     assert order == [(None, m) for m in methods] + [("/runs/ft_seed0/backbone.pth", m) for m in methods]
     table = format_table(acc.summary())
     assert "| simple · pretrained |" in table and "| simple · ft_seed0 |" in table
+    random = acc.summary()  # model.pretrained: false: the backbone's own weights are a random init
+    random["runs"] = [{**r, "pretrained": False} for r in random["runs"]]
+    assert "| simple · random init |" in format_table(random) and "pretrained" not in format_table(random)
 
 
 def test_randomly_initialised_backbones_are_the_same_network_in_every_actor():

@@ -36,6 +36,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from dncut.eval.report import run_pretrained, weights_label
 from dncut.storage import Storage
 
 INDEX_FILE = "index.html"
@@ -206,7 +207,7 @@ def _summary_table(summary: dict) -> str:
     runs = summary.get("runs", [])
     keys = list(dict.fromkeys(k for r in runs for k, v in r["metrics"].items() if k != "seeds"))
     rows = [[html.escape(str(r["dataset"])), html.escape(str(r["method"])), html.escape(str(r["backbone"])),
-             html.escape(str(r["checkpoint"] or "pretrained")), str(r["n_images"]), str(r["n_failed"])]
+             html.escape(weights_label(r["checkpoint"], r.get("pretrained"))), str(r["n_images"]), str(r["n_failed"])]
             + ["-" if r["metrics"].get(k) is None else f"{100 * r['metrics'][k]:.1f}" for k in keys] for r in runs]
     return _table(["dataset", "method", "backbone", "checkpoint", "images", "failed"] + [f"{k} (%)" for k in keys],
                   rows)
@@ -265,7 +266,7 @@ def eval_page(summary: dict, examples: dict[ExampleKey, list[tuple[str, str, byt
             legends.add(legend)
             scores = shown.scores.get((*group, image_id, method), {})
             rows.append([html.escape(image_id), html.escape(method), *cells, _scores_cell(scores)])
-        label = f"{dataset} · {backbone} · {checkpoint or 'pretrained'}"
+        label = f"{dataset} · {backbone} · {weights_label(checkpoint, run_pretrained(summary, backbone, checkpoint))}"
         body += [f"<h2>{html.escape(label)} ({len({i for i, _, _ in items})} images shown)</h2>",
                  f"<p>Boxes: {html.escape('; '.join(sorted(legends)))}.</p>", _table(header, rows)]
     if not examples:

@@ -23,7 +23,7 @@ are means over the images that succeeded; failed images are rows with their reas
 (``dncut.eval.stages``).
 
 Driver memory: per-image rows are written by the workers as Parquet parts and streamed into one
-file at the end, row group by row group (``dncut.eval.report.merge_parts``; row order not
+file at the end, row group by row group (``dncut.eval.streamed.merge_parts``; row order not
 guaranteed), metrics are running sums (``Accumulator``); what remains per image on the driver is
 its input record in one Arrow table (``dncut.eval.streamed.records_table``, ~150 bytes) and its
 ``RowLedger`` byte; the rows reach it as one payload row per batch and method
@@ -51,17 +51,16 @@ from dncut.backbone_specs import spec as backbone_spec
 from dncut.config import Config, ConfigError
 from dncut.data.images import IMAGE_SUFFIXES
 from dncut.eval.gallery import write_eval_gallery, write_predict_gallery
-from dncut.eval.inputs import (dataset_name, map_folders, map_records, saliency_records,  # noqa: F401 - public
-                               stems)
+from dncut.eval.inputs import dataset_name, map_records, saliency_records
 from dncut.eval.outputs import predict_records, write_outputs
 from dncut.eval.predict import METHODS
-from dncut.eval.report import (PER_IMAGE_FILE, Accumulator, clear_parts, merge_parts, parts_folder, write_part,
-                               write_per_image, write_report)
+from dncut.eval.report import PER_IMAGE_FILE, Accumulator, weights_label, write_per_image, write_report
 from dncut.eval.retry import ACTOR_REMOTE_ARGS, RowLedger, run_with_retries
 from dncut.eval.stages import (DISCOVERY_KINDS, SEGMENTATION_CLASSES, BackboneFactory, NCutPredictor, TokenExtractor,
                                dataset_records, load_record, load_segmentation_record, result_row,
                                row_methods, score_map, score_row)
-from dncut.eval.streamed import batch_payloads, record_blocks, records_table
+from dncut.eval.streamed import (batch_payloads, clear_parts, merge_parts, parts_folder, record_blocks, records_table,
+                                 write_part)
 from dncut.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -213,7 +212,7 @@ def run_pipeline(records, *, cfg: Config, dataset: str, discovery: bool, backbon
         r["image_id"] for r in records[: ev.examples]]
     example_ids = frozenset(head)
     log.info("eval %s: %d images, backbone %s, checkpoint %s, methods %s%s", dataset, len(records),
-             backbone, checkpoint or "(pretrained)", methods, " + bilateral" if ev.bilateral else "")
+             backbone, weights_label(checkpoint, cfg.model.pretrained), methods, " + bilateral" if ev.bilateral else "")
     ledger = RowLedger(row_methods(methods, bilateral=ev.bilateral, discovery=discovery), records)
     task = "discovery" if discovery else "saliency"
 
@@ -267,7 +266,7 @@ def run_segmentation(records: list[dict], *, cfg: Config, dataset: str, backbone
     read_cpus, actor_cpus, task_cpus = cpu_split(ev.num_actors)
     check_checkpoint(checkpoint, store)
     log.info("segmentation %s: %d images, backbone %s, checkpoint %s, K = %d and %d, seeds %s", dataset,
-             len(records), backbone, checkpoint or "(pretrained)", SEGMENTATION_CLASSES, seg.overcluster_k, seg.seeds)
+             len(records), backbone, weights_label(checkpoint, cfg.model.pretrained), SEGMENTATION_CLASSES, seg.overcluster_k, seg.seeds)
     extracted = []  # the materialised tokens of the run that finished
 
     def extract(pending: list[dict]) -> None:  # an actor death re-runs the whole token pass (nothing reached acc)

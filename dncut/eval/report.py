@@ -38,8 +38,7 @@ from typing import Any
 import numpy as np
 
 from dncut import storage
-from dncut.eval.streamed import (PARTS_SUFFIX, clear_parts, driver_rows, merge_parts,  # noqa: F401 - public here too
-                                 parts_folder, row_groups, write_part)
+from dncut.eval.streamed import driver_rows, merge_parts, parts_folder, write_part
 
 log = logging.getLogger(__name__)
 GENERIC_WEIGHT_FILES = ("backbone.pth", "model.safetensors", "checkpoint.pth", "state.pt")
@@ -265,6 +264,18 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100.0 * value:.1f}"
 
 
+def weights_label(checkpoint: str | None, pretrained: bool | None = True) -> str:
+    """How tables, figures and logs name a run's weights: its checkpoint, else the backbone's own weights,
+    ``pretrained`` (``model.pretrained``) or ``random init`` (``model.pretrained: false``)."""
+    return str(checkpoint) if checkpoint else ("pretrained" if pretrained is not False else "random init")
+
+
+def run_pretrained(summary: dict, backbone: str, checkpoint: str | None) -> bool:
+    """``model.pretrained`` of the summary's runs of (``backbone``, ``checkpoint``) (True when unrecorded)."""
+    return next((r.get("pretrained", True) for r in summary.get("runs", [])
+                 if r["backbone"] == backbone and r["checkpoint"] == checkpoint), True)
+
+
 def _row_label(run: dict, multi_backbone: bool, multi_checkpoint: bool) -> str:
     parts = [run["method"]]
     if multi_backbone:
@@ -273,7 +284,7 @@ def _row_label(run: dict, multi_backbone: bool, multi_checkpoint: bool) -> str:
         ckpt = run["checkpoint"]
         parts_of = str(ckpt).rstrip("/").rsplit("/", 2)
         # a generic file name (backbone.pth, model.safetensors) says less than its run folder
-        name = "pretrained" if ckpt is None else (
+        name = weights_label(None, run.get("pretrained", True)) if ckpt is None else (
             parts_of[-2] if len(parts_of) > 1 and parts_of[-1] in GENERIC_WEIGHT_FILES else parts_of[-1])
         if name != run["method"]:  # maps: the folder is named after the method
             parts.append(name)
@@ -518,7 +529,8 @@ def write_report(out_dir: str, summary: dict, acc: Accumulator, *, config_yaml: 
     put("summary.md", md.encode())
     for n, (group, items) in enumerate(acc.examples.items()):
         dataset, backbone, checkpoint = group
-        png = examples_png(items, title=f"{dataset} · {backbone} · {checkpoint or 'pretrained'}")
+        weights = weights_label(checkpoint, run_pretrained(summary, backbone, checkpoint))
+        png = examples_png(items, title=f"{dataset} · {backbone} · {weights}")
         if n == 0:
             put("examples.png", png)
         if len(acc.examples) > 1:

@@ -14,7 +14,7 @@ raises ``ActorRetriesExhausted`` (never a short table).
 
 No row twice: a re-run image may already have rows in a Parquet part (the workers write parts
 before the rows reach the driver), so the merge keeps one row per key
-(``dncut.eval.report.merge_parts(unique=...)``), and the driver counts each (image, method) once
+(``dncut.eval.streamed.merge_parts(unique=...)``), and the driver counts each (image, method) once
 (``RowLedger.first``). Rows of a re-run image equal the first run's: the weights are fixed
 (a checkpoint, pretrained weights, or a random initialisation drawn from
 ``dncut.eval.stages.RANDOM_INIT_SEED``).
