@@ -352,3 +352,46 @@ def test_ledger_is_one_byte_a_record_and_keeps_the_rerun_rules():
     assert ledger.first("img2", "simple")
     with pytest.raises(KeyError):
         ledger.first("img1", "most")
+
+
+@pytest.mark.parametrize("coarse", [False, True], ids=["string hashes", "hashes that collide"])
+def test_ledger_finds_each_batch_without_a_pass_over_all_records(monkeypatch, coarse: bool):
+    """A batch's ids are found through the sorted hashes (``pyarrow.compute.index_in`` over all the
+    records is never run for ids that are there, so a batch costs its own size): the records marked are
+    those ``index_in`` (the reference) finds, the first record of a repeated id; an id absent from the
+    records is added; with hashes that collide (forced), the string still decides."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from dncut.eval import retry
+    from dncut.eval.stages import record
+    from dncut.eval.streamed import records_table
+
+    if coarse:
+        monkeypatch.setattr(retry, "_hashes", lambda ids: np.array([len(s) % 3 for s in ids.to_pylist()], np.int64))
+    rng = np.random.default_rng(0)
+    names = [f"sub/{rng.integers(10**6)}_{i}" for i in range(3000)] + ["sub/dup", "sub/dup"]
+    table = records_table([record(n, f"/x/{n}.jpg") for n in names])
+    every = table.column("image_id").combine_chunks()
+    ledger = retry.RowLedger(["simple"], table)
+    real, calls = pc.index_in, []
+
+    def counted_index_in(values, value_set=None, **kwargs):
+        calls.append(len(value_set))
+        return real(values, value_set=value_set, **kwargs)
+
+    monkeypatch.setattr(pc, "index_in", counted_index_in)
+    order, marked = rng.permutation(len(names)), set()
+    for start in range(0, len(order), 256):
+        batch = pa.array([names[i] for i in order[start:start + 256]])
+        expected = real(batch, value_set=every).to_numpy(zero_copy_only=False).astype(np.int64)  # (m,)
+        fresh = ledger.first_batch(batch, "simple")
+        assert fresh.tolist() == [i not in marked and i not in expected[:k] for k, i in enumerate(expected)]
+        marked |= set(expected.tolist())
+        assert set(np.flatnonzero(ledger.seen).tolist()) == marked
+    assert ledger.missing(table).num_rows == 0 and ledger.seen[names.index("sub/dup") + 1] == 0  # the first dup
+    assert not ledger.first_batch(pa.array(["sub/dup"]), "simple").any()  # a repeat
+    assert ledger.first_batch(pa.array(["not/there"]), "simple").tolist() == [True]  # added
+    assert len(ledger.ids) == len(names) + 1 and not ledger.first_batch(pa.array(["not/there"]), "simple").any()
+    if not coarse:
+        assert calls == []  # no pass over every record per batch

@@ -20,8 +20,8 @@ before the rows reach the driver), so the merge keeps one row per key
 ``dncut.eval.stages.RANDOM_INIT_SEED``).
 
 Driver memory: the ledger holds one small unsigned int per record of the pipeline (a bit per method:
-one byte an image up to 8 methods), indexed like the records (their ids looked up with
-``pyarrow.compute.index_in``), dropped when the pipeline ends; the records may be a ``pyarrow.Table``
+one byte an image up to 8 methods), indexed like the records (their ids found through a sorted array of their string hashes, 16 bytes an
+image, so a batch costs its own size, not the number of records), dropped when the pipeline ends; the records may be a ``pyarrow.Table``
 (``dncut.eval.streamed.records_table``) rather than a list of dicts.
 """
 
@@ -89,6 +89,17 @@ def _ids(records):
     return pa.array([str(r["image_id"]) for r in records], pa.string())
 
 
+HASH_SLICE = 65_536
+"""Ids hashed at a time when the ledger's index is built (bounds the Python strings alive at once)."""
+
+
+def _hashes(ids) -> np.ndarray:
+    """``hash()`` of each id of the string array ``ids`` ``(n,) int64`` (this process's string hash)."""
+    parts = [np.fromiter((hash(s) for s in ids.slice(i, HASH_SLICE).to_pylist()), np.int64)
+             for i in range(0, len(ids), HASH_SLICE)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
 class RowLedger:
     """Which of each image's rows (one per method name) reached the driver in this pipeline: one
     small unsigned int per record (a bit per method; ``uint8`` up to 8 methods), indexed like the
@@ -109,6 +120,37 @@ class RowLedger:
         self.full = (1 << len(self.bits)) - 1
         self.ids = _ids(records) if records is not None else pa.array([], pa.string())  # (n,) the indexed ids
         self.seen = np.zeros(len(self.ids), np.min_scalar_type(max(self.full, 1)))  # (n,) bits of arrived rows
+        self._order, self._sorted = np.zeros(0, np.int64), np.zeros(0, np.int64)  # (n,) the ids by hash, their hashes
+        self._extend_index(0)
+
+    def _extend_index(self, start: int) -> None:
+        """Add ``self.ids[start:]`` to the hash index (stable: of equal hashes the earlier record first)."""
+        hashes = np.concatenate([self._sorted, _hashes(self.ids.slice(start))])
+        order = np.concatenate([self._order, np.arange(start, len(self.ids), dtype=np.int64)])
+        by_hash = np.argsort(hashes, kind="stable")
+        self._sorted, self._order = hashes[by_hash], order[by_hash]
+
+    def _lookup(self, ids) -> np.ndarray:
+        """``ids`` (string array) -> the index of each in ``self.ids`` ``(m,)`` int64, -1 when absent; the
+        first record of a repeated id. The hash finds a candidate, the string decides."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        at = np.full(len(ids), -1, np.int64)
+        if not len(ids) or not len(self._sorted):
+            return at
+        query = _hashes(ids)
+        pos = np.minimum(np.searchsorted(self._sorted, query), len(self._sorted) - 1)
+        hit = np.flatnonzero(self._sorted[pos] == query)
+        cand = self._order[pos[hit]]
+        same = np.asarray(pc.equal(self.ids.take(pa.array(cand)), ids.take(pa.array(hit)))
+                          .to_numpy(zero_copy_only=False), bool)
+        at[hit[same]] = cand[same]
+        collided = hit[~same]  # another id with the same 64-bit hash sorts first: look it up in full
+        if len(collided):
+            found = pc.index_in(ids.take(pa.array(collided)), value_set=self.ids)
+            at[collided] = np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), np.int64)
+        return at
 
     def _index(self, ids, add: bool) -> np.ndarray:
         """``ids`` -> their indices ``(m,)`` int64 (-1: not indexed; added first when ``add``)."""
@@ -117,13 +159,17 @@ class RowLedger:
 
         ids = ids.cast(pa.string()) if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(
             [str(i) for i in ids], pa.string())
-        at = pc.index_in(ids, value_set=self.ids)
-        if add and at.null_count:
-            new = pc.unique(ids.filter(pc.is_null(at)))
-            self.ids = pa.concat_arrays([self.ids, new.combine_chunks() if hasattr(new, "combine_chunks") else new])
+        if isinstance(ids, pa.ChunkedArray):
+            ids = ids.combine_chunks()
+        at = self._lookup(ids)
+        if add and (at < 0).any():
+            new = pc.unique(ids.filter(pa.array(at < 0)))
+            start = len(self.ids)
+            self.ids = pa.concat_arrays([self.ids, new])
             self.seen = np.concatenate([self.seen, np.zeros(len(new), self.seen.dtype)])
-            at = pc.index_in(ids, value_set=self.ids)
-        return np.asarray(pc.fill_null(at, -1).to_numpy(zero_copy_only=False), np.int64)
+            self._extend_index(start)
+            at = self._lookup(ids)
+        return at
 
     def first_batch(self, image_ids, method: str) -> np.ndarray:
         """Record the rows of (each of ``image_ids``, ``method``) (a sequence or a ``pyarrow`` string
