@@ -89,7 +89,7 @@ def _ids(records):
     return pa.array([str(r["image_id"]) for r in records], pa.string())
 
 
-HASH_SLICE = 65_536
+HASH_SLICE = 4_096
 """Ids hashed at a time when the ledger's index is built (bounds the Python strings alive at once)."""
 
 
