@@ -67,20 +67,24 @@ def check_saliency_pairs(images: str, image_files: Sequence[str], masks: str, ma
     Raises:
         InputError: no image has a mask of its stem, naming one of each and the naming rule.
     """
-    from dncut.data.datasets import relative_stem
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-    image_stems = {relative_stem(images, u): u for u in image_files}
-    mask_stems = {relative_stem(masks, u): u for u in mask_files}
-    paired = image_stems.keys() & mask_stems.keys()
+    from dncut.data.datasets import stem_array
+
+    image_stems = pc.unique(stem_array(images, image_files))
+    mask_stems = pc.unique(stem_array(masks, mask_files))
+    has_mask, has_image = pc.is_in(image_stems, value_set=mask_stems), pc.is_in(mask_stems, value_set=image_stems)
+    paired = pc.sum(has_mask).as_py() or 0
     if not paired:
         image, mask = image_files[0].rsplit("/", 1)[-1], mask_files[0].rsplit("/", 1)[-1]
         raise InputError(f"--masks {masks}: none of the {len(image_stems)} images of --images has a mask of its stem "
                          f"(e.g. image {image}, mask {mask}): name each mask <image stem>.png")
-    lonely, lonely_masks = len(image_stems) - len(paired), len(mask_stems) - len(paired)
+    lonely, lonely_masks = len(image_stems) - paired, len(mask_stems) - paired
     if lonely or lonely_masks:
+        unpaired = pa.concat_arrays([image_stems.filter(pc.invert(has_mask)), mask_stems.filter(pc.invert(has_image))])
         logger.warning("%d of %d images have no mask of their stem and %d masks no image: each is a failed row "
-                       "of the run (e.g. %s)", lonely, len(image_stems), lonely_masks,
-                       sorted((image_stems.keys() | mask_stems.keys()) - paired)[0])
+                       "of the run (e.g. %s)", lonely, len(image_stems), lonely_masks, pc.min(unpaired).as_py())
 
 
 def check_file(uri: str, what: str, store: Storage, fix: str = "") -> None:

@@ -118,6 +118,14 @@ def relative_stem(folder_uri: str, uri: str) -> str:
     return posixpath.splitext(relative.replace(os.sep, "/"))[0]
 
 
+def stem_array(folder_uri: str, uris: Sequence[str]):
+    """``relative_stem`` of each of ``uris`` as one ``pyarrow.StringArray`` ``(n,)``, in order (no Python
+    object kept per file: what the pre-Ray pairing check and the evaluation's listing hold)."""
+    import pyarrow as pa
+
+    return pa.array((relative_stem(folder_uri, u) for u in uris), pa.string(), size=len(uris))
+
+
 def _stem_map(folder_uri: str, uris: Sequence[str]) -> dict[str, str]:
     """Relative stem -> URI; two files with one stem are a layout error."""
     stems: dict[str, str] = {}

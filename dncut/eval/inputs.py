@@ -17,16 +17,11 @@ import posixpath
 from collections.abc import Iterable, Sequence
 
 from dncut import storage
-from dncut.data.datasets import DatasetLayoutError
+from dncut.data.datasets import DatasetLayoutError, relative_stem, stem_array
 from dncut.data.images import IMAGE_SUFFIXES
 from dncut.eval.outputs import pair_maps
 from dncut.eval.streamed import records_table
 from dncut.storage import Storage
-
-
-def _stem(uri: str, prefix: str) -> str:
-    """A file's stem below the folder ``prefix`` (``prefix/sub/x.jpg`` -> ``sub/x``; outside it, the basename's)."""
-    return posixpath.splitext(uri[len(prefix):] if uri.startswith(prefix) else posixpath.basename(uri))[0]
 
 
 def _listing(folder: str, what: str, layout: str, store: Storage) -> list[str]:
@@ -43,8 +38,7 @@ def stems(folder: str, what: str, layout: str, store: Storage) -> dict[str, str]
     Raises:
         DatasetLayoutError: the folder is missing, unreachable or holds no image, naming ``layout``.
     """
-    prefix = folder.rstrip("/") + "/"
-    return {_stem(f, prefix): f for f in _listing(folder, what, layout, store)}
+    return {relative_stem(folder, f): f for f in _listing(folder, what, layout, store)}
 
 
 def stem_columns(folder: str, what: str, layout: str, store: Storage):
@@ -58,9 +52,7 @@ def stem_columns(folder: str, what: str, layout: str, store: Storage):
     import pyarrow.compute as pc
 
     files = _listing(folder, what, layout, store)
-    prefix = folder.rstrip("/") + "/"
-    keys = pa.array((_stem(f, prefix) for f in files), pa.string(), size=len(files))
-    uris = pa.array(files, pa.string())
+    keys, uris = stem_array(folder, files), pa.array(files, pa.string())
     del files
     order = pc.sort_indices(keys)  # a stable sort: files of one stem stay in listing order
     keys, uris = keys.take(order), uris.take(order)

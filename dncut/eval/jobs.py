@@ -266,7 +266,8 @@ def run_segmentation(records: list[dict], *, cfg: Config, dataset: str, backbone
     read_cpus, actor_cpus, task_cpus = cpu_split(ev.num_actors)
     check_checkpoint(checkpoint, store)
     log.info("segmentation %s: %d images, backbone %s, checkpoint %s, K = %d and %d, seeds %s", dataset,
-             len(records), backbone, weights_label(checkpoint, cfg.model.pretrained), SEGMENTATION_CLASSES, seg.overcluster_k, seg.seeds)
+             len(records), backbone, weights_label(checkpoint, cfg.model.pretrained), SEGMENTATION_CLASSES,
+             seg.overcluster_k, seg.seeds)
     extracted = []  # the materialised tokens of the run that finished
 
     def extract(pending: list[dict]) -> None:  # an actor death re-runs the whole token pass (nothing reached acc)

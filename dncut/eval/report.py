@@ -9,7 +9,7 @@
 * Per-image rows (``per_image.parquet``) never pass through the driver's memory: the workers write
   them in parts (``write_per_image``, ``write_part``: ``<out>/<file>.parts/<uuid>.parquet``) and the
   driver streams the parts into one Parquet file, part by part (``merge_parts``; both in
-  ``dncut.eval.streamed``, importable from here too); row order is not
+  ``dncut.eval.streamed``); row order is not
   guaranteed (rows of one batch stay together). A row written twice (an image run again after an
   actor died, ``dncut.eval.retry``; a Ray task retried after it wrote its part) is kept once:
   ``PER_IMAGE_KEY`` is unique in ``per_image.parquet``.

@@ -20,8 +20,9 @@ before the rows reach the driver), so the merge keeps one row per key
 ``dncut.eval.stages.RANDOM_INIT_SEED``).
 
 Driver memory: the ledger holds one small unsigned int per record of the pipeline (a bit per method:
-one byte an image up to 8 methods), indexed like the records (their ids found through a sorted array of their string hashes, 16 bytes an
-image, so a batch costs its own size, not the number of records), dropped when the pipeline ends; the records may be a ``pyarrow.Table``
+one byte an image up to 8 methods), indexed like the records: a batch's ids are found through the
+records' sorted string hashes (16 bytes an image), so a batch costs its own size, not the number of
+records. It is dropped when the pipeline ends. The records may be a ``pyarrow.Table``
 (``dncut.eval.streamed.records_table``) rather than a list of dicts.
 """
 
