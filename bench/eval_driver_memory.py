@@ -4,20 +4,27 @@
     # the code of another commit, e.g. before the change (a git worktree, not a stash):
     git worktree add /tmp/dncut-before <commit>
     flock /tmp/dncut-ray.lock nice -n 5 .venv/bin/python bench/eval_driver_memory.py --code /tmp/dncut-before \
-        --sizes 1000 10000 --key before
+        --sizes 1000 10000 --repeats 1 --key before
 
-Each size runs in a fresh Python process with its own local Ray (``--cpus`` logical CPUs):
+Each run of a size is a fresh Python process with its own local Ray (``--cpus`` logical CPUs):
 ``dncut.eval.jobs.evaluate_saliency`` on ``N`` generated ``--side`` px images with random masks
 (backbone ``vit_tiny_test``, random weights, method ``simple``, ``eval.image_size = --side``, one
 inference actor, no examples). A thread samples the driver process's own ``/proc/self/status``
-(``VmRSS``) every ``--interval`` s; the Ray workers are other processes and are not counted.
-Reported per size: the driver's RSS before the job (after ``ray.init`` and listing the inputs),
-its peak during the job (sampled) and ``VmHWM`` (kernel peak), their difference (growth), wall time;
-and the least-squares slope of peak and growth in MiB per 1,000 images. Target: <= 2 MiB per 1,000.
-The same for ``RssAnon`` (private heap) and ``RssShmem`` (object-store pages the driver touched),
-whose sum with ``RssFile`` is ``VmRSS``.
+(``VmRSS``) and Arrow's memory pool (``pyarrow.total_allocated_bytes``) every ``--interval`` s; the
+Ray workers are other processes and are not counted. Reported per run: the driver's RSS before the
+job (after ``ray.init`` and listing the inputs), its peak during the job (sampled) and ``VmHWM``
+(kernel peak), their difference (growth), wall time. The same for ``RssAnon`` (private heap) and
+``RssShmem`` (object-store pages the driver touched), whose sum with ``RssFile`` is ``VmRSS``.
 
-Writes ``bench/results/eval_driver_memory.json`` (each run under ``--key``; other keys are kept).
+Repeats: the peak of one small run moves by ~10 MiB from run to run (start-up: libraries, Ray's
+threads), which moves a slope over 1k / 10k / 50k by ~0.14 MiB per 1,000. So each size runs
+``--repeats`` times (one count for every size, or one per size; default 3, 3 and 2 for the default
+sizes: ~13 min on the 2-core box, the 50k runs ~4 min each), the sizes interleaved round by round
+(a drift of the machine's load spreads over every size), and each size reports the MEDIAN of its
+runs per field; the least-squares slopes in MiB per 1,000 images are those of the medians. Target:
+<= 2 MiB per 1,000. Every run is kept in the JSON (``runs``).
+
+Writes ``bench/results/eval_driver_memory.json`` (each bench under ``--key``; other keys are kept).
 Findings: docs/operations.md ("Evaluation driver memory").
 """
 
@@ -88,13 +95,17 @@ def one_size(n: int, side: int, cpus: int, interval: float) -> dict:
     cfg = Config().with_overrides({"model.backbone": "vit_tiny_test", "model.pretrained": False,
                                    "eval.image_size": side, "eval.batch_size": 64, "eval.num_actors": 1,
                                    "eval.gpus_per_actor": 0, "eval.examples": 0, "ncut.solver": "eigh"})
+    import pyarrow as pa
+
     before = _status()
-    peak, stop = dict(before), threading.Event()
+    arrow_before = pa.total_allocated_bytes()
+    peak, stop = dict(before, arrow=arrow_before), threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
             for field, kib in _status().items():
                 peak[field] = max(peak[field], kib)
+            peak["arrow"] = max(peak["arrow"], pa.total_allocated_bytes())
             time.sleep(interval)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -115,6 +126,7 @@ def one_size(n: int, side: int, cpus: int, interval: float) -> dict:
             "driver_anon_before_mib": mib(before["RssAnon"]), "driver_anon_peak_mib": mib(peak["RssAnon"]),
             "driver_anon_growth_mib": mib(peak["RssAnon"] - before["RssAnon"]),
             "driver_shmem_peak_mib": mib(peak["RssShmem"]), "driver_file_peak_mib": mib(peak["RssFile"]),
+            "arrow_before_mib": round(arrow_before / 2**20, 1), "arrow_peak_mib": round(peak["arrow"] / 2**20, 1),
             "n_failed": run["n_failed"], "dncut": str(Path(dncut.__file__).parent)}
 
 
@@ -125,39 +137,69 @@ def slope(xs: list[float], ys: list[float]) -> float | None:
     return round(float(np.polyfit(np.asarray(xs) / 1000.0, ys, 1)[0]), 2)
 
 
+def medians(runs: list[dict]) -> dict:
+    """The runs of one size -> one row: the median of each numeric field (``n_failed`` must agree),
+    with ``repeats`` and the peaks of every run (``driver_rss_peak_runs_mib``)."""
+    out = {"images": runs[0]["images"], "repeats": len(runs),
+           "driver_rss_peak_runs_mib": [r["driver_rss_peak_mib"] for r in runs]}
+    for field, value in runs[0].items():
+        if field in out or field == "repeat" or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        out[field] = round(float(np.median([r[field] for r in runs])), 1)
+    failed = {r["n_failed"] for r in runs}
+    if len(failed) != 1:
+        raise RuntimeError(f"{runs[0]['images']} images: the runs disagree on n_failed: {sorted(failed)}")
+    out["n_failed"] = failed.pop()
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
+    parser.add_argument("--repeats", type=int, nargs="+", default=None,
+                        help="runs per size: one count for all sizes or one per size (default 3 each, 2 at 50k+)")
     parser.add_argument("--side", type=int, default=32, help="image side, px (a multiple of the patch, 8)")
     parser.add_argument("--cpus", type=int, default=2, help="logical CPUs of each local Ray")
     parser.add_argument("--interval", type=float, default=0.05, help="RSS sampling interval, s")
     parser.add_argument("--code", default=None, help="a checkout whose dncut to measure (PYTHONPATH)")
-    parser.add_argument("--key", default="after", help="key of this run in the JSON")
+    parser.add_argument("--key", default="after", help="key of this bench in the JSON")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # child process: one size
     args = parser.parse_args(argv)
     if args.one is not None:
         print("RESULT " + json.dumps(one_size(args.one, args.side, args.cpus, args.interval)), flush=True)
         return {}
+    repeats = args.repeats or [2 if n >= 50_000 else 3 for n in args.sizes]
+    if len(repeats) == 1:
+        repeats = repeats * len(args.sizes)
+    if len(repeats) != len(args.sizes) or min(repeats) < 1:
+        parser.error(f"--repeats: one count >= 1, or one per size ({len(args.sizes)}); got {repeats}")
     env = dict(os.environ)
     if args.code:
         env["PYTHONPATH"] = str(Path(args.code).resolve()) + os.pathsep + env.get("PYTHONPATH", "")
-    rows = []
-    for n in args.sizes:
-        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--side", str(args.side), "--cpus",
-                              str(args.cpus), "--interval", str(args.interval)], env=env, check=True,
-                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout
-        row = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    runs: dict[int, list[dict]] = {n: [] for n in args.sizes}
+    for round_ in range(max(repeats)):  # round by round: every size once per round
+        for n, count in zip(args.sizes, repeats):
+            if round_ >= count:
+                continue
+            out = subprocess.run([sys.executable, __file__, "--one", str(n), "--side", str(args.side), "--cpus",
+                                  str(args.cpus), "--interval", str(args.interval)], env=env, check=True,
+                                 capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout
+            row = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+            row["repeat"] = round_
+            print(json.dumps(row), flush=True)
+            runs[n].append(row)
+    rows = [medians(runs[n]) for n in args.sizes]
     xs = [r["images"] for r in rows]
     result = {"machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') >> 30} GiB",
               "settings": {"side": args.side, "cpus": args.cpus, "backbone": "vit_tiny_test", "method": "simple",
-                           "batch_size": 64, "num_actors": 1},
+                           "batch_size": 64, "num_actors": 1, "repeats": dict(zip(map(str, args.sizes), repeats))},
               "sizes": rows,
               "slope_peak_mib_per_1k": slope(xs, [r["driver_rss_peak_mib"] for r in rows]),
               "slope_growth_mib_per_1k": slope(xs, [r["driver_growth_mib"] for r in rows]),
               "slope_anon_peak_mib_per_1k": slope(xs, [r["driver_anon_peak_mib"] for r in rows]),
-              "slope_shmem_peak_mib_per_1k": slope(xs, [r["driver_shmem_peak_mib"] for r in rows])}
+              "slope_shmem_peak_mib_per_1k": slope(xs, [r["driver_shmem_peak_mib"] for r in rows]),
+              "slope_arrow_peak_mib_per_1k": slope(xs, [r["arrow_peak_mib"] for r in rows]),
+              "runs": [r for n in args.sizes for r in runs[n]]}
     stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     stored[args.key] = result
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

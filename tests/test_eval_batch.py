@@ -589,16 +589,16 @@ def test_a_dead_actor_reruns_only_the_images_without_all_their_rows(caplog):
 
     from dncut.eval.retry import ATTEMPTS, ActorRetriesExhausted, RowLedger, actor_death, run_with_retries
 
-    records = [{"image_id": i} for i in ("a", "b", "c", "d")]
-    ledger, counted, calls = RowLedger(["simple", "tokencut"]), [], []
+    records = [{"image_id": i, "record_index": k} for k, i in enumerate(("a", "b", "c", "d"))]
+    ledger, counted, calls = RowLedger(["simple", "tokencut"], records), [], []
 
     def run(todo):  # the first run dies after a's rows and b's first row arrived
         calls.append([r["image_id"] for r in todo])
-        rows = [(r["image_id"], m) for r in todo for m in ("simple", "tokencut")]
-        for n, (image_id, method) in enumerate(rows):
+        rows = [(r["image_id"], r["record_index"], m) for r in todo for m in ("simple", "tokencut")]
+        for n, (image_id, index, method) in enumerate(rows):
             if len(calls) == 1 and n == 3:
                 raise RuntimeError("pipeline failed") from ActorDiedError()
-            if ledger.first(image_id, method):
+            if ledger.first(index, method):
                 counted.append((image_id, method))
 
     with caplog.at_level(logging.WARNING, logger="dncut.eval.retry"):

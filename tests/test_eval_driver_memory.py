@@ -133,7 +133,8 @@ def test_fitted_clustering_labels_every_token_as_the_fit_does():
 
 
 def _hand_made_rows(n: int, seed: int = 0) -> list[dict]:
-    """Scored rows of two methods: failed rows, NaN / inf / None metrics, examples on some rows."""
+    """Scored rows of two methods (record index ``i`` for image ``img<i>``): failed rows, NaN / inf /
+    None metrics, examples on some rows."""
     from dncut.eval.stages import failed_row
 
     rng = np.random.default_rng(seed)
@@ -141,9 +142,10 @@ def _hand_made_rows(n: int, seed: int = 0) -> list[dict]:
     for i in range(n):
         for method in ("simple", "tokencut"):
             if i % 7 == 0 or (method == "tokencut" and i % 5 == 1):
-                rows.append(failed_row(f"img{i}", method, f"bad {i} {method}"))
+                rows.append({**failed_row(f"img{i}", method, f"bad {i} {method}"), "record_index": i})
                 continue
             row = result_row(f"img{i}", method, example=b"thumb%d" % i if i % 11 == 2 else b"")
+            row["record_index"] = i
             row.update(acc=rng.random(), iou=[rng.random(), np.nan, np.inf][i % 3], mae=rng.random(),
                        pysod_mae=None if i % 4 == 0 else rng.random(), acc_binary=rng.random() if i % 2 else np.nan,
                        iou_binary=np.nan, corloc_hit=float(i % 2) if i % 3 else np.nan,
@@ -234,15 +236,23 @@ def test_driver_rows_carry_one_payload_per_batch_and_method():
             {k: v for k, v in b["metrics"].items() if k != "max_fbeta"}
         assert b["metrics"]["max_fbeta"] == pytest.approx(a["metrics"]["max_fbeta"], rel=1e-14)
 
-    counted = frozenset({("img1", "simple"), ("img2", "tokencut")})
+    ids = [ids for ids in one.column("failed_id").to_pylist()]  # image ids of the failed rows only
+    assert sorted(i for group in ids for i in group) == sorted(r["image_id"] for r in rows if r["status"] != "ok")
+    assert [len(x) for x in one.column("record_index").to_pylist()] == [len(rows) // 2] * 2
+    assert one.column("record_index").to_pylist()[0] == [r["record_index"] for r in rows if r["method"] == "simple"]
+
+    counted = {"simple": np.array([1, 3]), "tokencut": np.array([2])}
     left = driver_rows(table, counted, _MEANS)
-    assert sum(len(ids) for ids in left.column("image_id").to_pylist()) == len(rows) - 2
-    assert not {(i, m) for ids, m in zip(left.column("image_id").to_pylist(), left.column("method").to_pylist())
-                for i in ids} & counted
-    kept = [r for r in rows if (r["image_id"], r["method"]) not in counted]
-    assert _add_batches([table.filter(pa.array([(r["image_id"], r["method"]) not in counted for r in rows]))]
-                        ).summary() == summary([kept])
+    pairs = {(i, m) for idx, m in zip(left.column("record_index").to_pylist(), left.column("method").to_pylist())
+             for i in idx}
+    assert len(pairs) == len(rows) - 3 and not pairs & {(1, "simple"), (3, "simple"), (2, "tokencut")}
+    out = lambda r: r["record_index"] in counted.get(r["method"], ())  # noqa: E731
+    kept = [r for r in rows if not out(r)]
+    assert _add_batches([table.filter(pa.array([not out(r) for r in rows]))]).summary() == summary([kept])
     assert _acc_state(_add_batches([table.slice(0, 0)])) == _acc_state(Accumulator(["simple", "tokencut"]))
+    with pytest.raises(ValueError, match="record_index"):  # rows to leave out, and no index to find them by
+        driver_rows(table.drop_columns(["record_index"]), counted, _MEANS)
+    assert driver_rows(table.drop_columns(["record_index"]), metrics=_MEANS).column("record_index").null_count == 2
 
 
 def test_merge_holds_one_row_group_at_a_time(tmp_path: Path, monkeypatch):
@@ -272,10 +282,11 @@ def test_merge_holds_one_row_group_at_a_time(tmp_path: Path, monkeypatch):
 
 def test_records_table_blocks_and_ledger_keep_every_record():
     """The driver's records as one Arrow table: blocks of ``rows`` records copied out (not slices of
-    the whole), their rows equal to the dicts; ``RowLedger.missing`` filters the table as it does a list."""
+    the whole), their rows equal to the dicts; ``indexed`` numbers the records by position and keeps
+    the numbers of a subset; ``RowLedger.missing`` filters the table as it does a list."""
     from dncut.eval.retry import RowLedger
     from dncut.eval.stages import record
-    from dncut.eval.streamed import record_blocks, records_table
+    from dncut.eval.streamed import indexed, record_blocks, records_table
 
     records = [record(f"img{i}", f"/x/img{i}.jpg", f"/m/img{i}.png", missing="gone" if i == 3 else "")
                for i in range(10)]
@@ -284,11 +295,17 @@ def test_records_table_blocks_and_ledger_keep_every_record():
     assert [b.num_rows for b in blocks] == [4, 4, 2]
     assert [r for b in blocks for r in b.to_pylist()] == records
     assert all(b.nbytes < table.nbytes for b in blocks)
-    ledger = RowLedger(["simple"])
+    table = indexed(table)
+    assert table.column("record_index").to_pylist() == list(range(10)) and indexed(table) is table
+    ledger = RowLedger(["simple"], table)
     for i in (0, 2, 5):
-        ledger.first(f"img{i}", "simple")
-    assert ledger.missing(table).to_pylist() == ledger.missing(records)
+        ledger.first(i, "simple")
+    assert ledger.missing(table).to_pylist() == ledger.missing(table.to_pylist())
     assert len(ledger.missing(table)) == 7
+    rest = ledger.missing(table)
+    assert indexed(rest) is rest and rest.column("record_index").to_pylist() == [1, 3, 4, 6, 7, 8, 9]
+    with pytest.raises(ValueError, match="record_index"):
+        ledger.missing(records)  # dicts without their position
 
 
 def test_column_wise_listing_gives_the_records_of_the_dicts(tmp_path: Path):
@@ -326,72 +343,85 @@ def test_column_wise_listing_gives_the_records_of_the_dicts(tmp_path: Path):
 
 
 def test_ledger_is_one_byte_a_record_and_keeps_the_rerun_rules():
-    """``RowLedger`` over the records: a ``uint8`` per record (up to 8 methods), a row arriving twice
-    (in one batch or across batches) is not first, ``counted`` names the rows that arrived of the
-    records still missing some, ``missing`` filters the table; a repeated record id shares its bits."""
+    """``RowLedger`` over the records: a ``uint8`` per record (up to 8 methods), marked by record index;
+    a row arriving twice (in one batch or across batches) is not first, ``counted`` gives per method
+    the record indices whose rows arrived of the records given, ``missing`` filters the table (the
+    indices of a re-run's records are their positions in the whole)."""
     import pyarrow as pa
 
     from dncut.eval.retry import RowLedger
     from dncut.eval.stages import record
-    from dncut.eval.streamed import records_table
+    from dncut.eval.streamed import indexed, records_table
 
-    table = records_table([record(f"img{i}", f"/x/img{i}.jpg") for i in range(1000)] + [record("img3", "/y.jpg")])
+    table = indexed(records_table([record(f"img{i}", f"/x/img{i}.jpg") for i in range(1000)]))
     ledger = RowLedger(["simple", "tokencut"], table)
-    assert ledger.seen.dtype == np.uint8 and ledger.seen.nbytes == 1001
-    assert ledger.first_batch(pa.array(["img1", "img2", "img1"]), "simple").tolist() == [True, True, False]
-    assert ledger.first_batch(["img2", "img3"], "simple").tolist() == [False, True]
-    assert ledger.first_batch(["img2"], "tokencut").tolist() == [True] and not ledger.first("img2", "tokencut")
-    assert ledger.complete("img2") and not ledger.complete("img1")
-    assert ledger.counted(ledger.missing(table)) == {("img1", "simple"), ("img3", "simple")}
-    assert ("img2", "tokencut") in ledger.counted(table)
+    assert ledger.seen.dtype == np.uint8 and ledger.seen.nbytes == 1000
+    assert ledger.first_batch(np.array([1, 2, 1]), "simple").tolist() == [True, True, False]
+    assert ledger.first_batch(pa.array([2, 3]).to_numpy(), "simple").tolist() == [False, True]
+    assert ledger.first_batch([2], "tokencut").tolist() == [True] and not ledger.first(2, "tokencut")
+    assert ledger.complete(2) and not ledger.complete(1) and not ledger.complete(5000)
+    counted = ledger.counted(ledger.missing(table))
+    assert counted.keys() == {"simple"} and counted["simple"].tolist() == [1, 3]
+    assert ledger.counted(table)["tokencut"].tolist() == [2]
     missing = ledger.missing(table)
-    assert missing.num_rows == 1000 and "img2" not in missing.column("image_id").to_pylist()
-    ledger.first("img3", "tokencut")
-    assert ledger.missing(table).num_rows == 998  # both records of img3 complete
-    ledger.forget(["img2"])
-    assert ledger.first("img2", "simple")
+    assert missing.num_rows == 999 and "img2" not in missing.column("image_id").to_pylist()
+    ledger.first(3, "tokencut")
+    rerun = ledger.missing(table)
+    assert rerun.num_rows == 998 and ledger.counted(rerun)["simple"].tolist() == [1]
+    ledger.forget([2])
+    assert ledger.first(2, "simple")
+    assert ledger.first(1500, "simple") and len(ledger.seen) == 1501  # beyond the records: added
     with pytest.raises(KeyError):
-        ledger.first("img1", "most")
+        ledger.first(1, "most")
+    with pytest.raises(ValueError):
+        ledger.first(-1, "simple")
 
 
-@pytest.mark.parametrize("coarse", [False, True], ids=["string hashes", "hashes that collide"])
-def test_ledger_finds_each_batch_without_a_pass_over_all_records(monkeypatch, coarse: bool):
-    """A batch's ids are found through the sorted hashes (``pyarrow.compute.index_in`` over all the
-    records is never run for ids that are there, so a batch costs its own size): the records marked are
-    those ``index_in`` (the reference) finds, the first record of a repeated id; an id absent from the
-    records is added; with hashes that collide (forced), the string still decides."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+def test_ledger_marks_a_batch_at_the_cost_of_the_batch():
+    """``first_batch`` touches the batch's positions only: no array operation over all the records
+    (a pass over every record per batch makes the driver's work quadratic in the images); the marks
+    equal a reference set over batches in random order, repeats included."""
+    from dncut.eval.retry import RowLedger
 
-    from dncut.eval import retry
+    class Watched(np.ndarray):
+        sizes: list[int] = []
+
+        def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+            plain = [np.asarray(x) if isinstance(x, Watched) else x for x in inputs]
+            if "out" in kwargs:
+                kwargs["out"] = tuple(np.asarray(x) if isinstance(x, Watched) else x for x in kwargs["out"])
+            result = getattr(ufunc, method)(*plain, **kwargs)
+            Watched.sizes.append(int(np.size(result)))
+            return result
+
+    n = 100_000
+    ledger = RowLedger(["simple", "tokencut"], n)
+    ledger.seen = ledger.seen.view(Watched)
+    rng = np.random.default_rng(0)
+    marked: dict[str, set] = {"simple": set(), "tokencut": set()}
+    for _ in range(50):
+        batch = rng.integers(0, n, 256)  # repeats within and across batches
+        method = ("simple", "tokencut")[int(rng.integers(2))]
+        fresh = ledger.first_batch(batch, method)
+        expected, seen = [], set(marked[method])
+        for i in batch.tolist():
+            expected.append(i not in seen)
+            seen.add(i)
+        assert fresh.tolist() == expected
+        marked[method] = seen
+    assert Watched.sizes and max(Watched.sizes) <= 256
+    bits = np.asarray(ledger.seen)
+    assert set(np.flatnonzero(bits & 1).tolist()) == marked["simple"]
+    assert set(np.flatnonzero(bits & 2).tolist()) == marked["tokencut"]
+
+
+def test_repeated_image_ids_fail_before_the_pipeline():
+    """Two records with one image id would share one row of ``per_image.parquet``: a clear error."""
+    from dncut.eval.jobs import check_unique_ids
     from dncut.eval.stages import record
     from dncut.eval.streamed import records_table
 
-    if coarse:
-        monkeypatch.setattr(retry, "_hashes", lambda ids: np.array([len(s) % 3 for s in ids.to_pylist()], np.int64))
-    rng = np.random.default_rng(0)
-    names = [f"sub/{rng.integers(10**6)}_{i}" for i in range(3000)] + ["sub/dup", "sub/dup"]
-    table = records_table([record(n, f"/x/{n}.jpg") for n in names])
-    every = table.column("image_id").combine_chunks()
-    ledger = retry.RowLedger(["simple"], table)
-    real, calls = pc.index_in, []
-
-    def counted_index_in(values, value_set=None, **kwargs):
-        calls.append(len(value_set))
-        return real(values, value_set=value_set, **kwargs)
-
-    monkeypatch.setattr(pc, "index_in", counted_index_in)
-    order, marked = rng.permutation(len(names)), set()
-    for start in range(0, len(order), 256):
-        batch = pa.array([names[i] for i in order[start:start + 256]])
-        expected = real(batch, value_set=every).to_numpy(zero_copy_only=False).astype(np.int64)  # (m,)
-        fresh = ledger.first_batch(batch, "simple")
-        assert fresh.tolist() == [i not in marked and i not in expected[:k] for k, i in enumerate(expected)]
-        marked |= set(expected.tolist())
-        assert set(np.flatnonzero(ledger.seen).tolist()) == marked
-    assert ledger.missing(table).num_rows == 0 and ledger.seen[names.index("sub/dup") + 1] == 0  # the first dup
-    assert not ledger.first_batch(pa.array(["sub/dup"]), "simple").any()  # a repeat
-    assert ledger.first_batch(pa.array(["not/there"]), "simple").tolist() == [True]  # added
-    assert len(ledger.ids) == len(names) + 1 and not ledger.first_batch(pa.array(["not/there"]), "simple").any()
-    if not coarse:
-        assert calls == []  # no pass over every record per batch
+    check_unique_ids(records_table([record(f"img{i}", "/x") for i in range(5)]), "d")
+    check_unique_ids(records_table([]), "d")
+    with pytest.raises(ValueError, match=r"eval d: 1 image ids name more than one record, e.g. 'img3'"):
+        check_unique_ids(records_table([record(f"img{i}", "/x") for i in (0, 1, 3, 2, 3)]), "d")

@@ -59,8 +59,8 @@ from dncut.eval.retry import ACTOR_REMOTE_ARGS, RowLedger, run_with_retries
 from dncut.eval.stages import (DISCOVERY_KINDS, SEGMENTATION_CLASSES, BackboneFactory, NCutPredictor, TokenExtractor,
                                dataset_records, load_record, load_segmentation_record, result_row,
                                row_methods, score_map, score_row)
-from dncut.eval.streamed import (batch_payloads, clear_parts, merge_parts, parts_folder, record_blocks, records_table,
-                                 write_part)
+from dncut.eval.streamed import (RECORD_INDEX, batch_payloads, clear_parts, indexed, merge_parts, parts_folder,
+                                 record_blocks, records_table, write_part)
 from dncut.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -201,15 +201,17 @@ def run_pipeline(records, *, cfg: Config, dataset: str, discovery: bool, backbon
 
     Raises:
         dncut.eval.retry.ActorRetriesExhausted: an inference actor died in each run.
-        RuntimeError: a row reached the driver twice (an image id repeated in ``records``).
+        ValueError: two records share an image id (``check_unique_ids``, before the pipeline runs).
+        RuntimeError: a row reached the driver twice.
     """
     ev = cfg.eval
     methods = check_methods(ev.methods)
     found_head = found_head_for(cfg, backbone, checkpoint, store)
     check_checkpoint(checkpoint, store)
     score_cpus = cpu_split(ev.num_actors)[2]
-    head = records.slice(0, ev.examples).column("image_id").to_pylist() if hasattr(records, "column") else [
-        r["image_id"] for r in records[: ev.examples]]
+    records = indexed(records if hasattr(records, "column") else records_table(records))
+    check_unique_ids(records, dataset)
+    head = records.slice(0, ev.examples).column("image_id").to_pylist() if records.num_rows else []
     example_ids = frozenset(head)
     log.info("eval %s: %d images, backbone %s, checkpoint %s, methods %s%s", dataset, len(records),
              backbone, weights_label(checkpoint, cfg.model.pretrained), methods, " + bilateral" if ev.bilateral else "")
@@ -217,7 +219,7 @@ def run_pipeline(records, *, cfg: Config, dataset: str, discovery: bool, backbon
     task = "discovery" if discovery else "saliency"
 
     def run(pending) -> None:
-        counted = ledger.counted(pending)  # a re-run's rows that arrived already
+        counted = ledger.counted(pending)  # per method, the record indices of a re-run's rows that arrived already
         ds = (
             predicted_rows(pending, cfg=cfg, backbone=backbone, checkpoint=checkpoint, methods=methods, store=store,
                            image_size=None if discovery else ev.image_size, factory=factory, found_head=found_head)
@@ -229,15 +231,33 @@ def run_pipeline(records, *, cfg: Config, dataset: str, discovery: bool, backbon
         )
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):  # one row per batch and method
             for payload in batch_payloads(table):  # its rows summed: a repeat cannot be dropped here
-                fresh = ledger.first_batch(payload["image_id"], payload["method"])
+                fresh = ledger.first_batch(payload[RECORD_INDEX], payload["method"])
                 if not fresh.all():
-                    repeated = payload["image_id"][int(np.argmin(fresh))].as_py()
+                    repeated = records.column("image_id")[int(payload[RECORD_INDEX][np.argmin(fresh)])].as_py()
                     raise RuntimeError(f"eval {dataset}: the row of ({repeated}, {payload['method']}) reached the "
-                                       "driver twice (an image id repeated in the records?)")
+                                       "driver twice")
                 acc.add_batch(payload, dataset=dataset, backbone=backbone, checkpoint=checkpoint, task=task)
 
     run_with_retries(run, records, missing=lambda: ledger.missing(records),
                      what=f"eval {dataset} {backbone} @ {checkpoint or 'pretrained'}")
+
+
+def check_unique_ids(records, dataset: str) -> None:
+    """Fail before a pipeline runs when two records share an image id (their rows would share one key of
+    ``per_image.parquet`` and one would be dropped there while both are counted).
+
+    Raises:
+        ValueError: naming the dataset, how many ids repeat and one of them.
+    """
+    import pyarrow.compute as pc
+
+    ids = records.column("image_id") if records.num_rows else None
+    if ids is None or pc.count_distinct(ids).as_py() == len(ids):
+        return
+    counts = pc.value_counts(ids).flatten()  # struct (values, counts) -> two arrays
+    repeated = counts[0].filter(pc.greater(counts[1], 1))
+    raise ValueError(f"eval {dataset}: {len(repeated)} image ids name more than one record, e.g. "
+                     f"{repeated[0].as_py()!r}; image ids must be unique within a dataset")
 
 
 # --------------------------------------------------------------------------- segmentation
@@ -539,15 +559,16 @@ def predict_folder(images: str, out_dir: str, cfg: Config, *, backbone: str | No
     check_checkpoint(checkpoint, store)
     found_head = found_head_for(cfg, backbone, checkpoint, store)
     records = predict_records(uris, images)  # output names unique per input
+    table = indexed(records_table(records))
     ensure_ray()
     write_cpus = cpu_split(ev.num_actors)[2]
-    ledger, failed = RowLedger(methods, records), set()  # failed: image ids, bounded by the failures' count
+    ledger, failed = RowLedger(methods, table), set()  # failed: image ids, bounded by the failures' count
 
-    def run(pending: list[dict]) -> None:
+    def run(pending) -> None:
         ds = (
             predicted_rows(pending, cfg=cfg, backbone=backbone, checkpoint=checkpoint, methods=methods, store=store,
                            image_size=ev.image_size, found_head=found_head)
-            .flat_map(write_outputs, fn_kwargs={"methods": methods, "out_dir": out_dir, "store": store},
+            .flat_map(_indexed_outputs, fn_kwargs={"methods": methods, "out_dir": out_dir, "store": store},
                       num_cpus=write_cpus)
             .map_batches(_write_predictions, batch_format="pyarrow", batch_size=PART_ROWS, num_cpus=write_cpus,
                          fn_kwargs={"folder": parts_folder(out_dir, PREDICTIONS_FILE, store), "store": store})
@@ -555,12 +576,13 @@ def predict_folder(images: str, out_dir: str, cfg: Config, *, backbone: str | No
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for method in pc.unique(batch["method"]).to_pylist():
                 rows = batch.filter(pc.equal(batch["method"], method))
-                fresh = ledger.first_batch(rows["image_id"], method) & ~np.asarray(
+                at = np.asarray(rows[RECORD_INDEX].to_numpy(), np.int64)  # (m,) record indices
+                fresh = ledger.first_batch(at, method) & ~np.asarray(
                     pc.equal(rows["status"], "ok").to_numpy(zero_copy_only=False), bool)
-                failed.update(rows["image_id"].filter(pa.array(fresh)).to_pylist())
+                failed.update(table.column("image_id").take(pa.array(at[fresh])).to_pylist())
 
     clear_parts(out_dir, PREDICTIONS_FILE, store)
-    run_with_retries(run, records, missing=lambda: ledger.missing(records), what=f"predict {images}")
+    run_with_retries(run, table, missing=lambda: ledger.missing(table), what=f"predict {images}")
     n_rows = merge_parts(out_dir, PREDICTIONS_FILE, store, unique=PREDICTION_KEY)
     store.write_bytes(store.join(out_dir, CONFIG_FILE), cfg.with_overrides(
         {"model.backbone": backbone, "eval.backbones": [backbone], "eval.checkpoints": [checkpoint]}).to_yaml().encode())
@@ -570,9 +592,20 @@ def predict_folder(images: str, out_dir: str, cfg: Config, *, backbone: str | No
     return {"images": len(records), "rows": n_rows, "failed": len(failed), "out": out_dir}
 
 
+def _indexed_outputs(row: dict, **kwargs) -> list[dict]:
+    """``dncut.eval.outputs.write_outputs`` of one predicted row, each output row with the row's
+    ``RECORD_INDEX`` (how the driver finds its record)."""
+    out = write_outputs(row, **kwargs)
+    for written in out:
+        written[RECORD_INDEX] = int(row[RECORD_INDEX])
+    return out
+
+
 def _write_predictions(batch, *, folder: str, store: Storage):
-    """Ray Data step: the batch's prediction rows, sorted by (image_id, method), as a Parquet part of
-    ``predictions.parquet``; returns their ``{image_id, method, status}`` for the driver's counts."""
+    """Ray Data step: the batch's prediction rows, sorted by (image_id, method), without their record
+    index, as a Parquet part of ``predictions.parquet``; returns their ``{record_index, method,
+    status}`` for the driver's counts."""
     if batch.num_rows:
-        write_part(batch.sort_by([("image_id", "ascending"), ("method", "ascending")]), folder, store)
-    return batch.select(["image_id", "method", "status"])
+        write_part(batch.drop_columns([RECORD_INDEX]).sort_by([("image_id", "ascending"), ("method", "ascending")]),
+                   folder, store)
+    return batch.select([RECORD_INDEX, "method", "status"])

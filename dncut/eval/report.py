@@ -31,7 +31,7 @@ import logging
 import math
 import pickle
 import re
-from collections.abc import Sequence, Set
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,10 +158,11 @@ def per_image_row(row: dict, *, dataset: str, backbone: str, checkpoint: str | N
 
 
 def write_per_image(batch, *, out_dir: str, dataset: str, backbone: str, checkpoint: str | None,
-                    store: storage.Storage, counted: Set[tuple[str, str]] = frozenset()):
+                    store: storage.Storage, counted: Mapping[str, np.ndarray] | None = None):
     """Ray Data ``map_batches`` step (``batch_format="pyarrow"``): the batch's scored rows as a part of
     ``<out_dir>/per_image.parquet``; returns what the driver aggregates: ``driver_rows(batch, counted)``
-    (the rows without ``counted``, one payload row per method, ``dncut.eval.streamed``)."""
+    (the rows without ``counted``, ``{method: record indices}``, one payload row per method,
+    ``dncut.eval.streamed``)."""
     import pyarrow as pa
 
     rows = [per_image_row(r, dataset=dataset, backbone=backbone, checkpoint=checkpoint) for r in batch.to_pylist()]

@@ -20,10 +20,10 @@ before the rows reach the driver), so the merge keeps one row per key
 ``dncut.eval.stages.RANDOM_INIT_SEED``).
 
 Driver memory: the ledger holds one small unsigned int per record of the pipeline (a bit per method:
-one byte an image up to 8 methods), indexed like the records: a batch's ids are found through the
-records' sorted string hashes (16 bytes an image), so a batch costs its own size, not the number of
-records. It is dropped when the pipeline ends. The records may be a ``pyarrow.Table``
-(``dncut.eval.streamed.records_table``) rather than a list of dicts.
+one byte an image up to 8 methods), indexed by the records' positions: every row carries its
+record's index (``dncut.eval.streamed.RECORD_INDEX``, set by ``dncut.eval.streamed.indexed``) to the
+driver, so a batch is marked by position, at the cost of its own size, with no lookup of image ids.
+It is dropped when the pipeline ends.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from dncut.eval.streamed import RECORD_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -80,148 +82,97 @@ def actor_death(exc: BaseException) -> BaseException | None:
     return None
 
 
-def _ids(records):
-    """The image ids of ``records`` (record dicts, or a ``pyarrow.Table`` of them) as one
-    ``pyarrow.StringArray``."""
-    import pyarrow as pa
+def _positions(records) -> np.ndarray:
+    """The ``RECORD_INDEX`` of each of ``records`` (an ``indexed`` ``pyarrow.Table``, or dicts with
+    the key) ``(n,)`` int64.
 
+    Raises:
+        ValueError: the records carry no record index.
+    """
     if hasattr(records, "column"):
-        return records.column("image_id").cast(pa.string()).combine_chunks()
-    return pa.array([str(r["image_id"]) for r in records], pa.string())
-
-
-HASH_SLICE = 4_096
-"""Ids hashed at a time when the ledger's index is built (bounds the Python strings alive at once)."""
-
-
-def _hashes(ids) -> np.ndarray:
-    """``hash()`` of each id of the string array ``ids`` ``(n,) int64`` (this process's string hash)."""
-    parts = [np.fromiter((hash(s) for s in ids.slice(i, HASH_SLICE).to_pylist()), np.int64)
-             for i in range(0, len(ids), HASH_SLICE)]
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        if RECORD_INDEX not in records.column_names:
+            raise ValueError(f"the records carry no {RECORD_INDEX} column (dncut.eval.streamed.indexed)")
+        return np.asarray(records.column(RECORD_INDEX).to_numpy(), np.int64)
+    try:
+        return np.fromiter((r[RECORD_INDEX] for r in records), np.int64, len(records))
+    except KeyError:
+        raise ValueError(f"the records carry no {RECORD_INDEX} key (dncut.eval.streamed.indexed)") from None
 
 
 class RowLedger:
-    """Which of each image's rows (one per method name) reached the driver in this pipeline: one
-    small unsigned int per record (a bit per method; ``uint8`` up to 8 methods), indexed like the
-    records, not a Python object per image.
+    """Which of each record's rows (one per method name) reached the driver in this pipeline: one
+    small unsigned int per record (a bit per method; ``uint8`` up to 8 methods), indexed by the
+    records' positions (``RECORD_INDEX``), not a Python object per image.
 
     Args:
-        names: the method names every image gives a row for (``dncut.eval.stages.row_methods``).
-        records: the pipeline's records (dicts, or their ``dncut.eval.streamed.records_table``): the
-            ids the ledger indexes (the table's own column, not a copy). Ids outside them (or all
-            ids, without ``records``) are added as their rows arrive. Of two records with one id,
-            the first holds the id's bits (a row of that id arriving twice is a repeat).
+        names: the method names every record gives a row for (``dncut.eval.stages.row_methods``).
+        records: the pipeline's records (an ``indexed`` ``records_table``, or dicts carrying
+            ``RECORD_INDEX``), or their number: the positions the ledger holds from the start.
+            A position beyond them (or any, without ``records``) is added when its row arrives.
     """
 
-    def __init__(self, names: Sequence[str], records=None) -> None:
-        import pyarrow as pa
-
+    def __init__(self, names: Sequence[str], records=0) -> None:
         self.bits = {name: 1 << i for i, name in enumerate(dict.fromkeys(names))}
         self.full = (1 << len(self.bits)) - 1
-        self.ids = _ids(records) if records is not None else pa.array([], pa.string())  # (n,) the indexed ids
-        self.seen = np.zeros(len(self.ids), np.min_scalar_type(max(self.full, 1)))  # (n,) bits of arrived rows
-        self._order, self._sorted = np.zeros(0, np.int64), np.zeros(0, np.int64)  # (n,) the ids by hash, their hashes
-        self._extend_index(0)
+        n = records if isinstance(records, (int, np.integer)) else len(records)
+        self.seen = np.zeros(n, np.min_scalar_type(max(self.full, 1)))  # (n,) bits of the arrived rows
 
-    def _extend_index(self, start: int) -> None:
-        """Add ``self.ids[start:]`` to the hash index (stable: of equal hashes the earlier record first)."""
-        hashes = np.concatenate([self._sorted, _hashes(self.ids.slice(start))])
-        order = np.concatenate([self._order, np.arange(start, len(self.ids), dtype=np.int64)])
-        by_hash = np.argsort(hashes, kind="stable")
-        self._sorted, self._order = hashes[by_hash], order[by_hash]
-
-    def _lookup(self, ids) -> np.ndarray:
-        """``ids`` (string array) -> the index of each in ``self.ids`` ``(m,)`` int64, -1 when absent; the
-        first record of a repeated id. The hash finds a candidate, the string decides."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        at = np.full(len(ids), -1, np.int64)
-        if not len(ids) or not len(self._sorted):
-            return at
-        query = _hashes(ids)
-        pos = np.minimum(np.searchsorted(self._sorted, query), len(self._sorted) - 1)
-        hit = np.flatnonzero(self._sorted[pos] == query)
-        cand = self._order[pos[hit]]
-        same = np.asarray(pc.equal(self.ids.take(pa.array(cand)), ids.take(pa.array(hit)))
-                          .to_numpy(zero_copy_only=False), bool)
-        at[hit[same]] = cand[same]
-        collided = hit[~same]  # another id with the same 64-bit hash sorts first: look it up in full
-        if len(collided):
-            found = pc.index_in(ids.take(pa.array(collided)), value_set=self.ids)
-            at[collided] = np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), np.int64)
-        return at
-
-    def _index(self, ids, add: bool) -> np.ndarray:
-        """``ids`` -> their indices ``(m,)`` int64 (-1: not indexed; added first when ``add``)."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        ids = ids.cast(pa.string()) if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(
-            [str(i) for i in ids], pa.string())
-        if isinstance(ids, pa.ChunkedArray):
-            ids = ids.combine_chunks()
-        at = self._lookup(ids)
-        if add and (at < 0).any():
-            new = pc.unique(ids.filter(pa.array(at < 0)))
-            start = len(self.ids)
-            self.ids = pa.concat_arrays([self.ids, new])
-            self.seen = np.concatenate([self.seen, np.zeros(len(new), self.seen.dtype)])
-            self._extend_index(start)
-            at = self._lookup(ids)
-        return at
-
-    def first_batch(self, image_ids, method: str) -> np.ndarray:
-        """Record the rows of (each of ``image_ids``, ``method``) (a sequence or a ``pyarrow`` string
-        array) -> ``(m,)`` bool: ``False`` for a row that had arrived already, in an earlier call or
-        earlier in ``image_ids`` (``first`` of each in turn).
+    def first_batch(self, positions, method: str) -> np.ndarray:
+        """Record the rows of (each record of ``positions``, ``method``) (``(m,)`` record indices) ->
+        ``(m,)`` bool: ``False`` for a row that had arrived already, in an earlier call or earlier in
+        ``positions`` (``first`` of each in turn).
 
         Raises:
             KeyError: ``method`` is not one of ``names``.
+            ValueError: a negative position.
         """
         bit = self.bits[method]
-        at = self._index(image_ids, add=True)  # (m,)
+        at = np.asarray(positions, np.int64).reshape(-1)  # (m,)
+        if not len(at):
+            return np.zeros(0, bool)
+        if at.min() < 0:
+            raise ValueError(f"record index {int(at.min())}: record indices are positions, >= 0")
+        if at.max() >= len(self.seen):
+            self.seen = np.concatenate([self.seen, np.zeros(int(at.max()) + 1 - len(self.seen), self.seen.dtype)])
         fresh = np.zeros(len(at), bool)
-        fresh[np.unique(at, return_index=True)[1]] = True  # the first of each id in the batch
+        fresh[np.unique(at, return_index=True)[1]] = True  # the first of each record in the batch
         fresh &= (self.seen[at] & bit) == 0
         self.seen[at] |= bit
         return fresh
 
-    def first(self, image_id: str, method: str) -> bool:
-        """Record the row of (``image_id``, ``method``); ``False`` when it had arrived already (a
-        re-run image: the row is not counted again).
+    def first(self, position: int, method: str) -> bool:
+        """Record the row of (the record at ``position``, ``method``); ``False`` when it had arrived
+        already (a re-run image: the row is not counted again).
 
         Raises:
             KeyError: ``method`` is not one of ``names``.
         """
-        return bool(self.first_batch([image_id], method)[0])
+        return bool(self.first_batch([position], method)[0])
 
     def _arrived(self, records) -> np.ndarray:
-        at = self._index(_ids(records), add=False)  # (n,)
-        return np.where(at >= 0, self.seen[np.maximum(at, 0)], 0) if len(self.seen) else np.zeros(len(at), np.int64)
+        at = _positions(records)  # (n,)
+        inside = at < len(self.seen)
+        return np.where(inside, self.seen[np.where(inside, at, 0)] if len(self.seen) else 0, 0)  # (n,)
 
-    def complete(self, image_id: str) -> bool:
-        """Every row of ``image_id`` arrived."""
-        return bool(self._arrived([{"image_id": image_id}])[0] == self.full)
+    def complete(self, position: int) -> bool:
+        """Every row of the record at ``position`` arrived."""
+        return 0 <= position < len(self.seen) and int(self.seen[position]) == self.full
 
-    def forget(self, image_ids) -> None:
-        """Drop what arrived of ``image_ids`` (their rows will be counted again from a re-run)."""
-        at = self._index(list(image_ids), add=False)
-        self.seen[at[at >= 0]] = 0
+    def forget(self, positions) -> None:
+        """Drop what arrived of the records at ``positions`` (their rows will be counted again)."""
+        at = np.asarray(positions, np.int64).reshape(-1)
+        self.seen[at[at < len(self.seen)]] = 0
 
-    def counted(self, records) -> frozenset[tuple[str, str]]:
-        """The ``(image_id, method)`` pairs of ``records`` whose rows arrived already (what a re-run's
-        writers leave out, ``dncut.eval.streamed.driver_rows``); Python objects for those only."""
-        arrived = self._arrived(records)
-        some = np.flatnonzero(arrived)
-        ids = _ids(records).take(some).to_pylist() if len(some) else []
-        return frozenset((i, name) for i, got in zip(ids, arrived[some].tolist())
-                         for name, bit in self.bits.items() if got & bit)
+    def counted(self, records) -> dict[str, np.ndarray]:
+        """Per method, the record indices ``(k,)`` int64 of ``records`` whose row arrived already (what a
+        re-run's writers leave out, ``dncut.eval.streamed.driver_rows``); methods without one left out."""
+        at, arrived = _positions(records), self._arrived(records)
+        out = {name: at[(arrived & bit) != 0] for name, bit in self.bits.items()}
+        return {name: done for name, done in out.items() if len(done)}
 
     def missing(self, records):
-        """The ``records`` whose image has not given all its rows yet: a list of record dicts, or a
-        ``pyarrow.Table`` of them (``dncut.eval.streamed.records_table``: the rows of the table)."""
+        """The ``records`` whose record has not given all its rows yet: a list of record dicts, or a
+        ``pyarrow.Table`` of them (the rows of the table, their ``RECORD_INDEX`` kept)."""
         done = self._arrived(records) == self.full  # (n,)
         if hasattr(records, "column"):
             import pyarrow as pa

@@ -5,7 +5,10 @@ One evaluation image, from its record to its row in ``per_image.parquet``::
 
     record  (record, dataset_records)           {image_id, image_uri, mask_uri, gt_boxes (JSON list of
                                                  pixel boxes), missing (a reason: fail unread),
-                                                 gt_size [W, H] ([0, 0]: none declared)}
+                                                 gt_size [W, H] ([0, 0]: none declared)}; in the jobs
+                                                 + record_index (int64, its position among the
+                                                 records: dncut.eval.streamed.indexed), carried by
+                                                 every stage to the scored rows
       -> decode (load_record, CPU task)         + status, error, image (H, W, 3) uint8,
                                                  gt_mask (H, W) bool ((1, 1) for discovery),
                                                  gt_void (H, W) bool (left out of the scores),
@@ -52,6 +55,7 @@ from dncut.eval.methods import box_to_pixels, clean_binary, image_mask, largest_
 from dncut.eval.predict import Predictor, network_input
 from dncut.eval.report import example_payload
 from dncut.eval.segmentation import VOC_CLASSES
+from dncut.eval.streamed import RECORD_INDEX
 from dncut.runtime import retain_freed_memory
 from dncut.storage import Storage
 
@@ -348,7 +352,20 @@ def row_methods(methods: Sequence[str], *, bilateral: bool, discovery: bool) -> 
 
 def score_row(row: dict, *, methods: Sequence[str], bilateral: bool, discovery: bool,
               example_ids: frozenset[str] = frozenset()) -> list[dict]:
-    """Score (CPU task): one image's predictions -> one scored row per method (+bs, most-single).
+    """Score (CPU task): one image's predictions -> one scored row per method (+bs, most-single)
+    (``_scored_rows``), each with the row's ``RECORD_INDEX`` when it has one (the record's position,
+    how the driver finds the record: ``dncut.eval.streamed.indexed``)."""
+    rows = _scored_rows(row, methods=methods, bilateral=bilateral, discovery=discovery, example_ids=example_ids)
+    if RECORD_INDEX in row:
+        index = int(row[RECORD_INDEX])
+        for scored in rows:
+            scored[RECORD_INDEX] = index
+    return rows
+
+
+def _scored_rows(row: dict, *, methods: Sequence[str], bilateral: bool, discovery: bool,
+                example_ids: frozenset[str] = frozenset()) -> list[dict]:
+    """One image's predictions -> one scored row per method (+bs, most-single), without the record index.
 
     Saliency: the grid mask is bilinearly upsampled to the image (padding removed) and scored
     as a binary map; with ``bilateral`` a ``<method>+bs`` row is scored on the solver's soft

@@ -4,28 +4,32 @@ and from the workers one payload row per batch and method instead of a row per i
 Records: ``records_table(records)`` holds a pipeline's input records (``dncut.eval.stages.record``
 dicts) as one ``pyarrow.Table``, ~150 bytes an image (image id, URIs, JSON boxes) against ~1 KB for
 the dicts; ``dncut.eval.inputs.saliency_records`` builds the same table column by column.
-``record_blocks(table, rows)`` cuts it into compact blocks of ``rows`` records (copies, not slices:
-a pickled slice carries its parent's buffers) for ``ray.data.from_arrow``. The rows each block gives
-are those ``ray.data.from_items`` gives for the same dicts (the same Arrow conversion).
+``indexed(table)`` adds the ``record_index`` column (int64, each record's position in the table),
+which every stage carries to the scored rows (``dncut.eval.stages.score_row``), so that the driver
+finds a row's record by position, never by its image id. ``record_blocks(table, rows)`` cuts it into
+compact blocks of ``rows`` records (copies, not slices: a pickled slice carries its parent's buffers)
+for ``ray.data.from_arrow``. The rows each block gives are those ``ray.data.from_items`` gives for
+the same dicts (the same Arrow conversion).
 
 Rule: no scored row reaches the driver on its own. The Parquet-writing step
 (``dncut.eval.report.write_per_image``) returns ``driver_rows(batch)``: per method, one row with the
-batch's per-image values as compact lists in row order (image ids, ok flags, the failed rows' errors,
-the ``ok`` rows' metric values as float64, the example payloads present) and the sum of the ``ok``
-Fβ curves (``fbeta_curve`` (255,), ``pysod_curve`` (256,) float64, ~4 KB an image, added in row
-order). ``batch_payloads`` reads a payload table back into dicts for the driver's
-``Accumulator.add_batch``, which adds the metric values one by one in row order, as ``add`` does for
-each row (the same float64 sums, bit for bit); its dataset curve is the sum of the batches' sums
-(equal to the row-by-row sum up to the rounding of the grouping, ~1e-16 relative).
+batch's per-image values as compact lists in row order (record indices, ok flags, the failed rows'
+image ids and errors, the ``ok`` rows' metric values as float64, the example payloads present) and
+the sum of the ``ok`` Fβ curves (``fbeta_curve`` (255,), ``pysod_curve`` (256,) float64, ~4 KB an
+image, added in row order). ``batch_payloads`` reads a payload table back into dicts for the
+driver's ``Accumulator.add_batch``, which adds the metric values one by one in row order, as ``add``
+does for each row (the same float64 sums, bit for bit); its dataset curve is the sum of the batches'
+sums (equal to the row-by-row sum up to the rounding of the grouping, ~1e-16 relative).
 
 Why: the rows the driver reads are pages of Ray's object store mapped into the driver, counted in its
-RSS (``RssShmem``), plus one Python dict per row; the payload holds ~50 bytes an image (id, flag,
-four float64) in a few Arrow buffers per batch (docs/operations.md, "Evaluation driver memory").
+RSS (``RssShmem``), plus one Python dict per row; the payload holds ~45 bytes an ok image (index,
+flag, four float64) in a few Arrow buffers per batch, no string (docs/operations.md, "Evaluation
+driver memory").
 
 Rows counted already: a row summed in a batch cannot be taken out on the driver, so a re-run after an
-actor died (``dncut.eval.retry``) passes ``counted``, the (image_id, method) pairs that reached the
-driver in an earlier run; those rows are written to the Parquet part (the merge keeps one) but
-neither returned nor summed.
+actor died (``dncut.eval.retry``) passes ``counted``, per method the record indices whose rows
+reached the driver in an earlier run; those rows are written to the Parquet part (the merge keeps
+one) but neither returned nor summed.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import io
 import logging
 import posixpath
 import uuid
-from collections.abc import Iterator, Sequence, Set
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,6 +47,7 @@ from dncut import storage
 
 CURVES = ("fbeta_curve", "pysod_curve")  # per-image curve columns, summed per batch and method
 PARTS_SUFFIX = ".parts"  # <out>/<file>.parts/: the workers' Parquet parts of <out>/<file>, merged at the end
+RECORD_INDEX = "record_index"  # int64 column: a record's position in its pipeline's records table (``indexed``)
 log = logging.getLogger(__name__)
 
 
@@ -52,6 +57,17 @@ def records_table(records: Sequence[dict]):
     import pyarrow as pa
 
     return pa.Table.from_pylist(list(records)) if len(records) else pa.table({})
+
+
+def indexed(table):
+    """``table`` (a ``records_table``) with its ``RECORD_INDEX`` column appended: ``(n,)`` int64,
+    0..n-1, each record's position; the table itself when it has the column already (a table that
+    was indexed, or the rows of one: their positions in the whole stay)."""
+    import pyarrow as pa
+
+    if RECORD_INDEX in table.column_names:
+        return table
+    return table.append_column(RECORD_INDEX, pa.array(np.arange(table.num_rows, dtype=np.int64)))
 
 
 def record_blocks(table, rows: int) -> list:
@@ -83,7 +99,7 @@ def _curves(column, n: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((n, 0))  # (n, L)
 
 
-PAYLOAD_LISTS = ("image_id", "ok", "error", "fbeta_curve", "pysod_curve", "example_id", "example")
+PAYLOAD_LISTS = (RECORD_INDEX, "ok", "failed_id", "error", "fbeta_curve", "pysod_curve", "example_id", "example")
 """List columns of a driver payload besides the ``metric:<key>`` ones (see ``driver_rows``)."""
 
 
@@ -91,8 +107,9 @@ def _payload_schema(metrics: Sequence[str]):
     import pyarrow as pa
 
     floats = pa.list_(pa.float64())
-    return pa.schema([("method", pa.string()), ("image_id", pa.list_(pa.string())), ("ok", pa.list_(pa.bool_())),
-                      ("error", pa.list_(pa.string())), *[(f"metric:{k}", floats) for k in metrics],
+    return pa.schema([("method", pa.string()), (RECORD_INDEX, pa.list_(pa.int64())), ("ok", pa.list_(pa.bool_())),
+                      ("failed_id", pa.list_(pa.string())), ("error", pa.list_(pa.string())),
+                      *[(f"metric:{k}", floats) for k in metrics],
                       ("fbeta_curve", floats), ("pysod_curve", floats), ("example_id", pa.list_(pa.string())),
                       ("example", pa.list_(pa.binary()))])
 
@@ -105,44 +122,67 @@ def _floats(column) -> np.ndarray:
     return np.asarray(pc.fill_null(pc.cast(column, pa.float64()), np.nan).to_numpy(), np.float64)
 
 
-def driver_rows(batch, counted: Set[tuple[str, str]] = frozenset(), metrics: Sequence[str] = ()):
+def _left_out(batch, counted: Mapping[str, np.ndarray]):
+    """``(n,)`` bool: the rows of ``batch`` whose (``RECORD_INDEX``, method) is in ``counted``."""
+    import pyarrow as pa
+
+    out = np.zeros(batch.num_rows, bool)
+    if not counted or not batch.num_rows:
+        return out
+    if RECORD_INDEX not in batch.column_names:
+        raise ValueError(f"rows to leave out by record index, and the batch has no {RECORD_INDEX} column")
+    index = np.asarray(batch.column(RECORD_INDEX).to_numpy(), np.int64)  # (n,)
+    methods = np.asarray(batch.column("method").cast(pa.string()).to_numpy(zero_copy_only=False), object)
+    for method, done in counted.items():
+        out |= (methods == method) & np.isin(index, np.asarray(done, np.int64))
+    return out
+
+
+def driver_rows(batch, counted: Mapping[str, np.ndarray] | None = None, metrics: Sequence[str] = ()):
     """What the driver receives of a ``pyarrow.Table`` of scored rows (``dncut.eval.stages.result_row``
-    columns): the rows not in ``counted`` (``(image_id, method)`` pairs), as ONE row per method (in
-    order of first appearance; no row for a method without rows), every list in the batch's row order:
+    columns, and ``RECORD_INDEX`` when the rows come from ``indexed`` records): the rows not in
+    ``counted`` (``{method: record indices}``), as ONE row per method (in order of first appearance;
+    no row for a method without rows), every list in the batch's row order:
 
         method          the method
-        image_id        list<string>   every row's image id (the re-run ledger, the failures)
+        record_index    list<int64>    every row's record index (the re-run ledger); null when the
+                                       batch has no ``RECORD_INDEX`` column
         ok              list<bool>     status == "ok"
-        error           list<string>   the failed rows' errors (null -> "None"), failed rows only
+        failed_id       list<string>   the failed rows' image ids, failed rows only
+        error           list<string>   their errors (null -> "None")
         metric:<key>    list<float64>  each key of ``metrics``: the ``ok`` rows' values (null -> NaN);
                                        null when no ``ok`` value is finite or the batch lacks the column
         fbeta_curve, pysod_curve       (L,) float64: the sum of the ``ok`` rows' curves, added in row
                                        order; null when no row is ``ok`` or the batch lacks the column
         example_id, example            the rows whose ``example`` is not empty, and their payloads
 
-    ``batch_payloads`` reads it back; ``dncut.eval.report.Accumulator.add_batch`` adds one such row as
-    ``add`` adds each of its rows. The schema is the same for every batch (``metrics`` fixed).
+    No image id of an ``ok`` row without an example reaches the driver. ``batch_payloads`` reads it
+    back; ``dncut.eval.report.Accumulator.add_batch`` adds one such row as ``add`` adds each of its
+    rows. The schema is the same for every batch (``metrics`` fixed).
 
     Raises:
-        ValueError: a curve is null or the curves of the batch differ in length.
+        ValueError: a curve is null or the curves of the batch differ in length; ``counted`` is given
+            and the batch has no ``RECORD_INDEX`` column.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if counted:
-        keys = zip(batch.column("image_id").to_pylist(), batch.column("method").to_pylist())
-        batch = batch.filter(pa.array([(str(i), str(m)) not in counted for i, m in keys], pa.bool_()))
+    skip = _left_out(batch, counted or {})
+    if skip.any():
+        batch = batch.filter(pa.array(~skip))
     schema = _payload_schema(metrics)
     out: dict[str, list] = {name: [] for name in schema.names}
     methods = batch.column("method").cast(pa.string())
     for method in pc.unique(methods).to_pylist():
         rows = batch.filter(pc.fill_null(pc.equal(methods, method), False))  # row order kept
         ok = pc.fill_null(pc.equal(rows.column("status").cast(pa.string()), "ok"), False)
-        good = rows.filter(ok)
+        good, bad = rows.filter(ok), rows.filter(pc.invert(ok))
         out["method"].append(method)
-        out["image_id"].append(rows.column("image_id").cast(pa.string()))
+        out[RECORD_INDEX].append(rows.column(RECORD_INDEX).cast(pa.int64()) if RECORD_INDEX in rows.column_names
+                                 else None)
         out["ok"].append(ok)
-        out["error"].append(pc.fill_null(rows.filter(pc.invert(ok)).column("error").cast(pa.string()), "None"))
+        out["failed_id"].append(bad.column("image_id").cast(pa.string()))
+        out["error"].append(pc.fill_null(bad.column("error").cast(pa.string()), "None"))
         for key in metrics:
             values = _floats(good.column(key)) if key in good.column_names else np.zeros(0)
             out[f"metric:{key}"].append(values if np.isfinite(values).any() else None)
@@ -167,23 +207,23 @@ def driver_rows(batch, counted: Set[tuple[str, str]] = frozenset(), metrics: Seq
 
 def batch_payloads(table) -> Iterator[dict[str, Any]]:
     """The rows of a ``driver_rows`` table (``pyarrow.Table``), each as the dict that
-    ``dncut.eval.report.Accumulator.add_batch`` takes: ``method`` (str), ``image_id`` (a
-    ``pyarrow.StringArray``), ``ok`` ``(n,)`` bool, ``failed`` ``[(image_id, error)]`` of the failed
-    rows, ``metrics`` ``{key: (n_ok,) float64}`` (keys with a finite value only), ``fbeta_curve`` /
-    ``pysod_curve`` ``(L,)`` float64 or ``None``, ``examples`` ``[(image_id, bytes)]``, and every
-    other column of the table as its Python value (``checkpoint`` of ``dncut eval-maps``)."""
-    import pyarrow as pa
-
+    ``dncut.eval.report.Accumulator.add_batch`` takes: ``method`` (str), ``record_index`` ``(n,)``
+    int64 (``None`` when the rows had no record index), ``ok`` ``(n,)`` bool, ``failed``
+    ``[(image_id, error)]`` of the failed rows, ``metrics`` ``{key: (n_ok,) float64}`` (keys with a
+    finite value only), ``fbeta_curve`` / ``pysod_curve`` ``(L,)`` float64 or ``None``, ``examples``
+    ``[(image_id, bytes)]``, and every other column of the table as its Python value (``checkpoint``
+    of ``dncut eval-maps``)."""
     known = set(PAYLOAD_LISTS) | {"method"}
     for i in range(table.num_rows):
         row = {name: table.column(name)[i] for name in table.column_names}
         ok = np.asarray(row["ok"].values.to_numpy(zero_copy_only=False), bool)  # (n,)
-        ids = row["image_id"].values
+        index = row[RECORD_INDEX]
         curves = {name: None if not row[name].is_valid else np.array(row[name].values.to_numpy(), np.float64)
                   for name in CURVES}
         yield {
-            "method": row["method"].as_py(), "image_id": ids, "ok": ok,
-            "failed": list(zip(ids.filter(pa.array(~ok)).to_pylist(), row["error"].values.to_pylist())),
+            "method": row["method"].as_py(), "ok": ok,
+            RECORD_INDEX: np.asarray(index.values.to_numpy(), np.int64) if index.is_valid else None,  # (n,)
+            "failed": list(zip(row["failed_id"].values.to_pylist(), row["error"].values.to_pylist())),
             "metrics": {name[len("metric:"):]: np.asarray(row[name].values.to_numpy(), np.float64)
                         for name in table.column_names if name.startswith("metric:") and row[name].is_valid},
             **curves,
