@@ -97,16 +97,35 @@ def one_size(n: int, side: int, cpus: int, interval: float) -> dict:
                                    "eval.gpus_per_actor": 0, "eval.examples": 0, "ncut.solver": "eigh"})
     import pyarrow as pa
 
+    from dncut.eval import jobs
+
     before = _status()
     arrow_before = pa.total_allocated_bytes()
     peak, stop = dict(before, arrow=arrow_before), threading.Event()
+    phase = ["start"]
+    phases: dict[str, dict] = {}  # per phase: peak and last value of each field, KiB (arrow: bytes)
 
     def sample() -> None:
         while not stop.is_set():
-            for field, kib in _status().items():
-                peak[field] = max(peak[field], kib)
-            peak["arrow"] = max(peak["arrow"], pa.total_allocated_bytes())
+            now = dict(_status(), arrow=pa.total_allocated_bytes())
+            for field, value in now.items():
+                peak[field] = max(peak[field], value)
+            mine = phases.setdefault(phase[0], {"peak": dict(now), "end": now})
+            mine["peak"] = {k: max(v, mine["peak"][k]) for k, v in now.items()}
+            mine["end"] = now
             time.sleep(interval)
+
+    def marked(name: str, fn):  # the job's steps, by their public names in dncut.eval.jobs
+        def run(*a, **k):
+            phase[0] = name
+            try:
+                return fn(*a, **k)
+            finally:
+                phase[0] = f"after {name}"
+        return run
+
+    for name in ("saliency_records", "run_pipeline", "write_report"):
+        setattr(jobs, name, marked(name, getattr(jobs, name)))
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
@@ -127,6 +146,9 @@ def one_size(n: int, side: int, cpus: int, interval: float) -> dict:
             "driver_anon_growth_mib": mib(peak["RssAnon"] - before["RssAnon"]),
             "driver_shmem_peak_mib": mib(peak["RssShmem"]), "driver_file_peak_mib": mib(peak["RssFile"]),
             "arrow_before_mib": round(arrow_before / 2**20, 1), "arrow_peak_mib": round(peak["arrow"] / 2**20, 1),
+            "phases": {name: {f"{when}_{field}_mib": round(v / (2**20 if field == "arrow" else 1024), 1)
+                              for when in ("peak", "end") for field, v in p[when].items() if field != "VmHWM"}
+                       for name, p in phases.items()},
             "n_failed": run["n_failed"], "dncut": str(Path(dncut.__file__).parent)}
 
 

@@ -291,7 +291,7 @@ def test_records_table_blocks_and_ledger_keep_every_record():
     records = [record(f"img{i}", f"/x/img{i}.jpg", f"/m/img{i}.png", missing="gone" if i == 3 else "")
                for i in range(10)]
     table = records_table(records)
-    blocks = record_blocks(table, 4)
+    blocks = list(record_blocks(table, 4))
     assert [b.num_rows for b in blocks] == [4, 4, 2]
     assert [r for b in blocks for r in b.to_pylist()] == records
     assert all(b.nbytes < table.nbytes for b in blocks)

@@ -176,7 +176,7 @@ def predicted_rows(records, *, cfg: Config, backbone: str, checkpoint: str | Non
     spec = spec or (factory.spec if factory is not None else backbone_spec(backbone))
     read_cpus, actor_cpus, _ = cpu_split(ev.num_actors)
     if hasattr(records, "column"):
-        ds = ray.data.from_arrow(record_blocks(records, ev.batch_size))
+        ds = ray.data.from_arrow_refs([ray.put(block) for block in record_blocks(records, ev.batch_size)])
     else:
         ds = ray.data.from_items(list(records), override_num_blocks=_blocks(len(records), ev.batch_size))
     return (ds.map(load_record, fn_kwargs={"spec": spec, "image_size": image_size, "store": store}, num_cpus=read_cpus)
@@ -506,7 +506,7 @@ def evaluate_maps(masks_dir: str, maps_dirs: str | Sequence[str], out_dir: str,
     log.info("eval-maps %s: %d masks x %d map folders", dataset, n_masks, len(records) // max(1, n_masks))
     clear_parts(out_dir, PER_IMAGE_FILE, store)
     acc = Accumulator()
-    ds = ray.data.from_arrow(record_blocks(records, MAPS_PER_TASK))
+    ds = ray.data.from_arrow_refs([ray.put(block) for block in record_blocks(records, MAPS_PER_TASK)])
     del records
     ds = ds.map(score_map, fn_kwargs={"store": store}).map_batches(
         _write_map_rows, batch_format="pyarrow", batch_size=PART_ROWS,

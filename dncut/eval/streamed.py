@@ -7,9 +7,9 @@ the dicts; ``dncut.eval.inputs.saliency_records`` builds the same table column b
 ``indexed(table)`` adds the ``record_index`` column (int64, each record's position in the table),
 which every stage carries to the scored rows (``dncut.eval.stages.score_row``), so that the driver
 finds a row's record by position, never by its image id. ``record_blocks(table, rows)`` cuts it into
-compact blocks of ``rows`` records (copies, not slices: a pickled slice carries its parent's buffers)
-for ``ray.data.from_arrow``. The rows each block gives are those ``ray.data.from_items`` gives for
-the same dicts (the same Arrow conversion).
+compact blocks of ``rows`` records, one at a time (copies, not slices: a pickled slice carries its
+parent's buffers) for ``ray.put`` and ``ray.data.from_arrow_refs``. The rows each block gives are
+those ``ray.data.from_items`` gives for the same dicts (the same Arrow conversion).
 
 Rule: no scored row reaches the driver on its own. The Parquet-writing step
 (``dncut.eval.report.write_per_image``) returns ``driver_rows(batch)``: per method, one row with the
@@ -70,14 +70,17 @@ def indexed(table):
     return table.append_column(RECORD_INDEX, pa.array(np.arange(table.num_rows, dtype=np.int64)))
 
 
-def record_blocks(table, rows: int) -> list:
-    """``table`` -> tables of at most ``rows`` rows each (at least one), copied out of ``table``."""
+def record_blocks(table, rows: int) -> Iterator:
+    """``table`` -> tables of at most ``rows`` rows each (at least one), copied out of ``table``, one at a
+    time (a generator: put each in Ray's object store before the next is cut, and the driver holds one
+    copy of the records, not two)."""
     import pyarrow as pa
 
     if table.num_rows == 0:
-        return [table]
-    return [table.take(pa.array(np.arange(start, min(start + rows, table.num_rows))))
-            for start in range(0, table.num_rows, rows)]
+        yield table
+        return
+    for start in range(0, table.num_rows, rows):
+        yield table.take(pa.array(np.arange(start, min(start + rows, table.num_rows))))
 
 
 def _curves(column, n: int) -> np.ndarray:
