@@ -425,3 +425,49 @@ def test_repeated_image_ids_fail_before_the_pipeline():
     check_unique_ids(records_table([]), "d")
     with pytest.raises(ValueError, match=r"eval d: 1 image ids name more than one record, e.g. 'img3'"):
         check_unique_ids(records_table([record(f"img{i}", "/x") for i in (0, 1, 3, 2, 3)]), "d")
+
+
+@pytest.mark.parametrize("spelling", ["plain", "trailing slash", "double slash"])
+def test_local_listing_walks_in_chunks_and_equals_the_storage_listing(tmp_path: Path, monkeypatch, spelling: str):
+    """``stem_columns`` of a local folder (walked ``LIST_CHUNK`` files at a time, never a Python string
+    per file of the folder) equals the storage's listing (``Storage.check_source``): sub-folders, a
+    linked folder, upper-case and doubled suffixes, hidden and non-image files, non-ASCII names, a
+    stem of two files; a missing or image-less folder gets the storage's error."""
+    import os
+
+    from dncut.data.datasets import DatasetLayoutError
+    from dncut.eval import inputs
+    from dncut.storage import Storage
+
+    root = tmp_path / "DUTS" / "images"
+    for name in ["a.jpg", "a.PNG", "B.JPEG", "sub/c.jpg", "sub/deep/d.png", ".hidden.jpg", "notes.txt", "é.jpg",
+                 "x.tar.jpg", "sub/e.webp", "z.bmp", *[f"many/{i:03d}.jpg" for i in range(11)]]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "f.jpg").write_bytes(b"x")
+    os.symlink(tmp_path / "elsewhere", root / "linked")
+    folder = {"plain": str(root), "trailing slash": f"{root}/", "double slash": str(root).replace("/DUTS", "//DUTS")}[
+        spelling]
+    store = Storage()
+    sizes: list[int] = []
+    real = inputs.stem_array
+    monkeypatch.setattr(inputs, "LIST_CHUNK", 3)
+    monkeypatch.setattr(inputs, "stem_array", lambda f, uris: (sizes.append(len(uris)), real(f, uris))[1])
+    stems, uris = inputs.stem_columns(folder, "images", "l", store)
+    assert sizes and max(sizes) <= 3  # chunks, not the whole listing
+    expected = inputs.stems(folder, "images", "l", store)  # the storage's listing, a dict
+    assert dict(zip(stems.to_pylist(), uris.to_pylist())) == expected
+    assert stems.to_pylist() == sorted(expected) and "linked/f" in expected and "x.tar" in expected
+
+    monkeypatch.setattr(inputs, "_local_columns", lambda *a: None)  # the storage's path gives the same arrays
+    assert [a.to_pylist() for a in inputs.stem_columns(folder, "images", "l", store)] == [stems.to_pylist(),
+                                                                                           uris.to_pylist()]
+    monkeypatch.undo()
+    for bad, message in ((tmp_path / "nope", "does not exist"), (tmp_path / "elsewhere" / "f.jpg", "not a folder")):
+        with pytest.raises(DatasetLayoutError, match=message):
+            inputs.stem_columns(str(bad), "images", "l", store)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "x.txt").write_bytes(b"x")
+    with pytest.raises(DatasetLayoutError, match="images folder"):
+        inputs.stem_columns(str(tmp_path / "empty"), "images", "l", store)

@@ -41,9 +41,53 @@ def stems(folder: str, what: str, layout: str, store: Storage) -> dict[str, str]
     return {relative_stem(folder, f): f for f in _listing(folder, what, layout, store)}
 
 
+LIST_CHUNK = 4_096
+"""Files of a local folder listed at a time into ``pyarrow`` arrays (``stem_columns``): the Python
+strings alive at once, not one per file of the folder."""
+
+
+def _local_columns(folder: str, store: Storage):
+    """``(uris, stems)`` of the images below the local ``folder`` as two ``pyarrow`` string arrays in
+    listing order, the files walked ``LIST_CHUNK`` at a time (``os.scandir``; symbolic links followed,
+    as the storage's listing follows them); ``None`` when it cannot say (an error, an empty folder):
+    the storage's listing then decides, with its message. URIs as ``dncut.storage.list_files`` gives
+    them: the folder's expanded path without a trailing ``/``, then ``/`` and the relative path."""
+    import os
+
+    import pyarrow as pa
+
+    path = store.filesystem(folder)[1]
+    wanted = tuple(s.lower() for s in IMAGE_SUFFIXES)
+    chunks: list[tuple] = []
+    names: list[str] = []
+
+    def flush() -> None:
+        chunks.append((pa.array(names, pa.string()), stem_array(folder, names)))
+        names.clear()
+
+    try:
+        pending = [path]
+        while pending:
+            with os.scandir(pending.pop()) as entries:
+                for entry in entries:
+                    if entry.is_dir():
+                        pending.append(entry.path)
+                    elif entry.is_file() and entry.name.lower().endswith(wanted):
+                        names.append(entry.path)
+                        if len(names) == LIST_CHUNK:
+                            flush()
+        flush()
+    except (OSError, ValueError, pa.ArrowException):  # unreadable, or a name Arrow cannot hold: the storage decides
+        return None
+    uris = pa.concat_arrays([u for u, _ in chunks])
+    return (uris, pa.concat_arrays([k for _, k in chunks])) if len(uris) else None
+
+
 def stem_columns(folder: str, what: str, layout: str, store: Storage):
     """What ``stems`` gives as two ``pyarrow`` string arrays ``(stems, uris)``, sorted by stem (code
-    point order, as ``sorted``), without a Python object per file beyond the storage's listing.
+    point order, as ``sorted``), without a Python object per file: a local folder is walked
+    ``LIST_CHUNK`` files at a time (``_local_columns``); an ``s3://`` prefix (and a local folder the
+    walk cannot list) goes through the storage's listing, one Python string per file while it lasts.
 
     Raises:
         DatasetLayoutError: as ``stems``.
@@ -51,9 +95,15 @@ def stem_columns(folder: str, what: str, layout: str, store: Storage):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    files = _listing(folder, what, layout, store)
-    keys, uris = stem_array(folder, files), pa.array(files, pa.string())
-    del files
+    columns = None if store.is_s3(folder) else _local_columns(folder, store)
+    if columns is None:
+        files = _listing(folder, what, layout, store)
+        uris, keys = pa.array(files, pa.string()), stem_array(folder, files)
+        del files
+    else:
+        uris, keys = columns
+        by_uri = pc.sort_indices(uris)  # the storage's listing order: sorted URIs
+        uris, keys = uris.take(by_uri), keys.take(by_uri)
     order = pc.sort_indices(keys)  # a stable sort: files of one stem stay in listing order
     keys, uris = keys.take(order), uris.take(order)
     last = pc.not_equal(keys.slice(0, len(keys) - 1), keys.slice(1))  # (n-1,): the next file has another stem
