@@ -16,10 +16,14 @@ job (after ``ray.init`` and listing the inputs), its peak during the job (sample
 (kernel peak), their difference (growth), wall time. The same for ``RssAnon`` (private heap) and
 ``RssShmem`` (object-store pages the driver touched), whose sum with ``RssFile`` is ``VmRSS``.
 
-Repeats: the peak of one small run moves by ~10 MiB from run to run (start-up: libraries, Ray's
-threads), which moves a slope over 1k / 10k / 50k by ~0.14 MiB per 1,000. So each size runs
+Steps: each run also keeps the peak and last value of every field per step of the job (``phases``:
+``saliency_records``, ``run_pipeline``, ``write_report`` of ``dncut.eval.jobs``, and what runs after
+each: ``after write_report`` is the gallery), to tell which step sets the peak.
+
+Repeats: the peak of one run moves by 5-20 MiB from run to run (start-up: libraries, Ray's threads;
+which step peaks), and 10 MiB at 1k moves a slope over 1k / 10k / 50k by ~0.14 MiB per 1,000. So each size runs
 ``--repeats`` times (one count for every size, or one per size; default 3, 3 and 2 for the default
-sizes: ~13 min on the 2-core box, the 50k runs ~4 min each), the sizes interleaved round by round
+sizes: 11 min 20 s on the 2-core box, a 50k run ~3.5 min), the sizes interleaved round by round
 (a drift of the machine's load spreads over every size), and each size reports the MEDIAN of its
 runs per field; the least-squares slopes in MiB per 1,000 images are those of the medians. Target:
 <= 2 MiB per 1,000. Every run is kept in the JSON (``runs``).

@@ -25,9 +25,10 @@ are means over the images that succeeded; failed images are rows with their reas
 Driver memory: per-image rows are written by the workers as Parquet parts and streamed into one
 file at the end, row group by row group (``dncut.eval.streamed.merge_parts``; row order not
 guaranteed), metrics are running sums (``Accumulator``); what remains per image on the driver is
-its input record in one Arrow table (``dncut.eval.streamed.records_table``, ~150 bytes) and its
-``RowLedger`` byte; the rows reach it as one payload row per batch and method
-(``dncut.eval.streamed.driver_rows``). Figures: docs/operations.md, "Evaluation driver memory".
+its input record in one Arrow table (``dncut.eval.streamed.records_table``, ~150 bytes, with its
+position as ``record_index``) and its ``RowLedger`` byte; the rows reach it as one payload row per
+batch and method (``dncut.eval.streamed.driver_rows``: record indices, not image ids). Figures:
+docs/operations.md, "Evaluation driver memory".
 
 An inference actor that dies (OOM kill, SIGKILL, node lost) fails the pipeline; the driver runs it
 again on the images without all their rows, at most ``dncut.eval.retry.ATTEMPTS`` runs, and counts
