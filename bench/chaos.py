@@ -296,9 +296,13 @@ def _max_history_step(run: Path) -> int:
     return max((int(m["step"]) for m in read_history(str(run))), default=0) if run.exists() else 0
 
 
-def trial_driver_kill(workdir: Path, trial: int, rng: random.Random, fault: bool = True, total: int = 24) -> dict:
-    """``dncut train`` as a subprocess (its own local Ray), SIGKILLed at a random step, then run again.
+def trial_driver_kill(workdir: Path, trial: int, rng: random.Random, fault: bool = True, total: int = 24,
+                      address: str | None = None) -> dict:
+    """``dncut train`` as a subprocess, SIGKILLed at a random step, then run again.
 
+    ``address``: None (the bench) = each driver starts its own local Ray, which dies with it; a
+    running cluster's address (GCS ``host:port``) = both drivers join it, as ``ray job submit``
+    drivers do, and Ray ends the killed driver's actors while the cluster lives on.
     A smoke step takes ~0.2 s once Ray Train reports every ``REPORT_POLL_S``: the run is 24 steps and
     the kill lands within 0.25 s of the target step, so that it comes before the run's end."""
     import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path)
@@ -306,7 +310,7 @@ def trial_driver_kill(workdir: Path, trial: int, rng: random.Random, fault: bool
 
     overrides = ["run_name=dk", f"train.max_steps={total}", f"train.checkpoint_every={CKPT_EVERY}",
                  "train.keep_checkpoints=2"]
-    cmd = _cli_train(workdir, overrides)
+    cmd = _cli_train(workdir, overrides) + (["--address", address] if address else [])
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     run = Path(train_config(workdir, *overrides).run_dir)

@@ -16,8 +16,8 @@ test and ``python bench/chaos.py`` (the repeated trials, the table) run the same
                             from the newest checkpoint (the worker log says so) and finishes
 
 In-process trials use the session Ray (``ray_session``); the driver trial runs ``dncut train`` in a
-subprocess that starts its own local Ray (a second cluster on free ports; the session one, if any,
-stays up and idle), as ``tests/test_jobs.py`` does with its own ``ray start``.
+subprocess that joins the session's cluster (``--address``), as a ``ray job submit`` driver joins
+its cluster; ``python bench/chaos.py --kinds driver_kill`` gives each driver its own local Ray.
 
 ``test_manifest...`` checks dncut's own checkpoint record on hand-made run folders (no Ray).
 The other kinds (deleted checkpoint, S3 endpoint stopped during reads / uploads, a sweep trial's
@@ -77,8 +77,11 @@ def test_killed_eval_actor_loses_no_row(ray_session, tmp_path):
     assert res["survived"]
 
 
-def test_killed_driver_rerun_resumes(tmp_path):
-    res = chaos.trial_driver_kill(tmp_path, 0, random.Random(4), total=DRIVER_TOTAL)
+def test_killed_driver_rerun_resumes(ray_session, tmp_path):
+    """Both drivers join the session's cluster (as ``ray job submit`` drivers do); the bench's rows
+    give each driver its own local Ray, which dies with it (docs/operations.md, "Faults")."""
+    address = ray_session.get_runtime_context().gcs_address
+    res = chaos.trial_driver_kill(tmp_path, 0, random.Random(4), total=DRIVER_TOTAL, address=address)
     assert res["killed_after_step"] >= chaos.CKPT_EVERY and res["resume_checkpoint"] >= chaos.CKPT_EVERY, res
     assert res["outcome"] == "finished" and res["final_step"] == DRIVER_TOTAL, res["message"]
     assert 0 <= res["steps_lost"] <= chaos.CKPT_EVERY, res

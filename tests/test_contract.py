@@ -157,57 +157,59 @@ def test_encoder_batchnorm_policy_through_the_training_loop(ray_session, tmp_pat
         assert not any(same), "unfrozen encoder BatchNorm statistics did not adapt"
 
 
-@pytest.mark.ray
-def test_same_seed_same_losses_other_seed_other_losses(ray_session, tmp_path: Path):
-    """Two 1-worker CPU runs with one seed give bit-identical per-step losses (file order, shuffle
-    and every augmentation are seeded); a third run with another seed differs."""
-    from dncut.train import fit
+def _seeded(root: Path, name: str, seed: int = 0, steps: int = 4):
+    """The smoke run both seeding contracts train: 1 worker, CPU, a checkpoint every 2 steps, no
+    validation before the end."""
+    return load_config(SMOKE, [f"output_dir={root}", f"run_name={name}", f"seed={seed}", f"train.max_steps={steps}",
+                               "train.warmup_steps=2", "train.checkpoint_every=2", "train.val_every=null",
+                               "data.val_scenes=1"])
+
+
+def _losses(cfg) -> list[tuple[int, float]]:
+    """Fit ``cfg``; its history's ``(step, loss)``; the driver's resume step is the run's end."""
+    from dncut.train import fit, resume_step
     from dncut.tracking import read_history
 
-    def config(seed: int, name: str):
-        return load_config(SMOKE, [f"output_dir={tmp_path}", f"run_name={name}", f"seed={seed}", "train.max_steps=4",
-                                   "train.val_every=null", "data.val_scenes=1", "train.checkpoint_every=4"])
+    fit(cfg)
+    assert resume_step(cfg) == cfg.train.max_steps  # where the driver starts the rows of a rerun
+    return [(m["step"], m["loss"]) for m in read_history(cfg.run_dir)]
 
-    def losses(seed: int, name: str) -> list[float]:
-        cfg = config(seed, name)
-        fit(cfg)
-        history = read_history(cfg.run_dir)
-        assert [m["step"] for m in history] == [1, 2, 3, 4]
-        return [m["loss"] for m in history]
 
-    first, again, other = losses(0, "a"), losses(0, "b"), losses(1, "c")
+@pytest.fixture(scope="module")
+def straight(ray_session, tmp_path_factory) -> tuple[Path, list[tuple[int, float]]]:
+    """One uninterrupted 4-step seed-0 run (its output_dir, its ``(step, loss)``), shared by both contracts."""
+    root = tmp_path_factory.mktemp("seeded")
+    return root, _losses(_seeded(root, "straight"))
+
+
+@pytest.mark.ray
+def test_same_seed_same_losses_other_seed_other_losses(straight):
+    """Two 1-worker CPU runs with one seed give bit-identical per-step losses (file order, shuffle
+    and every augmentation are seeded); a third run with another seed differs."""
+    root, first = straight
+    again, other = _losses(_seeded(root, "b")), _losses(_seeded(root, "c", seed=1))
+    assert [s for s, _ in first] == [1, 2, 3, 4]
     assert first == again, json.dumps([first, again])
-    assert first != other
+    assert [l for _, l in first] != [l for _, l in other]
     # bench/finetune_device.py (the in-process loop the device machine runs, it has no Ray) trains
     # what fit trains: the same rows, views, batches, initialisation and steps, bit for bit
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from finetune_device import train
 
-    assert train(config(0, "device"), "cpu", view_workers=1)["losses"] == first
+    assert train(_seeded(root, "device"), "cpu", view_workers=1)["losses"] == [l for _, l in first]
 
 
 @pytest.mark.ray
-def test_a_resumed_run_trains_on_what_the_uninterrupted_run_would(ray_session, tmp_path: Path):
+def test_a_resumed_run_trains_on_what_the_uninterrupted_run_would(straight):
     """Stopped after step 2 and rerun to step 4 (same run), the per-step losses equal those of one
     uninterrupted 4-step run bit for bit: the model, the optimizer and the seeded data stream all
     continue where they stopped (the rerun leaves out the rows already trained)."""
-    from dncut.train import fit, resume_step
-    from dncut.tracking import read_history
-
-    def run(name: str, steps: int) -> list[tuple[int, float]]:
-        cfg = load_config(SMOKE, [f"output_dir={tmp_path}", f"run_name={name}", f"train.max_steps={steps}",
-                                  "train.warmup_steps=2", "train.checkpoint_every=2", "train.val_every=null",
-                                  "data.val_scenes=1"])
-        fit(cfg)
-        assert resume_step(cfg) == steps  # where the driver starts the rows of a rerun
-        return [(m["step"], m["loss"]) for m in read_history(cfg.run_dir)]
-
-    straight = run("straight", 4)
-    run("resumed", 2)
-    resumed = run("resumed", 4)
-    assert [s for s, _ in straight] == [s for s, _ in resumed] == [1, 2, 3, 4]
-    assert resumed == straight
-    assert run("resumed", 4) == straight  # a finished run run again trains nothing and keeps its history
+    root, uninterrupted = straight
+    _losses(_seeded(root, "resumed", steps=2))
+    resumed = _losses(_seeded(root, "resumed"))
+    assert [s for s, _ in uninterrupted] == [s for s, _ in resumed] == [1, 2, 3, 4]
+    assert resumed == uninterrupted
+    assert _losses(_seeded(root, "resumed")) == uninterrupted  # a finished run run again trains nothing, keeps its history
 
 
 @pytest.mark.ray

@@ -63,21 +63,35 @@ def test_a_mistake_is_one_line_exit_2_before_ray(work, in_one_process, mistake, 
     assert any(name in row["message"] for name in names), (names, row)  # the input is named
 
 
-def test_in_process_main_returns_2_and_ray_never_starts(tmp_path, capsys):
-    import ray
+IN_PROCESS = """
+import contextlib, io, json, sys
+import ray
+from dncut.cli import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(argv)
+    out.append({"rc": rc, "err": err.getvalue(), "ray": ray.is_initialized()})
+print(json.dumps(out))
+"""
 
-    from dncut.cli import main
 
-    if ray.is_initialized():
-        pytest.skip("a Ray session of another test is up in this process")
-    assert main(["eval-saliency", "--images", str(tmp_path / "nope"), "--masks", str(tmp_path),
-                 "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    assert "--images" in err and "no such folder" in err and "Traceback" not in err
-    assert not ray.is_initialized()
-    assert main(["eval-discovery", "--images", str(tmp_path), "--annotations", str(tmp_path / "instances.json"),
-                 "--out", str(tmp_path / "out")]) == 2
-    assert "--annotations" in capsys.readouterr().err and not ray.is_initialized()
+def test_in_process_main_returns_2_and_ray_never_starts(tmp_path):
+    """``dncut.cli.main`` called in a Python process (a fresh one: no other test's Ray session in it)
+    returns 2 on bad input and never initialises Ray."""
+    runs = [["eval-saliency", "--images", str(tmp_path / "nope"), "--masks", str(tmp_path), "--out",
+             str(tmp_path / "out")],
+            ["eval-discovery", "--images", str(tmp_path), "--annotations", str(tmp_path / "instances.json"),
+             "--out", str(tmp_path / "out")]]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", IN_PROCESS, json.dumps(runs)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    saliency, discovery = json.loads(proc.stdout.splitlines()[-1])
+    assert saliency["rc"] == 2 and not saliency["ray"]
+    assert "--images" in saliency["err"] and "no such folder" in saliency["err"] and "Traceback" not in saliency["err"]
+    assert discovery["rc"] == 2 and not discovery["ray"] and "--annotations" in discovery["err"]
 
 
 def test_not_a_run_folder(work):

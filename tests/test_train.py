@@ -270,7 +270,7 @@ def test_train_checkpoint_resume_and_export(ray_session, tmp_path):
 
     # same run name, longer run: resumes at step 4 with the optimiser state of step 4
     cfg2 = smoke_config(tmp_path, "train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=5")
-    fit(cfg2)
+    finished = fit(cfg2)
     states = _checkpoint_states(run)
     assert sorted(states) == [2, 4, 6]
     adam_steps = {int(v["step"]) for v in states[6]["optimizer"]["state"].values()}
@@ -284,6 +284,47 @@ def test_train_checkpoint_resume_and_export(ray_session, tmp_path):
     mine = loaded.state_dict()
     common = [k for k in enc if k in mine]
     assert common and all(torch.equal(enc[k], mine[k]) for k in common)
+
+    # the finished run run again: no worker, no new fit folder; the result of the fit that finished it
+    fits, history = sorted(run.glob("fit_*")), (run / "metrics.jsonl").read_text()
+    again = fit(cfg2)
+    assert sorted(run.glob("fit_*")) == fits and (run / "metrics.jsonl").read_text() == history
+    assert again.metrics == finished.metrics and again.metrics["step"] == 6
+    assert again.checkpoint.path == finished.checkpoint.path and again.error is None
+
+
+def test_a_finished_run_is_one_whose_last_step_is_checkpointed_marked_and_exported(tmp_path):
+    """``finished_result``: a rerun skips training only when the manifest's "finished" mark, the
+    newest intact checkpoint and the run's length agree and the export is there; a checkpoint
+    recorded after the mark (the run extended) drops the mark."""
+    from dncut.train.checkpoints import (EXPORT_FILE, MANIFEST_FILE, PROGRESS_FILE, finished_at, record,
+                                         record_finished)
+    from dncut.train.driver import finished_result
+
+    cfg = smoke_config(tmp_path).with_absolute_paths()
+    store, run = cfg.storage_handle(), Path(cfg.run_dir)
+    folder = run / "fit_1" / "checkpoint_6"
+    folder.mkdir(parents=True)
+    (folder / STATE_FILE).write_bytes(b"x" * 4)
+    (folder / PROGRESS_FILE).write_text(json.dumps({"step": 6, "state_bytes": 4}))
+    record(str(run), store, "fit_1/checkpoint_6", 6)
+    (run / EXPORT_FILE).write_bytes(b"weights")
+    assert finished_result(cfg, 6) is None  # checkpointed and exported, not marked: the end was not reached
+    record_finished(str(run), store, 6, {"step": 6, "loss": 0.5})
+    done = finished_result(cfg, 6)
+    assert done.metrics == {"step": 6, "loss": 0.5} and done.checkpoint.path == str(folder)
+    assert done.path == str(run / "fit_1")
+    assert finished_result(cfg, 8) is None  # a longer run: train on
+    (run / EXPORT_FILE).unlink()
+    assert finished_result(cfg, 6) is None  # the export gone: the worker writes it again
+    (run / EXPORT_FILE).write_bytes(b"weights")
+    (folder / STATE_FILE).write_bytes(b"x" * 2)  # the newest checkpoint truncated: resume from it is not possible
+    assert finished_result(cfg, 6) is None
+    (folder / STATE_FILE).write_bytes(b"x" * 4)
+    assert finished_result(cfg, 6) is not None
+    record(str(run), store, "fit_2/checkpoint_8", 8)  # the run extended: no longer finished
+    assert finished_at(str(run), store) is None and finished_result(cfg, 6) is None
+    assert json.loads((run / MANIFEST_FILE).read_text())["checkpoints"][-1] == {"name": "fit_2/checkpoint_8", "step": 8}
 
 
 def test_resume_point_skips_a_broken_newest_checkpoint(tmp_path, caplog):

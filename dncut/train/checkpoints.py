@@ -3,8 +3,10 @@
 A run folder (``Config.run_dir``: ``output_dir/run_name``, local or ``s3://``) holds::
 
     config.yaml                     the resolved config (CONFIG_FILE)
-    checkpoints.json                dncut's record (MANIFEST_FILE): {"checkpoints": [{"name", "step"}]},
-                                    appended by rank 0 once a checkpoint's upload has completed
+    checkpoints.json                dncut's record (MANIFEST_FILE): {"checkpoints": [{"name", "step"}],
+                                    "finished": {"step", "metrics"}}; a checkpoint is appended by rank 0
+                                    once its upload has completed, "finished" is set once the run's
+                                    last step is checkpointed and exported (a new checkpoint drops it)
     backbone.pth, model.safetensors, config.json    the export (EXPORT_FILE; dncut.export)
     fit_<time>/                     one ``fit()`` of the run: Ray Train's folder for that fit
         checkpoint_<time>/          one checkpoint
@@ -94,22 +96,50 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:07d}_{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
+def read_manifest(run: str, store: Storage) -> dict[str, Any]:
+    """The run's manifest (``{"checkpoints": [...], "finished": {...}}``; ``{"checkpoints": []}``
+    without a readable one: a WARNING names an unreadable one, checkpoints are then found by listing)."""
+    try:
+        manifest = json.loads(store.read_bytes(store.join(run, MANIFEST_FILE)))
+        manifest["checkpoints"] = list(manifest["checkpoints"])
+        return manifest
+    except FileNotFoundError:
+        return {"checkpoints": []}
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("run %s: unreadable %s (%s); checkpoints are found by listing", run, MANIFEST_FILE, exc)
+        return {"checkpoints": []}
+
+
+def write_manifest(run: str, store: Storage, manifest: dict[str, Any]) -> None:
+    store.write_bytes(store.join(run, MANIFEST_FILE), json.dumps(manifest, indent=1).encode())
+
+
 def record(run: str, store: Storage, name: str, step: int) -> None:
-    """Append a checkpoint whose upload has completed (``name`` relative to ``run``) to the manifest."""
-    entries = recorded(run, store)
-    entries.append({"name": name, "step": int(step)})
-    store.write_bytes(store.join(run, MANIFEST_FILE), json.dumps({"checkpoints": entries}, indent=1).encode())
+    """Append a checkpoint whose upload has completed (``name`` relative to ``run``) to the manifest;
+    the run is no longer finished (``record_finished``) until it finishes again."""
+    manifest = read_manifest(run, store)
+    manifest["checkpoints"].append({"name": name, "step": int(step)})
+    manifest.pop("finished", None)
+    write_manifest(run, store, manifest)
 
 
 def recorded(run: str, store: Storage) -> list[dict[str, Any]]:
     """The manifest's entries (``[{"name", "step"}]``, oldest first; empty without a readable manifest)."""
-    try:
-        return list(json.loads(store.read_bytes(store.join(run, MANIFEST_FILE)))["checkpoints"])
-    except FileNotFoundError:
-        return []
-    except (ValueError, KeyError, TypeError) as exc:
-        log.warning("run %s: unreadable %s (%s); checkpoints are found by listing", run, MANIFEST_FILE, exc)
-        return []
+    return read_manifest(run, store)["checkpoints"]
+
+
+def record_finished(run: str, store: Storage, step: int, metrics: dict[str, Any]) -> None:
+    """Mark the run finished at ``step``: its last checkpoint is uploaded and its export written.
+    ``metrics``: the last reported metrics (what ``fit`` returns for a rerun of the finished run)."""
+    manifest = read_manifest(run, store)
+    manifest["finished"] = {"step": int(step), "metrics": metrics}
+    write_manifest(run, store, manifest)
+
+
+def finished_at(run: str, store: Storage) -> dict[str, Any] | None:
+    """``{"step", "metrics"}`` of a finished run (``record_finished``), else None."""
+    mark = read_manifest(run, store).get("finished")
+    return mark if isinstance(mark, dict) and isinstance(mark.get("step"), int) else None
 
 
 def new_fit_name() -> str:

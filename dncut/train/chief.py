@@ -52,6 +52,7 @@ class Chief:
                         default=-math.inf)  # of the exported encoder (train.export: best_val_iou)
         self.best_step: int | None = None
         self.curve: list[dict[str, float]] = []
+        self.last_metrics: dict[str, Any] = dict(history[-1]) if history else {}  # the last reported
         state.last_val = self.validate(model, state.step)
 
     def validate(self, model, step: int) -> dict[str, float]:
@@ -69,6 +70,7 @@ class Chief:
     def record(self, metrics: dict[str, Any]) -> None:
         """Progress line + the run's tracking."""
         log_progress(metrics)
+        self.last_metrics = dict(metrics)
         if self.tracker is not None:
             self.tracker.log(metrics, metrics["step"])
 

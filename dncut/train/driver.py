@@ -11,6 +11,7 @@
                            TorchTrainer whose RunConfig names a fresh ``fit_<time>`` folder under
                            the run folder
       -> trainer.fit()     workers: dncut.train.worker.train_loop_per_worker (via dncut.train.entry)
+         unless the run has finished already (finished_result): then no worker starts
 
 ``dncut found-train`` assembles its trainer from the same pieces (``scaling_config``,
 ``run_config``; ``dncut.train.found``).
@@ -32,8 +33,8 @@ from dncut.export import ExportFormat, RunFacts, export_hf, push_hf
 from dncut.runtime import worker_env
 from dncut.storage import Storage, read_bytes
 from dncut.tracking import ProgressBar, read_history
-from dncut.train.checkpoints import (CONFIG_FILE, EXPORT_FILE, check_rerun, new_fit_name, prune_earlier_fits,
-                                     resume_point)
+from dncut.train.checkpoints import (CONFIG_FILE, EXPORT_FILE, check_rerun, finished_at, new_fit_name,
+                                     prune_earlier_fits, resume_point)
 from dncut.train.resources import check_cluster
 from dncut.train.entry import train_loop_per_worker
 
@@ -150,15 +151,42 @@ def build_trainer(cfg: Config, callbacks: list | None = None, placement_group_fi
 
 
 def fit(cfg: Config, *, progress: bool = False):
-    """Train (or resume ``cfg.run_dir``) and return the Ray Train ``Result``.
+    """Train (or resume ``cfg.run_dir``) and return the Ray Train ``Result``. A rerun of a finished
+    run (``finished_result``) starts no worker and returns the finished run's result.
 
     ``progress``: draw a progress bar on this (the driver's) console (``dncut.tracking.ProgressBar``).
     """
     trainer = build_trainer(cfg)
     loop = trainer.train_loop_config
+    done = finished_result(cfg.with_absolute_paths(), loop["total_steps"])
+    if done is not None:
+        log.info("run %s finished at step %d already: nothing to train (set a larger train.max_steps to "
+                 "continue it, or a new run_name)", cfg.with_absolute_paths().run_dir, loop["total_steps"])
+        return done
     with ProgressBar(cfg.with_absolute_paths().run_dir, loop["total_steps"], start=loop["start_step"],
                      store=cfg.storage_handle(), disable=not progress, desc=cfg.run_name):
         return trainer.fit()
+
+
+def finished_result(cfg: Config, total: int):
+    """The ``ray.train.Result`` of a run that has finished ``total`` steps, or None (train then).
+
+    Finished: the manifest's "finished" mark is at ``total`` (written after the last checkpoint's
+    upload and the export, ``dncut.train.checkpoints.record_finished``), the newest intact checkpoint
+    is at ``total`` and the export is there. The result holds the metrics of the run's last report
+    and its newest checkpoint, as the ``fit()`` that finished it returned them.
+    """
+    import ray.train
+
+    store = cfg.storage_handle()
+    mark, newest = finished_at(cfg.run_dir, store), resume_point(cfg.run_dir, store)
+    if (mark is None or newest is None or mark["step"] != total or newest.step != total
+            or not store.exists(store.join(cfg.run_dir, EXPORT_FILE))):
+        return None
+    fs, path = store.filesystem(newest.uri)
+    fit_folder = store.join(cfg.run_dir, newest.name.split("/")[0])
+    return ray.train.Result(metrics=mark["metrics"], checkpoint=ray.train.Checkpoint(path, filesystem=fs),
+                            error=None, path=fit_folder)
 
 
 def export_run(run: str, fmt: ExportFormat = "hf", out: str | None = None, *,

@@ -10,7 +10,8 @@
             train_one_step()
             every log_every / checkpoint_every / val_every step: report()
         Chief (rank 0 only, dncut.train.chief): validation, progress, tracking, checkpoint
-            files, and at the end the export of the finetuned backbone and the curves figure
+            files, and at the end the export of the finetuned backbone and the curves figure,
+            then the run's "finished" mark (dncut.train.checkpoints.record_finished)
 
 ``report`` hands Ray Train the metrics (a barrier of all workers) and, when due, rank 0's
 checkpoint folder, which Ray uploads before ``ray.train.report`` returns; then the worker
@@ -29,7 +30,7 @@ import torch
 from dncut.config import Config
 from dncut.runtime import release_freed_memory, set_threads
 from dncut.storage import Storage
-from dncut.train.checkpoints import checkpoint_name, load_state, record, resume_point
+from dncut.train.checkpoints import checkpoint_name, load_state, record, record_finished, resume_point
 from dncut.train.chief import Chief
 from dncut.train.loop import (LoopState, broadcast, build_loss, build_model, build_optimizer, checkpoint_due,
                               report_due, run_schedule, step_metrics, train_one_step, union, val_due)
@@ -81,6 +82,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                "(dncut.data.pipeline.epochs_needed sized them for the whole run)")
     if chief is not None:
         chief.finish(model)
+        record_finished(cfg.run_dir, store, state.step, chief.last_metrics)  # a rerun starts no worker
 
 
 def setup_worker(cfg: Config, rank: int) -> torch.device:
