@@ -169,3 +169,33 @@ def test_eval_and_predict_write_a_gallery_that_renders_offline(ray_session, scen
         _not_blank(shot)
     if os.environ.get("DNCUT_GALLERY_SHOT"):
         shutil.copy(tmp_path / "eval.png", os.environ["DNCUT_GALLERY_SHOT"])
+
+
+def test_read_shown_keeps_the_example_scores_and_the_first_failed_rows(tmp_path: Path):
+    """``read_shown`` over a 10,000-row per_image.parquet (3 batches): the scores of the example
+    images (ok rows only: a failed row has no score; non-finite values left out, another backbone's row of the same image not
+    taken), every failed row counted, the first ``failed_shown`` kept in file order; against a
+    plain loop over every row."""
+    rng = np.random.default_rng(0)
+    n = 10_000
+    status = np.where(rng.random(n) < 0.1, "failed", "ok").astype(object)
+    status[2 * 2048], status[2 * 2049] = "failed", "ok"  # an example image whose row failed, one that did not
+    iou = rng.random(n)
+    iou[::97] = np.nan
+    table = pa.table({
+        "dataset": ["d"] * n, "backbone": np.where(np.arange(n) % 2 == 0, "a", "b").tolist(), "checkpoint": [None] * n,
+        "image_id": [f"img{i // 2:05d}" for i in range(n)], "method": ["simple"] * n, "status": status.tolist(),
+        "error": [f"err {i}" if s != "ok" else None for i, s in enumerate(status)],
+        "acc": rng.random(n), "iou": iou, "max_fbeta": rng.random(n), "corloc_hit": [None] * n})
+    pq.write_table(table, tmp_path / "per_image.parquet")
+    picked = [f"img{i:05d}" for i in (0, 97 // 2, 2048, 2049, 4999)]
+    examples = {("d", "a", None): [(image_id, "simple", b"") for image_id in picked]}
+    shown = gallery.read_shown(str(tmp_path / "per_image.parquet"), examples, Storage(), failed_shown=7)
+    rows = table.to_pylist()
+    failed = [r for r in rows if r["status"] != "ok"]
+    assert shown.n_failed == len(failed) > 7
+    assert shown.failed == [("d", "simple", r["image_id"], r["error"]) for r in failed[:7]]
+    expected = {(r["dataset"], r["backbone"], r["checkpoint"], r["image_id"], r["method"]):
+                {k: r[k] for k in ("acc", "iou", "max_fbeta") if not np.isnan(r[k])}
+                for r in rows if r["status"] == "ok" and r["backbone"] == "a" and r["image_id"] in picked}
+    assert expected and shown.scores == expected

@@ -95,9 +95,12 @@ def read_shown(per_image_uri: str, examples: dict[ExampleKey, list[tuple[str, st
     Returns:
         The ``Shown`` rows; empty when the file does not exist.
     """
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     wanted = {(*group, image_id, method) for group, items in examples.items() for image_id, method, _ in items}
+    wanted_ids = pa.array(sorted({key[3] for key in wanted}), pa.string())
     shown = Shown()
     if not store.exists(per_image_uri):
         return shown
@@ -106,13 +109,17 @@ def read_shown(per_image_uri: str, examples: dict[ExampleKey, list[tuple[str, st
                "acc", "iou", "max_fbeta", "corloc_hit"]
     with fs.open_input_file(path) as f:
         for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=columns):
-            for row in batch.to_pylist():
-                if row["status"] != "ok":
-                    shown.n_failed += 1
-                    if len(shown.failed) < failed_shown:
-                        shown.failed.append((str(row["dataset"]), str(row["method"]), str(row["image_id"]),
-                                             str(row["error"] or "")))
-                    continue
+            # rows become Python objects only when shown: a failed one among the first failed_shown,
+            # an ok one of an example image
+            ok = pc.fill_null(pc.equal(batch.column("status"), "ok"), False)
+            failed = batch.filter(pc.invert(ok))
+            shown.n_failed += failed.num_rows
+            need = failed_shown - len(shown.failed)
+            for row in failed.slice(0, max(need, 0)).to_pylist():
+                shown.failed.append((str(row["dataset"]), str(row["method"]), str(row["image_id"]),
+                                     str(row["error"] or "")))
+            example = pc.and_(ok, pc.fill_null(pc.is_in(batch.column("image_id"), value_set=wanted_ids), False))
+            for row in batch.filter(example).to_pylist():
                 key = (row["dataset"], row["backbone"], row["checkpoint"], row["image_id"], row["method"])
                 if key in wanted:
                     shown.scores[key] = {k: float(row[k]) for k in ("acc", "iou", "max_fbeta", "corloc_hit")
