@@ -107,8 +107,8 @@ def read_shown(per_image_uri: str, examples: dict[ExampleKey, list[tuple[str, st
     fs, path = store.filesystem(per_image_uri)
     columns = ["dataset", "backbone", "checkpoint", "image_id", "method", "status", "error",
                "acc", "iou", "max_fbeta", "corloc_hit"]
-    with fs.open_input_file(path) as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=columns):
+    with fs.open_input_file(path) as f:  # on this thread: Arrow's pool threads keep heaps on the driver
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=columns, use_threads=False):
             # rows become Python objects only when shown: a failed one among the first failed_shown,
             # an ok one of an example image
             ok = pc.fill_null(pc.equal(batch.column("status"), "ok"), False)
@@ -388,7 +388,7 @@ def read_predictions(uri: str, store: Storage, limit: int, failed_shown: int = F
 
     def batches():
         with fs.open_input_file(path) as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, use_threads=False):
                 yield from batch.to_pylist()
 
     smallest: list[str] = []  # the `limit` smallest ok image ids so far, sorted
