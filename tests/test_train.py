@@ -291,14 +291,22 @@ def test_train_checkpoint_resume_and_export(ray_session, tmp_path):
     assert sorted(run.glob("fit_*")) == fits and (run / "metrics.jsonl").read_text() == history
     assert again.metrics == finished.metrics and again.metrics["step"] == 6
     assert again.checkpoint.path == finished.checkpoint.path and again.error is None
+    # the end reached but not marked (an older dncut; a driver lost before the mark): the workers start,
+    # train nothing, mark the run; fit returns the finished run's result all the same
+    manifest = json.loads((run / "checkpoints.json").read_text())
+    (run / "checkpoints.json").write_text(json.dumps({"checkpoints": manifest["checkpoints"]}))
+    unmarked = fit(cfg2)
+    assert len(list(run.glob("fit_*"))) == len(fits) + 1 and (run / "metrics.jsonl").read_text() == history
+    assert unmarked.metrics == finished.metrics and unmarked.checkpoint.path == finished.checkpoint.path
+    assert json.loads((run / "checkpoints.json").read_text())["finished"]["step"] == 6
 
 
 def test_a_finished_run_is_one_whose_last_step_is_checkpointed_marked_and_exported(tmp_path):
     """``finished_result``: a rerun skips training only when the manifest's "finished" mark, the
     newest intact checkpoint and the run's length agree and the export is there; a checkpoint
     recorded after the mark (the run extended) drops the mark."""
-    from dncut.train.checkpoints import (EXPORT_FILE, MANIFEST_FILE, PROGRESS_FILE, finished_at, record,
-                                         record_finished)
+    from dncut.train.checkpoints import (EXPORT_FILE, MANIFEST_FILE, PROGRESS_FILE, clear_finished, finished_at,
+                                         record, record_finished)
     from dncut.train.driver import finished_result
 
     cfg = smoke_config(tmp_path).with_absolute_paths()
@@ -322,6 +330,13 @@ def test_a_finished_run_is_one_whose_last_step_is_checkpointed_marked_and_export
     assert finished_result(cfg, 6) is None
     (folder / STATE_FILE).write_bytes(b"x" * 4)
     assert finished_result(cfg, 6) is not None
+    manifest = json.loads((run / MANIFEST_FILE).read_text())
+    (run / MANIFEST_FILE).write_text(json.dumps({**manifest, "finished": {"step": 6}}))  # no metrics: not a mark
+    assert finished_at(str(run), store) is None and finished_result(cfg, 6) is None
+    (run / MANIFEST_FILE).write_text(json.dumps(manifest))
+    clear_finished(str(run), store)  # training past the mark began
+    assert finished_result(cfg, 6) is None and json.loads((run / MANIFEST_FILE).read_text())["checkpoints"]
+    record_finished(str(run), store, 6, {"step": 6, "loss": 0.5})
     record(str(run), store, "fit_2/checkpoint_8", 8)  # the run extended: no longer finished
     assert finished_at(str(run), store) is None and finished_result(cfg, 6) is None
     assert json.loads((run / MANIFEST_FILE).read_text())["checkpoints"][-1] == {"name": "fit_2/checkpoint_8", "step": 8}

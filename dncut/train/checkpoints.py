@@ -137,9 +137,19 @@ def record_finished(run: str, store: Storage, step: int, metrics: dict[str, Any]
 
 
 def finished_at(run: str, store: Storage) -> dict[str, Any] | None:
-    """``{"step", "metrics"}`` of a finished run (``record_finished``), else None."""
+    """``{"step", "metrics"}`` of a finished run (``record_finished``), else None (also for a mark
+    this dncut cannot read)."""
     mark = read_manifest(run, store).get("finished")
-    return mark if isinstance(mark, dict) and isinstance(mark.get("step"), int) else None
+    ok = isinstance(mark, dict) and isinstance(mark.get("step"), int) and isinstance(mark.get("metrics"), dict)
+    return mark if ok else None
+
+
+def clear_finished(run: str, store: Storage) -> None:
+    """Drop the run's "finished" mark, if any: training past it has begun (an export may change
+    before the next checkpoint is recorded)."""
+    manifest = read_manifest(run, store)
+    if manifest.pop("finished", None) is not None:
+        write_manifest(run, store, manifest)
 
 
 def new_fit_name() -> str:

@@ -152,7 +152,8 @@ def build_trainer(cfg: Config, callbacks: list | None = None, placement_group_fi
 
 def fit(cfg: Config, *, progress: bool = False):
     """Train (or resume ``cfg.run_dir``) and return the Ray Train ``Result``. A rerun of a finished
-    run (``finished_result``) starts no worker and returns the finished run's result.
+    run (``finished_result``) starts no worker and returns the finished run's result; so does a fit
+    that reached the end without training a step (a run whose end was reached but not marked).
 
     ``progress``: draw a progress bar on this (the driver's) console (``dncut.tracking.ProgressBar``).
     """
@@ -165,7 +166,10 @@ def fit(cfg: Config, *, progress: bool = False):
         return done
     with ProgressBar(cfg.with_absolute_paths().run_dir, loop["total_steps"], start=loop["start_step"],
                      store=cfg.storage_handle(), disable=not progress, desc=cfg.run_name):
-        return trainer.fit()
+        result = trainer.fit()
+    if result.error is None and result.checkpoint is None:  # trained no step (the end was reached before)
+        return finished_result(cfg.with_absolute_paths(), loop["total_steps"]) or result
+    return result
 
 
 def finished_result(cfg: Config, total: int):
@@ -185,8 +189,9 @@ def finished_result(cfg: Config, total: int):
         return None
     fs, path = store.filesystem(newest.uri)
     fit_folder = store.join(cfg.run_dir, newest.name.split("/")[0])
-    return ray.train.Result(metrics=mark["metrics"], checkpoint=ray.train.Checkpoint(path, filesystem=fs),
-                            error=None, path=fit_folder)
+    checkpoint = ray.train.Checkpoint(path, filesystem=fs)
+    return ray.train.Result(metrics=mark["metrics"], checkpoint=checkpoint, error=None, path=fit_folder,
+                            best_checkpoints=[(checkpoint, mark["metrics"])])
 
 
 def export_run(run: str, fmt: ExportFormat = "hf", out: str | None = None, *,

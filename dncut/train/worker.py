@@ -30,7 +30,8 @@ import torch
 from dncut.config import Config
 from dncut.runtime import release_freed_memory, set_threads
 from dncut.storage import Storage
-from dncut.train.checkpoints import checkpoint_name, load_state, record, record_finished, resume_point
+from dncut.train.checkpoints import (checkpoint_name, clear_finished, load_state, record, record_finished,
+                                     resume_point)
 from dncut.train.chief import Chief
 from dncut.train.loop import (LoopState, broadcast, build_loss, build_model, build_optimizer, checkpoint_due,
                               report_due, run_schedule, step_metrics, train_one_step, union, val_due)
@@ -67,6 +68,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = build_optimizer(model, cfg)
     sched = run_schedule(cfg, total)
     state = resume(model, optimizer, rank, cfg, store)
+    if rank == 0 and state.step < total:
+        clear_finished(cfg.run_dir, store)  # a finished run extended: no longer finished
     model = ray.train.torch.prepare_model(model)
     chief = Chief(cfg, device, model, state, store) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
