@@ -417,7 +417,7 @@ def test_ledger_marks_a_batch_at_the_cost_of_the_batch():
 
 def test_repeated_image_ids_fail_before_the_pipeline():
     """Two records with one image id would share one row of ``per_image.parquet``: a clear error."""
-    from dncut.eval.jobs import check_unique_ids
+    from dncut.eval.streamed import check_unique_ids
     from dncut.eval.stages import record
     from dncut.eval.streamed import records_table
 

@@ -60,8 +60,8 @@ from dncut.eval.retry import ACTOR_REMOTE_ARGS, RowLedger, run_with_retries
 from dncut.eval.stages import (DISCOVERY_KINDS, SEGMENTATION_CLASSES, BackboneFactory, NCutPredictor, TokenExtractor,
                                dataset_records, load_record, load_segmentation_record, result_row,
                                row_methods, score_map, score_row)
-from dncut.eval.streamed import (RECORD_INDEX, batch_payloads, clear_parts, indexed, merge_parts, parts_folder,
-                                 record_blocks, records_table, write_part)
+from dncut.eval.streamed import (RECORD_INDEX, batch_payloads, check_unique_ids, clear_parts, indexed, merge_parts,
+                                 parts_folder, record_blocks, records_table, write_part)
 from dncut.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ def run_pipeline(records, *, cfg: Config, dataset: str, discovery: bool, backbon
 
     Raises:
         dncut.eval.retry.ActorRetriesExhausted: an inference actor died in each run.
-        ValueError: two records share an image id (``check_unique_ids``, before the pipeline runs).
+        ValueError: two records share an image id (``dncut.eval.streamed.check_unique_ids``, before the pipeline runs).
         RuntimeError: a row reached the driver twice.
     """
     ev = cfg.eval
@@ -241,24 +241,6 @@ def run_pipeline(records, *, cfg: Config, dataset: str, discovery: bool, backbon
 
     run_with_retries(run, records, missing=lambda: ledger.missing(records),
                      what=f"eval {dataset} {backbone} @ {checkpoint or 'pretrained'}")
-
-
-def check_unique_ids(records, dataset: str) -> None:
-    """Fail before a pipeline runs when two records share an image id (their rows would share one key of
-    ``per_image.parquet`` and one would be dropped there while both are counted).
-
-    Raises:
-        ValueError: naming the dataset, how many ids repeat and one of them.
-    """
-    import pyarrow.compute as pc
-
-    ids = records.column("image_id") if records.num_rows else None
-    if ids is None or pc.count_distinct(ids).as_py() == len(ids):
-        return
-    counts = pc.value_counts(ids).flatten()  # struct (values, counts) -> two arrays
-    repeated = counts[0].filter(pc.greater(counts[1], 1))
-    raise ValueError(f"eval {dataset}: {len(repeated)} image ids name more than one record, e.g. "
-                     f"{repeated[0].as_py()!r}; image ids must be unique within a dataset")
 
 
 # --------------------------------------------------------------------------- segmentation

@@ -347,3 +347,21 @@ def merge_parts(out_dir: str, name: str, store: storage.Storage, schema=None, un
     if dropped:
         log.info("%s: %d rows written twice kept once (key %s)", name, dropped, ", ".join(unique))
     return n
+
+
+def check_unique_ids(records, dataset: str) -> None:
+    """Fail before a pipeline runs when two records share an image id (their rows would share one key of
+    ``per_image.parquet`` and one would be dropped there while both are counted).
+
+    Raises:
+        ValueError: naming the dataset, how many ids repeat and one of them.
+    """
+    import pyarrow.compute as pc
+
+    ids = records.column("image_id") if records.num_rows else None
+    if ids is None or pc.count_distinct(ids).as_py() == len(ids):
+        return
+    counts = pc.value_counts(ids).flatten()  # struct (values, counts) -> two arrays
+    repeated = counts[0].filter(pc.greater(counts[1], 1))
+    raise ValueError(f"eval {dataset}: {len(repeated)} image ids name more than one record, e.g. "
+                     f"{repeated[0].as_py()!r}; image ids must be unique within a dataset")
