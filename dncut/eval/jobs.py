@@ -61,7 +61,7 @@ from dncut.eval.stages import (DISCOVERY_KINDS, SEGMENTATION_CLASSES, BackboneFa
                                dataset_records, load_record, load_segmentation_record, result_row,
                                row_methods, score_map, score_row)
 from dncut.eval.streamed import (RECORD_INDEX, batch_payloads, check_unique_ids, clear_parts, indexed, merge_parts,
-                                 parts_folder, record_blocks, records_table, write_part)
+                                 num_record_blocks, parts_folder, record_blocks, records_table, write_part)
 from dncut.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -147,10 +147,6 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(methods))
 
 
-def _blocks(n: int, per_block: int) -> int:
-    return max(1, -(-n // per_block))
-
-
 def _predictor_kwargs(cfg: Config, backbone: str, checkpoint: str | None, methods: list[str], store: Storage,
                       factory: BackboneFactory | None, found_head: bytes | None) -> dict[str, Any]:
     return {"backbone": backbone, "checkpoint": checkpoint, "pretrained": cfg.model.pretrained, "methods": methods,
@@ -179,7 +175,7 @@ def predicted_rows(records, *, cfg: Config, backbone: str, checkpoint: str | Non
     if hasattr(records, "column"):
         ds = ray.data.from_arrow_refs([ray.put(block) for block in record_blocks(records, ev.batch_size)])
     else:
-        ds = ray.data.from_items(list(records), override_num_blocks=_blocks(len(records), ev.batch_size))
+        ds = ray.data.from_items(list(records), override_num_blocks=num_record_blocks(len(records), ev.batch_size))
     return (ds.map(load_record, fn_kwargs={"spec": spec, "image_size": image_size, "store": store}, num_cpus=read_cpus)
             .map_batches(NCutPredictor, batch_size=ev.batch_size, batch_format="numpy",
                          compute=ray.data.ActorPoolStrategy(size=ev.num_actors), num_cpus=actor_cpus,
@@ -275,7 +271,7 @@ def run_segmentation(records: list[dict], *, cfg: Config, dataset: str, backbone
 
     def extract(pending: list[dict]) -> None:  # an actor death re-runs the whole token pass (nothing reached acc)
         extracted[:] = [(
-            ray.data.from_items(pending, override_num_blocks=_blocks(len(pending), ev.batch_size))
+            ray.data.from_items(pending, override_num_blocks=num_record_blocks(len(pending), ev.batch_size))
             .map(load_segmentation_record, fn_kwargs={"image_size": seg.image_size, "store": store},
                  num_cpus=read_cpus)
             .map_batches(TokenExtractor, batch_size=ev.batch_size, batch_format="numpy",

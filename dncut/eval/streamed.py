@@ -7,7 +7,7 @@ the dicts; ``dncut.eval.inputs.saliency_records`` builds the same table column b
 ``indexed(table)`` adds the ``record_index`` column (int64, each record's position in the table),
 which every stage carries to the scored rows (``dncut.eval.stages.score_row``), so that the driver
 finds a row's record by position, never by its image id. ``record_blocks(table, rows)`` cuts it into
-compact blocks of ``rows`` records, one at a time (copies, not slices: a pickled slice carries its
+compact blocks of ``rows`` records (more per block past ``MAX_RECORD_BLOCKS`` blocks), one at a time (copies, not slices: a pickled slice carries its
 parent's buffers) for ``ray.put`` and ``ray.data.from_arrow_refs``. The rows each block gives are
 those ``ray.data.from_items`` gives for the same dicts (the same Arrow conversion).
 
@@ -48,6 +48,10 @@ from dncut import storage
 CURVES = ("fbeta_curve", "pysod_curve")  # per-image curve columns, summed per batch and method
 PARTS_SUFFIX = ".parts"  # <out>/<file>.parts/: the workers' Parquet parts of <out>/<file>, merged at the end
 RECORD_INDEX = "record_index"  # int64 column: a record's position in its pipeline's records table (``indexed``)
+MAX_RECORD_BLOCKS = 200
+"""Cap on the record blocks of one pipeline run (``block_rows``): each block is a task of every stage,
+and Ray Data and Ray keep state per block on the driver, ~60 KB a block (docs/operations.md,
+"Evaluation driver memory"); the same cap as training's ``dncut.data.pipeline.MAX_BLOCKS``."""
 log = logging.getLogger(__name__)
 
 
@@ -70,15 +74,33 @@ def indexed(table):
     return table.append_column(RECORD_INDEX, pa.array(np.arange(table.num_rows, dtype=np.int64)))
 
 
+def block_rows(n: int, rows: int) -> int:
+    """Records per block for ``n`` records: ``rows``, or more where ``rows`` would make over
+    ``MAX_RECORD_BLOCKS`` blocks (``ceil(n / MAX_RECORD_BLOCKS)``: above 12,800 records at 64 a block).
+
+    Raises:
+        ValueError: ``rows`` < 1.
+    """
+    if rows < 1:
+        raise ValueError(f"records per block must be >= 1, got {rows}")
+    return max(rows, -(-n // MAX_RECORD_BLOCKS))
+
+
+def num_record_blocks(n: int, rows: int) -> int:
+    """The number of blocks ``record_blocks`` cuts ``n`` records into (at least one)."""
+    return max(1, -(-n // block_rows(n, rows)))
+
+
 def record_blocks(table, rows: int) -> Iterator:
-    """``table`` -> tables of at most ``rows`` rows each (at least one), copied out of ``table``, one at a
-    time (a generator: put each in Ray's object store before the next is cut, and the driver holds one
-    copy of the records, not two)."""
+    """``table`` -> tables of ``block_rows(n, rows)`` rows each (the last may hold fewer; at least one
+    table), copied out of ``table``, one at a time (a generator: put each in Ray's object store before
+    the next is cut, and the driver holds one copy of the records, not two)."""
     import pyarrow as pa
 
     if table.num_rows == 0:
         yield table
         return
+    rows = block_rows(table.num_rows, rows)
     for start in range(0, table.num_rows, rows):
         yield table.take(pa.array(np.arange(start, min(start + rows, table.num_rows))))
 
