@@ -8,8 +8,9 @@
 
 Each run of a size is a fresh Python process with its own local Ray (``--cpus`` logical CPUs):
 ``dncut.eval.jobs.evaluate_saliency`` on ``N`` generated ``--side`` px images with random masks
-(backbone ``vit_tiny_test``, random weights, method ``simple``, ``eval.image_size = --side``, one
-inference actor, no examples). A thread samples the driver process's own ``/proc/self/status``
+(backbone ``vit_tiny_test``, random weights, method ``simple``, ``eval.image_size = --side``,
+``eval.batch_size = --batch-size``, one inference actor, no examples). A thread samples the driver
+process's own ``/proc/self/status``
 (``VmRSS``) and Arrow's memory pool (``pyarrow.total_allocated_bytes``) every ``--interval`` s; the
 Ray workers are other processes and are not counted. Reported per run: the driver's RSS before the
 job (after ``ray.init`` and listing the inputs), its peak during the job (sampled) and ``VmHWM``
@@ -85,7 +86,7 @@ def make_images(root: Path, n: int, side: int) -> tuple[Path, Path]:
     return images, masks
 
 
-def one_size(n: int, side: int, cpus: int, interval: float) -> dict:
+def one_size(n: int, side: int, cpus: int, interval: float, batch_size: int = 64) -> dict:
     """Run one size in this process (the driver) and measure it."""
     import ray
 
@@ -97,7 +98,7 @@ def one_size(n: int, side: int, cpus: int, interval: float) -> dict:
     images, masks = make_images(work, n, side)
     ray.init(num_cpus=cpus, logging_level="WARNING", include_dashboard=False)
     cfg = Config().with_overrides({"model.backbone": "vit_tiny_test", "model.pretrained": False,
-                                   "eval.image_size": side, "eval.batch_size": 64, "eval.num_actors": 1,
+                                   "eval.image_size": side, "eval.batch_size": batch_size, "eval.num_actors": 1,
                                    "eval.gpus_per_actor": 0, "eval.examples": 0, "ncut.solver": "eigh"})
     import pyarrow as pa
 
@@ -189,10 +190,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--interval", type=float, default=0.05, help="RSS sampling interval, s")
     parser.add_argument("--code", default=None, help="a checkout whose dncut to measure (PYTHONPATH)")
     parser.add_argument("--key", default="after", help="key of this bench in the JSON")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="eval.batch_size (also the records per block, up to dncut.eval.streamed.MAX_RECORD_BLOCKS)")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # child process: one size
     args = parser.parse_args(argv)
     if args.one is not None:
-        print("RESULT " + json.dumps(one_size(args.one, args.side, args.cpus, args.interval)), flush=True)
+        print("RESULT " + json.dumps(one_size(args.one, args.side, args.cpus, args.interval, args.batch_size)), flush=True)
         return {}
     repeats = args.repeats or [2 if n >= 50_000 else 3 for n in args.sizes]
     if len(repeats) == 1:
@@ -208,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
             if round_ >= count:
                 continue
             out = subprocess.run([sys.executable, __file__, "--one", str(n), "--side", str(args.side), "--cpus",
-                                  str(args.cpus), "--interval", str(args.interval)], env=env, check=True,
+                                  str(args.cpus), "--interval", str(args.interval), "--batch-size",
+                                  str(args.batch_size)], env=env, check=True,
                                  capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout
             row = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
             row["repeat"] = round_
@@ -218,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     xs = [r["images"] for r in rows]
     result = {"machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') >> 30} GiB",
               "settings": {"side": args.side, "cpus": args.cpus, "backbone": "vit_tiny_test", "method": "simple",
-                           "batch_size": 64, "num_actors": 1, "repeats": dict(zip(map(str, args.sizes), repeats))},
+                           "batch_size": args.batch_size, "num_actors": 1, "repeats": dict(zip(map(str, args.sizes), repeats))},
               "sizes": rows,
               "slope_peak_mib_per_1k": slope(xs, [r["driver_rss_peak_mib"] for r in rows]),
               "slope_growth_mib_per_1k": slope(xs, [r["driver_growth_mib"] for r in rows]),
