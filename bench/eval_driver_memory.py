@@ -10,8 +10,9 @@ Each run of a size is a fresh Python process with its own local Ray (``--cpus`` 
 ``dncut.eval.jobs.evaluate_saliency`` on ``N`` generated ``--side`` px images with random masks
 (backbone ``vit_tiny_test``, random weights, method ``simple``, ``eval.image_size = --side``,
 ``eval.batch_size = --batch-size``, one inference actor, no examples). A thread samples the driver
-process's own ``/proc/self/status`` (``VmRSS``) and Arrow's memory pool (``pyarrow.total_allocated_bytes``) every ``--interval`` s; the
-Ray workers are other processes and are not counted. Reported per run: the driver's RSS before the
+process's own ``/proc/self/status`` (``VmRSS``) and Arrow's memory pool
+(``pyarrow.total_allocated_bytes``) every ``--interval`` s; the Ray workers are other processes and
+are not counted. Reported per run: the driver's RSS before the
 job (after ``ray.init`` and listing the inputs), its peak during the job (sampled) and ``VmHWM``
 (kernel peak), their difference (growth), wall time. The same for ``RssAnon`` (private heap) and
 ``RssShmem`` (object-store pages the driver touched), whose sum with ``RssFile`` is ``VmRSS``.
