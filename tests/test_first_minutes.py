@@ -4,7 +4,7 @@
   no traceback, seconds not minutes, and Ray never started (``RAY_ADDRESS`` points at a closed port,
   and the in-process case asserts ``ray.is_initialized()`` stays false).
 * ``dncut -q eval-saliency`` on 6 images prints at most 10 lines and none of Ray Data's (Ray).
-* ``dncut eval-discovery`` on a 2-image COCO JSON prints CorLoc per method (Ray).
+* ``dncut eval-discovery`` on a 2-image COCO JSON prints CorLoc per method (Ray: the session's cluster).
 """
 
 from __future__ import annotations
@@ -150,10 +150,14 @@ def _coco(root: Path, n: int = 2) -> Path:
 
 
 @pytest.mark.ray
-def test_eval_discovery_from_the_command_line_prints_corloc_per_method(tmp_path):
+def test_eval_discovery_from_the_command_line_prints_corloc_per_method(ray_session, tmp_path):
+    """The command joins the session's cluster (``--address``, as a ``ray job submit`` driver joins
+    its cluster); the quiet test above starts a local Ray as a first run does."""
     annotations = _coco(tmp_path / "set")
+    address = ray_session.get_runtime_context().gcs_address
     proc = _dncut(tmp_path, "-q", "eval-discovery", "--images", "set/images", "--annotations", str(annotations),
-                  "--backbone", "vit_tiny_test", "--set", "model.pretrained=false", "--out", "disc", "--limit", "2")
+                  "--backbone", "vit_tiny_test", "--set", "model.pretrained=false", "--out", "disc", "--limit", "2",
+                  "--address", address)
     assert proc.returncode == 0, proc.stderr
     assert "CorLoc" in proc.stdout
     for method in ("simple", "tokencut", "most"):
