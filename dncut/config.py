@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import os
 import types
 import typing
 from pathlib import Path
@@ -103,15 +102,24 @@ class Config(Section):
         return storage.join(self.output_dir, self.run_name)
 
     def with_absolute_paths(self) -> Config:
-        """A copy whose local paths are absolute (``output_dir``, ``model.checkpoint``, ``data.train``,
-        ``data.val``; ``s3://`` and null stay). The driver calls it once: Ray workers run in their
-        own working directories."""
-        paths = (("output_dir", self.output_dir), ("model.checkpoint", self.model.checkpoint),
-                 ("data.train", self.data.train), ("data.val", self.data.val))
-        local = {k: v for k, v in paths if v and not storage.is_s3(v)}
-        if not local:
-            return self
-        return self.with_overrides({k: os.path.abspath(os.path.expanduser(v)) for k, v in local.items()})
+        """A copy whose local paths are absolute (``dncut.storage.absolute``: ``output_dir``,
+        ``model.checkpoint``, ``data.train``, ``data.val``, every ``eval.datasets`` root and
+        annotations, ``eval.checkpoints``, ``eval.found_heads``; ``s3://`` and null stay). The driver
+        calls it once: Ray workers run in their own working directories."""
+        changed: dict[str, Any] = {}
+        for key, value in (("output_dir", self.output_dir), ("model.checkpoint", self.model.checkpoint),
+                           ("data.train", self.data.train), ("data.val", self.data.val)):
+            if value and storage.absolute(value) != value:
+                changed[key] = storage.absolute(value)
+        datasets = [d.model_dump(mode="json") for d in self.eval.datasets]
+        for d in datasets:
+            d.update({k: storage.absolute(d[k]) for k in ("root", "annotations")})
+        if datasets != [d.model_dump(mode="json") for d in self.eval.datasets]:
+            changed["eval.datasets"] = datasets
+        for key, values in (("eval.checkpoints", self.eval.checkpoints), ("eval.found_heads", self.eval.found_heads)):
+            if [storage.absolute(v) for v in values] != list(values):
+                changed[key] = [storage.absolute(v) for v in values]
+        return self.with_overrides(changed) if changed else self
 
     def storage_handle(self) -> storage.Storage:
         """The :class:`dncut.storage.Storage` built from this config's ``storage`` section; build it

@@ -151,6 +151,19 @@ def is_s3(uri: str) -> bool:
     return uri.startswith(_S3_PREFIX)
 
 
+def absolute(uri: str | None) -> str | None:
+    """``uri`` as every process of a cluster reads it: a local path made absolute (``~`` expanded)
+    against this process's working directory; ``s3://`` URIs and None as they are. The driver calls
+    it once on what the user typed: Ray workers run in their own working directories.
+
+    Args:
+        uri: local path, ``s3://`` URI or None.
+    """
+    if uri is None or is_s3(uri):
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def _check_scheme(uri: str) -> None:
     match = _SCHEME_RE.match(uri)
     if match and match.group(1) != "s3":

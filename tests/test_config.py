@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel
 
 from dncut import config as cfg
+from dncut import storage
 from dncut.config import Config, ConfigError, LogUniform, load_config, parse_config, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -369,3 +370,26 @@ def test_bundled_configs_resolve_by_name_and_kind(tmp_path):
     own.write_text("seed: 1\n")
     assert resolve_config(str(own)) == str(own)  # an existing file wins over a bundled name
     assert resolve_config("missing/dir/x.yaml") == "missing/dir/x.yaml"  # a path: load_config names it
+
+
+def test_absolute_paths_cover_every_local_path_a_worker_reads(tmp_path: Path, monkeypatch):
+    """What the driver hands Ray workers (other working directories): every local path of the config
+    made absolute against the driver's directory, ``~`` expanded; ``s3://`` URIs and nulls as given."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = parse_config({
+        "output_dir": "runs", "model": {"checkpoint": "~/w.pth"}, "data": {"train": "s3://b/train", "val": "val"},
+        "eval": {"datasets": [{"name": "a", "kind": "coco", "root": "coco", "annotations": "ann/i.json"},
+                              {"name": "b", "kind": "duts_te", "root": "s3://b/duts"},
+                              {"name": "c", "kind": "scenes"}],
+                 "checkpoints": [None, "ck/a.pth", "s3://b/c.pth"], "found_heads": ["h/head.safetensors"]}})
+    out = cfg.with_absolute_paths()
+    here = str(tmp_path)
+    assert (out.output_dir, out.model.checkpoint) == (f"{here}/runs", f"{here}/home/w.pth")
+    assert (out.data.train, out.data.val) == ("s3://b/train", f"{here}/val")
+    assert [(d.root, d.annotations) for d in out.eval.datasets] == [
+        (f"{here}/coco", f"{here}/ann/i.json"), ("s3://b/duts", None), (None, None)]
+    assert out.eval.checkpoints == [None, f"{here}/ck/a.pth", "s3://b/c.pth"]
+    assert out.eval.found_heads == [f"{here}/h/head.safetensors"]
+    assert out.with_absolute_paths() is out  # nothing left to resolve: the same object
+    assert storage.absolute("s3://b/x") == "s3://b/x" and storage.absolute(None) is None

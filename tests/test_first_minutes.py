@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -151,8 +152,9 @@ def _coco(root: Path, n: int = 2) -> Path:
 
 @pytest.mark.ray
 def test_eval_discovery_from_the_command_line_prints_corloc_per_method(ray_session, tmp_path):
-    """The command joins the session's cluster (``--address``, as a ``ray job submit`` driver joins
-    its cluster); the quiet test above starts a local Ray as a first run does."""
+    """The command joins the session's cluster (``--address``, as a driver joins a running cluster;
+    the quiet test above starts a local Ray as a first run does), whose workers run in another
+    working directory: the relative ``--images`` and ``--out`` must reach them resolved."""
     annotations = _coco(tmp_path / "set")
     address = ray_session.get_runtime_context().gcs_address
     proc = _dncut(tmp_path, "-q", "eval-discovery", "--images", "set/images", "--annotations", str(annotations),
@@ -165,7 +167,9 @@ def test_eval_discovery_from_the_command_line_prints_corloc_per_method(ray_sessi
     summary = json.loads((tmp_path / "disc" / "summary.json").read_text())
     runs = summary["runs"]
     assert {r["method"] for r in runs} >= {"simple", "tokencut", "most"}
-    assert all(r["n_images"] == 2 for r in runs)
+    assert all(r["n_images"] == 2 and r["n_failed"] == 0 for r in runs), runs  # the workers found the images
+    rows = pq.read_table(tmp_path / "disc" / "per_image.parquet").to_pylist()
+    assert len(rows) == 2 * len(runs) and {r["status"] for r in rows} == {"ok"}, rows  # every part where it belongs
 
 
 def test_eval_discovery_missing_annotations_fails_before_ray(tmp_path):

@@ -384,6 +384,7 @@ def run_evaluation(cfg: Config, *, backbone_factory: BackboneFactory | None = No
         DatasetLayoutError: a dataset root is missing or malformed (before any Ray work).
         ConfigError: method found without a head trained on the weights (before any Ray work).
     """
+    cfg = cfg.with_absolute_paths()  # the workers' working directories are not the driver's
     store = cfg.storage_handle()
     # every dataset's layout is checked before any Ray work
     specs = [(spec, dataset_records(spec, store, cfg.data.val_scenes)) for spec in cfg.eval.datasets]
@@ -427,14 +428,17 @@ def evaluate_saliency(images_dir: str, masks_dir: str, backbone: str, checkpoint
         mask without an image, is a failed row.
     """
     methods = check_methods([methods] if isinstance(methods, str) else list(methods))
+    dataset = dataset_name(images_dir)  # the name of the folder as the user gave it
+    images_dir, masks_dir, checkpoint, out_dir = map(storage.absolute, (images_dir, masks_dir, checkpoint, out_dir))
     cfg = (cfg or Config()).with_overrides({"eval.methods": methods, "eval.bilateral": bool(bilateral),
                                            "eval.backbones": [backbone], "eval.checkpoints": [checkpoint]})
+    cfg = cfg.with_absolute_paths()
     store = cfg.storage_handle()
     records = saliency_records(images_dir, masks_dir, store)
     ensure_ray()
     clear_parts(out_dir, PER_IMAGE_FILE, store)
     acc = Accumulator(methods)
-    run_pipeline(records, cfg=cfg, dataset=dataset_name(images_dir), discovery=False, backbone=backbone,
+    run_pipeline(records, cfg=cfg, dataset=dataset, discovery=False, backbone=backbone,
                  checkpoint=checkpoint, acc=acc, store=store, out_dir=out_dir)
     return _finish(acc, out_dir, cfg, store)
 
@@ -478,8 +482,9 @@ def evaluate_maps(masks_dir: str, maps_dirs: str | Sequence[str], out_dir: str,
     import ray
 
     store = store or Storage()
-    maps_dirs = [maps_dirs] if isinstance(maps_dirs, str) else list(maps_dirs)
-    dataset = dataset_name(masks_dir)
+    dataset = dataset_name(masks_dir)  # the name of the folder as the user gave it
+    maps_dirs = [storage.absolute(d) for d in ([maps_dirs] if isinstance(maps_dirs, str) else maps_dirs)]
+    masks_dir, out_dir = storage.absolute(masks_dir), storage.absolute(out_dir)
     records, n_masks = map_records(masks_dir, maps_dirs, store)
     ensure_ray()
     log.info("eval-maps %s: %d masks x %d map folders", dataset, n_masks, len(records) // max(1, n_masks))
@@ -531,6 +536,8 @@ def predict_folder(images: str, out_dir: str, cfg: Config, *, backbone: str | No
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    images, out_dir, checkpoint = map(storage.absolute, (images, out_dir, checkpoint))
+    cfg = cfg.with_absolute_paths()
     store, ev = cfg.storage_handle(), cfg.eval
     backbone = backbone or cfg.model.backbone
     methods = check_methods(ev.methods)
