@@ -103,9 +103,10 @@ class Config(Section):
 
     def with_absolute_paths(self) -> Config:
         """A copy whose local paths are absolute (``dncut.storage.absolute``: ``output_dir``,
-        ``model.checkpoint``, ``data.train``, ``data.val``, every ``eval.datasets`` root and
-        annotations, ``eval.checkpoints``, ``eval.found_heads``; ``s3://`` and null stay). The driver
-        calls it once: Ray workers run in their own working directories."""
+        ``model.checkpoint``, ``data.train``, ``data.val``, every ``eval.datasets`` root, annotations
+        and image list, ``eval.checkpoints``, ``eval.found_heads``, ``tune.checkpoints``; URIs and null
+        stay). The driver calls it once: Ray workers (and Tune's trials, in their trial folders) run in
+        their own working directories."""
         changed: dict[str, Any] = {}
         for key, value in (("output_dir", self.output_dir), ("model.checkpoint", self.model.checkpoint),
                            ("data.train", self.data.train), ("data.val", self.data.val)):
@@ -113,12 +114,15 @@ class Config(Section):
                 changed[key] = storage.absolute(value)
         datasets = [d.model_dump(mode="json") for d in self.eval.datasets]
         for d in datasets:
-            d.update({k: storage.absolute(d[k]) for k in ("root", "annotations")})
+            d.update({k: storage.absolute(d[k]) for k in ("root", "annotations", "image_list")})
         if datasets != [d.model_dump(mode="json") for d in self.eval.datasets]:
             changed["eval.datasets"] = datasets
         for key, values in (("eval.checkpoints", self.eval.checkpoints), ("eval.found_heads", self.eval.found_heads)):
             if [storage.absolute(v) for v in values] != list(values):
                 changed[key] = [storage.absolute(v) for v in values]
+        per_backbone = {b: storage.absolute(v) for b, v in self.tune.checkpoints.items()}
+        if per_backbone != self.tune.checkpoints:
+            changed["tune.checkpoints"] = per_backbone
         return self.with_overrides(changed) if changed else self
 
     def storage_handle(self) -> storage.Storage:

@@ -153,13 +153,14 @@ def is_s3(uri: str) -> bool:
 
 def absolute(uri: str | None) -> str | None:
     """``uri`` as every process of a cluster reads it: a local path made absolute (``~`` expanded)
-    against this process's working directory; ``s3://`` URIs and None as they are. The driver calls
-    it once on what the user typed: Ray workers run in their own working directories.
+    against this process's working directory; a URI with a scheme (``s3://``, or another that the
+    storage then refuses by name) and None as they are. The driver calls it once on what the user
+    typed: Ray workers run in their own working directories.
 
     Args:
-        uri: local path, ``s3://`` URI or None.
+        uri: local path, URI or None.
     """
-    if uri is None or is_s3(uri):
+    if uri is None or _SCHEME_RE.match(uri):
         return uri
     return os.path.abspath(os.path.expanduser(uri))
 

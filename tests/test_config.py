@@ -373,13 +373,17 @@ def test_bundled_configs_resolve_by_name_and_kind(tmp_path):
 
 
 def test_absolute_paths_cover_every_local_path_a_worker_reads(tmp_path: Path, monkeypatch):
-    """What the driver hands Ray workers (other working directories): every local path of the config
-    made absolute against the driver's directory, ``~`` expanded; ``s3://`` URIs and nulls as given."""
+    """What the driver hands Ray workers and Tune's trials (other working directories): every local
+    path of the config made absolute against the driver's directory, ``~`` expanded; URIs and nulls
+    as given."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     cfg = parse_config({
         "output_dir": "runs", "model": {"checkpoint": "~/w.pth"}, "data": {"train": "s3://b/train", "val": "val"},
-        "eval": {"datasets": [{"name": "a", "kind": "coco", "root": "coco", "annotations": "ann/i.json"},
+        "tune": {"backbones": ["vit_tiny_test", "resnet50"],
+                 "checkpoints": {"vit_tiny_test": "w/t.pth", "resnet50": "s3://b/r.pth"}},
+        "eval": {"datasets": [{"name": "a", "kind": "coco", "root": "coco", "annotations": "ann/i.json",
+                               "image_list": "ids.txt", "limit": 3},
                               {"name": "b", "kind": "duts_te", "root": "s3://b/duts"},
                               {"name": "c", "kind": "scenes"}],
                  "checkpoints": [None, "ck/a.pth", "s3://b/c.pth"], "found_heads": ["h/head.safetensors"]}})
@@ -389,7 +393,12 @@ def test_absolute_paths_cover_every_local_path_a_worker_reads(tmp_path: Path, mo
     assert (out.data.train, out.data.val) == ("s3://b/train", f"{here}/val")
     assert [(d.root, d.annotations) for d in out.eval.datasets] == [
         (f"{here}/coco", f"{here}/ann/i.json"), ("s3://b/duts", None), (None, None)]
+    assert (out.eval.datasets[0].image_list, out.eval.datasets[0].limit) == (f"{here}/ids.txt", 3)
+    assert out.tune.checkpoints == {"vit_tiny_test": f"{here}/w/t.pth", "resnet50": "s3://b/r.pth"}
     assert out.eval.checkpoints == [None, f"{here}/ck/a.pth", "s3://b/c.pth"]
     assert out.eval.found_heads == [f"{here}/h/head.safetensors"]
     assert out.with_absolute_paths() is out  # nothing left to resolve: the same object
     assert storage.absolute("s3://b/x") == "s3://b/x" and storage.absolute(None) is None
+    assert storage.absolute("gs://b/x") == "gs://b/x"  # left for the storage to refuse by its scheme
+    with pytest.raises(storage.StorageError, match="unsupported URI scheme 'gs'"):
+        storage.read_bytes(storage.absolute("gs://b/x"))

@@ -308,23 +308,24 @@ def test_records_table_blocks_and_ledger_keep_every_record():
         ledger.missing(records)  # dicts without their position
 
 def test_record_blocks_are_capped_in_number_not_in_records():
-    """Past ``MAX_RECORD_BLOCKS`` (200) blocks of ``rows``, each block holds more records: hand cases;
-    the blocks still hold every record once, in order."""
+    """Past ``MAX_RECORD_BLOCKS`` (200) blocks of ``rows``, each block holds the least multiple of
+    ``rows`` that keeps to 200 blocks: hand cases; the blocks hold every record once, in order."""
     import pyarrow as pa
 
     from dncut.eval.streamed import block_rows, num_record_blocks, record_blocks
 
-    assert [block_rows(n, 64) for n in (0, 1, 12_800, 12_801, 50_000, 1_000_000)] == [64, 64, 64, 65, 250, 5000]
+    # ceil(n / 200) rounded up to a multiple of 64: 65 -> 128, 250 -> 256, 5000 -> 5056
+    assert [block_rows(n, 64) for n in (0, 1, 12_800, 12_801, 50_000, 1_000_000)] == [64, 64, 64, 128, 256, 5056]
     assert [num_record_blocks(n, 64) for n in (0, 1, 64, 65, 12_800, 12_801, 50_000, 1_000_000)] == [
-        1, 1, 1, 2, 200, 197, 200, 200]  # 12,801 records: 65 a block
-    assert [num_record_blocks(n, 4) for n in (10, 800, 801, 1003)] == [3, 200, 161, 168]  # 801: 5 a block
+        1, 1, 1, 2, 200, 101, 196, 198]
+    assert [num_record_blocks(n, 4) for n in (10, 800, 801, 1003)] == [3, 200, 101, 126]  # 801, 1003: 8 a block
+    assert block_rows(1_000, 1) == 5 and num_record_blocks(1_000, 1) == 200  # batch 1 (configs/eval/paper.yaml)
     table = pa.table({"i": np.arange(1003)})
-    blocks = list(record_blocks(table, 4))  # 6 records a block: 167 of 6 + one of 1
-    assert [b.num_rows for b in blocks] == [6] * 167 + [1]
+    blocks = list(record_blocks(table, 4))
+    assert [b.num_rows for b in blocks] == [8] * 125 + [3]
     assert np.concatenate([b.column("i").to_numpy() for b in blocks]).tolist() == list(range(1003))
     with pytest.raises(ValueError, match="per block"):
         block_rows(10, 0)
-
 
 
 def test_column_wise_listing_gives_the_records_of_the_dicts(tmp_path: Path):

@@ -158,7 +158,8 @@ def predicted_rows(records, *, cfg: Config, backbone: str, checkpoint: str | Non
                    store: Storage, image_size: int | None, spec=None, factory: BackboneFactory | None = None,
                    found_head: bytes | None = None):
     """Records -> predicted rows: the pipeline head that evaluation and predict share, a lazy
-    ``ray.data.Dataset``: blocks of ``eval.batch_size`` records -> ``load_record`` (CPU task; ``image_size``
+    ``ray.data.Dataset``: blocks of ``eval.batch_size`` records (a multiple of it past
+    ``dncut.eval.streamed.MAX_RECORD_BLOCKS`` blocks) -> ``load_record`` (CPU task; ``image_size``
     None pads, the discovery protocol) -> ``NCutPredictor`` (an actor pool of ``eval.num_actors``,
     ``eval.gpus_per_actor``; ``ACTOR_REMOTE_ARGS``: no Ray restart).
 

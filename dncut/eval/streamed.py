@@ -50,8 +50,9 @@ PARTS_SUFFIX = ".parts"  # <out>/<file>.parts/: the workers' Parquet parts of <o
 RECORD_INDEX = "record_index"  # int64 column: a record's position in its pipeline's records table (``indexed``)
 MAX_RECORD_BLOCKS = 200
 """Cap on the record blocks of one pipeline run (``block_rows``): each block is a task of every stage,
-and Ray Data and Ray keep state per block on the driver, ~60 KB a block (docs/operations.md,
-"Evaluation driver memory"); the same cap as training's ``dncut.data.pipeline.MAX_BLOCKS``."""
+and Ray Data and Ray keep state per block on the driver, so the driver's memory must not grow with
+the number of blocks (docs/operations.md, "Evaluation driver memory"); the same cap as training's
+``dncut.data.pipeline.MAX_BLOCKS``."""
 log = logging.getLogger(__name__)
 
 
@@ -75,15 +76,18 @@ def indexed(table):
 
 
 def block_rows(n: int, rows: int) -> int:
-    """Records per block for ``n`` records: ``rows``, or more where ``rows`` would make over
-    ``MAX_RECORD_BLOCKS`` blocks (``ceil(n / MAX_RECORD_BLOCKS)``: above 12,800 records at 64 a block).
+    """Records per block for ``n`` records: ``rows``, or where that would make over
+    ``MAX_RECORD_BLOCKS`` blocks, the least multiple of ``rows`` that makes at most that many (above
+    12,800 records at 64 a block: 128 from 12,801, 256 at 50,000). A multiple, so that an actor's
+    batches of ``rows`` (``eval.batch_size``) fill from one block, none left over but the last.
 
     Raises:
         ValueError: ``rows`` < 1.
     """
     if rows < 1:
         raise ValueError(f"records per block must be >= 1, got {rows}")
-    return max(rows, -(-n // MAX_RECORD_BLOCKS))
+    least = -(-n // MAX_RECORD_BLOCKS)  # ceil(n / MAX_RECORD_BLOCKS)
+    return max(rows, -(-least // rows) * rows)
 
 
 def num_record_blocks(n: int, rows: int) -> int:
