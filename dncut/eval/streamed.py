@@ -7,8 +7,9 @@ the dicts; ``dncut.eval.inputs.saliency_records`` builds the same table column b
 ``indexed(table)`` adds the ``record_index`` column (int64, each record's position in the table),
 which every stage carries to the scored rows (``dncut.eval.stages.score_row``), so that the driver
 finds a row's record by position, never by its image id. ``record_blocks(table, rows)`` cuts it into
-compact blocks of ``rows`` records (more per block past ``MAX_RECORD_BLOCKS`` blocks), one at a time (copies, not slices: a pickled slice carries its
-parent's buffers) for ``ray.put`` and ``ray.data.from_arrow_refs``. The rows each block gives are
+compact blocks of ``rows`` records (a multiple of ``rows`` past ``MAX_RECORD_BLOCKS`` blocks), one at
+a time (copies, not slices: a pickled slice carries its parent's buffers) for ``ray.put`` and
+``ray.data.from_arrow_refs``. The rows each block gives are
 those ``ray.data.from_items`` gives for the same dicts (the same Arrow conversion).
 
 Rule: no scored row reaches the driver on its own. The Parquet-writing step
