@@ -159,16 +159,17 @@ def fit(cfg: Config, *, progress: bool = False):
     """
     trainer = build_trainer(cfg)
     loop = trainer.train_loop_config
-    done = finished_result(cfg.with_absolute_paths(), loop["total_steps"])
+    cfg = cfg.with_absolute_paths()
+    done = finished_result(cfg, loop["total_steps"])
     if done is not None:
         log.info("run %s finished at step %d already: nothing to train (set a larger train.max_steps to "
-                 "continue it, or a new run_name)", cfg.with_absolute_paths().run_dir, loop["total_steps"])
+                 "continue it, or a new run_name)", cfg.run_dir, loop["total_steps"])
         return done
-    with ProgressBar(cfg.with_absolute_paths().run_dir, loop["total_steps"], start=loop["start_step"],
-                     store=cfg.storage_handle(), disable=not progress, desc=cfg.run_name):
+    with ProgressBar(cfg.run_dir, loop["total_steps"], start=loop["start_step"], store=cfg.storage_handle(),
+                     disable=not progress, desc=cfg.run_name):
         result = trainer.fit()
     if result.error is None and result.checkpoint is None:  # trained no step (the end was reached before)
-        return finished_result(cfg.with_absolute_paths(), loop["total_steps"]) or result
+        return finished_result(cfg, loop["total_steps"]) or result
     return result
 
 
