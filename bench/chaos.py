@@ -232,9 +232,14 @@ HOLD_S = 5.0
 """Seconds the controller holds the run at the step a worker is killed after (``make_recorder``)."""
 
 
-def trial_worker_kill(workdir: Path, trial: int, rng: random.Random, fault: bool = True, total: int = 12) -> dict:
-    """SIGKILL the Train worker while the run waits after a random step past the first checkpoint
-    (max_failures=1); the kill lands before the run's end however fast the steps are."""
+def trial_worker_kill(workdir: Path, trial: int, rng: random.Random, fault: bool = True, total: int = 12,
+                      workers: int = 1) -> dict:
+    """SIGKILL a Train worker while the run waits after a random step past the first checkpoint
+    (max_failures=1); the kill lands before the run's end however fast the steps are.
+
+    ``workers``: Train workers of the run (``scaling.num_workers``); one of them is killed and Ray
+    Train restarts the whole group. Besides the result fields, ``killed_pid``, ``run_dir`` and
+    ``events`` (the recorder's JSON lines) say what the trial did."""
     import ray
 
     from dncut.train import build_trainer
@@ -242,21 +247,21 @@ def trial_worker_kill(workdir: Path, trial: int, rng: random.Random, fault: bool
 
     ensure_ray()
     cfg = train_config(workdir, "run_name=wk", f"train.max_steps={total}", f"train.checkpoint_every={CKPT_EVERY}",
-                       "train.keep_checkpoints=2", "scaling.max_failures=1")
+                       "train.keep_checkpoints=2", "scaling.max_failures=1", f"scaling.num_workers={workers}")
     events = workdir / "events.jsonl"
     start = time.monotonic()
     at = rng.randint(CKPT_EVERY, total - 2)  # after the first checkpoint, before the end
     recorder = make_recorder(events, hold_at=at if fault else None, hold_s=HOLD_S)
     thread, outcome = run_in_thread(build_trainer(cfg, callbacks=[recorder]).fit)
     job = ray.get_runtime_context().get_job_id()
-    res = _result("worker_kill", trial)
+    res = _result("worker_kill", trial, run_dir=cfg.run_dir, events=str(events))
     if fault:
         wait_for(lambda: last_step(read_events(events)) >= at, 300, f"step {at}", thread.is_alive)
-        workers = wait_for(lambda: {k: a for k, a in live_actors("RayTrainWorker").items() if a["JobID"] == job},
-                           30, "the RayTrainWorker actor", thread.is_alive)
-        pid = next(iter(workers.values()))["Pid"]
+        actors = wait_for(lambda: {k: a for k, a in live_actors("RayTrainWorker").items() if a["JobID"] == job},
+                          30, "the RayTrainWorker actor", thread.is_alive)
+        pid = max(a["Pid"] for a in actors.values())
         sigkill(pid, "RayTrainWorker")
-        res["killed_after_step"] = at
+        res["killed_after_step"], res["killed_pid"] = at, pid
         point = resume_point(cfg.run_dir, cfg.storage_handle())  # rank 0 may be a step past the held report
         res["resume_checkpoint"] = point.step if point else 0
     thread.join(timeout=600)

@@ -75,6 +75,62 @@ def ray_session(s3_server):
 
 
 # =============================================================================
+# Shared runs: one real run whose outcome several test modules check, each its own
+# part (a Ray Train fit costs ~11 s before dncut's first line: bench/fit_startup.py).
+# =============================================================================
+# killed_worker_trial (session) -> bench/chaos.py's worker_kill trial on 2 Train workers,
+#                                  8 steps: its result dict (run_dir, events, killed_pid, ...).
+#                                  test_chaos checks the outcome, test_distributed the event log.
+# validated_run       (session) -> (cfg, metrics, root) of one finished 3-step smoke fit with a
+#                                  validation every step: trained on root/train (6 JPEGs, 96 px),
+#                                  validated on root/val (images/ + masks/, 4 PNG scenes, 64 px)
+#                                  given to fit relative to root, its working folder, as a user
+#                                  types it; ``cfg`` is the config with absolute paths, as the run
+#                                  folder's config.yaml holds it. Read-only: tests leave the run
+#                                  folder's files as they are (they may add export folders).
+
+
+@pytest.fixture(scope="session")
+def killed_worker_trial(ray_session, tmp_path_factory) -> dict:
+    import random
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import chaos
+
+    return chaos.trial_worker_kill(tmp_path_factory.mktemp("worker-kill"), 0, random.Random(1), total=8, workers=2)
+
+
+@pytest.fixture(scope="session")
+def validated_run(ray_session, tmp_path_factory):
+    import numpy as np
+    from PIL import Image
+
+    from dncut.config import load_config
+    from dncut.data.scenes import make_scene
+    from dncut.train import fit
+
+    root = tmp_path_factory.mktemp("validated-run")
+    for sub in ("train", "val/images", "val/masks"):
+        (root / sub).mkdir(parents=True)
+    for i in range(6):
+        make_scene(i, size=96)[0].save(root / "train" / f"s{i}.jpg")
+    for i in range(4):
+        image, mask = make_scene(700 + i, size=64)
+        image.save(root / "val" / "images" / f"s{i}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "val" / "masks" / f"s{i}.png")
+    cfg = load_config("configs/train/smoke.yaml", [
+        f"output_dir={root / 'runs'}", f"data.train={root / 'train'}", "data.val=val", "train.max_steps=3",
+        "train.val_every=1", "train.checkpoint_every=3", "eval.batch_size=4"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        metrics = fit(cfg).metrics
+        cfg = cfg.with_absolute_paths()
+    return cfg, metrics, root
+
+
+# =============================================================================
 # Threads: the suite runs on 2 shared cores; small forwards are 5-10x slower with
 # two torch threads fighting Ray's processes, so tests use one.
 # =============================================================================

@@ -3,9 +3,10 @@
 The trial functions are ``bench/chaos.py``'s (real runs, real SIGKILLs, real files broken), so the
 test and ``python bench/chaos.py`` (the repeated trials, the table) run the same code:
 
-    worker SIGKILL          the Train worker killed after the first checkpoint (max_failures=1): the
-                            run finishes, the restart continues at the last checkpoint + 1, steps
-                            trained twice <= checkpoint_every
+    worker SIGKILL          one of 2 Train workers killed after the first checkpoint (max_failures=1):
+                            the run finishes, the restart continues at the last checkpoint + 1, steps
+                            trained twice <= checkpoint_every (the run is conftest's
+                            ``killed_worker_trial``; tests/test_distributed.py checks its event log)
     newest checkpoint       state.pt truncated before a continued run: resumes from the previous
     truncated               intact checkpoint and says so (a dncut.train WARNING)
     eval actor SIGKILL      the inference actor killed mid-job (fixed weights from a file): every
@@ -37,17 +38,15 @@ import chaos  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
-TOTAL = 8
-"""Steps of the runs a worker is killed in (the bench's trials run 12)."""
 DRIVER_TOTAL = 16
 """Steps of the run the driver is killed in (the bench's run 24): long enough that the kill lands
 before the run ends (a smoke step takes ~0.2 s)."""
 
 
-def test_worker_sigkill_restarts_from_the_last_checkpoint(ray_session, tmp_path):
-    res = chaos.trial_worker_kill(tmp_path, 0, random.Random(1), total=TOTAL)
+def test_worker_sigkill_restarts_from_the_last_checkpoint(killed_worker_trial):
+    res = killed_worker_trial  # 8 steps, 2 workers (conftest)
     assert res["failures"] >= 1, res  # the kill happened and Ray Train saw it
-    assert res["outcome"] == "finished" and res["final_step"] == TOTAL, res
+    assert res["outcome"] == "finished" and res["final_step"] == 8, res
     assert res["last_checkpoint"] >= chaos.CKPT_EVERY
     assert res["resumed_at"] == res["last_checkpoint"] + 1, "the restart must continue from the last checkpoint"
     assert 0 <= res["steps_lost"] <= chaos.CKPT_EVERY, res

@@ -110,19 +110,17 @@ def test_first_layer_sees_the_same_normalised_image_on_every_path(name: str, tmp
 
 
 @pytest.mark.ray
-def test_val_iou_equals_eval_saliency_on_the_same_weights(ray_session, tmp_path: Path, monkeypatch):
+def test_val_iou_equals_eval_saliency_on_the_same_weights(validated_run, tmp_path: Path):
     """The last training-time validation and ``dncut eval-saliency`` on the exported backbone score
-    the same images with the same weights: the same numbers. ``data.val`` is given relative to the
-    driver's directory, as a user types it (the workers run elsewhere)."""
+    the same images with the same weights: the same numbers. The run (conftest's ``validated_run``,
+    3 steps, 64-px scenes: no resampling anywhere) was given ``data.val`` relative to the driver's
+    directory, as a user types it (the workers run elsewhere)."""
     from dncut.eval.jobs import evaluate_saliency
-    from dncut.train import EXPORT_FILE, fit
+    from dncut.train import EXPORT_FILE
 
-    root = _folder(tmp_path / "val", 4)
-    cfg = load_config(SMOKE, [f"output_dir={tmp_path / 'runs'}", "data.val=val", "train.max_steps=2",
-                              "train.val_every=null", "train.checkpoint_every=2", "eval.batch_size=4"])
-    monkeypatch.chdir(tmp_path)
-    metrics = fit(cfg).metrics
-    summary = evaluate_saliency(str(root / "images"), str(root / "masks"), cfg.model.backbone,
+    cfg, metrics, root = validated_run
+    assert cfg.data.crop_size == cfg.eval.image_size == SIZE and metrics["val_step"] == metrics["step"] == 3
+    summary = evaluate_saliency(str(root / "val" / "images"), str(root / "val" / "masks"), cfg.model.backbone,
                                 str(Path(cfg.run_dir) / EXPORT_FILE), "simple", False, str(tmp_path / "eval"), cfg)
     (run,) = summary["runs"]
     assert run["n_images"] == 4 and run["n_failed"] == 0

@@ -4,8 +4,9 @@
     source errors              unreachable endpoint / missing bucket / no credentials / empty source
                                -> StorageError before any Ray Train controller or worker exists
     resume from s3://          a run stopped at step N continues at N + 1 with the optimiser state of N
-    fault tolerance            SIGKILL of a RayTrainWorker process mid-run, max_failures=1:
+    fault tolerance            SIGKILL of one of 2 RayTrainWorker processes mid-run, max_failures=1:
                                the run finishes and the restart continues from the last checkpoint
+                               (conftest's ``killed_worker_trial``, shared with tests/test_chaos.py)
 
 The run history is recorded by a ``ray.train.UserCallback`` (runs in the Ray Train controller,
 appends JSON lines to a local file): every report's step and checkpoint, every worker failure.
@@ -16,8 +17,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -313,61 +312,25 @@ def _train_workers(job_id: str) -> dict[str, int]:
             if a["ActorClassName"] == "RayTrainWorker" and a["JobID"] == job_id}
 
 
-def _kill_worker(pid: int) -> None:
-    import psutil  # Ray's vendored copy (ray/thirdparty_files)
-
-    title = " ".join(psutil.Process(pid).cmdline())
-    assert "RayTrainWorker" in title, f"pid {pid} is not a Ray Train worker: {title!r}"
-    os.kill(pid, signal.SIGKILL)
-
-
-def _wait_for(predicate, timeout: float, what: str, thread: threading.Thread):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if not thread.is_alive():
-            pytest.fail(f"the run ended while waiting for {what}")
-        time.sleep(0.1)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-
-def test_killed_worker_restarts_from_last_checkpoint(ray_session, tmp_path):
-    total = 12
-    cfg = smoke_config(f"output_dir={tmp_path / 'out'}", "run_name=ft", f"train.max_steps={total}",
-                       "train.checkpoint_every=2", "train.keep_checkpoints=2", "scaling.max_failures=1",
-                       "scaling.num_workers=2", "train.batch_size=4")
-    events = tmp_path / "events.jsonl"
-    trainer = build_trainer(cfg, callbacks=[make_recorder(events)])
-    outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=trainer.fit()), daemon=True)
-    thread.start()
-
-    job_id = ray_session.get_runtime_context().get_job_id()
-    _wait_for(lambda: any(e.get("checkpoint") for e in read_events(events)), 240, "the first checkpoint", thread)
-    workers = _wait_for(lambda: _train_workers(job_id), 30, "the RayTrainWorker actors", thread)
-    killed = max(workers.values())
-    _kill_worker(killed)
-    thread.join(timeout=300)
-    assert not thread.is_alive(), "the run did not finish after the worker was killed"
-
-    result = outcome["result"]
-    assert result.error is None
-    assert result.metrics["step"] == total
-    log = read_events(events)
+def test_killed_worker_restarts_from_last_checkpoint(ray_session, killed_worker_trial):
+    """The run of conftest's ``killed_worker_trial`` (bench/chaos.py: 2 workers, 8 steps, a checkpoint
+    every 3, max_failures=1, one worker SIGKILLed while the run waits after a step past the first
+    checkpoint), read from its recorded events and its workers' log."""
+    res = killed_worker_trial
+    total, every = 8, 3
+    assert res["outcome"] == "finished" and res["final_step"] == total, res
+    log = read_events(Path(res["events"]))
     failures = [i for i, e in enumerate(log) if e["event"] == "failure"]
     assert failures, f"no worker failure was recorded: {log}"
     before, after = log[:failures[0]], [e for e in log[failures[0]:] if e["event"] == "report"]
     last_ckpt = max(e["step"] for e in before if e["event"] == "report" and e["checkpoint"])
-    assert last_ckpt >= 2
+    assert last_ckpt >= every
     # rank 0 may have uploaded and recorded the next checkpoint while the other worker, killed, never
     # reported that step to Ray: the restart continues from the newest intact one (its workers log
     # which), at most one interval past the last one Ray saw
-    train_log = (Path(cfg.run_dir) / "train.log").read_text()
+    train_log = (Path(res["run_dir"]) / "train.log").read_text()
     resumed = [int(line.split("at step")[1].split()[0]) for line in train_log.splitlines() if "resumed from" in line]
-    assert resumed and last_ckpt <= resumed[-1] <= last_ckpt + cfg.train.checkpoint_every, (last_ckpt, resumed)
+    assert resumed and last_ckpt <= resumed[-1] <= last_ckpt + every, (last_ckpt, resumed)
     assert after[0]["step"] == resumed[-1] + 1, "the restart must continue from the last checkpoint"
-    last_ckpt = resumed[-1]
-    assert [e["step"] for e in after] == list(range(last_ckpt + 1, total + 1))
-    assert killed not in _train_workers(job_id).values()
+    assert [e["step"] for e in after] == list(range(resumed[-1] + 1, total + 1))
+    assert res["killed_pid"] not in _train_workers(ray_session.get_runtime_context().get_job_id()).values()

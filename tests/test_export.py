@@ -344,19 +344,14 @@ def test_the_cards_licence_is_the_starting_weights(name: str, pretrained: bool, 
 
 
 @pytest.mark.ray
-def test_the_card_of_a_trained_run_states_its_data_steps_recipe_and_validation(ray_session, tmp_path: Path) -> None:
+def test_the_card_of_a_trained_run_states_its_data_steps_recipe_and_validation(validated_run) -> None:
+    """The model card of conftest's ``validated_run`` (3 steps on 6 JPEGs, validated every step)."""
     import yaml
 
-    from dncut.data.scenes import make_scene
-    from dncut.train import export_run, fit
+    from dncut.train import export_run
 
-    train = tmp_path / "train"
-    train.mkdir()
-    for i in range(6):
-        make_scene(i, size=96)[0].save(train / f"s{i}.jpg")
-    cfg = load_config("configs/train/smoke.yaml", [f"output_dir={tmp_path}", f"data.train={train}", "train.max_steps=3",
-                                                   "train.val_every=1", "train.checkpoint_every=3"])
-    fit(cfg)
+    cfg, _, root = validated_run
+    train = root / "train"
     run = Path(cfg.run_dir)
     files = export_run(str(run))
     card = (run / "hf" / "README.md").read_text()

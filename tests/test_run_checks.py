@@ -225,11 +225,11 @@ def test_train_and_found_trainers_refuse_before_writing_anything(tmp_path):
 
 
 @pytest.mark.ray
-def test_rerun_after_a_model_change_fails_before_any_worker_and_the_run_still_exports(ray_session, tmp_path):
+def test_rerun_after_a_model_change_fails_before_any_worker_and_the_run_still_exports(validated_run, tmp_path):
+    """conftest's ``validated_run`` (a finished 3-step run) run again with another ``model.proj_dim``."""
     from dncut.train import export_run, fit
 
-    cfg = smoke(tmp_path, "train.max_steps=2", "train.checkpoint_every=2", "train.val_every=2")
-    fit(cfg)
+    cfg, _, _ = validated_run
     run = Path(cfg.run_dir)
     before = snapshot(run)
     start = time.monotonic()
