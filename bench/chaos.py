@@ -238,8 +238,8 @@ def trial_worker_kill(workdir: Path, trial: int, rng: random.Random, fault: bool
     (max_failures=1); the kill lands before the run's end however fast the steps are.
 
     ``workers``: Train workers of the run (``scaling.num_workers``); one of them is killed and Ray
-    Train restarts the whole group. Besides the result fields, ``killed_pid``, ``run_dir`` and
-    ``events`` (the recorder's JSON lines) say what the trial did."""
+    Train restarts the whole group. Besides the result fields, ``total``, ``checkpoint_every``,
+    ``killed_pid``, ``run_dir`` and ``events`` (the recorder's JSON lines) say what the trial did."""
     import ray
 
     from dncut.train import build_trainer
@@ -254,7 +254,8 @@ def trial_worker_kill(workdir: Path, trial: int, rng: random.Random, fault: bool
     recorder = make_recorder(events, hold_at=at if fault else None, hold_s=HOLD_S)
     thread, outcome = run_in_thread(build_trainer(cfg, callbacks=[recorder]).fit)
     job = ray.get_runtime_context().get_job_id()
-    res = _result("worker_kill", trial, run_dir=cfg.run_dir, events=str(events))
+    res = _result("worker_kill", trial, total=total, checkpoint_every=CKPT_EVERY, run_dir=cfg.run_dir,
+                  events=str(events))
     if fault:
         wait_for(lambda: last_step(read_events(events)) >= at, 300, f"step {at}", thread.is_alive)
         actors = wait_for(lambda: {k: a for k, a in live_actors("RayTrainWorker").items() if a["JobID"] == job},
@@ -262,7 +263,13 @@ def trial_worker_kill(workdir: Path, trial: int, rng: random.Random, fault: bool
         pid = max(a["Pid"] for a in actors.values())
         sigkill(pid, "RayTrainWorker")
         res["killed_after_step"], res["killed_pid"] = at, pid
-        point = resume_point(cfg.run_dir, cfg.storage_handle())  # rank 0 may be a step past the held report
+        # the newest intact checkpoint once Ray Train has seen the failure: rank 0 may be a step past the
+        # held report, and a worker that was not killed may still be uploading a checkpoint when the kill
+        # lands; the restarted workers write nothing before they have resumed
+        with contextlib.suppress(RuntimeError, TimeoutError):  # none recorded: the accounting says so
+            wait_for(lambda: any(e["event"] == "failure" for e in read_events(events)), 120, "the worker failure",
+                     thread.is_alive)
+        point = resume_point(cfg.run_dir, cfg.storage_handle())
         res["resume_checkpoint"] = point.step if point else 0
     thread.join(timeout=600)
     res["wall_s"] = round(time.monotonic() - start, 2)

@@ -12,6 +12,8 @@ duration listed) twice, one after the other, with this checkout's interpreter:
   ref's ``constraints.txt`` must be one of this checkout's (this checkout may add packages); the
   script refuses otherwise, since both suites run on this checkout's environment.
 
+``--no-run`` parses again the logs of the run that ``bench/results/suite_time.json`` records.
+
 A suite's time on a 2-core machine moves by ~20 % from one run to the next, so the two are only
 compared within one run of this script. Per suite: pytest's exit code, its summary line, wall
 seconds, and per test id (setup + call + teardown, pytest's ``--durations=0``; durations under
@@ -36,8 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "suite_time.json"
 PYTEST = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0"]
-DURATION = re.compile(r"^([\d.]+)s (setup|call|teardown)\s+(\S+)")
-SUMMARY = re.compile(r"^=*\s*(\d+ (?:passed|failed).*) in ([\d.]+)s")
+DURATION = re.compile(r"^([\d.]+)s (setup|call|teardown)\s+(.+?)\s*$")  # ids may hold spaces
+SUMMARY = re.compile(r"^=*\s*(\d+ (?:passed|failed|errors?).*) in ([\d.]+)s")
 
 
 def parse(log: str) -> tuple[dict[str, float], str | None]:
@@ -56,14 +58,20 @@ def run_suite(where: Path, env: dict[str, str], log: Path) -> dict:
     start = time.monotonic()
     with log.open("w") as out:
         rc = subprocess.run([sys.executable, *PYTEST], cwd=where, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-    wall = round(time.monotonic() - start, 1)
+    suite = logged(log, rc=rc, wall_s=round(time.monotonic() - start, 1))
+    print(json.dumps({"suite": str(where), **{k: suite[k] for k in ("rc", "wall_s", "summary")}}), flush=True)
+    return suite
+
+
+def logged(log: Path, rc: int | None = None, wall_s: float | None = None) -> dict:
+    """A suite's record from its log: pytest's summary line and the seconds per test id."""
     seconds, summary = parse(log.read_text())
-    print(json.dumps({"suite": str(where), "rc": rc, "wall_s": wall, "summary": summary}), flush=True)
-    return {"rc": rc, "wall_s": wall, "summary": summary, "log": str(log), "tests_listed": len(seconds),
+    return {"rc": rc, "wall_s": wall_s, "summary": summary, "log": str(log), "tests_listed": len(seconds),
             "seconds": {k: round(v, 2) for k, v in sorted(seconds.items())}}
 
 
 def compare(head: dict[str, float], ref: dict[str, float]) -> dict:
+    """The tests whose id both suites hold (their seconds in each) and each suite's other tests."""
     common = sorted(set(head) & set(ref))
     return {"common_tests": len(common),
             "common_head_s": round(sum(head[k] for k in common), 1),
@@ -76,33 +84,68 @@ def compare(head: dict[str, float], ref: dict[str, float]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ref", required=True, help="the earlier commit (any git revision)")
+    parser.add_argument("--ref", help="the earlier commit (any git revision)")
     parser.add_argument("--logs", default="/tmp", help="folder for the two pytest logs")
+    parser.add_argument("--no-run", action="store_true",
+                        help="parse again the two logs of the run recorded in bench/results/suite_time.json "
+                             "(its commits, exit codes and wall seconds kept) instead of running the suites")
     args = parser.parse_args(argv)
 
     def git(*a: str) -> str:
         return subprocess.run(["git", *a], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
 
-    ref = git("rev-parse", "--short", args.ref)
+    if args.no_run:
+        return reparse()
+    if not args.ref:
+        parser.error("--ref is required (or --no-run)")
+    try:
+        ref = git("rev-parse", "--short", f"{args.ref}^{{commit}}")
+    except subprocess.CalledProcessError:
+        parser.error(f"--ref {args.ref}: not a commit of this repository")
     pins = lambda text: {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}  # noqa: E731
-    other = sorted(pins(git("show", f"{ref}:constraints.txt")) - pins((ROOT / "constraints.txt").read_text()))
+    try:
+        theirs = git("show", f"{ref}:constraints.txt")
+    except subprocess.CalledProcessError:
+        parser.error(f"{ref} has no constraints.txt: its environment is unknown")
+    other = sorted(pins(theirs) - pins((ROOT / "constraints.txt").read_text()))
     if other:
         parser.error(f"{ref} pins what this checkout does not ({', '.join(other[:5])}): its suite would run on "
                      "this checkout's environment")
-    tree = ROOT.parent / f"dncut-suite-{ref}"
-    if not tree.exists():
-        git("worktree", "add", "--detach", str(tree), ref)
     logs = Path(args.logs)
+    if git("status", "--porcelain", "--untracked-files=no"):
+        parser.error("this checkout has uncommitted changes: commit them, so that 'head' names what ran")
+    head_commit = git("rev-parse", "--short", "HEAD")
+    tree = ROOT.parent / f"dncut-suite-{ref}"
+    git("worktree", "prune")
+    if tree.exists():
+        parser.error(f"{tree} exists: remove it (git worktree remove --force {tree})")
+    git("worktree", "add", "--detach", str(tree), ref)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     try:
         head = run_suite(ROOT, env, logs / "suite_time_head.log")
         old = run_suite(tree, {**env, "PYTHONPATH": str(tree)}, logs / "suite_time_ref.log")
     finally:
-        git("worktree", "remove", "--force", str(tree))
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
     result = {"bench": "suite_time", "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
-              "head": git("rev-parse", "--short", "HEAD"), "ref": ref, "command": " ".join(["python", *PYTEST]),
-              "suites": {"head": head, "ref": old},
-              "compared": compare(head["seconds"], old["seconds"])}
+              "head": head_commit, "ref": ref, "command": " ".join(["python", *PYTEST]),
+              "suites": {"head": head, "ref": old}}
+    return write(result)
+
+
+def reparse() -> dict:
+    """The recorded run's logs parsed again (its commits, exit codes and wall seconds kept)."""
+    result = json.loads(RESULTS.read_text())
+    for suite in result["suites"].values():
+        suite.update({k: v for k, v in logged(Path(suite["log"])).items() if k not in ("rc", "wall_s")})
+    return write(result)
+
+
+def write(result: dict) -> dict:
+    head, ref = result["suites"]["head"], result["suites"]["ref"]
+    for name, suite in (("head", head), ("ref", ref)):
+        if suite["summary"] is None or not suite["seconds"]:
+            raise SystemExit(f"the {name} suite left no summary or durations ({suite['log']}): nothing to compare")
+    result["compared"] = compare(head["seconds"], ref["seconds"])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("head", "ref", "compared")}))

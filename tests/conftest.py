@@ -104,6 +104,8 @@ def killed_worker_trial(ray_session, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def validated_run(ray_session, tmp_path_factory):
+    from pathlib import Path
+
     import numpy as np
     from PIL import Image
 
@@ -120,7 +122,7 @@ def validated_run(ray_session, tmp_path_factory):
         image, mask = make_scene(700 + i, size=64)
         image.save(root / "val" / "images" / f"s{i}.png")
         Image.fromarray(mask.astype(np.uint8) * 255).save(root / "val" / "masks" / f"s{i}.png")
-    cfg = load_config("configs/train/smoke.yaml", [
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs/train/smoke.yaml"), [
         f"output_dir={root / 'runs'}", f"data.train={root / 'train'}", "data.val=val", "train.max_steps=3",
         "train.val_every=1", "train.checkpoint_every=3", "eval.batch_size=4"])
     with pytest.MonkeyPatch.context() as patch:

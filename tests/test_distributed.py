@@ -317,7 +317,7 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session, killed_worker_
     every 3, max_failures=1, one worker SIGKILLed while the run waits after a step past the first
     checkpoint), read from its recorded events and its workers' log."""
     res = killed_worker_trial
-    total, every = 8, 3
+    total, every = res["total"], res["checkpoint_every"]
     assert res["outcome"] == "finished" and res["final_step"] == total, res
     log = read_events(Path(res["events"]))
     failures = [i for i, e in enumerate(log) if e["event"] == "failure"]
